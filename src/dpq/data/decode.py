@@ -1,0 +1,295 @@
+"""Turning image files (in a folder or a zip) into uint8 (N, H, W, 3) arrays.
+
+Decoding uses Pillow; every image is converted to RGB and, when a size is given, resized
+with bilinear filtering. Large batches are decoded by a small process pool, in order.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+# Below this many images, decoding stays in the calling process (a pool costs ~1 s to start).
+POOL_THRESHOLD = 4000
+CHUNK_SIZE = 1000
+
+
+class CorruptImageError(ValueError):
+    """An image file that Pillow cannot decode (corrupt, truncated or not an image)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(
+            f"cannot decode image {name}: {reason}. Replace or delete the file, or pass "
+            "skip_corrupt=True (CLI: --skip-corrupt) to skip unreadable images with a warning"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (CorruptImageError, (self.name, self.reason))
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some images were skipped because they could not be decoded (``skip_corrupt=True``)."""
+
+
+@cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) of every format Pillow can open."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a file name whose extension is a Pillow-readable format (not hidden files)."""
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and os.path.splitext(base)[1].lower() in image_extensions()
+
+
+def normalize_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``None``, an int ``s`` (-> (s, s)) or ``(height, width)`` -> ``(height, width)``."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int | np.integer):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(
+            f"image_size must be a positive int or (height, width), got {image_size!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
+# Open zip files of this process, by (path, size, mtime): a replaced file is opened anew.
+_open_zips: dict[tuple[str, int, int], zipfile.ZipFile] = {}
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    """A folder or a zip file whose files are addressed by '/'-separated relative names."""
+
+    path: str
+    is_zip: bool = field(init=False)
+    _stamp: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        path = os.fspath(self.path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist; pass an existing folder or zip file")
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "is_zip", not os.path.isdir(path))
+        stat = os.stat(path)
+        object.__setattr__(self, "_stamp", (stat.st_size, stat.st_mtime_ns))
+
+    def _zip(self) -> zipfile.ZipFile:
+        handle = _open_zips.get((self.path, *self._stamp))
+        if handle is None:
+            try:
+                handle = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ValueError(
+                    f"{self.path} is neither a folder nor a readable zip file ({exc}); pass a "
+                    "folder of images or a zip of one"
+                ) from exc
+            _open_zips[(self.path, *self._stamp)] = handle
+        return handle
+
+    def entries(self) -> tuple[list[str], list[str]]:
+        """(file names, folder names), both relative, '/'-separated, sorted."""
+        if self.is_zip:
+            files, folders = set(), set()
+            for info in self._zip().infolist():
+                name = info.filename.strip("/")
+                if not name or name.startswith("__MACOSX"):
+                    continue
+                if info.is_dir():
+                    folders.add(name)
+                else:
+                    files.add(name)
+                parts = name.split("/")
+                folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            return sorted(files), sorted(folders)
+        files, folders = [], []
+        root = Path(self.path)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(root).as_posix()
+            prefix = "" if rel == "." else rel + "/"
+            folders.extend(prefix + d for d in dirnames)
+            files.extend(prefix + f for f in filenames)
+        return sorted(files), sorted(folders)
+
+    def exists(self, name: str) -> bool:
+        if self.is_zip:
+            try:
+                self._zip().getinfo(name)
+            except KeyError:
+                return False
+            return True
+        return os.path.isfile(os.path.join(self.path, name))
+
+    def read(self, name: str) -> bytes:
+        if self.is_zip:
+            try:
+                return self._zip().read(name)
+            except KeyError:
+                raise FileNotFoundError(f"{self.describe(name)} is not in the zip file") from None
+        with open(os.path.join(self.path, name), "rb") as handle:
+            return handle.read()
+
+    def describe(self, name: str) -> str:
+        """A name for messages: 'path/in/folder' or 'archive.zip:member'."""
+        if self.is_zip:
+            return f"'{self.path}:{name}'"
+        return f"'{os.path.join(self.path, name)}'"
+
+
+def decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
+    """Decode one image file's bytes to uint8 (H, W, 3) RGB, resized to (height, width).
+
+    Raises ``CorruptImageError`` naming ``name`` when Pillow cannot decode it (including
+    truncated files).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            if image_size is not None and rgb.size != (image_size[1], image_size[0]):
+                rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(name, str(exc) or type(exc).__name__) from exc
+
+
+def _decode_chunk(
+    store: ImageStore, names: Sequence[str], image_size: tuple[int, int] | None
+) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+    """Decode ``names``; returns per-name arrays (None where it failed) and the failures."""
+    arrays: list[np.ndarray | None] = []
+    failures: list[tuple[int, str]] = []
+    for position, name in enumerate(names):
+        try:
+            data = store.read(name)
+            arrays.append(decode_image(data, store.describe(name), image_size))
+        except CorruptImageError as exc:
+            arrays.append(None)
+            failures.append((position, exc.reason))
+        except (OSError, zipfile.BadZipFile) as exc:
+            arrays.append(None)
+            failures.append((position, f"cannot read the file ({exc})"))
+    return arrays, failures
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """Result of ``decode_many``.
+
+    Attributes:
+        images: uint8 (n, H, W, 3), the decoded images in input order (skipped ones left out).
+        kept: int64 (n,), positions in the input list of the decoded images.
+        skipped: (name, reason) of every image that could not be decoded.
+    """
+
+    images: np.ndarray
+    kept: np.ndarray
+    skipped: list[tuple[str, str]]
+
+
+def decode_many(
+    store: ImageStore,
+    names: Sequence[str],
+    image_size: tuple[int, int] | None = None,
+    *,
+    skip_corrupt: bool = False,
+    workers: int | None = None,
+    desc: str = "decoding images",
+) -> DecodedImages:
+    """Decode ``names`` from ``store`` into one uint8 (n, H, W, 3) array, in order.
+
+    Without ``image_size`` every image must already have the same size. A file that cannot
+    be decoded raises ``CorruptImageError`` naming it, unless ``skip_corrupt`` is set: then
+    it is left out, listed in ``skipped`` and counted in a ``SkippedImagesWarning``.
+    ``workers`` processes decode in parallel (default: up to 2) once there are more than
+    ``POOL_THRESHOLD`` images.
+    """
+    if not names:
+        raise ValueError(f"no images to decode in {store.path}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    chunks = [names[i : i + CHUNK_SIZE] for i in range(0, len(names), CHUNK_SIZE)]
+    out: np.ndarray | None = None
+    first_name = ""
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    progress = tqdm(total=len(names), desc=desc, unit="img", disable=None, leave=False)
+    try:
+        for chunk_index, (arrays, failures) in enumerate(
+            _map_chunks(store, chunks, image_size, workers, len(names))
+        ):
+            offset = chunk_index * CHUNK_SIZE
+            for position, reason in failures:
+                name = store.describe(chunks[chunk_index][position])
+                if not skip_corrupt:
+                    raise CorruptImageError(name, reason)
+                skipped.append((name, reason))
+            for position, array in enumerate(arrays):
+                if array is None:
+                    continue
+                if out is None:
+                    out = np.empty((len(names), *array.shape), dtype=np.uint8)
+                    first_name = store.describe(chunks[chunk_index][position])
+                elif array.shape != out.shape[1:]:
+                    name = store.describe(chunks[chunk_index][position])
+                    raise ValueError(
+                        f"images differ in size: {first_name} is {out.shape[2]}x{out.shape[1]} "
+                        f"but {name} is {array.shape[1]}x{array.shape[0]} (width x height); "
+                        "pass image_size (CLI: --image-size) to resize every image to one size"
+                    )
+                out[len(kept)] = array
+                kept.append(offset + position)
+            progress.update(len(arrays))
+    finally:
+        progress.close()
+    if out is None:
+        raise ValueError(
+            f"none of the {len(names)} images in {store.path} could be decoded "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
+        )
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(names)} images that could not be decoded "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})",
+            SkippedImagesWarning,
+            stacklevel=2,
+        )
+    return DecodedImages(out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped)
+
+
+def _map_chunks(
+    store: ImageStore,
+    chunks: list[Sequence[str]],
+    image_size: tuple[int, int] | None,
+    workers: int,
+    total: int,
+) -> Iterator[tuple[list[np.ndarray | None], list[tuple[int, str]]]]:
+    if workers <= 1 or total <= POOL_THRESHOLD:
+        for chunk in chunks:
+            yield _decode_chunk(store, chunk, image_size)
+        return
+    # "spawn": the caller may hold torch/OpenMP threads, which do not survive fork().
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_decode_chunk, repeat(store), chunks, repeat(image_size))
