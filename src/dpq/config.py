@@ -1,0 +1,603 @@
+"""Configuration of a DPQ model and its training, as frozen dataclasses that travel with a
+checkpoint (``config.json``).
+
+:class:`DPQConfig` groups four parts:
+
+- :class:`ModelConfig`: backbone, classifier, input normalisation.
+- :class:`QuantizerConfig`: the L progressive quantization blocks (L, K, D, soft and hard
+  assignment rules). ``dim`` (D) is also the size of the semantic head.
+- :class:`LossConfig`: which losses are on and their weights (Eq. 24: L_S + lambda L_C + tau E,
+  Eq. 21: E = l_quan + mu l_quanH + nu l_match).
+- :class:`TrainConfig`: optimisation, schedule, augmentation, time budget.
+
+Every field is validated when the object is built; a bad value raises ``ValueError`` with a
+sentence naming the field, the allowed values and what was given. ``to_dict``/``from_dict``
+round-trip through JSON; unknown keys are an error, missing keys take the defaults.
+
+The ablations of the paper's Table 2 are named configurations: :func:`ablation_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+SIMILARITIES: tuple[str, ...] = ("euclidean", "cosine")
+ASSIGNMENTS: tuple[str, ...] = ("euclidean", "cosine")
+RESIDUALS: tuple[str, ...] = ("hard", "soft")
+CODEBOOK_INITS: tuple[str, ...] = ("kmeans", "normal")
+CLASSIFIER_INPUTS: tuple[str, ...] = ("semantic", "backbone")
+SCHEDULES: tuple[str, ...] = ("end_to_end", "two_phase", "two_step")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+LR_SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
+
+# Codes are stored as uint16 at most (the shared codes contract), so K <= 2**16.
+MAX_CODEBOOK_SIZE = 1 << 16
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{owner}.{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}."
+        )
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}.")
+
+
+def _check_float(
+    owner: str,
+    name: str,
+    value: object,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+    strict_minimum: bool = False,
+) -> None:
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+        and (float(value) > minimum if strict_minimum else float(value) >= minimum)
+        and float(value) <= maximum
+    )
+    if not ok:
+        bound = f"> {minimum}" if strict_minimum else f">= {minimum}"
+        if maximum != math.inf:
+            bound += f" and <= {maximum}"
+        raise ValueError(f"{owner}.{name} must be a finite number {bound}; got {value!r}.")
+
+
+def _check_bool(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """The L progressive quantization blocks (paper section 2.2).
+
+    Attributes:
+        num_levels: L, number of Q-blocks; an item's code has L entries.
+        codebook_size: K, codewords per level; must be a power of two because each code entry
+            is packed into log2(K) bits (a code is L * log2(K) bits long).
+        dim: D, size of the semantic feature and of every codeword.
+        temperature: soft assignment (Eq. 14) uses softmax(s(x, c) / temperature), i.e. the
+            paper's gamma is 1 / temperature; smaller is closer to the hard assignment.
+        similarity: s in the soft assignment: "euclidean" (negative squared distance) or
+            "cosine" (the paper's Eq. 15).
+        assignment: hard assignment rule used for codes: "euclidean" (argmin squared
+            distance, Eq. 26, the shared default) or "cosine" (argmax cosine, reference code).
+        residual: input of block l+1: "hard" (x_l minus the hard codeword, reference code)
+            or "soft" (x_l minus the soft quantization, Eq. 16).
+        init: codebook initialisation: "kmeans" (residual k-means on features when the
+            quantization phase starts) or "normal" (N(0, 0.01^2), reference code).
+    """
+
+    num_levels: int = 4
+    codebook_size: int = 256
+    dim: int = 300
+    temperature: float = 1.0
+    similarity: str = "euclidean"
+    assignment: str = "euclidean"
+    residual: str = "hard"
+    init: str = "kmeans"
+
+    def __post_init__(self) -> None:
+        owner = "quantizer"
+        _check_int(owner, "num_levels", self.num_levels, 1)
+        _check_int(owner, "codebook_size", self.codebook_size, 2)
+        k = self.codebook_size
+        if k & (k - 1) != 0 or k > MAX_CODEBOOK_SIZE:
+            raise ValueError(
+                f"quantizer.codebook_size must be a power of two between 2 and "
+                f"{MAX_CODEBOOK_SIZE}, because each code entry is packed into log2(K) bits; "
+                f"got {k}. Use e.g. 256 (8 bits per level)."
+            )
+        _check_int(owner, "dim", self.dim, 1)
+        _check_float(owner, "temperature", self.temperature, 0.0, strict_minimum=True)
+        _check_choice(owner, "similarity", self.similarity, SIMILARITIES)
+        _check_choice(owner, "assignment", self.assignment, ASSIGNMENTS)
+        _check_choice(owner, "residual", self.residual, RESIDUALS)
+        _check_choice(owner, "init", self.init, CODEBOOK_INITS)
+
+    @property
+    def bits_per_level(self) -> int:
+        """log2(K): bits of one code entry."""
+        return self.codebook_size.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network around the quantizer: backbone -> semantic head (tanh, D) -> classifier.
+
+    Attributes:
+        backbone: a name from :mod:`dpq.backbones` ("resnet9", "small_cnn", "identity",
+            "torchvision:<name>", "timm:<name>").
+        backbone_kwargs: keyword arguments of the backbone factory (e.g. {"width": 0.5}).
+        num_classes: C, classes (or labels, multi-label) of the training data.
+        multilabel: sigmoid cross-entropy and "shares a label" relevance when true.
+        classifier_input: what the classifier (the paper's MLP, Eq. 3) reads: "semantic"
+            (the D-d tanh features that are quantized; the classification loss then shapes
+            the retrieval features directly) or "backbone" (the backbone output, as in the
+            paper where the MLP reads fc7).
+        image_mean: per-channel mean of the input images on a 0..1 scale, subtracted inside
+            the model (so callers pass raw uint8 images).
+        image_std: per-channel standard deviation on a 0..1 scale.
+        tta_flip: when true, ``extract_features`` averages the features of each image and
+            its horizontal mirror.
+    """
+
+    backbone: str = "resnet9"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 10
+    multilabel: bool = False
+    classifier_input: str = "semantic"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    tta_flip: bool = False
+
+    def __post_init__(self) -> None:
+        owner = "model"
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"model.backbone must be a non-empty name; got {self.backbone!r}.")
+        if not isinstance(self.backbone_kwargs, Mapping):
+            raise ValueError(
+                f"model.backbone_kwargs must be a mapping of keyword arguments; "
+                f"got {type(self.backbone_kwargs).__name__}."
+            )
+        object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs))
+        _check_int(owner, "num_classes", self.num_classes, 2 if not self.multilabel else 1)
+        _check_bool(owner, "multilabel", self.multilabel)
+        _check_choice(owner, "classifier_input", self.classifier_input, CLASSIFIER_INPUTS)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple) or len(value) != 3:
+                raise ValueError(f"model.{name} must be three numbers (R, G, B); got {value!r}.")
+            for v in value:
+                # on a 0..1 scale: a value above 1 is a 0..255 statistic given by mistake
+                _check_float(owner, name, v, 0.0, 1.0, strict_minimum=(name == "image_std"))
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        _check_bool(owner, "tta_flip", self.tta_flip)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and weights: L = L_S + lambda L_C + tau E (Eq. 24) with
+    E = l_quan + mu l_quanH + nu l_match (Eq. 21).
+
+    Attributes:
+        lambda_cls: lambda, weight of the classification loss L_C.
+        tau: weight of the quantization loss E. The paper uses 1; its E sums squared errors
+            over the D dimensions, and with tau = 1 E then dominates and collapses the
+            features in end-to-end training (digits, D = 64: mAP 0.10 at tau = 1 against 0.95
+            at tau = 0.01), hence the default 0.01. Under the two-phase schedule E trains only
+            the codebooks with Adam, which is insensitive to this scale.
+        mu: weight of the hard-assignment loss l_quanH inside E.
+        nu: weight of the soft/hard matching loss l_match inside E.
+        level_weights: w_l for l = 1..L (Eq. 10, 19, 20); None means all ones.
+        use_semantic: include the adaptive-margin loss L_S (needs label word vectors).
+        use_cls: include the classification loss L_C.
+        use_soft: include l_quan (soft assignments).
+        use_hard: include l_quanH (hard assignments).
+        use_match: include l_match.
+        label_smoothing: label smoothing of the softmax cross-entropy (single-label only).
+        semantic_margin: None for the adaptive margin delta_ij = 1 - cos(z_i, z_j) (Eq. 7,
+            reference code's soft margin), or a fixed margin for every label pair.
+    """
+
+    lambda_cls: float = 0.1
+    tau: float = 0.01
+    mu: float = 1.0
+    nu: float = 0.1
+    level_weights: tuple[float, ...] | None = None
+    use_semantic: bool = True
+    use_cls: bool = True
+    use_soft: bool = True
+    use_hard: bool = True
+    use_match: bool = True
+    label_smoothing: float = 0.0
+    semantic_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        owner = "loss"
+        for name in ("lambda_cls", "tau", "mu", "nu"):
+            _check_float(owner, name, getattr(self, name))
+        if self.level_weights is not None:
+            if not isinstance(self.level_weights, list | tuple) or not self.level_weights:
+                raise ValueError(
+                    f"loss.level_weights must be a list of L non-negative numbers or null; "
+                    f"got {self.level_weights!r}."
+                )
+            for w in self.level_weights:
+                _check_float(owner, "level_weights", w)
+            object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
+        for name in ("use_semantic", "use_cls", "use_soft", "use_hard", "use_match"):
+            _check_bool(owner, name, getattr(self, name))
+        if not (
+            self.use_semantic or self.use_cls or self.use_soft or self.use_hard or self.use_match
+        ):
+            raise ValueError(
+                "loss: every loss term is switched off (use_semantic, use_cls, use_soft, "
+                "use_hard, use_match are all false); switch at least one on."
+            )
+        _check_float(owner, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        if self.label_smoothing >= 1.0:
+            raise ValueError(f"loss.label_smoothing must be < 1; got {self.label_smoothing}.")
+        if self.semantic_margin is not None:
+            _check_float(owner, "semantic_margin", self.semantic_margin, 0.0, 2.0)
+
+    @property
+    def uses_quantization(self) -> bool:
+        """True when any term of E is on."""
+        return self.use_soft or self.use_hard or self.use_match
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule and augmentation.
+
+    Attributes:
+        epochs: passes over the training set (ignored when ``time_budget_minutes`` is set:
+            the trainer then measures the step speed and fixes the number of epochs that fit).
+        time_budget_minutes: wall-clock budget of the training run, or None.
+        batch_size: images per step.
+        optimizer: "sgd" (Nesterov momentum), "adam" or "adamw" for the network.
+        lr: peak learning rate of the network.
+        momentum: SGD momentum.
+        weight_decay: weight decay of the network's weights (not of biases/BatchNorm).
+        lr_schedule: "onecycle" (linear warm-up then linear decay to 0), "cosine" (linear
+            warm-up then cosine decay to 0) or "constant".
+        warmup_fraction: fraction of all steps spent warming up.
+        schedule: "end_to_end" (E back-propagates into the network, the paper),
+            "two_phase" (reference code: the first part trains with L_S + lambda L_C only;
+            afterwards E trains the codebooks on detached features while the network keeps
+            training with L_S + lambda L_C) or "two_step" (features first, then the network
+            is frozen and only the codebooks are trained, Table 2's Two-Step).
+        quantization_start: fraction of the epochs after which the quantization losses start
+            (and the codebooks are initialised by k-means when ``quantizer.init`` is
+            "kmeans"); 0 starts them at once.
+        codebook_lr: Adam learning rate of the codebooks (reference code: 1e-4).
+        crop_pad: random crop after reflect-padding by this many pixels (0: off).
+        flip: random horizontal flips.
+        cutout: side of a square set to the mean colour at a random place (0: off).
+        mixup_alpha: mixup Beta(alpha, alpha) on images and targets (0: off).
+        bf16: bfloat16 autocast for the network (the quantizer and losses stay float32).
+        channels_last: channels-last memory format for convolutions.
+        ema_decay: exponential moving average of the weights, used for the final model
+            (0: off; e.g. 0.999).
+        grad_clip: clip the gradient norm of the network to this value (0: off).
+        seed: seed of initialisation, shuffling and augmentation.
+        kmeans_iterations: Lloyd iterations per level of the k-means initialisation.
+        final_kmeans: re-fit the codebooks by residual k-means on the final training
+            features after training (a post-hoc option to measure, off by default).
+        num_threads: torch threads (0: the cores available to the process, capped by
+            OMP_NUM_THREADS when set).
+        keep_checkpoints: epoch checkpoints kept on disk (the newest ones).
+    """
+
+    epochs: int = 30
+    time_budget_minutes: float | None = None
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    schedule: str = "end_to_end"
+    quantization_start: float = 0.5
+    codebook_lr: float = 1e-4
+    crop_pad: int = 4
+    flip: bool = True
+    cutout: int = 0
+    mixup_alpha: float = 0.0
+    bf16: bool = False
+    channels_last: bool = False
+    ema_decay: float = 0.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    kmeans_iterations: int = 20
+    final_kmeans: bool = False
+    num_threads: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        owner = "train"
+        _check_int(owner, "epochs", self.epochs, 1)
+        if self.time_budget_minutes is not None:
+            _check_float(
+                owner, "time_budget_minutes", self.time_budget_minutes, 0.0, strict_minimum=True
+            )
+        _check_int(owner, "batch_size", self.batch_size, 1)
+        _check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        _check_float(owner, "lr", self.lr, 0.0, strict_minimum=True)
+        _check_float(owner, "momentum", self.momentum, 0.0, 1.0)
+        _check_float(owner, "weight_decay", self.weight_decay)
+        _check_choice(owner, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_float(owner, "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        _check_choice(owner, "schedule", self.schedule, SCHEDULES)
+        _check_float(owner, "quantization_start", self.quantization_start, 0.0, 1.0)
+        if self.schedule == "two_step" and self.quantization_start in (0.0, 1.0):
+            raise ValueError(
+                "train.quantization_start must be strictly between 0 and 1 for the two_step "
+                f"schedule (features first, then codebooks); got {self.quantization_start}."
+            )
+        _check_float(owner, "codebook_lr", self.codebook_lr, 0.0, strict_minimum=True)
+        _check_int(owner, "crop_pad", self.crop_pad, 0)
+        _check_bool(owner, "flip", self.flip)
+        _check_int(owner, "cutout", self.cutout, 0)
+        _check_float(owner, "mixup_alpha", self.mixup_alpha)
+        _check_bool(owner, "bf16", self.bf16)
+        _check_bool(owner, "channels_last", self.channels_last)
+        _check_float(owner, "ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.ema_decay >= 1.0:
+            raise ValueError(
+                f"train.ema_decay must be < 1 (0 switches it off); got {self.ema_decay}."
+            )
+        _check_float(owner, "grad_clip", self.grad_clip)
+        _check_int(owner, "seed", self.seed, 0)
+        _check_int(owner, "kmeans_iterations", self.kmeans_iterations, 1)
+        _check_bool(owner, "final_kmeans", self.final_kmeans)
+        _check_int(owner, "num_threads", self.num_threads, 0)
+        _check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
+
+
+_Part = TypeVar("_Part", QuantizerConfig, ModelConfig, LossConfig, TrainConfig)
+
+
+def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config.{name} must be a JSON object; got {type(data).__name__}.")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"config.{name} has unknown keys {unknown}; known keys are {sorted(known)}."
+        )
+    values = dict(data)
+    for key in ("image_mean", "image_std", "level_weights"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class DPQConfig:
+    """Everything needed to rebuild and retrain a DPQ model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("model", ModelConfig),
+            ("quantizer", QuantizerConfig),
+            ("loss", LossConfig),
+            ("train", TrainConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(
+                    f"config.{name} must be a {cls.__name__}; "
+                    f"got {type(getattr(self, name)).__name__}."
+                )
+        weights = self.loss.level_weights
+        if weights is not None and len(weights) != self.quantizer.num_levels:
+            raise ValueError(
+                f"loss.level_weights has {len(weights)} entries but quantizer.num_levels is "
+                f"{self.quantizer.num_levels}; give one weight per level or null for all ones."
+            )
+        if self.model.multilabel and self.loss.label_smoothing > 0:
+            raise ValueError(
+                "loss.label_smoothing applies to single-label softmax cross-entropy only; "
+                "set it to 0 for a multi-label model."
+            )
+        if self.model.multilabel and self.train.mixup_alpha > 0:
+            raise ValueError("train.mixup_alpha must be 0 for a multi-label model.")
+        if self.train.schedule == "two_step" and not self.loss.uses_quantization:
+            raise ValueError(
+                "train.schedule 'two_step' trains codebooks in its second step, but every "
+                "quantization loss (use_soft, use_hard, use_match) is off."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DPQConfig:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on unknown keys or bad values."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a DPQ config must be a JSON object; got {type(data).__name__}.")
+        parts: dict[str, type] = {
+            "model": ModelConfig,
+            "quantizer": QuantizerConfig,
+            "loss": LossConfig,
+            "train": TrainConfig,
+        }
+        unknown = sorted(set(data) - set(parts))
+        if unknown:
+            raise ValueError(f"config has unknown sections {unknown}; expected {sorted(parts)}.")
+        return cls(
+            **{
+                name: _part_from_dict(part, data.get(name, {}), name)
+                for name, part in parts.items()
+            }
+        )
+
+    def to_json(self) -> str:
+        """Indented JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DPQConfig:
+        """Parse JSON text written by :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc}.") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DPQConfig:
+        """Read a config JSON file (a ``config.json`` of a checkpoint, or a file you wrote).
+
+        A checkpoint's ``config.json`` may hold extra top-level bookkeeping keys under
+        ``"checkpoint"``; they are ignored here.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        try:
+            data = json.loads(path.read_text()) if path.stat().st_size else None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}.") from exc
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "checkpoint"}
+        return cls.from_dict(data)  # type: ignore[arg-type]
+
+    def replace(self, **sections: Any) -> DPQConfig:
+        """A copy with whole sections or single fields replaced.
+
+        ``cfg.replace(quantizer={"num_levels": 2}, train=TrainConfig(epochs=3))``: a dict
+        updates the named fields of that section, a config object replaces it.
+        """
+        updated: dict[str, Any] = {}
+        for name, value in sections.items():
+            if name not in ("model", "quantizer", "loss", "train"):
+                raise ValueError(
+                    f"unknown config section {name!r}; expected model, quantizer, loss or train."
+                )
+            current = getattr(self, name)
+            if isinstance(value, Mapping):
+                known = {f.name for f in fields(current)}
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ValueError(
+                        f"config.{name} has no fields {unknown}; known fields are {sorted(known)}."
+                    )
+                updated[name] = replace(current, **value)
+            else:
+                updated[name] = value
+        return replace(self, **updated)
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Human-readable differences between two config dicts (e.g. ``to_dict()`` outputs):
+    ``["quantizer.num_levels: 4 vs 2", ...]`` (first value from ``old``)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} vs {new!r}"]
+
+
+# ----------------------------------------------------------------------------------------
+# Named configurations: the ablations of the paper's Table 2 plus the two schedules.
+
+
+def _full(base: DPQConfig) -> DPQConfig:
+    return base
+
+
+def _e_only(base: DPQConfig) -> DPQConfig:
+    # Nothing else trains the network, so the quantization losses start at once.
+    return base.replace(
+        loss={"use_semantic": False, "use_cls": False},
+        train={"quantization_start": 0.0, "schedule": "end_to_end"},
+    )
+
+
+def _e_plus_ls(base: DPQConfig) -> DPQConfig:
+    return base.replace(loss={"use_cls": False})
+
+
+def _e_plus_lc(base: DPQConfig) -> DPQConfig:
+    return base.replace(loss={"use_semantic": False})
+
+
+def _two_step(base: DPQConfig) -> DPQConfig:
+    start = base.train.quantization_start
+    return base.replace(
+        train={"schedule": "two_step", "quantization_start": start if 0 < start < 1 else 0.5}
+    )
+
+
+def _no_soft(base: DPQConfig) -> DPQConfig:
+    return base.replace(loss={"use_soft": False, "use_match": False, "use_hard": True})
+
+
+def _end_to_end(base: DPQConfig) -> DPQConfig:
+    return base.replace(train={"schedule": "end_to_end"})
+
+
+def _two_phase(base: DPQConfig) -> DPQConfig:
+    return base.replace(train={"schedule": "two_phase"})
+
+
+ABLATIONS: dict[str, Callable[[DPQConfig], DPQConfig]] = {
+    "full": _full,
+    "E": _e_only,
+    "E+LS": _e_plus_ls,
+    "E+LC": _e_plus_lc,
+    "two-step": _two_step,
+    "no-soft": _no_soft,
+    "end-to-end": _end_to_end,
+    "two-phase": _two_phase,
+}
+"""Name -> function(base config) -> config.
+
+- "full": the base configuration unchanged (all losses).
+- "E": quantization losses only, no supervision (L_S and L_C off), from the first epoch,
+  end to end. The paper quantizes a pretrained AlexNet's fc7 here; trained from scratch the
+  network only ever sees E, so expect codes close to chance.
+- "E+LS": E and the semantic loss (no classification loss).
+- "E+LC": E and the classification loss (no semantic loss).
+- "two-step": features first (L_S + lambda L_C), then the network is frozen and only the
+  codebooks are learnt (schedule "two_step").
+- "no-soft": hard-assignment loss only (l_quan and l_match off).
+- "end-to-end" / "two-phase": the full model under either training schedule.
+"""
+
+
+def ablation_config(name: str, base: DPQConfig | None = None) -> DPQConfig:
+    """The named configuration of Table 2 (or a schedule), derived from ``base``.
+
+    Args:
+        name: one of :data:`ABLATIONS`.
+        base: the configuration to modify (default: ``DPQConfig()``).
+    """
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; choose one of {', '.join(ABLATIONS)}.")
+    return ABLATIONS[name](base if base is not None else DPQConfig())

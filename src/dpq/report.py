@@ -1,0 +1,357 @@
+"""Tables and figures from metric results, and the report folder (markdown + JSON + PNG).
+
+Figures use matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg), so no
+display and no global backend switch are needed. Every file is written atomically: a
+temporary file in the same folder, then ``os.replace``.
+
+Typical use (what ``dpq reproduce`` does)::
+
+    pr, at_r = evaluation.curves(bits=32)
+    figures = {
+        "Precision-recall, 32 bits": plot_pr_curves(pr, out / "pr_32bits.png"),
+        "Precision@R, 32 bits": plot_precision_at_r(at_r, out / "precision_at_r_32bits.png"),
+        "t-SNE of quantized features": plot_tsne(reconstructions, labels, out / "tsne.png"),
+    }
+    write_report(out, title="CIFAR-10", map_table=evaluation.map_table(),
+                 timings=evaluation.timings(), figures=figures, notes="...")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpq.metrics import PRCurve
+
+# -------------------------------------------------------------------------- writing files
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON (NaN refused), atomically."""
+    text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default)
+    return write_bytes_atomic(path, (text + "\n").encode())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# --------------------------------------------------------------------------------- tables
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    fmt = "  ".join(
+        f"{{:<{width}}}" if i == 0 else f"{{:>{width}}}" for i, width in enumerate(widths)
+    )
+    return "\n".join(fmt.format(*row) for row in [list(header), *rows])
+
+
+def _all_bits(map_table: Mapping[str, Mapping[int, float]]) -> list[int]:
+    return sorted({int(bits) for row in map_table.values() for bits in row})
+
+
+def format_map_table(
+    map_table: Mapping[str, Mapping[int, float]], markdown: bool = False, digits: int = 3
+) -> str:
+    """Methods x code lengths table of mAP values ({method: {bits: mAP}}); "-" where absent.
+    In markdown the best value of each column is bold."""
+    bits_list = _all_bits(map_table)
+    best = {
+        bits: max((row[bits] for row in map_table.values() if bits in row), default=None)
+        for bits in bits_list
+    }
+    rows = []
+    for method, row in map_table.items():
+        cells = [method]
+        for bits in bits_list:
+            if bits not in row:
+                cells.append("-")
+                continue
+            cell = f"{row[bits]:.{digits}f}"
+            if markdown and len(map_table) > 1 and row[bits] == best[bits]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        rows.append(cells)
+    return _table(["method", *(f"{bits} bits" for bits in bits_list)], rows, markdown)
+
+
+def timing_table(timings: Mapping[str, Mapping[str, float | None]], markdown: bool = True) -> str:
+    """Rows x columns table of times, e.g. {"pq@32": {"fit_s": 3.1, "search_ms_per_query": 0.4}}.
+
+    Column names come from the keys (their union, first-seen order); None shows as "-".
+    Suffixes name the unit: ``_s`` seconds, ``_ms...`` milliseconds.
+    """
+    columns: list[str] = []
+    for row in timings.values():
+        columns += [key for key in row if key not in columns]
+    rows = [
+        [name, *("-" if row.get(column) is None else _number(row[column]) for column in columns)]
+        for name, row in timings.items()
+    ]
+    return _table(["", *columns], rows, markdown)
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    if value == 0 or 0.01 <= abs(value) < 10000:
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return f"{value:.2e}"
+
+
+def margin_summary(map_table: Mapping[str, Mapping[int, float]], method: str = "dpq") -> str:
+    """Sentences saying by how much ``method`` beats (or trails) the best other method at each
+    code length, in mAP points, and plainly whether it wins everywhere."""
+    if method not in map_table:
+        return f"No {method} results to compare."
+    lines, wins, compared = [], 0, 0
+    for bits in sorted(map_table[method]):
+        others = {
+            name: row[bits] for name, row in map_table.items() if name != method and bits in row
+        }
+        if not others:
+            continue
+        compared += 1
+        best_name = max(others, key=others.get)
+        gap = map_table[method][bits] - others[best_name]
+        wins += gap > 0
+        verb = "beats" if gap > 0 else ("ties with" if gap == 0 else "trails")
+        lines.append(
+            f"- {bits} bits: {method} {map_table[method][bits]:.3f} {verb} the best other method "
+            f"({best_name}, {others[best_name]:.3f}): {gap:+.3f} mAP."
+        )
+    if not compared:
+        return f"No baseline shares a code length with {method}."
+    verdict = (
+        f"{method} beats every baseline at every code length compared."
+        if wins == compared
+        else f"{method} does NOT beat every baseline: it wins at {wins} of {compared} code lengths."
+    )
+    return "\n".join([verdict, *lines])
+
+
+# -------------------------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=120, layout="constrained")
+
+
+def _save_figure(figure: Any, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def plot_pr_curves(
+    curves: Mapping[str, PRCurve], path: str | Path, title: str = "Precision-recall"
+) -> Path:
+    """One precision-recall line per method ({method: PRCurve}); returns the PNG path."""
+    if not curves:
+        raise ValueError("no PR curve to plot: give at least one method's curve.")
+    figure = _new_figure(5.0, 4.0)
+    axes = figure.add_subplot()
+    for method, curve in curves.items():
+        axes.plot(curve.recall, curve.precision, marker=".", markersize=3, label=method)
+    axes.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save_figure(figure, path)
+
+
+def plot_precision_at_r(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "Precision@R",
+) -> Path:
+    """One precision@R line per method ({method: (ranks int (m,), precision float (m,))}),
+    the paper's Fig. 3 right panel; returns the PNG path."""
+    if not curves:
+        raise ValueError("no precision@R curve to plot: give at least one method's curve.")
+    figure = _new_figure(5.0, 4.0)
+    axes = figure.add_subplot()
+    for method, (ranks, precision) in curves.items():
+        axes.plot(ranks, precision, marker="o", markersize=3, label=method)
+    axes.set(xlabel="number of returned items R", ylabel="precision", title=title, ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save_figure(figure, path)
+
+
+def plot_tsne(
+    features_by_bits: Mapping[int, np.ndarray],
+    labels: np.ndarray,
+    path: str | Path,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 2000,
+    perplexity: float = 30.0,
+) -> Path:
+    """t-SNE of quantized features at several code lengths (the paper's Fig. 1), one panel each.
+
+    Args:
+        features_by_bits: {bits: float (n, D)} the same n items quantized at each length
+            (e.g. reconstructions from the first l codebooks).
+        labels: int (n,) class ids (multi-hot (n, C): coloured by the first label).
+        path: PNG to write.
+        seed: seed of the subsample and of t-SNE.
+        class_names: legend names indexed by class id (default: the ids).
+        max_points: at most this many items (the same random subset in every panel).
+        perplexity: t-SNE perplexity.
+
+    Returns:
+        The PNG path.
+    """
+    from sklearn.manifold import TSNE
+
+    if not features_by_bits:
+        raise ValueError("no features to plot: give {bits: features} for at least one length.")
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = labels.argmax(axis=1)
+    n = labels.shape[0]
+    for bits, array in features_by_bits.items():
+        if np.ndim(array) != 2 or np.shape(array)[0] != n:
+            raise ValueError(
+                f"features at {bits} bits must be (n, D) with n = {n} (one row per label); got "
+                f"shape {np.shape(array)}."
+            )
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
+    classes = np.unique(labels[subset])
+    colours = _class_colours(len(classes))
+
+    panels = len(features_by_bits)
+    columns = math.ceil(math.sqrt(panels))
+    rows = math.ceil(panels / columns)
+    figure = _new_figure(4.2 * columns + 1.6, 4.0 * rows)
+    for panel, (bits, array) in enumerate(sorted(features_by_bits.items())):
+        embedding = TSNE(
+            n_components=2,
+            init="pca",
+            perplexity=min(perplexity, (subset.size - 1) / 3),
+            random_state=seed,
+        ).fit_transform(np.asarray(array, dtype=np.float32)[subset])
+        axes = figure.add_subplot(rows, columns, panel + 1)
+        for colour, cls in zip(colours, classes, strict=True):
+            mask = labels[subset] == cls
+            name = class_names[cls] if class_names is not None else str(cls)
+            axes.scatter(*embedding[mask].T, s=4, color=colour, label=name, linewidths=0)
+        axes.set_title(f"{bits} bits")
+        axes.set_xticks([])
+        axes.set_yticks([])
+    handles, names = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside right center", markerscale=3, fontsize="small")
+    return _save_figure(figure, path)
+
+
+def _class_colours(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](i) for i in range(count)]
+    return [colormaps["turbo"](i / max(count - 1, 1)) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    title: str,
+    map_table: Mapping[str, Mapping[int, float]],
+    timings: Mapping[str, Mapping[str, float | None]],
+    figures: Mapping[str, str | Path],
+    notes: str = "",
+    method: str = "dpq",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``report.md`` and ``results.json`` into ``out_dir`` (atomically); returns the
+    report.md path.
+
+    Args:
+        out_dir: report folder (created).
+        title: heading of the report.
+        map_table: {method: {bits: mAP}}.
+        timings: {row: {column: value}} for :func:`timing_table` (e.g. training seconds,
+            encoding ms per image, search ms per query).
+        figures: {caption: PNG path}; paths inside ``out_dir`` are written relative to it.
+        notes: free markdown text (setup, commands, caveats).
+        method: the method compared against the others in the summary (default "dpq").
+        extra: more JSON-ready data for results.json (e.g. Evaluation.to_dict()).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure_paths = {caption: _relative(Path(path), out_dir) for caption, path in figures.items()}
+    sections = [f"# {title}", ""]
+    sections += ["## mAP", "", format_map_table(map_table, markdown=True), ""]
+    if method in map_table:
+        sections += [margin_summary(map_table, method), ""]
+    if timings:
+        sections += ["## Time", "", timing_table(timings), ""]
+    for caption, path in figure_paths.items():
+        sections += [f"## {caption}", "", f"![{caption}]({path})", ""]
+    if notes:
+        sections += ["## Notes", "", notes.strip(), ""]
+    payload = {
+        "title": title,
+        "map": {
+            name: {str(bits): value for bits, value in row.items()}
+            for name, row in map_table.items()
+        },
+        "timings": timings,
+        "figures": figure_paths,
+        "notes": notes,
+        **(dict(extra) if extra else {}),
+    }
+    write_json(out_dir / "results.json", payload)
+    return write_bytes_atomic(out_dir / "report.md", "\n".join(sections).encode())
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)

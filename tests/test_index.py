@@ -1,0 +1,660 @@
+"""DPQIndex: AQD lookup-table search against brute-force references, prefixes, rerank,
+persistence, faiss interop, bad input, and the `dpq encode` / `dpq search` commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+import dpq.index as index_module
+from dpq.cli import main
+from dpq.index import DPQIndex, IndexFileError, greedy_residual_encode
+
+L, K, D, N = 4, 16, 8, 300
+
+
+# ------------------------------------------------------------------ fixtures and references
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def codebooks(rng) -> np.ndarray:
+    scales = 0.5 ** np.arange(L)
+    return (rng.standard_normal((L, K, D)) * scales[:, None, None]).astype(np.float32)
+
+
+@pytest.fixture
+def codes(rng) -> np.ndarray:
+    return rng.integers(0, K, size=(N, L)).astype(np.uint8)
+
+
+@pytest.fixture
+def index(codebooks, codes) -> DPQIndex:
+    built = DPQIndex(codebooks)
+    built.add(codes)
+    return built
+
+
+@pytest.fixture
+def queries(rng) -> np.ndarray:
+    return rng.standard_normal((7, D)).astype(np.float32)
+
+
+def reconstruct(codebooks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """float64 (N, D) sum of the selected codewords of each prefix level (the reference)."""
+    levels = codes.shape[1]
+    return sum(codebooks[level].astype(np.float64)[codes[:, level]] for level in range(levels))
+
+
+def brute_force(queries, database, k, mode="aqd"):
+    """Reference ranking: float64 scores, stable argsort (ties by position)."""
+    q = queries.astype(np.float64)
+    if mode == "aqd":
+        scores = ((q[:, None, :] - database[None]) ** 2).sum(-1)
+    else:
+        scores = -(q @ database.T)
+    order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+def assert_same_ranking(dist, ids, ref_dist, ref_ids, tol=1e-4):
+    """Distances equal to float tolerance; ids equal except where the reference has ties."""
+    scale = max(1.0, float(np.abs(ref_dist).max()))
+    np.testing.assert_allclose(dist, ref_dist, rtol=0, atol=tol * scale)
+    differ = ids != ref_ids
+    if differ.any():  # allowed only between (near-)equal distances
+        np.testing.assert_allclose(dist[differ], ref_dist[differ], rtol=0, atol=tol * scale)
+        for q in np.flatnonzero(differ.any(axis=1)):
+            assert set(ids[q]) ^ set(ref_ids[q]) <= set(
+                ref_ids[q][np.abs(ref_dist[q] - ref_dist[q, -1]) <= tol * scale]
+            ) | set(ids[q][np.abs(dist[q] - dist[q, -1]) <= tol * scale])
+
+
+# ------------------------------------------------------------------ search against references
+
+
+def test_lut_distances_equal_brute_force_distances_to_reconstructions(
+    index, codebooks, codes, queries
+):
+    dist, ids = index.search(queries, k=20)
+    ref_dist, ref_ids = brute_force(queries, reconstruct(codebooks, codes), 20)
+    assert dist.dtype == np.float32 and ids.dtype == np.int64 and dist.shape == (7, 20)
+    assert_same_ranking(dist, ids, ref_dist, ref_ids)
+    np.testing.assert_array_equal(ids, ref_ids)  # random data: no ties
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_full_ranking_k_equals_ntotal_matches_brute_force(index, codebooks, codes, queries):
+    dist, ids = index.search(queries, k=N)
+    ref_dist, ref_ids = brute_force(queries, reconstruct(codebooks, codes), N)
+    assert_same_ranking(dist, ids, ref_dist, ref_ids)
+    assert all(sorted(row) == list(range(N)) for row in ids)
+
+
+def test_item_reconstruction_used_as_query_ranks_that_item_first(index, codebooks, codes):
+    unique_rows = np.unique(codes, axis=0, return_index=True)[1][:25]
+    recon = reconstruct(codebooks, codes[unique_rows]).astype(np.float32)
+    dist, ids = index.search(recon, k=3)
+    np.testing.assert_array_equal(ids[:, 0], unique_rows)
+    np.testing.assert_allclose(dist[:, 0], 0.0, atol=1e-4)
+    assert np.all(dist[:, 1] > 1e-3)
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_prefix_search_equals_index_built_from_truncated_codes_and_codebooks(
+    index, codebooks, codes, queries, num_levels
+):
+    dist, ids = index.search(queries, k=15, num_levels=num_levels)
+    truncated = DPQIndex(codebooks[:num_levels])
+    truncated.add(codes[:, :num_levels])
+    t_dist, t_ids = truncated.search(queries, k=15)
+    np.testing.assert_array_equal(ids, t_ids)
+    np.testing.assert_allclose(dist, t_dist, rtol=1e-5, atol=1e-5)
+    ref_dist, ref_ids = brute_force(queries, reconstruct(codebooks, codes[:, :num_levels]), 15)
+    assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+@pytest.mark.parametrize("num_levels", [1, 4])
+def test_inner_product_mode_matches_brute_force_inner_products(
+    index, codebooks, codes, queries, num_levels
+):
+    dist, ids = index.search(queries, k=12, num_levels=num_levels, mode="ip")
+    ref_dist, ref_ids = brute_force(
+        queries, reconstruct(codebooks, codes[:, :num_levels]), 12, mode="ip"
+    )
+    assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+def test_equal_distances_are_ordered_by_position_in_index(codebooks, rng):
+    duplicated = np.repeat(rng.integers(0, K, size=(5, L)), 6, axis=0).astype(np.uint8)
+    shuffled = rng.permutation(len(duplicated))
+    built = DPQIndex(codebooks)
+    built.add(duplicated[shuffled], ids=np.arange(100, 100 + len(duplicated)))
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    dist, ids = built.search(q, k=len(duplicated))
+    ref_dist, ref_rows = brute_force(q, reconstruct(codebooks, duplicated[shuffled]), 30)
+    np.testing.assert_array_equal(ids, ref_rows + 100)  # stable: ties keep insertion order
+
+
+def test_database_sharded_search_for_few_queries_equals_single_thread(index, queries, monkeypatch):
+    serial = index.search(queries[:1], k=40)
+    monkeypatch.setattr(index_module, "_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(index_module.numba, "get_num_threads", lambda: 3)
+    sharded = index.search(queries[:1], k=40)
+    split_queries = index.search(queries, k=40)
+    np.testing.assert_array_equal(sharded[1], serial[1])
+    np.testing.assert_array_equal(sharded[0], serial[0])
+    np.testing.assert_array_equal(split_queries[1][:1], serial[1])
+
+
+def test_padding_with_minus_one_and_inf_when_k_exceeds_ntotal(codebooks, codes, queries):
+    small = DPQIndex(codebooks)
+    small.add(codes[:5])
+    dist, ids = small.search(queries, k=8)
+    assert np.all(ids[:, 5:] == -1) and np.all(np.isinf(dist[:, 5:]))
+    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in ids[:, :5])
+    empty_dist, empty_ids = DPQIndex(codebooks).search(queries, k=3)
+    assert np.all(empty_ids == -1) and np.all(np.isinf(empty_dist))
+
+
+def test_rerank_from_equals_brute_force_rerank_of_prefix_shortlist(
+    index, codebooks, codes, queries
+):
+    shortlist = 30
+    dist, ids = index.search(queries, k=10, rerank_from=1, rerank_candidates=shortlist)
+    _, short_ids = index.search(queries, k=shortlist, num_levels=1)
+    full = reconstruct(codebooks, codes)
+    for q in range(len(queries)):
+        candidates = np.sort(short_ids[q])  # ties of the reference by position, like the index
+        ref_dist, order = brute_force(queries[q : q + 1], full[candidates], 10)
+        np.testing.assert_array_equal(ids[q], candidates[order[0]])
+        np.testing.assert_allclose(dist[q], ref_dist[0], atol=1e-4)
+    # a shortlist holding every item gives the exhaustive result
+    everything = index.search(queries, k=10, rerank_from=2, rerank_candidates=N)
+    exhaustive = index.search(queries, k=10)
+    np.testing.assert_array_equal(everything[1], exhaustive[1])
+    np.testing.assert_allclose(everything[0], exhaustive[0], rtol=1e-5, atol=1e-5)
+
+
+def test_uint16_codes_for_codebook_size_above_256(rng):
+    books = rng.standard_normal((2, 300, 5)).astype(np.float32)
+    many = rng.integers(0, 300, size=(400, 2))
+    built = DPQIndex(books)
+    built.add(many)
+    assert built.codes.dtype == np.uint16
+    q = rng.standard_normal((4, 5)).astype(np.float32)
+    for levels in (1, 2):
+        dist, ids = built.search(q, k=9, num_levels=levels)
+        ref_dist, ref_ids = brute_force(q, reconstruct(books, many[:, :levels]), 9)
+        assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+def test_more_than_four_levels_use_several_code_words(rng):
+    books = (rng.standard_normal((6, 16, 4)) * 0.7 ** np.arange(6)[:, None, None]).astype(
+        np.float32
+    )
+    many = rng.integers(0, 16, size=(200, 6))
+    built = DPQIndex(books)
+    built.add(many)
+    q = rng.standard_normal((3, 4)).astype(np.float32)
+    dist, ids = built.search(q, k=10)
+    ref_dist, ref_ids = brute_force(q, reconstruct(books, many), 10)
+    assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+# ------------------------------------------------------------------ encoding, add, remove
+
+
+def greedy_reference(x, books, assignment):
+    """Per-row loop: x_1 = x, code_l = argmin ||x_l - C_l[k]|| (or argmax cosine)."""
+    codes = np.zeros((len(x), len(books)), np.int64)
+    for i, row in enumerate(x.astype(np.float64)):
+        residual = row.copy()
+        for level, book in enumerate(books.astype(np.float64)):
+            if assignment == "euclidean":
+                choice = int(np.argmin(((residual - book) ** 2).sum(1)))
+            else:
+                cos = book @ residual / (np.linalg.norm(book, axis=1) * np.linalg.norm(residual))
+                choice = int(np.argmax(cos))
+            codes[i, level] = choice
+            residual -= book[choice]
+    return codes
+
+
+@pytest.mark.parametrize("assignment", ["euclidean", "cosine"])
+def test_add_features_uses_greedy_residual_assignment(codebooks, rng, assignment):
+    x = rng.standard_normal((60, D)).astype(np.float32)
+    built = DPQIndex(codebooks, assignment=assignment)
+    built.add_features(x)
+    np.testing.assert_array_equal(built.codes, greedy_reference(x, codebooks, assignment))
+    np.testing.assert_array_equal(
+        greedy_residual_encode(x, codebooks, assignment, num_levels=2), built.codes[:, :2]
+    )
+
+
+def test_remove_drops_items_and_the_rest_still_match_brute_force(index, codebooks, codes, queries):
+    gone = np.arange(0, N, 3)
+    assert index.remove(np.append(gone, [10_000])) == len(gone)
+    assert index.ntotal == N - len(gone)
+    kept = np.setdiff1d(np.arange(N), gone)
+    dist, ids = index.search(queries, k=10)
+    ref_dist, ref_rows = brute_force(queries, reconstruct(codebooks, codes[kept]), 10)
+    np.testing.assert_array_equal(ids, kept[ref_rows])
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-4)
+    assert index.remove([0]) == 0
+    assert index.add(codes[:2]).tolist() == [N, N + 1]  # new ids continue after the largest
+
+
+def test_labels_follow_items_and_are_looked_up_by_id(codebooks, codes):
+    labels = np.arange(N) % 7
+    built = DPQIndex(codebooks)
+    built.add(codes, ids=np.arange(N) * 2, labels=labels)
+    built.remove([0, 2])
+    np.testing.assert_array_equal(built.labels_of([[4, 6], [-1, 999]]), [[2, 3], [-1, -1]])
+    multi = DPQIndex(codebooks)
+    multi.add(codes[:3], labels=np.eye(3, dtype=bool))
+    assert multi.labels_of([1]).tolist() == [[0, 1, 0]]
+
+
+# ------------------------------------------------------------------ persistence
+
+
+def test_save_load_round_trip_keeps_everything_and_search_results(
+    tmp_path, codebooks, codes, queries
+):
+    built = DPQIndex(codebooks, assignment="cosine", metadata={"model": "m", "bits": [8, 32]})
+    built.add(codes, ids=np.arange(N) + 1000, labels=np.arange(N) % 5)
+    built.remove([1000, 1001])
+    path = built.save(tmp_path / "sub" / "index.npz")
+    assert [p.name for p in path.parent.iterdir()] == ["index.npz"]  # no temp file left
+    loaded = DPQIndex.load(path)
+    np.testing.assert_array_equal(loaded.codebooks, built.codebooks)
+    np.testing.assert_array_equal(loaded.codes, built.codes)
+    np.testing.assert_array_equal(loaded.ids, built.ids)
+    np.testing.assert_array_equal(loaded.labels, built.labels)
+    assert loaded.metadata == built.metadata and loaded.assignment == "cosine"
+    for levels in (1, 4):
+        a, b = (
+            built.search(queries, 10, num_levels=levels),
+            loaded.search(queries, 10, num_levels=levels),
+        )
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+    assert loaded.add(codes[:1], labels=[0]).tolist() == [N + 1000]
+
+
+def _rewrite_npz(source: Path, target: Path, change) -> None:
+    with np.load(source, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    change(arrays)
+    np.savez(target, **arrays)
+
+
+def test_truncated_index_file_is_a_value_error_naming_the_file(tmp_path, index):
+    path = index.save(tmp_path / "index.npz")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFileError, match="truncated.npz"):
+        DPQIndex.load(truncated)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="garbage.npz"):
+        DPQIndex.load(garbage)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        DPQIndex.load(tmp_path / "missing.npz")
+
+
+def test_tampered_codes_or_header_fail_the_checksum(tmp_path, index):
+    path = index.save(tmp_path / "index.npz")
+
+    def flip_a_code(arrays):
+        arrays["codes"] = arrays["codes"].copy()
+        arrays["codes"][3, 1] ^= 1
+
+    _rewrite_npz(path, tmp_path / "codes.npz", flip_a_code)
+    with pytest.raises(IndexFileError, match=r"codes\.npz failed its checksum"):
+        DPQIndex.load(tmp_path / "codes.npz")
+
+    def change_assignment(arrays):
+        header = json.loads(str(arrays["header"]))
+        header["assignment"] = "cosine"
+        arrays["header"] = np.array(json.dumps(header))
+
+    _rewrite_npz(path, tmp_path / "header.npz", change_assignment)
+    with pytest.raises(IndexFileError, match="checksum"):
+        DPQIndex.load(tmp_path / "header.npz")
+    # bytes changed inside the zip member: zip CRC or checksum, either way a clear error
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("codes.npy")
+    raw[info.header_offset + 200] ^= 0xFF
+    (tmp_path / "bytes.npz").write_bytes(bytes(raw))
+    with pytest.raises(IndexFileError, match="bytes.npz"):
+        DPQIndex.load(tmp_path / "bytes.npz")
+
+
+def test_other_format_version_is_a_clear_error(tmp_path, index):
+    path = index.save(tmp_path / "index.npz")
+
+    def bump(arrays):
+        header = json.loads(str(arrays["header"]))
+        header["format_version"] = 99
+        arrays["header"] = np.array(json.dumps(header))
+
+    _rewrite_npz(path, tmp_path / "v99.npz", bump)
+    with pytest.raises(
+        IndexFileError, match=r"v99\.npz has index format version 99.*reads version 1"
+    ):
+        DPQIndex.load(tmp_path / "v99.npz")
+
+
+# ------------------------------------------------------------------ faiss interop
+
+
+@pytest.mark.parametrize("custom_ids", [False, True])
+def test_to_faiss_lookup_table_search_returns_the_same_ids(index, codes, queries, custom_ids):
+    if custom_ids:
+        index = DPQIndex(index.codebooks)
+        index.add(codes, ids=np.arange(N) * 3 + 7)
+    exported = index.to_faiss()
+    if not custom_ids:
+        assert exported.rq.search_type == faiss.AdditiveQuantizer.ST_norm_float
+    f_dist, f_ids = exported.search(queries, 25)
+    dist, ids = index.search(queries, 25)
+    assert_same_ranking(dist, ids, f_dist, f_ids)
+    np.testing.assert_array_equal(ids, f_ids)
+
+
+def test_to_faiss_inner_product_mode_returns_the_same_ids(index, queries):
+    f_sim, f_ids = index.to_faiss(mode="ip").search(queries, 10)
+    dist, ids = index.search(queries, 10, mode="ip")
+    np.testing.assert_array_equal(ids, f_ids)
+    np.testing.assert_allclose(-dist, f_sim, atol=1e-4)
+
+
+def test_from_faiss_reads_a_trained_residual_quantizer(rng):
+    train = rng.standard_normal((2000, 8)).astype(np.float32)
+    trained = faiss.IndexResidualQuantizer(8, 2, 8)
+    trained.rq.train_type = faiss.ResidualQuantizer.Train_default
+    trained.rq.max_beam_size = 1  # greedy encoding, the same rule as DPQIndex
+    trained.train(train)
+    trained.add(train[:500])
+    q = rng.standard_normal((6, 8)).astype(np.float32)
+    f_dist, f_ids = trained.search(q, 10)
+    imported = DPQIndex.from_faiss(trained)
+    assert imported.ntotal == 500 and imported.codebooks.shape == (2, 256, 8)
+    dist, ids = imported.search(q, 10)
+    assert_same_ranking(dist, ids, f_dist, f_ids)
+    np.testing.assert_array_equal(imported.encode(train[:50]), imported.codes[:50])
+    back = DPQIndex.from_faiss(imported.to_faiss())
+    np.testing.assert_array_equal(back.codes, imported.codes)
+    with pytest.raises(ValueError, match="IndexResidualQuantizer"):
+        DPQIndex.from_faiss(faiss.IndexFlatL2(8))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_query_of_wrong_dimension_names_expected_and_actual(index):
+    with pytest.raises(ValueError, match=f"dimension 5 but the index expects dim {D}"):
+        index.search(np.zeros((2, 5), np.float32), 3)
+    with pytest.raises(ValueError, match=r"queries\[None, :\]"):
+        index.search(np.zeros(D, np.float32), 3)
+
+
+def test_nan_or_inf_in_queries_is_rejected(index, queries):
+    bad = queries.copy()
+    bad[2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf.*row 2"):
+        index.search(bad, 3)
+    bad[2, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.search(bad, 3)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_k_must_be_a_positive_integer(index, queries, k):
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(queries, k)
+
+
+@pytest.mark.parametrize("levels", [0, L + 1])
+def test_num_levels_out_of_range(index, queries, levels):
+    with pytest.raises(ValueError, match=rf"num_levels must be in 1\.\.{L}.*got {levels}"):
+        index.search(queries, 3, num_levels=levels)
+
+
+def test_rerank_from_and_mode_are_checked(index, queries):
+    with pytest.raises(ValueError, match="rerank_from must be smaller than num_levels=2"):
+        index.search(queries, 3, num_levels=2, rerank_from=2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        index.search(queries, 3, mode="cosine")
+
+
+def test_codes_out_of_range_for_codebook_size(index, codes):
+    bad = codes.astype(np.int64)
+    bad[5, 2] = K
+    with pytest.raises(
+        ValueError, match=rf"out of range for codebook_size K={K}.*got min 0 and max {K}.*level: 2"
+    ):
+        index.add(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        index.add(-codes.astype(np.int64) - 1)
+    with pytest.raises(ValueError, match=rf"shape \(N, {L}\)"):
+        index.add(codes[:, :2])
+    with pytest.raises(ValueError, match="integers"):
+        index.add(codes.astype(np.float32))
+    assert index.ntotal == N  # nothing was added by the failed calls
+
+
+def test_duplicate_or_negative_ids_and_missing_labels(codebooks, codes):
+    built = DPQIndex(codebooks)
+    built.add(codes[:3], labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="already in the index"):
+        built.add(codes[:1], ids=[1], labels=[0])
+    with pytest.raises(ValueError, match="duplicates"):
+        built.add(codes[:2], ids=[7, 7], labels=[0, 0])
+    with pytest.raises(ValueError, match=">= 0"):
+        built.add(codes[:1], ids=[-4], labels=[0])
+    with pytest.raises(ValueError, match="pass labels"):
+        built.add(codes[:1])
+
+
+def test_codebooks_of_another_model_are_detected(index, codebooks):
+    index.check_compatible(codebooks.copy())
+    with pytest.raises(ValueError, match="codebooks differ"):
+        index.check_compatible(codebooks + 1e-3)
+    with pytest.raises(ValueError, match=r"shape \(3, 16, 8\).*\(4, 16, 8\)"):
+        index.check_compatible(codebooks[:3])
+
+
+def test_bad_codebooks_are_rejected():
+    with pytest.raises(ValueError, match="3-D"):
+        DPQIndex(np.zeros((4, 8), np.float32))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        DPQIndex(np.full((1, 2, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="assignment"):
+        DPQIndex(np.zeros((1, 2, 3), np.float32), assignment="manhattan")
+
+
+def test_index_module_does_not_import_torch():
+    code = "import sys, dpq.index; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ command line
+
+
+@pytest.fixture
+def cli_files(tmp_path, codebooks, rng):
+    features = rng.standard_normal((120, D)).astype(np.float32)
+    np.save(tmp_path / "codebooks.npy", codebooks)
+    np.save(tmp_path / "features.npy", features)
+    np.save(tmp_path / "labels.npy", np.arange(120) % 4)
+    np.save(tmp_path / "queries.npy", features[:3] + 0.01)
+    return tmp_path, features
+
+
+def test_cli_encode_features_with_codebooks_then_search_json_and_csv(cli_files, capsys):
+    tmp_path, features = cli_files
+    out = tmp_path / "index.npz"
+    assert (
+        main(
+            [
+                "encode",
+                "--codebooks",
+                str(tmp_path / "codebooks.npy"),
+                "--features",
+                str(tmp_path / "features.npy"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "120 items" in capsys.readouterr().out
+    built = DPQIndex.load(out)
+    expected = DPQIndex(built.codebooks)
+    expected.add_features(features)
+    np.testing.assert_array_equal(built.codes, expected.codes)
+
+    args = ["search", "--index", str(out), "--features", str(tmp_path / "queries.npy"), "--k", "4"]
+    assert main(args + ["--num-levels", "3"]) == 0
+    payload = json.loads(capsys.readouterr().out)["results"]
+    dist, ids = built.search(np.load(tmp_path / "queries.npy"), 4, num_levels=3)
+    assert [row["ids"] for row in payload] == ids.tolist()
+    assert [row["labels"] for row in payload] == (ids % 4).tolist()
+    np.testing.assert_allclose([row["distances"] for row in payload], dist, rtol=1e-6)
+
+    assert main(args + ["--format", "csv", "--out", str(tmp_path / "top.csv")]) == 0
+    lines = (tmp_path / "top.csv").read_text().splitlines()
+    assert lines[0] == "query,rank,id,distance,label" and len(lines) == 1 + 3 * 4
+    query, rank, item, _, label = lines[1].split(",")
+    assert (query, rank) == ("0", "1") and int(label) == int(item) % 4
+
+
+def test_cli_errors_exit_with_code_2_and_a_message(cli_files, capsys, codebooks):
+    tmp_path, _ = cli_files
+    np.save(tmp_path / "wrong_dim.npy", np.zeros((2, D + 1), np.float32))
+    out = tmp_path / "index.npz"
+    main(
+        [
+            "encode",
+            "--codebooks",
+            str(tmp_path / "codebooks.npy"),
+            "--features",
+            str(tmp_path / "features.npy"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    capsys.readouterr()
+    code = main(["search", "--index", str(out), "--features", str(tmp_path / "wrong_dim.npy")])
+    assert (
+        code == 2 and f"dimension {D + 1} but the index expects dim {D}" in capsys.readouterr().err
+    )
+    code = main(["search", "--index", str(tmp_path / "nothing.npz"), "--features", str(out)])
+    assert code == 2 and "nothing.npz" in capsys.readouterr().err
+    code = main(
+        [
+            "encode",
+            "--codebooks",
+            str(tmp_path / "codebooks.npy"),
+            "--images",
+            "digits",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 2 and "--images needs --model" in capsys.readouterr().err
+
+
+def test_cli_encode_and_search_images_with_a_model_checkpoint(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+    from dpq.model import DPQModel
+
+    torch.manual_seed(0)
+    config = DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=2),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=16, dim=10),
+    )
+    model = DPQModel(config)
+    checkpoint = model.save_checkpoint(tmp_path / "ckpt")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        folder = tmp_path / "images" / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    out = tmp_path / "index.npz"
+    images = str(tmp_path / "images")
+    assert (
+        main(
+            ["encode", "--model", str(checkpoint), "--images", images, "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
+    built = DPQIndex.load(out)
+    assert built.ntotal == 6 and built.metadata["classes"] == ["cat", "dog"]
+    from dpq.train import load_training_source
+
+    inputs, labels, _, _ = load_training_source(images)
+    reference = DPQModel.from_checkpoint(checkpoint)
+    np.testing.assert_array_equal(built.codes, reference.encode(inputs))
+    np.testing.assert_array_equal(built.labels, labels)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(out),
+                "--model",
+                str(checkpoint),
+                "--images",
+                images,
+                "--k",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    payload = json.loads(capsys.readouterr().out)["results"]
+    _, expected_ids = built.search(reference.extract_features(inputs), 1)
+    assert [row["ids"] for row in payload] == expected_ids.tolist()
+    other = DPQModel(config)  # fresh random codebooks
+    with torch.no_grad():
+        other.quantizer.codebooks.add_(1.0)
+    other_checkpoint = other.save_checkpoint(tmp_path / "other")
+    code = main(
+        [
+            "search",
+            "--index",
+            str(out),
+            "--model",
+            str(other_checkpoint),
+            "--images",
+            images,
+            "--quiet",
+        ]
+    )
+    assert code == 2 and "codebooks differ" in capsys.readouterr().err

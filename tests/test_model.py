@@ -1,0 +1,143 @@
+"""DPQModel: forward shapes, feature extraction, codes, checkpoints and their errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
+from dpq.model import DPQModel, image_statistics
+
+
+def small_config(**quantizer) -> DPQConfig:
+    q = {"num_levels": 3, "codebook_size": 16, "dim": 10, **quantizer}
+    return DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=4),
+        quantizer=QuantizerConfig(**q),
+    )
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def model() -> DPQModel:
+    torch.manual_seed(0)
+    return DPQModel(small_config())
+
+
+def test_forward_shapes(model, images):
+    x = model.prepare_inputs(torch.from_numpy(images))
+    assert x.shape == (9, 3, 8, 8) and x.dtype == torch.float32
+    out = model(x)
+    assert out.features.shape == (9, 10) and out.features.abs().max() <= 1.0  # tanh
+    assert out.logits.shape == (9, 4)
+    assert out.quantized.soft.shape == (9, 3, 10) and out.quantized.codes.shape == (9, 3)
+    assert model(x, quantize=False).quantized is None
+
+
+def test_classifier_input_choice(images):
+    config = small_config().replace(model={"classifier_input": "backbone"})
+    model = DPQModel(config)
+    assert model.classifier.in_features == model.backbone.out_features
+    assert model(model.prepare_inputs(torch.from_numpy(images))).logits.shape == (9, 4)
+
+
+def test_extract_features_is_batched_eval_and_deterministic(model, images):
+    model.train()
+    whole = model.extract_features(images)
+    assert model.training  # mode restored
+    assert whole.dtype == np.float32 and whole.shape == (9, 10)
+    pieces = model.extract_features(images, batch_size=2)
+    np.testing.assert_allclose(whole, pieces, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.embed(images), whole)
+
+
+def test_flip_averaging(model, images):
+    mirrored = images[:, :, ::-1].copy()
+    averaged = model.extract_features(images, tta_flip=True)
+    expected = 0.5 * (model.extract_features(images) + model.extract_features(mirrored))
+    np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_codes_dtype_and_consistency(model, images):
+    codes = model.encode(images)
+    assert codes.dtype == np.uint8 and codes.shape == (9, 3)
+    np.testing.assert_array_equal(model.encode(images, num_levels=2), codes[:, :2])
+    features = model.extract_features(images)
+    quantized = model.quantizer(torch.from_numpy(features))
+    np.testing.assert_array_equal(codes, quantized.codes.numpy())
+    assert model.codebooks().shape == (3, 16, 10) and model.codebooks().dtype == np.float32
+    big = DPQModel(small_config(codebook_size=512))
+    assert big.encode(images).dtype == np.uint16
+
+
+def test_identity_backbone_takes_features():
+    config = DPQConfig(
+        model=ModelConfig(backbone="identity", backbone_kwargs={"in_features": 6}, num_classes=3),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=4, dim=5),
+    )
+    model = DPQModel(config)
+    features = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    assert model.extract_features(features).shape == (4, 5)
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        model.extract_features(features[:, :5])
+
+
+def test_bad_images_raise(model, images):
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        model.extract_features(images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        model.extract_features(images[..., 0])
+    with pytest.raises(ValueError, match="batch_size"):
+        model.extract_features(images, batch_size=0)
+
+
+def test_checkpoint_round_trip(tmp_path, model, images):
+    path = model.save_checkpoint(tmp_path / "ckpt", extra={"note": "x"})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    record = json.loads((path / "config.json").read_text())
+    assert record["checkpoint"]["note"] == "x"
+    loaded = DPQModel.from_checkpoint(path)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.extract_features(images), model.extract_features(images))
+    np.testing.assert_array_equal(loaded.codebooks(), model.codebooks())
+    same = DPQModel.from_checkpoint(path, config=small_config())
+    assert same.config.quantizer.assignment == "euclidean"
+
+
+def test_checkpoint_config_mismatch_is_a_clear_error(tmp_path, model):
+    model.save_checkpoint(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"\(checkpoint vs requested\): quantizer.num_levels: 3 vs 4"
+    ):
+        DPQModel.from_checkpoint(tmp_path, config=small_config(num_levels=4))
+    other_train = small_config().replace(train=TrainConfig(epochs=3))
+    assert DPQModel.from_checkpoint(tmp_path, config=other_train).config == model.config
+
+
+def test_corrupted_or_missing_checkpoint(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DPQModel.from_checkpoint(tmp_path / "nowhere")
+    model.save_checkpoint(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        DPQModel.from_checkpoint(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        DPQModel.from_checkpoint(tmp_path)
+
+
+def test_image_statistics():
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    images[..., 0] = 255
+    images[1, ..., 1] = 255
+    mean, std = image_statistics(images)
+    assert mean == pytest.approx((1.0, 0.5, 0.0))
+    assert std[1] == pytest.approx(0.5) and std[2] == pytest.approx(1e-3)
