@@ -643,7 +643,10 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "--split", metavar="FILE", help="with --images: search only the --subset rows"
     )
     search.add_argument(
-        "--subset", choices=["database", "query", "train"], default="query", help="(query)"
+        "--subset",
+        choices=["database", "query", "train"],
+        default="query",
+        help="which part of --split to search with (default: query)",
     )
     search.add_argument("--image-root", help="list files: the folder or zip holding the images")
     search.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
@@ -671,9 +674,18 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         help="shortlist with the first L0 codes, then re-rank the shortlist with all",
     )
     search.add_argument(
-        "--rerank-candidates", type=int, default=None, help="shortlist size (default 10 k)"
+        "--rerank-candidates",
+        type=int,
+        default=None,
+        help="shortlist size for --rerank-from (default: max(10 k, 100))",
     )
-    search.add_argument("--format", choices=["json", "csv"], default="json", help="(json)")
+    search.add_argument(
+        "--format",
+        choices=["json", "csv"],
+        default="json",
+        help="json: one object per query with ids, distances (and labels); csv: one row per "
+        "result, query,rank,id,distance[,label] (default: json)",
+    )
     search.add_argument("--out", help="write the results to this file instead of stdout")
     search.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     search.set_defaults(func=_cmd_search)
