@@ -336,6 +336,18 @@ def test_time_budget_fixes_the_epoch_count(tmp_path):
     assert any("time budget" in m and f"-> {result.epochs} epochs" in m for m in messages)
 
 
+def test_time_budget_shrinks_the_plan_when_the_first_epoch_is_slower(tmp_path):
+    config = feature_config(epochs=1000, time_budget_minutes=1.0)
+    trainer = Trainer(config, DPQModel(config), feature_data(), None, tmp_path, **QUIET)
+    now = time.perf_counter()
+    # 30 s of the 60 s budget gone, 10 s per epoch: 60 - 30 - (10/3 + 10 + 1.8) = 14.9 s left,
+    # room for one more epoch after the first one
+    assert trainer._replan_after_first_epoch(now - 30.0, 10.0, 50) == 2
+    # the plan never grows, and never drops below the epoch that already ran
+    assert trainer._replan_after_first_epoch(now, 0.01, 7) == 7
+    assert trainer._replan_after_first_epoch(now - 120.0, 10.0, 50) == 1
+
+
 def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
     config = digits_config(epochs=1)
     eight_classes = ArrayDataset(digits.images[digits.labels < 8], digits.labels[digits.labels < 8])

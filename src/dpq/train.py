@@ -701,6 +701,19 @@ class Trainer:
         )
         return epochs, plan
 
+    def _replan_after_first_epoch(self, started: float, epoch_seconds: float, epochs: int) -> int:
+        """Epoch count that still fits the budget once a real epoch has been timed.
+
+        The throw-away timing of :meth:`_time_steps` can be optimistic on a busy machine;
+        after the first real epoch the plan only ever shrinks (at least 1 epoch), so a time
+        budget is kept. The learning-rate schedule follows the new count.
+        """
+        budget = float(self.config.train.time_budget_minutes or 0.0) * 60.0
+        fixed = epoch_seconds / 3 + 10.0 + 0.03 * budget  # k-means pass, final save, slack
+        remaining = budget - (time.perf_counter() - started) - fixed
+        fitting = 1 + max(0, int(remaining // max(epoch_seconds, 1e-9)))
+        return max(1, min(epochs, fitting))
+
     def _time_steps(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
         """Seconds per training step, measured on a throw-away copy of model and optimizers."""
         original = self.model
@@ -795,7 +808,8 @@ class Trainer:
             )
         frozen_features: np.ndarray | None = None
         try:
-            for epoch in range(start_epoch, epochs):
+            epoch = start_epoch
+            while epoch < epochs:
                 epoch_start = time.perf_counter()
                 quantize = epoch >= quant_epoch
                 if epoch == quant_epoch:
@@ -877,6 +891,27 @@ class Trainer:
                     codebook_opt,
                     ema,
                 )
+                epoch += 1
+                if epoch == 1 and start_epoch == 0 and plan.get("source") == "time_budget":
+                    revised = self._replan_after_first_epoch(started, record["seconds"], epochs)
+                    if revised < epochs:
+                        self.log(
+                            f"the first epoch took {record['seconds']:.1f} s (planned "
+                            f"{plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of "
+                            f"{epochs} to stay within the time budget"
+                        )
+                        epochs = revised
+                        plan = {**plan, "epochs": epochs, "replanned_after_epoch_1": True}
+                        # epoch 0 has run: quantization cannot start before epoch 1 any more
+                        quant_epoch = max(
+                            self.quantization_start_epoch(epochs), min(quant_epoch, 1)
+                        )
+                        network_epochs = quant_epoch if schedule == "two_step" else epochs
+                        total_network_steps = network_epochs * steps
+                        base_state = {**base_state, "epochs": epochs, "plan": plan}
+                        if bar is not None:
+                            bar.total = epochs * steps
+                            bar.refresh()
         finally:
             if bar is not None:
                 bar.close()
