@@ -153,6 +153,9 @@ def test_pr_curve_table_and_default_cutoffs():
     assert default.recall[-1] == pytest.approx(1.0)
     assert np.all(np.diff(default.recall) >= 0)
     assert set(default.to_dict()) == {"cutoffs", "precision", "recall"}
+    cutoffs = metrics.default_cutoffs(54_000)
+    assert cutoffs[0] == 1 and cutoffs[-1] == 54_000 and np.all(np.diff(cutoffs) > 0)
+    assert np.sum(cutoffs <= 1000) >= 15  # detail at the top of the ranking
 
 
 def test_multi_label_curves_match_loop():

@@ -218,8 +218,8 @@ def pr_curve(
 
     Args:
         ranked_ids, query_labels, db_labels: as in :func:`average_precision_at_r`.
-        cutoffs: numbers of returned items, each in [1, R']; default ``num_points`` cutoffs
-            spread evenly over [1, R'].
+        cutoffs: numbers of returned items, each in [1, R']; default
+            :func:`default_cutoffs` (R', num_points).
         num_points: number of default cutoffs.
 
     Returns:
@@ -229,9 +229,7 @@ def pr_curve(
     ranked_ids = _check_ranking(ranked_ids, labels.n_queries, labels.n_database)
     n_columns = ranked_ids.shape[1]
     if cutoffs is None:
-        if num_points < 1:
-            raise ValueError(f"num_points must be at least 1; got {num_points}.")
-        cutoffs = np.unique(np.linspace(1, n_columns, num_points).round().astype(np.int64))
+        cutoffs = default_cutoffs(n_columns, num_points)
     cutoffs = _check_cutoffs(cutoffs, n_columns, "cutoffs")
     hits = _hits_at(labels, ranked_ids[:, : int(cutoffs.max())], cutoffs)
     total = labels.relevant_in_database()
@@ -241,6 +239,17 @@ def pr_curve(
     return PRCurve(
         cutoffs=cutoffs, precision=(hits / cutoffs).mean(axis=0), recall=recall.mean(axis=0)
     )
+
+
+def default_cutoffs(n: int, num_points: int = 50) -> np.ndarray:
+    """About ``num_points`` cutoffs in [1, n] for a PR curve, int64 increasing: half spaced
+    geometrically (detail at the top of the ranking, where precision is high), half evenly
+    (even steps in recall), always including 1 and n."""
+    if n < 1 or num_points < 2:
+        raise ValueError(f"need n >= 1 and num_points >= 2; got n={n}, num_points={num_points}.")
+    half = num_points // 2
+    points = np.concatenate([np.geomspace(1, n, half), np.linspace(1, n, num_points - half)])
+    return np.unique(points.round().astype(np.int64))
 
 
 # --------------------------------------------------------------------------- internals

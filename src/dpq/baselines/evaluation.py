@@ -19,7 +19,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpq.baselines import BASELINES, make_baseline
-from dpq.metrics import PRCurve, average_precision_at_r, pr_curve, precision_at
+from dpq.metrics import (
+    PRCurve,
+    average_precision_at_r,
+    default_cutoffs,
+    pr_curve,
+    precision_at,
+)
 
 DEFAULT_BITS: tuple[int, ...] = (8, 16, 24, 32)
 DEFAULT_PRECISION_RANKS: tuple[int, ...] = tuple(range(100, 1001, 100))
@@ -437,7 +443,7 @@ class _Scorer:
         self.features, self.r, self.with_curves, self.ranks = features, r, with_curves, list(ranks)
         n_queries = features.query_labels.shape[0]
         self.ap = np.zeros(n_queries, dtype=np.float64)
-        self.cutoffs = np.unique(np.linspace(1, r, 50).round().astype(np.int64))
+        self.cutoffs = default_cutoffs(r)
         self.pr_precision = np.zeros(self.cutoffs.size)
         self.pr_recall = np.zeros(self.cutoffs.size)
         self.at_r = np.zeros(len(self.ranks))
