@@ -832,7 +832,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    from dpq.index import write_text_atomic
+    from dpq.atomic import write_text_atomic
 
     write_text_atomic(args.out, text)
     if not args.quiet:

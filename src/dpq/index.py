@@ -1288,20 +1288,3 @@ def format_search_results(
                 line.append(" ".join(map(str, value)) if isinstance(value, list) else value)
             writer.writerow(line)
     return buffer.getvalue()
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text to ``path`` through a temporary file in the same folder + os.replace."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dpq.atomic import write_bytes_atomic
+
 CHECKSUM_INDEX = "checksums.json"
 
 
@@ -30,19 +32,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     path = Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dpq.data.cache import write_bytes_atomic
+from dpq.atomic import write_bytes_atomic
 
 SPLIT_FORMAT = "dpq-split"
 SPLIT_VERSION = 1
