@@ -19,25 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
-from dpq.config import ABLATIONS, DPQConfig
+from dpq.atomic import write_text_atomic
+from dpq.config import ABLATIONS, load_recipe
 from dpq.experiments import reproduce_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROW = {"8": 0.814, "16": 0.833, "24": 0.834, "32": 0.831}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
 
 
 def _row(results: dict, config_name: str, minutes: float | None, recipe: str | None) -> dict:
@@ -68,11 +59,11 @@ def _markdown(rows: list[dict]) -> str:
         "54,000 images are the database, searched with AQD for the 1,000 queries. "
         "`minutes` is the training budget; wall times in minutes.",
         "",
-        "| config | schedule | minutes | epochs | "
+        "| config | schedule | minutes | threads | epochs | "
         + " | ".join(f"{b} bits" for b in bits)
         + " | float | query acc | train wall | total wall |",
-        "|" + "---|" * 12,
-        "| paper DPQ (AlexNet, ImageNet-pretrained, GPU) | | | | "
+        "|" + "---|" * 13,
+        "| paper DPQ (AlexNet, ImageNet-pretrained, GPU) | | | | | "
         + " | ".join(f"{PAPER_ROW[b]:.3f}" for b in bits)
         + " | | | | |",
     ]
@@ -83,7 +74,8 @@ def _markdown(rows: list[dict]) -> str:
         accuracy = "" if row["query_accuracy"] is None else f"{row['query_accuracy']:.4f}"
         minutes = "" if row["minutes"] is None else f"{row['minutes']:g}"
         lines.append(
-            f"| {row['config']} | {row['schedule']} | {minutes} | {row['epochs']} | {maps} | "
+            f"| {row['config']} | {row['schedule']} | {minutes} | {row.get('threads') or 2} | "
+            f"{row['epochs']} | {maps} | "
             f"{float_map} | {accuracy} | {wall['train'] / 60:.1f} | {wall['total'] / 60:.1f} |"
         )
     lines.append("")
@@ -101,7 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="fixed epochs instead of a budget")
     parser.add_argument("--data", help="CIFAR-10 archive/folder/zip (default: download/cache)")
     parser.add_argument("--word-vectors", help="CIFAR-10 word vectors (default: beside --data)")
-    parser.add_argument("--recipe", help="a DPQ config JSON that the ablations modify")
+    parser.add_argument(
+        "--recipe",
+        default="cifar10",
+        help="recipe name or DPQ config JSON that the ablations modify (default: cifar10)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of each run (0: all cores); with 1, two runs can share two cores",
+    )
     parser.add_argument(
         "--runs", default=str(REPO / "runs" / "cifar10_table1"), help="where runs are written"
     )
@@ -118,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {', '.join(ABLATIONS)}")
-    base = DPQConfig.load(args.recipe) if args.recipe else None
+    base = load_recipe(args.recipe)
+    if args.threads:
+        base = base.replace(train={"num_threads": args.threads})
     results_path = Path(args.results)
-    rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     budget = f"{args.minutes:g}min" if args.minutes is not None else f"{args.epochs}ep"
     for name in names:
@@ -137,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             command=command,
         )
-        rows.append(_row(results, name, args.minutes, args.recipe))
-        _write_atomic(results_path, json.dumps(rows, indent=2) + "\n")
-        _write_atomic(results_path.with_suffix(".md"), _markdown(rows))
+        row = _row(results, name, args.minutes, args.recipe)
+        row["threads"] = args.threads or None
+        # read just before writing: another run may have appended meanwhile
+        rows = json.loads(results_path.read_text()) if results_path.is_file() else []
+        rows.append(row)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(results_path, json.dumps(rows, indent=2) + "\n")
+        write_text_atomic(results_path.with_suffix(".md"), _markdown(rows))
         maps = results["evaluation"]["map"]
         print(
             f"{name}: "

@@ -37,9 +37,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def loop_semantic(features, positives, word_vectors, margin=None) -> float:
-    """Per example: mean over (positive i, negative j) of max(0, delta_ij - cos(v, z_i) +
-    cos(v, z_j)) weighted by positives[n, i]; then the mean over examples."""
+def loop_semantic(features, positives, word_vectors, margin=None, reduction="sum") -> float:
+    """Per example: sum (or mean) over (positive i, negative j) of max(0, delta_ij -
+    cos(v, z_i) + cos(v, z_j)) weighted by positives[n, i]; then the mean over examples."""
     v, p, z = features.numpy(), positives.numpy(), word_vectors.numpy()
     total = 0.0
     for n in range(len(v)):
@@ -54,7 +54,10 @@ def loop_semantic(features, positives, word_vectors, margin=None) -> float:
                 hinge = max(0.0, delta - cosine(v[n], z[i]) + cosine(v[n], z[j]))
                 num += p[n, i] * hinge
                 den += p[n, i]
-        total += num / den if den > 0 else 0.0
+        if reduction == "sum":
+            total += num
+        else:
+            total += num / den if den > 0 else 0.0
     return total / len(v)
 
 
@@ -71,6 +74,21 @@ def test_semantic_loss_multi_hot_and_fixed_margin_match_loop(data):
     got = semantic_loss(data["features"], positives, data["word_vectors"], margin=0.3)
     want = loop_semantic(data["features"], positives, data["word_vectors"], margin=0.3)
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_semantic_loss_reductions_match_loop(data, reduction):
+    positives = data["multi_hot"]
+    got = semantic_loss(data["features"], positives, data["word_vectors"], reduction=reduction)
+    want = loop_semantic(data["features"], positives, data["word_vectors"], reduction=reduction)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_semantic_loss_sum_is_the_mean_times_the_number_of_negatives(data):
+    positives = torch.nn.functional.one_hot(data["labels"], C).float()
+    total = semantic_loss(data["features"], positives, data["word_vectors"], reduction="sum")
+    mean = semantic_loss(data["features"], positives, data["word_vectors"], reduction="mean")
+    assert float(total) == pytest.approx(float(mean) * (C - 1), rel=1e-5)
 
 
 def test_semantic_loss_weighted_positives_match_loop(data):

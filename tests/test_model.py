@@ -63,6 +63,23 @@ def test_flip_averaging(model, images):
     np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_normalized_features_have_norm_sqrt_d_with_and_without_flip(images):
+    torch.manual_seed(0)
+    model = DPQModel(small_config().replace(model={"normalize_features": True}))
+    x = model.prepare_inputs(torch.from_numpy(images))
+    norms = model(x).features.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 10**0.5))
+    for flip in (False, True):
+        features = model.extract_features(images, tta_flip=flip)
+        np.testing.assert_allclose(np.linalg.norm(features, axis=1), 10**0.5, rtol=1e-5)
+    # same weights without the option: the same directions
+    plain = DPQModel(small_config())
+    plain.load_state_dict(model.state_dict())
+    raw = plain.extract_features(images)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(model.extract_features(images), unit * 10**0.5, rtol=1e-4)
+
+
 def test_codes_dtype_and_consistency(model, images):
     codes = model.encode(images)
     assert codes.dtype == np.uint8 and codes.shape == (9, 3)

@@ -148,6 +148,21 @@ def test_ablations_are_configurations():
         ablation_config("E+XYZ")
 
 
+def test_recipes_by_name_or_file(tmp_path):
+    from dpq.config import RECIPES, cifar10_recipe, load_recipe
+
+    assert load_recipe("default") == DPQConfig()
+    recipe = load_recipe("cifar10")
+    assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10"}
+    assert recipe.model.normalize_features and recipe.train.time_budget_minutes == 30.0
+    assert ablation_config("E+LS", recipe).model == recipe.model
+    path = tmp_path / "recipe.json"
+    path.write_text(recipe.to_json())
+    assert load_recipe(path) == recipe
+    with pytest.raises(ValueError, match="neither a recipe name"):
+        load_recipe("cifar100")
+
+
 # ------------------------------------------------------------------------------ augmentation
 
 

@@ -143,9 +143,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("recipe (a JSON config, then an ablation, then flags)")
     recipe.add_argument(
         "--config",
-        metavar="JSON",
-        help="a DPQ config file (sections model/quantizer/loss/train; missing keys take the "
-        "defaults), e.g. the config.json of a checkpoint",
+        metavar="RECIPE",
+        help="a recipe name (default, cifar10) or a DPQ config JSON file (sections "
+        "model/quantizer/loss/train; missing keys take the defaults), e.g. the config.json of "
+        "a checkpoint. `train` starts from 'default', `reproduce` from 'cifar10'",
     )
     recipe.add_argument(
         "--ablation",
@@ -217,11 +218,11 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
 
-def _recipe_from_args(args: argparse.Namespace):  # -> DPQConfig
-    """The recipe file (or defaults) with the flags that were given applied on top."""
-    from dpq.config import DPQConfig
+def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # -> DPQConfig
+    """The recipe (``--config``, else ``default``) with the flags that were given on top."""
+    from dpq.config import load_recipe
 
-    base = DPQConfig.load(args.config) if args.config else DPQConfig()
+    base = load_recipe(args.config or default)
     sections: dict[str, dict[str, object]] = {"model": {}, "quantizer": {}, "loss": {}, "train": {}}
     flags = {
         ("model", "backbone"): args.backbone,
@@ -415,7 +416,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from dpq.experiments import format_results_table, reproduce_cifar10
     from dpq.train import TrainingDiverged
 
-    base = _recipe_from_args(args)
+    base = _recipe_from_args(args, default="cifar10")
     command = "dpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     try:
         results = reproduce_cifar10(

@@ -405,7 +405,8 @@ def reproduce_cifar10(
         out_dir: output directory.
         data: CIFAR-10 source for :func:`dpq.data.load_cifar10` (None: download / cache).
         ablation: a name from :data:`dpq.config.ABLATIONS`.
-        base_config: the recipe (default ``DPQConfig()``); the ablation modifies it.
+        base_config: the recipe (default :func:`dpq.config.cifar10_recipe`); the ablation
+            modifies it.
         minutes: training time budget (overrides the recipe's epochs).
         epochs: fixed number of epochs (overrides the recipe).
         word_vectors: the CIFAR-10 word-vector file (default: found beside the data).
@@ -418,7 +419,7 @@ def reproduce_cifar10(
 
     Also writes ``out_dir/report/`` (report.md, results.json, PR and precision@R figures).
     """
-    from dpq.config import ablation_config
+    from dpq.config import ablation_config, cifar10_recipe
     from dpq.data import load_cifar10, load_word_vectors, split_per_class
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -426,7 +427,7 @@ def reproduce_cifar10(
         raise ValueError("give either minutes (a time budget) or epochs, not both.")
     started = time.perf_counter()
     out = Path(out_dir)
-    config = ablation_config(ablation, base_config)
+    config = ablation_config(ablation, base_config or cifar10_recipe())
     if minutes is not None:
         config = config.replace(train={"time_budget_minutes": float(minutes)})
     if epochs is not None:

@@ -81,15 +81,18 @@ def semantic_loss(
     positives: torch.Tensor,
     word_vectors: torch.Tensor,
     margin: float | None = None,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """Adaptive-margin semantic loss L_S (Eq. 6-7, soft-margin form of the reference code).
 
     For example n with positive labels i and negative labels j:
     hinge_nij = max(0, delta_ij - cos(v_n, z_i) + cos(v_n, z_j)), delta_ij = 1 - cos(z_i, z_j)
-    (or the fixed ``margin``). The loss of an example is the weighted mean of its hinges over
-    (i, j) pairs, with weight positives[n, i] for every negative j (weights are 1 for one-hot or
-    multi-hot labels, the mixup coefficients for mixed targets); the result is the mean over
-    examples. An example with no positive or no negative label contributes 0.
+    (or the fixed ``margin``). Each hinge has weight positives[n, i] (1 for one-hot or
+    multi-hot labels, the mixup coefficients for mixed targets). The loss of an example is the
+    weighted sum of its hinges over the (i, j) pairs (``reduction="sum"``, Eq. 6) or their
+    weighted mean (``"mean"``, which divides by the number of negatives: 9x weaker on
+    CIFAR-10); the result is the mean over examples. An example with no positive or no
+    negative label contributes 0.
 
     Args:
         features: float (N, D), the semantic features v.
@@ -97,10 +100,13 @@ def semantic_loss(
             zero entries are the negative labels.
         word_vectors: float (C, D), label embeddings z.
         margin: None for the adaptive margin, else a fixed margin for all pairs.
+        reduction: "sum" (the paper's Eq. 6) or "mean" over an example's pairs.
 
     Returns:
         float scalar tensor.
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}.")
     if features.ndim != 2 or word_vectors.ndim != 2 or features.shape[1] != word_vectors.shape[1]:
         raise ValueError(
             f"features (N, D) and word_vectors (C, D) must share D; got {tuple(features.shape)} "
@@ -123,8 +129,9 @@ def semantic_loss(
     negative = (positive_weight == 0).float()
     hinge = torch.relu(delta[None] - cos[:, :, None] + cos[:, None, :])  # (N, C_pos, C_neg)
     pair_weight = positive_weight[:, :, None] * negative[:, None, :]
-    total_weight = pair_weight.sum(dim=(1, 2))
-    per_example = (hinge * pair_weight).sum(dim=(1, 2)) / total_weight.clamp_min(1e-12)
+    per_example = (hinge * pair_weight).sum(dim=(1, 2))
+    if reduction == "mean":
+        per_example = per_example / pair_weight.sum(dim=(1, 2)).clamp_min(1e-12)
     return per_example.mean()
 
 
@@ -305,7 +312,11 @@ class DPQLoss(nn.Module):
         total = features.new_zeros((), dtype=torch.float32)
         if cfg.use_semantic:
             parts["semantic"] = semantic_loss(
-                features, self.positives(targets), self.word_vectors, cfg.semantic_margin
+                features,
+                self.positives(targets),
+                self.word_vectors,
+                cfg.semantic_margin,
+                cfg.semantic_reduction,
             )
             total = total + parts["semantic"]
         if cfg.use_cls:

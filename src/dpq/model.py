@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpq.atomic import write_bytes_atomic
@@ -106,10 +108,9 @@ class DPQModel(nn.Module):
     """Backbone -> semantic head (Linear(F, D) + tanh) -> ProgressiveQuantizer, and a
     classifier Linear(D or F, C).
 
-    The classifier reads the semantic features by default (``model.classifier_input``):
-    the classification loss then shapes the very features that are quantized and searched.
-    The paper's MLP reads the backbone features (fc7); ``classifier_input="backbone"``
-    gives that.
+    The classifier reads the backbone features by default, as the paper's MLP reads fc7
+    (``model.classifier_input="semantic"`` makes it read the quantized features instead).
+    With ``model.normalize_features`` the tanh features are rescaled to norm sqrt(D).
 
     Args:
         config: the full configuration (the model, quantizer sections build the network).
@@ -200,6 +201,8 @@ class DPQModel(nn.Module):
         """
         backbone_features = self.backbone(inputs)
         features = torch.tanh(self.semantic_head(backbone_features)).float()
+        if self.config.model.normalize_features:
+            features = self._to_feature_norm(features)
         classifier_in = (
             features if self.config.model.classifier_input == "semantic" else backbone_features
         )
@@ -211,6 +214,10 @@ class DPQModel(nn.Module):
             with torch.autocast("cpu", enabled=False):
                 quantized = self.quantizer(quantizer_input)
         return ModelOutput(backbone_features, features, logits, quantized, quantizer_input)
+
+    def _to_feature_norm(self, features: torch.Tensor) -> torch.Tensor:
+        """float (B, D) -> the same directions with norm sqrt(D)."""
+        return F.normalize(features, dim=1) * math.sqrt(self.config.quantizer.dim)
 
     # ------------------------------------------------------------------ inference
 
@@ -257,6 +264,8 @@ class DPQModel(nn.Module):
                 if flip:
                     mirrored = self(x.flip(3), quantize=False)
                     feats = 0.5 * (feats + mirrored.features)
+                    if self.config.model.normalize_features:
+                        feats = self._to_feature_norm(feats)
                     scores = 0.5 * (scores + mirrored.logits.float())
                 stop = start + batch.shape[0]
                 features[start:stop] = feats.float().cpu().numpy()
