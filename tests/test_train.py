@@ -351,16 +351,48 @@ def test_time_budget_fixes_the_epoch_count(tmp_path):
     assert any("time budget" in m and f"-> {result.epochs} epochs" in m for m in messages)
 
 
-def test_time_budget_shrinks_the_plan_when_the_first_epoch_is_slower(tmp_path):
+def test_time_budget_shrinks_the_plan_when_epochs_are_slower(tmp_path):
     config = feature_config(epochs=1000, time_budget_minutes=1.0)
     trainer = Trainer(config, DPQModel(config), feature_data(), None, tmp_path, **QUIET)
     now = time.perf_counter()
     # 30 s of the 60 s budget gone, 10 s per epoch: 60 - 30 - (10/3 + 10 + 1.8) = 14.9 s left,
     # room for one more epoch after the first one
-    assert trainer._replan_after_first_epoch(now - 30.0, 10.0, 50) == 2
-    # the plan never grows, and never drops below the epoch that already ran
-    assert trainer._replan_after_first_epoch(now, 0.01, 7) == 7
-    assert trainer._replan_after_first_epoch(now - 120.0, 10.0, 50) == 1
+    assert trainer._replan(now - 30.0, 10.0, 50) == 2
+    # the plan never grows, and never drops below the epochs that already ran
+    assert trainer._replan(now, 0.01, 7) == 7
+    assert trainer._replan(now - 120.0, 10.0, 50) == 1
+    # later in the run: 3 epochs done, 60 - 30 - (5/3 + 10 + 1.8) = 16.5 s left at 5 s per
+    # epoch -> 3 more
+    assert trainer._replan(now - 30.0, 5.0, 50, done=3) == 3 + 3
+    assert trainer._replan(now - 120.0, 5.0, 50, done=3) == 3
+
+
+def test_a_run_that_slows_down_stops_within_its_budget(tmp_path, monkeypatch):
+    """Steps that become 4x slower after the plan was made: the trainer shortens the run
+    (keeping at least one quantization epoch) instead of overrunning the budget by ~4x."""
+    config = feature_config(epochs=1000, time_budget_minutes=0.25, keep_checkpoints=1)
+    trainer = Trainer(config, DPQModel(config), feature_data(), None, tmp_path, **QUIET)
+    original = trainer._forward_loss
+
+    def slow_forward_loss(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    planned = {}
+
+    def plan_then_slow_down(started):
+        epochs, plan = Trainer._plan_epochs(trainer, started)
+        planned.update(plan)
+        monkeypatch.setattr(trainer, "_forward_loss", slow_forward_loss)
+        return epochs, plan
+
+    monkeypatch.setattr(trainer, "_plan_epochs", plan_then_slow_down)
+    begin = time.perf_counter()
+    result = trainer.train()
+    elapsed = time.perf_counter() - begin
+    assert result.epochs < planned["epochs"] and result.planned["replanned_after_epoch"] >= 1
+    assert elapsed < 0.25 * 60
+    assert any(r["phase"] == "quantization" for r in result.history)
 
 
 def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):

@@ -701,18 +701,25 @@ class Trainer:
         )
         return epochs, plan
 
-    def _replan_after_first_epoch(self, started: float, epoch_seconds: float, epochs: int) -> int:
-        """Epoch count that still fits the budget once a real epoch has been timed.
+    def _replan(self, started: float, epoch_seconds: float, epochs: int, done: int = 1) -> int:
+        """Epoch count that still fits the budget, once ``done`` real epochs have been timed.
 
-        The throw-away timing of :meth:`_time_steps` can be optimistic on a busy machine;
-        after the first real epoch the plan only ever shrinks (at least 1 epoch), so a time
-        budget is kept. The learning-rate schedule follows the new count.
+        The throw-away timing of :meth:`_time_steps` can be optimistic, and a shared machine
+        can slow down mid-run; after every epoch the plan is checked against the time left
+        and only ever shrinks (never below the ``done`` epochs that ran), so a time budget is
+        kept. The learning-rate schedule follows the new count.
+
+        Args:
+            started: ``time.perf_counter()`` when the run started.
+            epoch_seconds: the recent seconds per epoch.
+            epochs: the current plan.
+            done: epochs finished.
         """
         budget = float(self.config.train.time_budget_minutes or 0.0) * 60.0
         fixed = epoch_seconds / 3 + 10.0 + 0.03 * budget  # k-means pass, final save, slack
         remaining = budget - (time.perf_counter() - started) - fixed
-        fitting = 1 + max(0, int(remaining // max(epoch_seconds, 1e-9)))
-        return max(1, min(epochs, fitting))
+        fitting = done + max(0, int(remaining // max(epoch_seconds, 1e-9)))
+        return max(done, 1, min(epochs, fitting))
 
     def _time_steps(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
         """Seconds per training step, measured on a throw-away copy of model and optimizers."""
@@ -807,6 +814,7 @@ class Trainer:
                 file=sys.stderr,
             )
         frozen_features: np.ndarray | None = None
+        epoch_walls: list[float] = []
         try:
             epoch = start_epoch
             while epoch < epochs:
@@ -892,20 +900,26 @@ class Trainer:
                     ema,
                 )
                 epoch += 1
-                if epoch == 1 and start_epoch == 0 and plan.get("source") == "time_budget":
-                    revised = self._replan_after_first_epoch(started, record["seconds"], epochs)
+                epoch_walls.append(time.perf_counter() - epoch_start)  # with the checkpoint
+                if start_epoch == 0 and plan.get("source") == "time_budget" and epoch < epochs:
+                    recent = epoch_walls[-3:]
+                    revised = self._replan(started, sum(recent) / len(recent), epochs, epoch)
+                    if self.config.loss.uses_quantization and quant_epoch >= epoch:
+                        revised = max(revised, epoch + 1)  # one quantization epoch at least
                     if revised < epochs:
                         self.log(
-                            f"the first epoch took {record['seconds']:.1f} s (planned "
+                            f"after epoch {epoch} ({record['seconds']:.1f} s; planned "
                             f"{plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of "
                             f"{epochs} to stay within the time budget"
                         )
                         epochs = revised
-                        plan = {**plan, "epochs": epochs, "replanned_after_epoch_1": True}
-                        # epoch 0 has run: quantization cannot start before epoch 1 any more
-                        quant_epoch = max(
-                            self.quantization_start_epoch(epochs), min(quant_epoch, 1)
-                        )
+                        plan = {**plan, "epochs": epochs, "replanned_after_epoch": epoch}
+                        # quantization that has started goes on; one that has not cannot start
+                        # before the next epoch
+                        if quant_epoch >= epoch:
+                            quant_epoch = max(self.quantization_start_epoch(epochs), epoch)
+                            if self.config.loss.uses_quantization:
+                                quant_epoch = min(quant_epoch, epochs - 1)
                         network_epochs = quant_epoch if schedule == "two_step" else epochs
                         total_network_steps = network_epochs * steps
                         base_state = {**base_state, "epochs": epochs, "plan": plan}
