@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,8 @@ from typing import Any, Literal
 
 import numba
 import numpy as np
+
+from dpq.atomic import atomic_writer
 
 __all__ = ["DPQIndex", "IndexFileError", "greedy_residual_encode", "FORMAT_VERSION"]
 
@@ -1067,17 +1068,8 @@ class DPQIndex:
         header_text = json.dumps(header, sort_keys=True)
         header["checksum_sha256"] = _array_digest(arrays, header_text)
         arrays["header"] = np.array(json.dumps(header, sort_keys=True))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_writer(target) as handle:
+            np.savez(handle, **arrays)
         return target
 
     @classmethod
