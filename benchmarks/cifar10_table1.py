@@ -43,6 +43,8 @@ def _row(results: dict, config_name: str, minutes: float | None, recipe: str | N
         "map": evaluation["map"],
         "float_map": evaluation["float_map"],
         "query_accuracy": evaluation["query_accuracy"],
+        "database_accuracy": evaluation.get("database_accuracy"),
+        "class_probability_map": evaluation.get("class_probability_map"),
         "wall_seconds": results["wall_seconds"],
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": results.get("command"),
@@ -57,26 +59,33 @@ def _markdown(rows: list[dict]) -> str:
         "",
         "Trained from scratch on the 5,000 training images (500 per class, seed 0); the other "
         "54,000 images are the database, searched with AQD for the 1,000 queries. "
-        "`minutes` is the training budget; wall times in minutes.",
+        "`minutes` is the training budget; wall times in minutes. `class-prob mAP`: the "
+        "database ranked by the classifier's softmax probabilities (what a fully "
+        "class-collapsed embedding of the same classifier would reach; a diagnostic).",
         "",
         "| config | schedule | minutes | threads | epochs | "
         + " | ".join(f"{b} bits" for b in bits)
-        + " | float | query acc | train wall | total wall |",
-        "|" + "---|" * 13,
+        + " | float | query acc | db acc | class-prob mAP | train wall | total wall |",
+        "|" + "---|" * 15,
         "| paper DPQ (AlexNet, ImageNet-pretrained, GPU) | | | | | "
         + " | ".join(f"{PAPER_ROW[b]:.3f}" for b in bits)
-        + " | | | | |",
+        + " | | | | | | |",
     ]
     for row in rows:
         wall = row["wall_seconds"]
         maps = " | ".join(f"{row['map'].get(b, float('nan')):.4f}" for b in bits)
         float_map = "" if row["float_map"] is None else f"{row['float_map']:.4f}"
         accuracy = "" if row["query_accuracy"] is None else f"{row['query_accuracy']:.4f}"
+        extras = " | ".join(
+            "" if row.get(key) is None else f"{row[key]:.4f}"
+            for key in ("database_accuracy", "class_probability_map")
+        )
         minutes = "" if row["minutes"] is None else f"{row['minutes']:g}"
         lines.append(
             f"| {row['config']} | {row['schedule']} | {minutes} | {row.get('threads') or 2} | "
             f"{row['epochs']} | {maps} | "
-            f"{float_map} | {accuracy} | {wall['train'] / 60:.1f} | {wall['total'] / 60:.1f} |"
+            f"{float_map} | {accuracy} | {extras} | {wall['train'] / 60:.1f} | "
+            f"{wall['total'] / 60:.1f} |"
         )
     lines.append("")
     return "\n".join(lines)

@@ -108,6 +108,8 @@ def test_config_json_round_trip(tmp_path):
         ({"train": {"epochs": 0}}, "epochs"),
         ({"train": {"lr": -1}}, "lr"),
         ({"train": {"bf16": "yes"}}, "bf16"),
+        ({"train": {"randaugment_magnitude": 31}}, "0..30"),
+        ({"train": {"randaugment_ops": -1}}, "randaugment_ops"),
         ({"loss": {"level_weights": [1, 1]}}, "level_weights has 2 entries"),
         ({"loss": {"tau": float("nan")}}, "tau"),
         ({"model": {"classifier_input": "fc7"}}, "classifier_input"),
@@ -226,6 +228,7 @@ def test_short_image_training_reduces_the_loss(tmp_path, digits):
     [
         {"schedule": "two_phase", "ema_decay": 0.9, "cutout": 3, "mixup_alpha": 0.4},
         {"bf16": True, "channels_last": True, "optimizer": "adam", "lr": 0.003},
+        {"randaugment_ops": 2, "randaugment_magnitude": 12},
     ],
 )
 def test_training_options_run(tmp_path, digits, train):
@@ -358,8 +361,11 @@ def test_time_budget_shrinks_the_plan_when_epochs_are_slower(tmp_path):
     # 30 s of the 60 s budget gone, 10 s per epoch: 60 - 30 - (10/3 + 10 + 1.8) = 14.9 s left,
     # room for one more epoch after the first one
     assert trainer._replan(now - 30.0, 10.0, 50) == 2
-    # the plan never grows, and never drops below the epochs that already ran
+    # the plan grows only when asked to, and never drops below the epochs that already ran
     assert trainer._replan(now, 0.01, 7) == 7
+    # 60 - (10/3 + 10 + 1.8) = 44.9 s left at 10 s per epoch: 1 + 4 epochs fit
+    assert trainer._replan(now, 10.0, 2, grow=True) == 5
+    assert trainer._replan(now - 30.0, 10.0, 50, grow=True) == 2
     assert trainer._replan(now - 120.0, 10.0, 50) == 1
     # later in the run: 3 epochs done, 60 - 30 - (5/3 + 10 + 1.8) = 16.5 s left at 5 s per
     # epoch -> 3 more
@@ -393,6 +399,61 @@ def test_a_run_that_slows_down_stops_within_its_budget(tmp_path, monkeypatch):
     assert result.epochs < planned["epochs"] and result.planned["replanned_after_epoch"] >= 1
     assert elapsed < 0.25 * 60
     assert any(r["phase"] == "quantization" for r in result.history)
+
+
+def test_a_run_whose_first_plan_was_pessimistic_grows_within_the_warm_up(tmp_path, monkeypatch):
+    """The step timing said 10x slower than the real epochs: the plan grows after the first
+    epochs (while the learning rate warms up), and the run still ends within its budget."""
+    config = feature_config(
+        epochs=1000, time_budget_minutes=0.2, keep_checkpoints=1, warmup_fraction=0.5
+    )
+    trainer = Trainer(config, DPQModel(config), feature_data(), None, tmp_path, **QUIET)
+    original_time_steps = trainer._time_steps
+    monkeypatch.setattr(trainer, "_time_steps", lambda: 10.0 * original_time_steps())
+    messages = []
+    trainer.log = messages.append
+    begin = time.perf_counter()
+    result = trainer.train()
+    elapsed = time.perf_counter() - begin
+    first_plan = int(messages[0].rsplit("-> ", 1)[1].split()[0])
+    assert result.epochs > first_plan
+    assert any("to use the time budget" in m for m in messages)
+    assert elapsed < 0.2 * 60
+    assert any(r["phase"] == "quantization" for r in result.history)
+
+
+def test_a_plan_cut_by_a_passing_slowdown_grows_back_to_the_first_plan(tmp_path, monkeypatch):
+    """Epochs 3-5 are slow (another process), the others are not: the plan shrinks, then grows
+    back, but never beyond the first plan once the warm-up is over. A fake clock that only
+    the training steps advance makes this independent of the machine's load."""
+    import types
+
+    config = feature_config(epochs=1000, time_budget_minutes=1.0, warmup_fraction=0.0)
+    trainer = Trainer(config, DPQModel(config), feature_data(), None, tmp_path, **QUIET)
+    messages = []
+    trainer.log = messages.append
+    clock = {"now": 0.0, "steps": 0}
+    steps_per_epoch = trainer.steps_per_epoch()
+    original = trainer._forward_loss
+
+    def forward_loss(*args, **kwargs):
+        epoch = clock["steps"] // steps_per_epoch
+        clock["steps"] += 1
+        clock["now"] += (2.0 if 2 <= epoch < 5 else 0.5) / steps_per_epoch
+        return original(*args, **kwargs)
+
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    monkeypatch.setattr("dpq.train.time", fake_time)
+    monkeypatch.setattr(trainer, "_forward_loss", forward_loss)
+    monkeypatch.setattr(trainer, "_time_steps", lambda: 0.5 / steps_per_epoch)
+    result = trainer.train()
+    # 60 s - (0.5/3 + 10 + 1.8) s of fixed costs = 48 s at 0.5 s per epoch -> 96 epochs
+    assert messages[0].endswith("-> 96 epochs")
+    shrunk = [m for m in messages if "to stay within the time budget" in m]
+    grown = [m for m in messages if "to use the time budget" in m]
+    assert shrunk and grown and messages.index(shrunk[0]) < messages.index(grown[0])
+    assert 80 < result.epochs <= 96
+    assert clock["now"] <= 60.0
 
 
 def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
@@ -431,6 +492,40 @@ def test_train_command_writes_a_model_and_resumes(tmp_path, capsys):
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
+
+
+def test_evaluate_command_scores_a_trained_model_on_its_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train", "digits", "--backbone", "small_cnn", "--width", "0.25", "--split", "per-class",
+        "--train-per-class", "26", "--query-per-class", "5", "--num-levels", "2",
+        "--codebook-size", "256", "--dim", "12", "--epochs", "2", "--batch-size", "64",
+        "--word-vectors", "orthogonal", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    results = tmp_path / "evaluation.json"
+    evaluate = [
+        "evaluate", "--model", str(out / "model"), "--images", "digits",
+        "--split", str(out / "split.json"), "--baselines", "pq", "--out", str(results),
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(evaluate) == 0
+    printed = capsys.readouterr().out
+    assert "50 queries, 1487 database items" in printed and "mAP@1487" in printed
+    saved = json.loads(results.read_text())
+    assert set(saved["map"]) == {"8", "16"} and 0.0 <= saved["map"]["16"] <= 1.0
+    assert set(saved["details"]["map"]) == {"dpq", "pq"} and 0.0 <= saved["float_map"] <= 1.0
+    assert saved["details"]["baselines_fitted_on"] == "train"
+    # the model's own evaluation is the same as the reproduce/demo path's
+    assert 0.0 <= saved["database_accuracy"] <= 1.0
+    # half a model input, or the two modes mixed, are refused with the fix
+    assert main(["evaluate", "--model", str(out / "model"), "--images", "digits"]) == 2
+    assert "--split" in capsys.readouterr().err
+    assert main([*evaluate, "--query-features", str(results)]) == 2
+    assert "saved-features mode" in capsys.readouterr().err
+    assert main(["evaluate", "--db-labels", str(results)]) == 2
+    assert "--query-features, --query-labels" in capsys.readouterr().err
 
 
 def test_train_command_rejects_bad_settings(tmp_path, capsys):
@@ -490,3 +585,34 @@ def test_reproduce_cifar10_smoke(tmp_path, monkeypatch):
     assert saved["evaluation"]["map"] == evaluation["map"] and saved["epochs"] == 1
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "paper DPQ" in report and (tmp_path / "run" / "report" / "pr_16bits.png").is_file()
+    assert 0.0 <= evaluation["database_accuracy"] <= 1.0
+    assert 0.0 <= evaluation["class_probability_map"] <= 1.0
+
+
+def test_class_probability_map_equals_a_full_ranking_by_probability_distance():
+    from dpq.experiments import class_probability_map
+    from dpq.metrics import map_at_r
+
+    rng = np.random.default_rng(0)
+    query_labels, database_labels = rng.integers(0, 4, 37), rng.integers(0, 4, 211)
+    query_logits = rng.normal(size=(37, 4)) + 2.0 * np.eye(4)[query_labels]
+    database_logits = rng.normal(size=(211, 4)) + 2.0 * np.eye(4)[database_labels]
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    qp, dp = softmax(query_logits), softmax(database_logits)
+    distances = ((qp[:, None, :] - dp[None, :, :]) ** 2).sum(2)  # the slow way: (nq, N, C)
+    expected = map_at_r(np.argsort(distances, axis=1, kind="stable"), query_labels, database_labels)
+    for chunk in (5, 64):
+        got = class_probability_map(
+            query_logits, database_logits, query_labels, database_labels, 211, chunk=chunk
+        )
+        assert got == pytest.approx(expected, abs=1e-12)
+    # a classifier that is always right and sure ranks every relevant item first
+    perfect = class_probability_map(
+        50.0 * np.eye(4)[query_labels], 50.0 * np.eye(4)[database_labels],
+        query_labels, database_labels, 211,
+    )  # fmt: skip
+    assert perfect == pytest.approx(1.0)

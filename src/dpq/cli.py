@@ -197,6 +197,18 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--cutout", type=int, metavar="PIXELS", help="cutout square side (0: off)")
     train.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup alpha (0: off)")
+    train.add_argument(
+        "--randaugment",
+        type=int,
+        metavar="N",
+        help="RandAugment operations per training image (0: off)",
+    )
+    train.add_argument(
+        "--randaugment-magnitude",
+        type=int,
+        metavar="M",
+        help="strength of the RandAugment operations, 0..30 (torchvision's scale; default 9)",
+    )
     train.add_argument("--ema", type=float, metavar="DECAY", help="weight EMA decay (0: off)")
     train.add_argument(
         "--bf16", action="store_true", default=None, help="bfloat16 autocast for the network"
@@ -243,6 +255,8 @@ def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # ->
         ("train", "quantization_start"): args.quantization_start,
         ("train", "cutout"): args.cutout,
         ("train", "mixup_alpha"): args.mixup,
+        ("train", "randaugment_ops"): args.randaugment,
+        ("train", "randaugment_magnitude"): args.randaugment_magnitude,
         ("train", "ema_decay"): args.ema,
         ("train", "bf16"): args.bf16,
         ("train", "channels_last"): args.channels_last,
@@ -446,6 +460,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             seconds=evaluation["seconds"],
             num_queries=evaluation["num_queries"],
             num_database=evaluation["num_database"],
+            database_accuracy=evaluation.get("database_accuracy"),
+            class_probability_map=evaluation.get("class_probability_map"),
         ),
         title=f"CIFAR-10 ({results['ablation']}), {results['epochs']} epochs",
     )
@@ -461,26 +477,26 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser(
         "evaluate",
-        help="mAP@R of DPQ and/or baselines on saved features, at each code length",
+        help="mAP@R of DPQ and/or baselines on saved features or a trained model, at each "
+        "code length",
         description="Score retrieval methods on the same query/database features: mAP@R "
         "(DVSQ/DPQ convention; ties broken by database index) at each code length, printed as "
         "one table (methods x bits) and saved as JSON with timings and, at 32 bits, PR and "
-        "precision@R curves. Arrays are .npy files (never unpickled); labels are int (N,) "
-        "class ids or multi-hot (N, C).",
+        "precision@R curves. Two inputs: saved features (--query-features, --query-labels, "
+        "--db-labels, ...; .npy files, never unpickled; labels are int (N,) class ids or "
+        "multi-hot (N, C)), or a trained model with a labelled source and a split (--model, "
+        "--images, --split): its features, its codes searched with AQD, the float features "
+        "and any --baselines fitted on its training features.",
     )
+    evaluate.add_argument("--query-features", help="float (nq, D) .npy query features")
     evaluate.add_argument(
-        "--query-features", required=True, help="float (nq, D) .npy query features"
-    )
-    evaluate.add_argument(
-        "--query-labels", required=True, help="query labels .npy, int (nq,) or multi-hot (nq, C)"
+        "--query-labels", help="query labels .npy, int (nq,) or multi-hot (nq, C)"
     )
     evaluate.add_argument(
         "--db-features",
         help="float (N, D) .npy database features (needed by baselines; optional for --method dpq)",
     )
-    evaluate.add_argument(
-        "--db-labels", required=True, help="database labels .npy, int (N,) or multi-hot (N, C)"
-    )
+    evaluate.add_argument("--db-labels", help="database labels .npy, int (N,) or multi-hot (N, C)")
     evaluate.add_argument(
         "--train-features",
         help="float .npy features the baselines are fitted on (default: the database features)",
@@ -515,6 +531,22 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
         "--out", help="write all results (mAP, timings, curves) to this JSON file"
     )
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    trained = evaluate.add_argument_group("a trained model instead of saved features")
+    trained.add_argument("--model", metavar="CKPT_DIR", help="a DPQ checkpoint directory")
+    trained.add_argument(
+        "--images",
+        metavar="SOURCE",
+        help="the labelled source the split indexes: 'digits', a CIFAR-10 source, a "
+        "folder/zip of <class>/<image> or a list file",
+    )
+    trained.add_argument(
+        "--split",
+        metavar="FILE",
+        help="a split (`dpq data split`, or the split.json of a run): query and database rows, "
+        "and the training rows the baselines are fitted on",
+    )
+    trained.add_argument("--image-root", help="list files: folder or zip holding the images")
+    trained.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -528,6 +560,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from dpq.report import format_map_table, write_json
 
+    if args.model is not None or args.images is not None or args.split is not None:
+        return _evaluate_model(args)
+    missing = [
+        flag
+        for flag, value in (
+            ("--query-features", args.query_features),
+            ("--query-labels", args.query_labels),
+            ("--db-labels", args.db_labels),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(
+            f"missing {', '.join(missing)}: give saved features and labels, or a trained model "
+            "with --model CKPT_DIR --images SOURCE --split FILE."
+        )
     methods = parse_methods(args.method) + parse_methods(args.baselines)
     if args.float_reference:
         methods.append(FLOAT_METHOD)
@@ -554,6 +602,84 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_map_table(evaluation.map_table()))
     if evaluation.float_reference() is not None:
         print(f"float features (no quantization): {evaluation.float_reference():.3f}")
+    if args.out:
+        print(f"wrote {write_json(args.out, evaluation.to_dict())}")
+    return 0
+
+
+def _evaluate_model(args: argparse.Namespace) -> int:
+    """`dpq evaluate --model --images --split`: features, AQD over the codes, baselines."""
+    from dpq.baselines.evaluation import parse_methods
+    from dpq.data.splits import Split
+    from dpq.experiments import evaluate_retrieval, format_results_table
+    from dpq.model import DPQModel
+    from dpq.report import format_map_table, write_json
+    from dpq.train import load_training_source
+
+    missing = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--images", args.images),
+            ("--split", args.split),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(f"evaluating a trained model needs {', '.join(missing)} as well.")
+    features_given = [
+        flag
+        for flag in ("query_features", "query_labels", "db_features", "db_labels", "index")
+        if getattr(args, flag) is not None
+    ]
+    if features_given or args.method is not None:
+        given = ", ".join("--" + flag.replace("_", "-") for flag in features_given) or "--method"
+        raise ValueError(
+            f"{given} belong to the saved-features mode; with --model the features, codes and "
+            "index come from the model (name baselines with --baselines)."
+        )
+    model = DPQModel.from_checkpoint(args.model)
+    if args.bits != "8,16,24,32":
+        print(
+            "note: with --model every prefix of the model's codes is scored "
+            f"({model.config.quantizer.num_levels} levels of "
+            f"{model.config.quantizer.bits_per_level} bits); --bits is ignored.",
+            file=sys.stderr,
+        )
+    inputs, labels, _, _ = load_training_source(
+        args.images, image_root=args.image_root, image_size=args.image_size
+    )
+    split = Split.load(args.split)
+    for name in ("query", "database", "train"):
+        rows = getattr(split, name)
+        if rows.size and rows.max() >= len(inputs):
+            raise ValueError(
+                f"{args.split} indexes {name} rows up to {rows.max()} but {args.images} has "
+                f"{len(inputs)} items; make the split from the same source."
+            )
+    baselines = tuple(parse_methods(args.baselines))
+    evaluation = evaluate_retrieval(
+        model,
+        inputs[split.query],
+        labels[split.query],
+        inputs[split.database],
+        labels[split.database],
+        r=args.r,
+        baselines=baselines,
+        train_inputs=inputs[split.train] if len(split.train) else None,
+        train_labels=labels[split.train] if len(split.train) else None,
+        curves=True,
+        progress=not args.no_progress,
+    )
+    print(
+        format_results_table(
+            evaluation,
+            title=f"{args.model}: {evaluation.num_queries} queries, "
+            f"{evaluation.num_database} database items",
+        )
+    )
+    if baselines:
+        print(format_map_table(evaluation.details.map_table()))
     if args.out:
         print(f"wrote {write_json(args.out, evaluation.to_dict())}")
     return 0

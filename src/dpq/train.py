@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpq.augment import rand_augment
 from dpq.config import DPQConfig, config_differences
 from dpq.losses import DPQLoss, LossOutput, quantization_losses
 from dpq.model import DPQModel, save_tensors_atomic, write_atomic
@@ -463,6 +464,8 @@ class Trainer:
         images = self.model.input_kind == "images"
         if augment and images:
             raw = crop_flip(raw, rng, cfg.crop_pad, cfg.flip)
+            if cfg.randaugment_ops > 0:
+                raw = rand_augment(raw, rng, cfg.randaugment_ops, cfg.randaugment_magnitude)
         x = self.model.prepare_inputs(raw)
         if augment and images and cfg.cutout > 0:
             x = cutout(x, rng, cfg.cutout)
@@ -701,25 +704,31 @@ class Trainer:
         )
         return epochs, plan
 
-    def _replan(self, started: float, epoch_seconds: float, epochs: int, done: int = 1) -> int:
-        """Epoch count that still fits the budget, once ``done`` real epochs have been timed.
+    def _replan(
+        self, started: float, epoch_seconds: float, epochs: int, done: int = 1, grow: bool = False
+    ) -> int:
+        """Epoch count that fits the budget, once ``done`` real epochs have been timed.
 
-        The throw-away timing of :meth:`_time_steps` can be optimistic, and a shared machine
-        can slow down mid-run; after every epoch the plan is checked against the time left
-        and only ever shrinks (never below the ``done`` epochs that ran), so a time budget is
-        kept. The learning-rate schedule follows the new count.
+        The throw-away timing of :meth:`_time_steps` can be off either way, and a shared
+        machine can slow down for a while; after every epoch the plan is checked against
+        the time left. It shrinks whenever it no longer fits (never below the ``done``
+        epochs that ran), so a time budget is kept; it grows only when ``grow`` is set.
+        The trainer asks for growth while the learning rate still warms up (the schedule is
+        simply stretched), and later only back up to its longest plan so far (a plan cut
+        by a passing slowdown recovers). The learning-rate schedule follows the new count.
 
         Args:
             started: ``time.perf_counter()`` when the run started.
             epoch_seconds: the recent seconds per epoch.
             epochs: the current plan.
             done: epochs finished.
+            grow: allow a longer plan when epochs run faster than planned.
         """
         budget = float(self.config.train.time_budget_minutes or 0.0) * 60.0
         fixed = epoch_seconds / 3 + 10.0 + 0.03 * budget  # k-means pass, final save, slack
         remaining = budget - (time.perf_counter() - started) - fixed
         fitting = done + max(0, int(remaining // max(epoch_seconds, 1e-9)))
-        return max(done, 1, min(epochs, fitting))
+        return max(done, 1, fitting if grow else min(epochs, fitting))
 
     def _time_steps(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
         """Seconds per training step, measured on a throw-away copy of model and optimizers."""
@@ -788,6 +797,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             epochs, plan = self._plan_epochs(started)
             start_epoch, history = 0, []
+        longest_plan = epochs
         quant_epoch = self.quantization_start_epoch(epochs)
         steps = self.steps_per_epoch()
         schedule = cfg.schedule
@@ -903,14 +913,26 @@ class Trainer:
                 epoch_walls.append(time.perf_counter() - epoch_start)  # with the checkpoint
                 if start_epoch == 0 and plan.get("source") == "time_budget" and epoch < epochs:
                     recent = epoch_walls[-3:]
-                    revised = self._replan(started, sum(recent) / len(recent), epochs, epoch)
+                    # growing is safe while the learning rate still warms up and no phase
+                    # boundary has passed (the rest of the schedule is simply stretched);
+                    # later, a plan cut by a passing slowdown may grow back to the longest one
+                    grow = epoch < cfg.warmup_fraction * epochs and epoch < quant_epoch
+                    revised = self._replan(
+                        started, sum(recent) / len(recent), epochs, epoch, grow=True
+                    )
+                    if grow:
+                        longest_plan = max(longest_plan, revised)
+                    else:
+                        revised = min(revised, max(epochs, longest_plan))
                     if self.config.loss.uses_quantization and quant_epoch >= epoch:
                         revised = max(revised, epoch + 1)  # one quantization epoch at least
-                    if revised < epochs:
+                    if revised != epochs:
                         self.log(
                             f"after epoch {epoch} ({record['seconds']:.1f} s; planned "
                             f"{plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of "
-                            f"{epochs} to stay within the time budget"
+                            f"{epochs} to "
+                            + ("stay within" if revised < epochs else "use")
+                            + " the time budget"
                         )
                         epochs = revised
                         plan = {**plan, "epochs": epochs, "replanned_after_epoch": epoch}
