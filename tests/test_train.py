@@ -478,14 +478,19 @@ def test_demo_runs_through_main(capsys):
     assert "300 train / 50 query / 1447 database" in out and "mAP@1447" in out
 
 
-def test_train_command_writes_a_model_and_resumes(tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = [
+def train_digits_argv(out: Path, codebook_size: int = 16, epochs: int = 1) -> list[str]:
+    """`dpq train` on a small per-class digits split (26 train / 5 query per class)."""
+    return [
         "train", "digits", "--backbone", "small_cnn", "--width", "0.25", "--split", "per-class",
         "--train-per-class", "26", "--query-per-class", "5", "--num-levels", "2",
-        "--codebook-size", "16", "--dim", "12", "--epochs", "1", "--batch-size", "64",
-        "--word-vectors", "orthogonal", "--out", str(out), "--quiet",
+        "--codebook-size", str(codebook_size), "--dim", "12", "--epochs", str(epochs),
+        "--batch-size", "64", "--word-vectors", "orthogonal", "--out", str(out), "--quiet",
     ]  # fmt: skip
+
+
+def test_train_command_writes_a_model_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_digits_argv(out)
     assert main(argv) == 0
     assert "model saved to" in capsys.readouterr().out
     assert (out / "model" / "model.safetensors").is_file() and (out / "split.json").is_file()
@@ -496,13 +501,7 @@ def test_train_command_writes_a_model_and_resumes(tmp_path, capsys):
 
 def test_evaluate_command_scores_a_trained_model_on_its_split(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [
-        "train", "digits", "--backbone", "small_cnn", "--width", "0.25", "--split", "per-class",
-        "--train-per-class", "26", "--query-per-class", "5", "--num-levels", "2",
-        "--codebook-size", "256", "--dim", "12", "--epochs", "2", "--batch-size", "64",
-        "--word-vectors", "orthogonal", "--out", str(out), "--quiet",
-    ]  # fmt: skip
-    assert main(argv) == 0
+    assert main(train_digits_argv(out, codebook_size=256, epochs=2)) == 0  # 8-bit levels
     capsys.readouterr()
     results = tmp_path / "evaluation.json"
     evaluate = [

@@ -550,6 +550,11 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
+def _missing_flags(args: argparse.Namespace, *names: str) -> list[str]:
+    """The command-line spelling (--query-features) of each of ``names`` that was not given."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) is None]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dpq.baselines.evaluation import (
         FLOAT_METHOD,
@@ -562,15 +567,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.model is not None or args.images is not None or args.split is not None:
         return _evaluate_model(args)
-    missing = [
-        flag
-        for flag, value in (
-            ("--query-features", args.query_features),
-            ("--query-labels", args.query_labels),
-            ("--db-labels", args.db_labels),
-        )
-        if value is None
-    ]
+    missing = _missing_flags(args, "query_features", "query_labels", "db_labels")
     if missing:
         raise ValueError(
             f"missing {', '.join(missing)}: give saved features and labels, or a trained model "
@@ -616,15 +613,7 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     from dpq.report import format_map_table, write_json
     from dpq.train import load_training_source
 
-    missing = [
-        flag
-        for flag, value in (
-            ("--model", args.model),
-            ("--images", args.images),
-            ("--split", args.split),
-        )
-        if value is None
-    ]
+    missing = _missing_flags(args, "model", "images", "split")
     if missing:
         raise ValueError(f"evaluating a trained model needs {', '.join(missing)} as well.")
     features_given = [
