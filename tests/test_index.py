@@ -658,3 +658,40 @@ def test_cli_encode_and_search_images_with_a_model_checkpoint(tmp_path, capsys):
         ]
     )
     assert code == 2 and "codebooks differ" in capsys.readouterr().err
+
+
+def test_search_mode_is_the_default_of_search_and_is_saved(tmp_path, codebooks, codes, queries):
+    plain = DPQIndex(codebooks)
+    assert plain.search_mode == "aqd"
+    built = DPQIndex(codebooks, search_mode="ip")
+    built.add(codes)
+    for levels in (1, 4):
+        np.testing.assert_array_equal(
+            built.search(queries, 10, num_levels=levels)[1],
+            built.search(queries, 10, num_levels=levels, mode="ip")[1],
+        )
+    assert not np.array_equal(
+        built.search(queries, 10)[1], built.search(queries, 10, mode="aqd")[1]
+    )
+    loaded = DPQIndex.load(built.save(tmp_path / "ip.npz"))
+    assert loaded.search_mode == "ip" and "search_mode='ip'" in repr(loaded)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], built.search(queries, 10)[1])
+    # faiss interop keeps the mode (from_faiss reads 8- or 16-bit levels)
+    books8 = np.random.default_rng(1).standard_normal((2, 256, D)).astype(np.float32)
+    for mode, metric in (("ip", faiss.METRIC_INNER_PRODUCT), ("aqd", faiss.METRIC_L2)):
+        exported = DPQIndex(books8, search_mode=mode).to_faiss()
+        assert exported.metric_type == metric
+        assert DPQIndex.from_faiss(exported).search_mode == mode
+    with pytest.raises(ValueError, match="search_mode must be one of"):
+        DPQIndex(codebooks, search_mode="cosine")
+
+
+def test_an_index_file_without_a_search_mode_loads_as_aqd(tmp_path, codebooks, codes):
+    """Files written before search_mode existed have no such header key."""
+    built = DPQIndex(codebooks)
+    built.add(codes)
+    header = built._header()
+    del header["search_mode"]
+    built._header = lambda: header  # write the older header
+    loaded = DPQIndex.load(built.save(tmp_path / "old.npz"))
+    assert loaded.search_mode == "aqd" and loaded.ntotal == len(codes)

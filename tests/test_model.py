@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
+from dpq.config import (
+    ABLATIONS,
+    DPQConfig,
+    ModelConfig,
+    QuantizerConfig,
+    TrainConfig,
+    ablation_config,
+)
 from dpq.model import DPQModel, image_statistics
 
 
@@ -158,3 +165,60 @@ def test_image_statistics():
     mean, std = image_statistics(images)
     assert mean == pytest.approx((1.0, 0.5, 0.0))
     assert std[1] == pytest.approx(0.5) and std[2] == pytest.approx(1e-3)
+
+
+def posterior_config(multilabel: bool = False, temperature: float = 1.0) -> DPQConfig:
+    return small_config().replace(
+        model={
+            "feature": "class_posterior",
+            "posterior_temperature": temperature,
+            "multilabel": multilabel,
+        }
+    )
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_class_posterior_features_are_the_classifier_probabilities(images, multilabel):
+    torch.manual_seed(0)
+    model = DPQModel(posterior_config(multilabel, temperature=0.5))
+    out = model(model.prepare_inputs(torch.from_numpy(images)))
+    scaled = out.logits.float() / 0.5
+    expected = torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)
+    torch.testing.assert_close(out.features[:, :4], expected * 10**0.5)  # times sqrt(D)
+    assert out.features.shape == (9, 10) and (out.features[:, 4:] == 0).all()
+    assert out.quantizer_input is out.features  # what the codebooks learn
+    assert out.semantic.shape == (9, 10) and out.semantic.abs().max() <= 1.0  # L_S reads tanh
+    assert not torch.allclose(out.semantic, out.features)
+    if not multilabel:
+        torch.testing.assert_close(out.features.sum(1), torch.full((9,), 10**0.5))
+
+
+def test_class_posterior_with_flip_is_the_posterior_of_the_averaged_logits(images):
+    torch.manual_seed(0)
+    model = DPQModel(posterior_config().replace(model={"tta_flip": True}))
+    features, logits = model.extract_features_and_logits(images)
+    mirrored = images[:, :, ::-1].copy()
+    plain = model.extract_features_and_logits(images, tta_flip=False)[1]
+    averaged = 0.5 * (plain + model.extract_features_and_logits(mirrored, tta_flip=False)[1])
+    np.testing.assert_allclose(logits, averaged, rtol=1e-5, atol=1e-6)
+    expected = torch.softmax(torch.from_numpy(averaged), dim=1).numpy() * 10**0.5
+    np.testing.assert_allclose(features[:, :4], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_class_posterior_config_errors():
+    assert ModelConfig().search_mode == "aqd"
+    assert ModelConfig(feature="class_posterior").search_mode == "ip"
+    with pytest.raises(ValueError, match="classifier_input to 'backbone'"):
+        ModelConfig(feature="class_posterior", classifier_input="semantic")
+    with pytest.raises(ValueError, match="quantizer.dim to at least 4"):
+        posterior_config().replace(quantizer={"dim": 3})
+    with pytest.raises(ValueError, match="model.feature must be one of"):
+        ModelConfig(feature="posterior")
+    with pytest.raises(ValueError, match="posterior_temperature must be a finite number > 0"):
+        ModelConfig(feature="class_posterior", posterior_temperature=0)
+    with pytest.raises(ValueError, match="no classifier is trained"):
+        posterior_config().replace(loss={"use_cls": False})
+    # the ablations without L_C fall back to the semantic features; the others keep the base's
+    features = {name: ablation_config(name, posterior_config()).model.feature for name in ABLATIONS}
+    assert features.pop("E") == features.pop("E+LS") == "semantic"
+    assert set(features.values()) == {"class_posterior"}

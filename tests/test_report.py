@@ -193,6 +193,40 @@ def test_evaluate_methods_matches_direct_computation(feature_dir, monkeypatch):
     assert json.loads(json.dumps(result.to_dict()))["map"]["dpq"]["8"] == table["dpq"][8]
 
 
+def test_inner_product_metric_ranks_float_and_quantizers_by_inner_product(feature_dir):
+    from dataclasses import replace
+
+    from dpq.index import DPQIndex
+
+    l2 = FeatureSet.from_directory(feature_dir)
+    ip = replace(l2, metric="ip")
+    index = DPQIndex.load(feature_dir / "index.npz")
+    index.search_mode = "ip"
+    result = evaluate_methods(
+        ip, ["dpq", "pq", "lsh", "float"], bits=[16], dpq_index=index, progress=False
+    )
+    table = result.map_table()
+
+    def ip_map(database: np.ndarray) -> float:
+        scores = ip.query_features @ database.T
+        ids = np.argsort(-scores, axis=1, kind="stable")  # ties by id
+        return map_at_r(ids, ip.query_labels, ip.db_labels)
+
+    assert result.float_reference() == pytest.approx(ip_map(ip.db_features), abs=1e-6)
+    pq = make_baseline("pq", 16, seed=0).fit(ip.train_features)
+    assert table["pq"][16] == pytest.approx(ip_map(pq.decode(pq.encode(ip.db_features))), abs=1e-6)
+    assert table["dpq"][16] == pytest.approx(ip_map(index.decode(index.codes)), abs=1e-6)
+    # hashing ranks by Hamming distance whatever the metric
+    hamming = evaluate_methods(l2, ["lsh"], bits=[16], progress=False).map_table()
+    assert table["lsh"][16] == hamming["lsh"][16]
+    # on these clustered (not normalised) features the two metrics rank differently
+    assert result.float_reference() != pytest.approx(
+        evaluate_methods(l2, ["float"], progress=False).float_reference()
+    )
+    with pytest.raises(ValueError, match="metric must be one of"):
+        replace(l2, metric="cosine")
+
+
 def test_evaluate_r_clamped_and_fit_on_database_noted(feature_dir):
     features = FeatureSet.from_directory(feature_dir)
     database_only = FeatureSet(
@@ -257,6 +291,27 @@ def test_cli_evaluate_prints_table_and_writes_json(feature_dir, tmp_path, capsys
     saved = json.loads(out.read_text())
     assert set(saved["map"]) == {"dpq", "pq", "itq-cca"} and saved["float_features_map"] > 0
     assert {r["method"] for r in saved["results"]} == {"dpq", "pq", "itq-cca", "float"}
+
+
+def test_cli_evaluate_follows_an_inner_product_index(feature_dir, tmp_path, capsys):
+    from dpq.index import DPQIndex
+
+    index = DPQIndex.load(feature_dir / "index.npz")
+    index.search_mode = "ip"
+    ip_index = index.save(tmp_path / "ip.npz")
+
+    def float_search(*extra: str) -> str:
+        out = tmp_path / "results.json"
+        args = ["--method", "dpq", "--bits", "8", "--float-reference", "--out", str(out)]
+        assert main(_cli_args(feature_dir, *args, *extra)) == 0
+        results = json.loads(out.read_text())["results"]
+        return next(r["settings"]["search"] for r in results if r["method"] == "float")
+
+    assert float_search("--index", str(ip_index)) == "exhaustive inner product on float32 features"
+    l2 = float_search("--index", str(ip_index), "--metric", "l2")
+    assert l2 == "exhaustive squared L2 on float32 features"
+    assert float_search("--index", str(feature_dir / "index.npz")) == l2
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(

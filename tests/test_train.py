@@ -34,6 +34,7 @@ from dpq.train import (
     crop_flip,
     cutout,
     learning_rate,
+    load_training_source,
     train_model,
 )
 
@@ -157,7 +158,11 @@ def test_recipes_by_name_or_file(tmp_path):
     recipe = load_recipe("cifar10")
     assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10"}
     assert recipe.model.normalize_features and recipe.train.time_budget_minutes == 30.0
-    assert ablation_config("E+LS", recipe).model == recipe.model
+    assert recipe.model.feature == "class_posterior"
+    assert ablation_config("E+LC", recipe).model == recipe.model
+    assert ablation_config("E+LS", recipe).model == recipe.model.__class__(
+        **{**recipe.to_dict()["model"], "feature": "semantic"}
+    )
     path = tmp_path / "recipe.json"
     path.write_text(recipe.to_json())
     assert load_recipe(path) == recipe
@@ -525,6 +530,28 @@ def test_evaluate_command_scores_a_trained_model_on_its_split(tmp_path, capsys):
     assert "saved-features mode" in capsys.readouterr().err
     assert main(["evaluate", "--db-labels", str(results)]) == 2
     assert "--query-features, --query-labels" in capsys.readouterr().err
+
+
+def test_a_class_posterior_model_builds_inner_product_indexes(tmp_path, capsys):
+    from dpq.index import DPQIndex
+
+    out = tmp_path / "run"
+    assert main([*train_digits_argv(out), "--feature", "class_posterior"]) == 0
+    model = DPQModel.from_checkpoint(out / "model")
+    assert model.config.model.feature == "class_posterior"
+    index_path = tmp_path / "index.npz"
+    encode = ["encode", "--model", str(out / "model"), "--images", "digits", "--quiet"]
+    assert main([*encode, "--out", str(index_path)]) == 0
+    index = DPQIndex.load(index_path)
+    assert index.search_mode == "ip" and "search ip" in capsys.readouterr().out
+    features = model.extract_features(load_training_source("digits")[0][:20])
+    np.testing.assert_allclose(features[:, :10].sum(1), 12**0.5, rtol=1e-5)  # sqrt(D) p
+    assert (features[:, 10:] == 0).all()
+    np.testing.assert_array_equal(
+        index.search(features, 5)[1], index.search(features, 5, mode="ip")[1]
+    )
+    assert main([*encode, "--search-mode", "aqd", "--out", str(tmp_path / "aqd.npz")]) == 0
+    assert DPQIndex.load(tmp_path / "aqd.npz").search_mode == "aqd"
 
 
 def test_train_command_rejects_bad_settings(tmp_path, capsys):

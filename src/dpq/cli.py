@@ -7,6 +7,7 @@ Tests call ``main([...])`` directly. Errors a user can fix (``ValueError``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -173,6 +174,19 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--tta-flip", action="store_true", default=None, help="average features with the mirror"
     )
+    model.add_argument(
+        "--feature",
+        choices=["semantic", "class_posterior"],
+        help="what is quantized: semantic (the paper's tanh features, searched by AQD) or "
+        "class_posterior (the classifier's class probabilities, searched by inner product: "
+        "p_q . p_x ranks by the chance that two images share their class)",
+    )
+    model.add_argument(
+        "--posterior-temperature",
+        type=float,
+        metavar="T",
+        help="class_posterior features are softmax(logits / T) (default 1)",
+    )
     loss = parser.add_argument_group("losses")
     loss.add_argument("--tau", type=float, help="weight of the quantization loss E")
     loss.add_argument("--lambda-cls", type=float, help="weight of the classification loss")
@@ -239,6 +253,8 @@ def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # ->
     flags = {
         ("model", "backbone"): args.backbone,
         ("model", "tta_flip"): args.tta_flip,
+        ("model", "feature"): args.feature,
+        ("model", "posterior_temperature"): args.posterior_temperature,
         ("quantizer", "num_levels"): args.num_levels,
         ("quantizer", "codebook_size"): args.codebook_size,
         ("quantizer", "dim"): args.dim,
@@ -516,6 +532,13 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
         help="DPQ index file (dpq.index.DPQIndex) of the database, items in --db-labels order",
     )
     evaluate.add_argument(
+        "--metric",
+        choices=["l2", "ip"],
+        help="how float features and the quantization baselines rank: l2 (squared "
+        "Euclidean) or ip (inner product, for class-posterior features); default: ip when "
+        "--index is searched by inner product, else l2",
+    )
+    evaluate.add_argument(
         "--bits", default="8,16,24,32", help="code lengths, comma-separated (default: 8,16,24,32)"
     )
     evaluate.add_argument(
@@ -584,12 +607,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         train_features=args.train_features,
         train_labels=args.train_labels,
     )
+    index = None
+    if args.index is not None:
+        from dpq.index import DPQIndex
+
+        index = DPQIndex.load(args.index)
+    metric = args.metric
+    if metric is None:  # the way the index is searched, else Euclidean
+        metric = "ip" if index is not None and index.search_mode == "ip" else "l2"
+    features = dataclasses.replace(features, metric=metric)
     evaluation = evaluate_methods(
         features,
         list(dict.fromkeys(methods)),
         bits=parse_bits(args.bits),
         r=args.r,
-        dpq_index=args.index,
+        dpq_index=index,
         seed=args.seed,
         progress=not args.no_progress,
     )
@@ -726,6 +758,13 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="hard assignment rule (default: the model's; euclidean with --codebooks)",
     )
+    encode.add_argument(
+        "--search-mode",
+        choices=["aqd", "ip"],
+        default=None,
+        help="how the index is searched unless `dpq search --mode` says otherwise (default: "
+        "the model's, ip for class-posterior features; aqd with --codebooks)",
+    )
     encode.add_argument("--image-root", help="list files: the folder or zip holding the images")
     encode.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
@@ -778,9 +817,9 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument(
         "--mode",
         choices=["aqd", "ip"],
-        default="aqd",
+        default=None,
         help="aqd: squared distance to the reconstruction (Eq. 30); ip: inner product, "
-        "reported as its negative",
+        "reported as its negative (default: the index's search mode, set when it was built)",
     )
     search.add_argument(
         "--rerank-from",
@@ -878,11 +917,13 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         model = DPQModel.from_checkpoint(args.model)
         codebooks = model.codebooks()
         assignment = args.assignment or model.config.quantizer.assignment
+        search_mode = args.search_mode or model.config.model.search_mode
         metadata["model"] = str(args.model)
         features = _features_from_model(model, inputs, args)
     else:
         codebooks = _read_npy(args.codebooks, "--codebooks")
         assignment = args.assignment or "euclidean"
+        search_mode = args.search_mode or "aqd"
         metadata["codebooks"] = str(args.codebooks)
         features = inputs
     metadata["source"] = str(args.images or args.features)
@@ -892,7 +933,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         labels = _read_npy(args.labels, "--labels")
     if args.ids is not None:
         ids = _read_npy(args.ids, "--ids")
-    index = DPQIndex(codebooks, assignment=assignment, metadata=metadata)
+    index = DPQIndex(codebooks, assignment=assignment, metadata=metadata, search_mode=search_mode)
     features = np.asarray(features)
     if features.ndim != 2:
         raise ValueError(f"features must be a 2-D array (N, D); got shape {features.shape}.")
@@ -919,6 +960,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     print(
         f"wrote {path}: {index.ntotal:,} items, {index.num_levels} levels x {index.codebook_size} "
         f"codewords (up to {bits} bits), dim {index.dim}, assignment {index.assignment}, "
+        f"search {index.search_mode}, "
         f"labels {'yes' if index.labels is not None else 'no'}; encoded in {seconds:.1f} s "
         f"({index.ntotal / max(seconds, 1e-9):,.0f} items/s)"
     )

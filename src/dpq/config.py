@@ -32,6 +32,7 @@ ASSIGNMENTS: tuple[str, ...] = ("euclidean", "cosine")
 RESIDUALS: tuple[str, ...] = ("hard", "soft")
 CODEBOOK_INITS: tuple[str, ...] = ("kmeans", "normal")
 CLASSIFIER_INPUTS: tuple[str, ...] = ("semantic", "backbone")
+FEATURES: tuple[str, ...] = ("semantic", "class_posterior")
 SCHEDULES: tuple[str, ...] = ("end_to_end", "two_phase", "two_step")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
@@ -155,6 +156,16 @@ class ModelConfig:
         normalize_features: rescale every semantic feature (after tanh) to the norm sqrt(D),
             so that the Euclidean distances of search rank like cosine similarities (which L_S
             optimises), and the length of a vector no longer matters. Off in the paper.
+            Applies to ``feature="semantic"`` only.
+        feature: what is quantized and searched. "semantic" (the paper): the D-d tanh
+            features of the semantic head, searched by AQD (Euclidean). "class_posterior"
+            (not in the paper): the classifier's class probabilities p = softmax(logits / T)
+            (sigmoid for multi-label), times sqrt(D), in the first C of the D coordinates
+            (zeros after), searched by inner product, so an item's score is p_q . p_x, the probability
+            that query and item share their class when both posteriors are right
+            (for multi-label: the expected number of shared labels). Needs D >= C and the
+            classifier on the backbone. The semantic head and L_S still train the backbone.
+        posterior_temperature: T of ``feature="class_posterior"``.
     """
 
     backbone: str = "resnet9"
@@ -166,6 +177,8 @@ class ModelConfig:
     image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     tta_flip: bool = False
     normalize_features: bool = False
+    feature: str = "semantic"
+    posterior_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         owner = "model"
@@ -190,6 +203,22 @@ class ModelConfig:
             object.__setattr__(self, name, tuple(float(v) for v in value))
         _check_bool(owner, "tta_flip", self.tta_flip)
         _check_bool(owner, "normalize_features", self.normalize_features)
+        _check_choice(owner, "feature", self.feature, FEATURES)
+        _check_float(
+            owner, "posterior_temperature", self.posterior_temperature, 0.0, strict_minimum=True
+        )
+        if self.feature == "class_posterior" and self.classifier_input == "semantic":
+            raise ValueError(
+                "model.feature 'class_posterior' quantizes the classifier's probabilities, so "
+                "the classifier cannot also read the quantized features: set "
+                "model.classifier_input to 'backbone'."
+            )
+
+    @property
+    def search_mode(self) -> str:
+        """How an index of this model's codes is searched: "aqd" (squared Euclidean,
+        Eq. 30) for semantic features, "ip" (inner product) for class posteriors."""
+        return "ip" if self.feature == "class_posterior" else "aqd"
 
 
 @dataclass(frozen=True)
@@ -444,6 +473,18 @@ class DPQConfig:
                 "loss.label_smoothing applies to single-label softmax cross-entropy only; "
                 "set it to 0 for a multi-label model."
             )
+        if self.model.feature == "class_posterior" and self.quantizer.dim < self.model.num_classes:
+            raise ValueError(
+                f"model.feature 'class_posterior' puts the {self.model.num_classes} class "
+                f"probabilities into the D={self.quantizer.dim} feature coordinates; set "
+                f"quantizer.dim to at least {self.model.num_classes}."
+            )
+        if self.model.feature == "class_posterior" and not self.loss.use_cls:
+            raise ValueError(
+                "model.feature 'class_posterior' quantizes the classifier's probabilities, but "
+                "loss.use_cls is off, so no classifier is trained: use model.feature "
+                "'semantic'."
+            )
         if self.model.multilabel and self.train.mixup_alpha > 0:
             raise ValueError("train.mixup_alpha must be 0 for a multi-label model.")
         if self.train.schedule == "two_step" and not self.loss.uses_quantization:
@@ -558,13 +599,14 @@ def _full(base: DPQConfig) -> DPQConfig:
 def _e_only(base: DPQConfig) -> DPQConfig:
     # Nothing else trains the network, so the quantization losses start at once.
     return base.replace(
+        model={"feature": "semantic"},
         loss={"use_semantic": False, "use_cls": False},
         train={"quantization_start": 0.0, "schedule": "end_to_end"},
     )
 
 
 def _e_plus_ls(base: DPQConfig) -> DPQConfig:
-    return base.replace(loss={"use_cls": False})
+    return base.replace(model={"feature": "semantic"}, loss={"use_cls": False})
 
 
 def _e_plus_lc(base: DPQConfig) -> DPQConfig:
@@ -607,6 +649,8 @@ ABLATIONS: dict[str, Callable[[DPQConfig], DPQConfig]] = {
   end to end. The paper quantizes a pretrained AlexNet's fc7 here; trained from scratch the
   network only ever sees E, so expect codes close to chance.
 - "E+LS": E and the semantic loss (no classification loss).
+  E and E+LS train no classifier, so they quantize the semantic features whatever
+  ``model.feature`` the base has.
 - "E+LC": E and the classification loss (no semantic loss).
 - "two-step": features first (L_S + lambda L_C), then the network is frozen and only the
   codebooks are learnt (schedule "two_step").
@@ -631,6 +675,16 @@ def ablation_config(name: str, base: DPQConfig | None = None) -> DPQConfig:
 # Named recipes: complete configurations for a dataset, chosen by measurement.
 
 
+def native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16
+    autocast trains a ResNet about twice as fast as float32; without it bf16 is emulated and
+    far slower (20x in one measurement). Imports torch."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def cifar10_recipe() -> DPQConfig:
     """What ``dpq reproduce cifar10`` trains unless given ``--config``: the CIFAR-10 recipe
     chosen for mAP@54000 per CPU-minute on a 2-core CPU (measurements in docs/RESULTS.md).
@@ -646,6 +700,11 @@ def cifar10_recipe() -> DPQConfig:
     these norm-sqrt(300) features) with tau = 0.01 took the training accuracy from 0.81 to
     0.21 within ten epochs; tau = 0.001 keeps E from swamping L_S when the schedule is
     switched to end_to_end.
+
+    What is quantized and searched are the classifier's class posteriors (times sqrt(D)),
+    ranked by inner product (``model.feature="class_posterior"``, not in the paper; the
+    paper's semantic features are ``--feature semantic``), and the network trains under
+    bfloat16 autocast where the CPU has native bf16 (:func:`native_bf16`), float32 elsewhere.
     """
     return DPQConfig(
         model=ModelConfig(
@@ -654,6 +713,7 @@ def cifar10_recipe() -> DPQConfig:
             classifier_input="backbone",
             tta_flip=True,
             normalize_features=True,
+            feature="class_posterior",
         ),
         loss=LossConfig(lambda_cls=0.1, tau=0.001, label_smoothing=0.1),
         train=TrainConfig(
@@ -662,6 +722,7 @@ def cifar10_recipe() -> DPQConfig:
             randaugment_ops=2,
             randaugment_magnitude=9,
             channels_last=True,
+            bf16=native_bf16(),
             time_budget_minutes=30.0,
             schedule="two_phase",
             quantization_start=0.75,

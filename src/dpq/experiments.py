@@ -29,10 +29,12 @@ class RetrievalEvaluation:
     """mAP@R of one model's codes at every prefix length, with timings.
 
     Attributes:
-        map_by_bits: code length in bits (l * log2 K) -> mAP@R of AQD search over the codes.
+        map_by_bits: code length in bits (l * log2 K) -> mAP@R of AQD search over the codes
+            (inner-product search for class-posterior features).
         r: R, the number of ranked database items scored.
-        float_map: mAP@R of exact Euclidean search over the float features (a ceiling for
-            the codes), or None when not computed.
+        float_map: mAP@R of exact search (Euclidean, or inner product for class-posterior
+            features) over the float features (a ceiling for the codes), or None when not
+            computed.
         query_accuracy: classifier accuracy on the queries (single-label only).
         database_accuracy: classifier accuracy on the database (single-label only).
         class_probability_map: mAP@R of ranking the database by the L2 distance between
@@ -121,7 +123,10 @@ def evaluate_retrieval(
     seconds["features"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
-    index = DPQIndex(model.codebooks(), assignment=model.config.quantizer.assignment)
+    search_mode = model.config.model.search_mode
+    index = DPQIndex(
+        model.codebooks(), assignment=model.config.quantizer.assignment, search_mode=search_mode
+    )
     index.add(model.encode_features(database_features))
     seconds["encode"] = time.perf_counter() - begin
 
@@ -134,6 +139,7 @@ def evaluate_retrieval(
         db_features=database_features,
         train_features=train_features,
         train_labels=None if train_features is None else np.asarray(train_labels),
+        metric="ip" if search_mode == "ip" else "l2",
     )
     methods = ["dpq", *baselines] + (["float"] if float_baseline else [])
     begin = time.perf_counter()
@@ -543,7 +549,8 @@ def reproduce_cifar10(
         "dataset": "cifar10",
         "protocol": f"all {len(dataset):,} images; per class {train_per_class} train / "
         f"{query_per_class} query (seed 0); database = the other {len(split.database):,}; "
-        f"mAP@{evaluation.r} with AQD",
+        f"mAP@{evaluation.r} with "
+        + ("AQD" if config.model.search_mode == "aqd" else "inner-product search over the codes"),
         "ablation": ablation,
         "command": command,
         "config": result.model.config.to_dict(),

@@ -504,6 +504,9 @@ class DPQIndex:
         codebooks: float (L, K, D), K <= 65536; stored as float32.
         assignment: hard-assignment rule used by :meth:`add_features`: "euclidean" or "cosine".
         metadata: JSON-serialisable dict saved with the index (e.g. model name, dataset).
+        search_mode: how :meth:`search` ranks when not told: "aqd" (squared Euclidean, the
+            paper's Eq. 30) or "ip" (inner product; for a model whose features are class
+            posteriors, see ``dpq.config.ModelConfig.feature``). Saved with the index.
     """
 
     def __init__(
@@ -511,12 +514,16 @@ class DPQIndex:
         codebooks: Any,
         assignment: Literal["euclidean", "cosine"] = "euclidean",
         metadata: Mapping[str, Any] | None = None,
+        search_mode: Literal["aqd", "ip"] = "aqd",
     ) -> None:
         self._codebooks = _check_codebooks(codebooks)
         self._codebooks.setflags(write=False)
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}; got {assignment!r}.")
+        if search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode must be one of {SEARCH_MODES}; got {search_mode!r}.")
         self.assignment = assignment
+        self.search_mode = search_mode
         meta = dict(metadata or {})
         try:
             json.dumps(meta)
@@ -610,7 +617,8 @@ class DPQIndex:
     def __repr__(self) -> str:
         return (
             f"DPQIndex(ntotal={self.ntotal}, num_levels={self.num_levels}, "
-            f"codebook_size={self.codebook_size}, dim={self.dim}, assignment={self.assignment!r})"
+            f"codebook_size={self.codebook_size}, dim={self.dim}, assignment={self.assignment!r}, "
+            f"search_mode={self.search_mode!r})"
         )
 
     # ---- adding and removing ----------------------------------------------------------------
@@ -925,7 +933,7 @@ class DPQIndex:
         queries: Any,
         k: int,
         num_levels: int | None = None,
-        mode: Literal["aqd", "ip"] = "aqd",
+        mode: Literal["aqd", "ip"] | None = None,
         rerank_from: int | None = None,
         rerank_candidates: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -933,7 +941,8 @@ class DPQIndex:
 
         queries: float (nq, D). mode "aqd": squared Euclidean distance from the query to each
         item's reconstruction; mode "ip": ranks by inner product with the reconstruction and
-        returns its negative (so smaller is better in both modes). rerank_from=l0 shortlists
+        returns its negative (so smaller is better in both modes); None: the index's
+        :attr:`search_mode`. rerank_from=l0 shortlists
         ``rerank_candidates`` items (default max(10 k, 100)) with the first l0 levels, then
         re-ranks them with ``num_levels`` levels.
 
@@ -942,6 +951,7 @@ class DPQIndex:
         """
         k = _check_k(k)
         levels = self._check_num_levels(num_levels)
+        mode = self.search_mode if mode is None else mode
         if mode not in SEARCH_MODES:
             raise ValueError(f"mode must be one of {SEARCH_MODES}; got {mode!r}.")
         if rerank_from is not None:
@@ -1043,6 +1053,7 @@ class DPQIndex:
             "dim": self.dim,
             "ntotal": self.ntotal,
             "assignment": self.assignment,
+            "search_mode": self.search_mode,
             "codebook_sha256": self.codebook_sha256,
             "next_id": self._next_id,
             "has_labels": self._labels is not None,
@@ -1118,7 +1129,12 @@ class DPQIndex:
             if name not in arrays:
                 raise IndexFileError(f"{source} lacks the {name!r} array.")
         try:
-            index = cls(arrays["codebooks"], header["assignment"], header.get("metadata"))
+            index = cls(
+                arrays["codebooks"],
+                header["assignment"],
+                header.get("metadata"),
+                search_mode=header.get("search_mode", "aqd"),  # absent in older files
+            )
             expected = (header["num_levels"], header["codebook_size"], header["dim"])
             if index._codebooks.shape != tuple(expected):
                 raise ValueError(f"codebooks shape {index._codebooks.shape} != header {expected}")
@@ -1132,11 +1148,12 @@ class DPQIndex:
 
     # ---- faiss interop ----------------------------------------------------------------------
 
-    def to_faiss(self, mode: Literal["aqd", "ip"] = "aqd"):
+    def to_faiss(self, mode: Literal["aqd", "ip"] | None = None):
         """A faiss IndexResidualQuantizer holding these codebooks and codes (no re-encoding).
 
         mode "aqd": METRIC_L2 with ST_norm_float (float norm per item, lookup-table search);
-        mode "ip": METRIC_INNER_PRODUCT with ST_LUT_nonorm (faiss returns +inner products).
+        mode "ip": METRIC_INNER_PRODUCT with ST_LUT_nonorm (faiss returns +inner products);
+        None: this index's :attr:`search_mode`.
         Wrapped in an IndexIDMap2 when the ids are not 0..N-1. Needs K = 2^b with b in 1..16.
         """
         import faiss
@@ -1146,6 +1163,7 @@ class DPQIndex:
             raise ValueError(
                 f"faiss residual quantizers need codebook_size a power of 2; got {self.codebook_size}."
             )
+        mode = self.search_mode if mode is None else mode
         if mode not in SEARCH_MODES:
             raise ValueError(f"mode must be one of {SEARCH_MODES}; got {mode!r}.")
         if mode == "aqd":
@@ -1186,7 +1204,8 @@ class DPQIndex:
         metadata: Mapping[str, Any] | None = None,
     ) -> DPQIndex:
         """Build from a faiss IndexResidualQuantizer (optionally in an IndexIDMap/IndexIDMap2)
-        whose levels all have 8 or all have 16 bits: codebooks and codes are read back."""
+        whose levels all have 8 or all have 16 bits: codebooks and codes are read back; an
+        inner-product faiss index gives ``search_mode="ip"``."""
         import faiss
 
         ids = None
@@ -1209,7 +1228,8 @@ class DPQIndex:
             raise ValueError("the faiss index is not trained: it has no codebooks yet.")
         levels, bits = int(rq.M), int(nbits[0])
         codebooks = faiss.vector_to_array(rq.codebooks).reshape(levels, 2**bits, base.d)
-        out = cls(codebooks, assignment=assignment, metadata=metadata)
+        mode = "ip" if base.metric_type == faiss.METRIC_INNER_PRODUCT else "aqd"
+        out = cls(codebooks, assignment=assignment, metadata=metadata, search_mode=mode)
         n = int(base.ntotal)
         if n:
             raw = faiss.vector_to_array(base.codes).reshape(n, base.code_size)

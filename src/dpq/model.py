@@ -39,7 +39,8 @@ class ModelOutput:
 
     Attributes:
         backbone_features: float (B, F), backbone output.
-        features: float32 (B, D), semantic features v = tanh(W f + b) (what is quantized).
+        features: float32 (B, D), what is quantized: the semantic features (below) or, with
+            ``model.feature="class_posterior"``, the class probabilities padded to D.
         logits: float (B, C), classifier output.
         quantized: the quantizer's output on ``quantizer_input``, or None when not asked for.
         quantizer_input: float32 (B, D) that the quantizer read (``features``, or a detached
@@ -51,6 +52,8 @@ class ModelOutput:
     logits: torch.Tensor
     quantized: QuantizerOutput | None
     quantizer_input: torch.Tensor | None
+    semantic: torch.Tensor
+    """float32 (B, D), semantic features v = tanh(W f + b) (what L_S trains)."""
 
 
 def image_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -110,7 +113,9 @@ class DPQModel(nn.Module):
 
     The classifier reads the backbone features by default, as the paper's MLP reads fc7
     (``model.classifier_input="semantic"`` makes it read the quantized features instead).
-    With ``model.normalize_features`` the tanh features are rescaled to norm sqrt(D).
+    With ``model.normalize_features`` the tanh features are rescaled to norm sqrt(D). With
+    ``model.feature="class_posterior"`` the quantizer reads the class probabilities instead
+    (see :class:`dpq.config.ModelConfig`); the semantic head then only trains the backbone.
 
     Args:
         config: the full configuration (the model, quantizer sections build the network).
@@ -200,24 +205,45 @@ class DPQModel(nn.Module):
                 losses train the codebooks only.
         """
         backbone_features = self.backbone(inputs)
-        features = torch.tanh(self.semantic_head(backbone_features)).float()
+        semantic = torch.tanh(self.semantic_head(backbone_features)).float()
         if self.config.model.normalize_features:
-            features = self._to_feature_norm(features)
+            semantic = self._to_feature_norm(semantic)
         classifier_in = (
-            features if self.config.model.classifier_input == "semantic" else backbone_features
+            semantic if self.config.model.classifier_input == "semantic" else backbone_features
         )
         logits = self.classifier(classifier_in)
+        features = semantic
+        if self.config.model.feature == "class_posterior":
+            features = self.class_posterior(logits)
         quantized = None
         quantizer_input = None
         if quantize:
             quantizer_input = features.detach() if detach_quantizer_input else features
             with torch.autocast("cpu", enabled=False):
                 quantized = self.quantizer(quantizer_input)
-        return ModelOutput(backbone_features, features, logits, quantized, quantizer_input)
+        return ModelOutput(
+            backbone_features, features, logits, quantized, quantizer_input, semantic
+        )
 
     def _to_feature_norm(self, features: torch.Tensor) -> torch.Tensor:
         """float (B, D) -> the same directions with norm sqrt(D)."""
         return F.normalize(features, dim=1) * math.sqrt(self.config.quantizer.dim)
+
+    def class_posterior(self, logits: torch.Tensor) -> torch.Tensor:
+        """float (B, C) logits -> float32 (B, D): sqrt(D) softmax(logits / T) (sigmoid for
+        multi-label) in the first C coordinates, zeros in the other D - C.
+
+        The factor sqrt(D) (the norm of normalised semantic features) changes no inner-product
+        ranking; it keeps squared distances on the scale the soft assignment's temperature
+        is set for (unscaled, the CIFAR-10 level-1 codebook collapsed to 11 used codewords).
+        """
+        scaled = logits.float() / self.config.model.posterior_temperature
+        if self.config.model.multilabel:
+            probabilities = torch.sigmoid(scaled)
+        else:
+            probabilities = torch.softmax(scaled, dim=1)
+        dim = self.config.quantizer.dim
+        return F.pad(probabilities * math.sqrt(dim), (0, dim - probabilities.shape[1]))
 
     # ------------------------------------------------------------------ inference
 
@@ -263,10 +289,13 @@ class DPQModel(nn.Module):
                 feats, scores = out.features, out.logits.float()
                 if flip:
                     mirrored = self(x.flip(3), quantize=False)
-                    feats = 0.5 * (feats + mirrored.features)
-                    if self.config.model.normalize_features:
-                        feats = self._to_feature_norm(feats)
                     scores = 0.5 * (scores + mirrored.logits.float())
+                    if self.config.model.feature == "class_posterior":
+                        feats = self.class_posterior(scores)
+                    else:
+                        feats = 0.5 * (feats + mirrored.features)
+                        if self.config.model.normalize_features:
+                            feats = self._to_feature_norm(feats)
                 stop = start + batch.shape[0]
                 features[start:stop] = feats.float().cpu().numpy()
                 if logits is not None:
@@ -281,7 +310,8 @@ class DPQModel(nn.Module):
         bf16: bool | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Semantic features of raw inputs, batched, in eval mode, without gradients.
+        """The features that are quantized (semantic, or class posteriors; see
+        ``model.feature``) of raw inputs, batched, in eval mode, without gradients.
 
         Args:
             inputs: uint8 (N, H, W, 3) images, or float (N, F) features for the identity
@@ -317,7 +347,7 @@ class DPQModel(nn.Module):
     embed = extract_features
 
     def encode_features(self, features: np.ndarray, num_levels: int | None = None) -> np.ndarray:
-        """Codes of semantic features (greedy residual hard assignment).
+        """Codes of features from :meth:`extract_features` (greedy residual hard assignment).
 
         Args:
             features: float (N, D).

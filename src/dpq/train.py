@@ -491,7 +491,7 @@ class Trainer:
         with torch.autocast("cpu", torch.bfloat16, enabled=self.config.train.bf16):
             out = self.model(x, quantize=quantize, detach_quantizer_input=detach)
         loss = self.loss_fn(
-            out.features, out.logits.float(), targets, out.quantized, out.quantizer_input
+            out.semantic, out.logits.float(), targets, out.quantized, out.quantizer_input
         )
         return loss, out.logits
 

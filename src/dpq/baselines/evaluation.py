@@ -30,7 +30,8 @@ from dpq.metrics import (
 DEFAULT_BITS: tuple[int, ...] = (8, 16, 24, 32)
 DEFAULT_PRECISION_RANKS: tuple[int, ...] = tuple(range(100, 1001, 100))
 DPQ_METHOD = "dpq"
-FLOAT_METHOD = "float"  # exhaustive L2 on the unquantized features, a reference
+FLOAT_METHOD = "float"  # exhaustive search on the unquantized features, a reference
+METRICS = ("l2", "ip")
 FEATURE_FILES = {
     "query_features": "query_features.npy",
     "query_labels": "query_labels.npy",
@@ -60,6 +61,10 @@ class FeatureSet:
 
     Features are float (n, D); labels int (n,) class ids or multi-hot (n, C). Database
     features may be None when only a DPQ index (which holds its own codes) is evaluated.
+    ``metric`` is how the features compare: "l2" (squared Euclidean, the default) or "ip"
+    (inner product, larger is closer: class-posterior features); it decides how "float" and
+    the quantization baselines rank (the hashing baselines rank by Hamming distance either
+    way; a DPQ index ranks by its own ``search_mode``).
     """
 
     query_features: np.ndarray
@@ -68,8 +73,11 @@ class FeatureSet:
     db_features: np.ndarray | None = None
     train_features: np.ndarray | None = None
     train_labels: np.ndarray | None = None
+    metric: str = "l2"
 
     def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}; got {self.metric!r}.")
         _check_pair(self.query_features, self.query_labels, "query")
         if self.db_features is not None:
             _check_pair(self.db_features, self.db_labels, "database")
@@ -502,18 +510,45 @@ def _evaluate_baseline(
     began = time.perf_counter()
     baseline.fit(fit_features, fit_labels)
     fit_seconds = time.perf_counter() - began
+    settings = {**baseline.describe(), "fitted_on_rows": int(fit_features.shape[0])}
     began = time.perf_counter()
-    baseline.add(features.db_features)
+    if features.metric == "ip" and hasattr(baseline, "decode"):
+        # asymmetric inner product = exact inner product with the reconstructions
+        reconstructions = baseline.decode(baseline.encode(features.db_features))
+        search = _inner_product_search(reconstructions)
+        settings["search"] = "inner product with the reconstruction (asymmetric)"
+    else:
+        baseline.add(features.db_features)
+        search = baseline.search
     encode_seconds = time.perf_counter() - began
-    scorer, search_seconds = _search_and_score(baseline.search, features, r, with_curves, ranks)
+    scorer, search_seconds = _search_and_score(search, features, r, with_curves, ranks)
     return scorer.result(
         name,
         bits,
         fit_seconds=fit_seconds,
         encode_seconds=encode_seconds,
         search_seconds=search_seconds,
-        settings={**baseline.describe(), "fitted_on_rows": int(fit_features.shape[0])},
+        settings=settings,
     )
+
+
+def _inner_product_search(database: np.ndarray):
+    """``search(queries, k) -> (-inner products float32 (nq, k), ids int64 (nq, k))`` over
+    float (N, D) database rows, exhaustive (faiss IndexFlatIP); ties by ascending id."""
+    import faiss
+
+    from dpq.baselines.base import order_ties_by_id
+
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        distances = -scores
+        distances[ids < 0] = np.inf
+        return order_ties_by_id(distances, ids.astype(np.int64, copy=False))
+
+    return search
 
 
 def _evaluate_dpq(
@@ -549,7 +584,9 @@ def _evaluate_dpq(
             "bits": bits,
             "num_levels": num_levels,
             "codebook_size": int(index.codebook_size),
-            "search": "asymmetric (AQD)",
+            "search": "asymmetric (AQD)"
+            if index.search_mode == "aqd"
+            else "inner product (asymmetric)",
         },
     )
 
@@ -561,14 +598,20 @@ def _evaluate_float(features: FeatureSet, r: int, ranks) -> MethodResult:
 
     if features.db_features is None:
         raise ValueError("the 'float' reference needs database features.")
-    index = faiss.IndexFlatL2(features.dim)
     began = time.perf_counter()
-    index.add(np.ascontiguousarray(features.db_features, dtype=np.float32))
-    encode_seconds = time.perf_counter() - began
+    if features.metric == "ip":
+        search = _inner_product_search(features.db_features)
+        description = "exhaustive inner product on float32 features"
+    else:
+        index = faiss.IndexFlatL2(features.dim)
+        index.add(np.ascontiguousarray(features.db_features, dtype=np.float32))
+        description = "exhaustive squared L2 on float32 features"
 
-    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return order_ties_by_id(distances, ids)
+        def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            distances, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return order_ties_by_id(distances, ids)
+
+    encode_seconds = time.perf_counter() - began
 
     scorer, search_seconds = _search_and_score(search, features, r, False, ranks)
     return scorer.result(
@@ -577,5 +620,5 @@ def _evaluate_float(features: FeatureSet, r: int, ranks) -> MethodResult:
         fit_seconds=None,
         encode_seconds=encode_seconds,
         search_seconds=search_seconds,
-        settings={"name": FLOAT_METHOD, "search": "exhaustive squared L2 on float32 features"},
+        settings={"name": FLOAT_METHOD, "search": description},
     )
