@@ -27,24 +27,24 @@ from pathlib import Path
 
 import numpy as np
 
+from dpq.atomic import write_json_atomic
 from dpq.baselines import BASELINES
-from dpq.baselines.evaluation import (
-    DPQ_METHOD,
+from dpq.evaluation import (
     FEATURE_FILES,
-    FLOAT_METHOD,
     Evaluation,
     FeatureSet,
+    baseline_methods,
+    dpq_methods,
     evaluate_methods,
-    parse_bits,
-    parse_methods,
+    float_method,
 )
+from dpq.index import DPQIndex
 from dpq.report import (
     format_map_table,
     margin_summary,
     plot_pr_curves,
     plot_precision_at_r,
     timing_table,
-    write_json,
     write_report,
 )
 
@@ -75,7 +75,7 @@ def summary_table(evaluation: Evaluation) -> str:
     map_table = evaluation.map_table()
     reference = evaluation.float_reference()
     if reference is not None:
-        map_table = {**map_table, FLOAT_METHOD: {bits: reference for bits in _bits(map_table)}}
+        map_table = {**map_table, "float": {bits: reference for bits in _bits(map_table)}}
     lines = format_map_table(map_table).splitlines()
     totals: dict[str, float] = {}
     for result in evaluation.results:
@@ -94,26 +94,22 @@ def _bits(map_table: dict[str, dict[int, float]]) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     features = FeatureSet.from_directory(args.features_dir)
-    methods = parse_methods(args.baselines)
-    if args.index:
-        methods = [DPQ_METHOD, *methods]
-    if not args.no_float:
-        methods.append(FLOAT_METHOD)
+    bits = [int(b) for b in args.bits.split(",")]
+    names = list(BASELINES) if args.baselines == "all" else args.baselines.split(",")
     options = {
         "opq": {"iterations": args.opq_iterations},
         "rq": {"beam_size": args.rq_beam_size},
         "lsq": {"train_iterations": args.lsq_train_iterations},
     }
+    methods = []
+    if args.index:
+        index = DPQIndex.load(args.index)
+        methods += dpq_methods(index, bits, len(features.db_labels), features.dim)
+    methods += baseline_methods(names, bits, features, seed=args.seed, options=options)
+    if not args.no_float:
+        methods.append(float_method(features))
     began = time.perf_counter()
-    evaluation = evaluate_methods(
-        features,
-        methods,
-        bits=parse_bits(args.bits),
-        r=args.r,
-        dpq_index=args.index,
-        seed=args.seed,
-        options=options,
-    )
+    evaluation = evaluate_methods(features, methods, r=args.r)
     wall = time.perf_counter() - began
     print(
         f"\nmAP@{evaluation.r}: {evaluation.n_queries} queries, {evaluation.n_database} database "
@@ -124,10 +120,10 @@ def run(args: argparse.Namespace) -> None:
     print(summary_table(evaluation))
     print(f"\ntimes per method and code length ({wall:.0f} s in all):")
     print(timing_table(evaluation.timings(), markdown=False))
-    if DPQ_METHOD in evaluation.map_table():
-        print("\n" + margin_summary(evaluation.map_table(), DPQ_METHOD))
+    if "dpq" in evaluation.map_table():
+        print("\n" + margin_summary(evaluation.map_table(), "dpq"))
     out = Path(args.out or Path(args.features_dir) / "baselines_results.json")
-    print(f"\nwrote {write_json(out, evaluation.to_dict())}")
+    print(f"\nwrote {write_json_atomic(out, evaluation.to_dict())}")
     if args.report_dir:
         report_dir = Path(args.report_dir)
         pr, at_r = evaluation.curves(32)

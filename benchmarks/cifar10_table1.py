@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         run_dir = Path(args.runs) / f"{name}-{budget}-{stamp}"
         command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        results = reproduce_cifar10(
+        results = reproduce_cifar10(  # a ReproduceResult; its to_dict() is results.json
             run_dir,
             data=args.data,
             ablation=name,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             word_vectors=args.word_vectors,
             progress=not args.quiet,
             command=command,
-        )
+        ).to_dict()
         row = _row(results, name, args.minutes, args.recipe)
         row["threads"] = args.threads or None
         # read just before writing: another run may have appended meanwhile

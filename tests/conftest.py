@@ -1,5 +1,201 @@
-"""Shared test settings: small thread counts so the suite behaves on two cores."""
+"""Shared test settings and tiny deterministic data: small thread counts so the suite behaves
+on two cores; Gaussian-blob features and a slice of scikit-learn's digits."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import io  # noqa: E402
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_ZIP = SHARED / "data" / "cifar10" / "cifar10-jpeg.zip"
+WORDVEC = SHARED / "data" / "wordvec"
+QUIET = {"progress": False, "log": lambda message: None}
+
+
+def feature_data(n: int = 120, dim: int = 12, classes: int = 3, seed: int = 0):
+    """Gaussian blobs as an ArrayDataset: one direction per class plus noise, float32 (n, dim)."""
+    from dpq.trainer import ArrayDataset
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centres = rng.normal(size=(classes, dim)) * 2.0
+    features = centres[labels] + rng.normal(size=(n, dim))
+    return ArrayDataset(features.astype(np.float32), labels.astype(np.int64))
+
+
+def feature_config(**train):
+    """A DPQConfig for feature_data(): identity backbone, L=2, K=8, D=6, no semantic loss."""
+    from dpq.config import DPQConfig, LossConfig, ModelConfig, QuantizerConfig, TrainConfig
+
+    options = {"epochs": 4, "batch_size": 40, "lr": 0.05, "keep_checkpoints": 10, **train}
+    return DPQConfig(
+        model=ModelConfig(backbone="identity", backbone_kwargs={"in_features": 12}, num_classes=3),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=8, dim=6),
+        loss=LossConfig(use_semantic=False),
+        train=TrainConfig(**options),
+    )
+
+
+def digits_config(**train):
+    """A DPQConfig for the digits slice: small_cnn at width 0.25, L=2, K=16, D=12."""
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
+
+    options = {"epochs": 3, "batch_size": 48, "lr": 0.05, "crop_pad": 1, "flip": False, **train}
+    return DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=10),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=16, dim=12),
+        train=TrainConfig(**options),
+    )
+
+
+def orthogonal(classes: int, dim: int) -> np.ndarray:
+    from dpq.data import orthogonal_label_embeddings
+
+    return orthogonal_label_embeddings(classes, dim)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """24 digits per class (240 images, uint8 (240, 8, 8, 3)) as an ArrayDataset."""
+    from dpq.data import load_digits
+    from dpq.trainer import ArrayDataset
+
+    dataset = load_digits()
+    keep = np.concatenate([np.flatnonzero(dataset.labels == c)[:24] for c in range(10)])
+    return ArrayDataset(np.asarray(dataset.images)[keep], dataset.labels[keep])
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def feature_dir(tmp_path_factory):
+    """Clustered 16-d features saved as .npy, plus a DPQ-format index of the database
+    (codebooks from faiss residual quantization, 2 levels of 8 bits)."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0.0, 3.0, (5, 16))
+    labels = rng.integers(0, 5, 900)
+    features = (centers[labels] + rng.normal(0.0, 1.5, (900, 16))).astype(np.float32)
+    directory = tmp_path_factory.mktemp("features")
+    parts = {"query": slice(0, 30), "db": slice(30, 900), "train": slice(30, 630)}
+    for part, rows in parts.items():
+        np.save(directory / f"{part}_features.npy", features[rows])
+        np.save(directory / f"{part}_labels.npy", labels[rows])
+    import faiss
+
+    from dpq.index import DPQIndex
+
+    quantizer = faiss.IndexResidualQuantizer(16, 2, 8)
+    quantizer.train(features[parts["train"]])
+    quantizer.add(features[parts["db"]])
+    DPQIndex.from_faiss(quantizer).save(directory / "index.npz")
+    return directory
+
+
+LISTS = SHARED / "data" / "lists"
+
+needs_cifar_zip = pytest.mark.skipif(
+    not CIFAR_ZIP.is_file(), reason=f"shared CIFAR-10 zip not found at {CIFAR_ZIP}"
+)
+needs_lists = pytest.mark.skipif(not LISTS.is_dir(), reason=f"shared list files not at {LISTS}")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], size: int = 8, seed: int = 0) -> dict:
+    """<class>/<i>.png images; returns {class: [arrays]}."""
+    rng = np.random.default_rng(seed)
+    made: dict[str, list[np.ndarray]] = {}
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        made[name] = []
+        for i in range(count):
+            image = random_image(rng, size, size)
+            (root / name / f"{i:03d}.png").write_bytes(png_bytes(image))
+            made[name].append(image)
+    return made
+
+
+def truncated_jpeg(rng: np.random.Generator) -> bytes:
+    return png_bytes(random_image(rng, 32, 32), "JPEG")[:200]
+
+
+@pytest.fixture(scope="session")
+def small_cifar_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zip with the shared zip's layout: 3 train + 2 test real JPEGs per class."""
+    from dpq.data import CIFAR10_CLASSES
+
+    if not CIFAR_ZIP.is_file():
+        pytest.skip(f"shared CIFAR-10 zip not found at {CIFAR_ZIP}")
+    out = tmp_path_factory.mktemp("cifar") / "small-cifar.zip"
+    with zipfile.ZipFile(CIFAR_ZIP) as source, zipfile.ZipFile(out, "w") as target:
+        names = set(source.namelist())
+        for split, count in (("train", 3), ("test", 2)):
+            for class_name in CIFAR10_CLASSES:
+                members = sorted(
+                    n
+                    for n in names
+                    if n.startswith(f"{split}/{class_name}/") and n.endswith(".jpg")
+                )[:count]
+                for member in reversed(members):  # stored out of order on purpose
+                    target.writestr(member, source.read(member))
+    return out
+
+
+# --------------------------------------------------------------------------- a small model
+
+
+def small_config(**quantizer):
+    """small_cnn at width 0.25 for 8x8 images, 4 classes, L=3, K=16, D=10 (override quantizer)."""
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+
+    q = {"num_levels": 3, "codebook_size": 16, "dim": 10, **quantizer}
+    return DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=4),
+        quantizer=QuantizerConfig(**q),
+    )
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    """uint8 (9, 8, 8, 3) random images."""
+    return np.random.default_rng(0).integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def model():
+    """A seeded, untrained DPQModel of small_config()."""
+    import torch
+
+    from dpq.model import DPQModel
+
+    torch.manual_seed(0)
+    return DPQModel(small_config())

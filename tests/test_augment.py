@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpq.augment import RANDAUGMENT_OPS, _apply, rand_augment
+from dpq.augment import RANDAUGMENT_OPS, _apply, crop_flip, cutout, mixup, rand_augment
 
 
 def images(batch=6, size=16, seed=0):
@@ -77,3 +77,42 @@ def test_bad_input_is_refused():
         rand_augment(as_float(images()), np.random.default_rng(0))
     with pytest.raises(ValueError, match="0..30"):
         rand_augment(images(), np.random.default_rng(0), magnitude=31)
+
+
+def test_crop_flip_is_a_reflect_padded_crop():
+    images = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, size=(6, 5, 7, 3), dtype=np.uint8)
+    )
+    assert torch.equal(crop_flip(images, np.random.default_rng(1), 0, False), images)
+    out = crop_flip(images, np.random.default_rng(1), 2, True).numpy()
+    padded = np.pad(images.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    for i in range(6):
+        candidates = [
+            crop
+            for y in range(5)
+            for x in range(5)
+            for crop in (padded[i, y : y + 5, x : x + 7], padded[i, y : y + 5, x : x + 7][:, ::-1])
+        ]
+        assert any(np.array_equal(out[i], c) for c in candidates)
+
+
+def test_cutout_zeroes_one_square():
+    images = torch.ones(4, 3, 10, 10)
+    out = cutout(images, np.random.default_rng(0), 4)
+    zeros = (out == 0).all(dim=1)  # (B, H, W)
+    for i in range(4):
+        count = int(zeros[i].sum())
+        assert 4 <= count <= 16
+        rows, cols = torch.nonzero(zeros[i], as_tuple=True)
+        assert count == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert torch.equal(images, torch.ones(4, 3, 10, 10))
+
+
+def test_mixup_mixes_inputs_and_targets_with_one_weight():
+    inputs = torch.arange(12, dtype=torch.float32).view(4, 3)
+    targets = torch.eye(4)
+    mixed, mixed_targets = mixup(inputs, targets, np.random.default_rng(0), 0.4)
+    assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(4))
+    assert not torch.equal(mixed_targets, targets)
+    # the convex weights that mixed the one-hot targets mixed the inputs too
+    torch.testing.assert_close(mixed, mixed_targets @ inputs)

@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpq.cli import main
+from conftest import (
+    CIFAR_ZIP,
+    LISTS,
+    make_image_folder,
+    needs_cifar_zip,
+    needs_lists,
+    png_bytes,
+    random_image,
+    truncated_jpeg,
+)
 from dpq.data import (
     CIFAR10_CLASSES,
     CorruptImageError,
@@ -36,67 +45,6 @@ from dpq.data import (
     read_list_file,
 )
 from dpq.data.cifar10 import parse_pickle_safely, read_cifar_batch
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_ZIP = SHARED / "data" / "cifar10" / "cifar10-jpeg.zip"
-LISTS = SHARED / "data" / "lists"
-
-needs_cifar_zip = pytest.mark.skipif(
-    not CIFAR_ZIP.is_file(), reason=f"shared CIFAR-10 zip not found at {CIFAR_ZIP}"
-)
-needs_lists = pytest.mark.skipif(not LISTS.is_dir(), reason=f"shared list files not at {LISTS}")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def _make_folder(root: Path, per_class: dict[str, int], size: int = 8, seed: int = 0) -> dict:
-    """<class>/<i>.png images; returns {class: [arrays]}."""
-    rng = np.random.default_rng(seed)
-    made: dict[str, list[np.ndarray]] = {}
-    for name, count in per_class.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        made[name] = []
-        for i in range(count):
-            image = _random_image(rng, size, size)
-            (root / name / f"{i:03d}.png").write_bytes(_png_bytes(image))
-            made[name].append(image)
-    return made
-
-
-def _truncated_jpeg(rng: np.random.Generator) -> bytes:
-    return _png_bytes(_random_image(rng, 32, 32), "JPEG")[:200]
-
-
-@pytest.fixture(scope="module")
-def small_cifar_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A zip with the shared zip's layout: 3 train + 2 test real JPEGs per class."""
-    if not CIFAR_ZIP.is_file():
-        pytest.skip(f"shared CIFAR-10 zip not found at {CIFAR_ZIP}")
-    out = tmp_path_factory.mktemp("cifar") / "small-cifar.zip"
-    with zipfile.ZipFile(CIFAR_ZIP) as source, zipfile.ZipFile(out, "w") as target:
-        names = set(source.namelist())
-        for split, count in (("train", 3), ("test", 2)):
-            for class_name in CIFAR10_CLASSES:
-                members = sorted(
-                    n
-                    for n in names
-                    if n.startswith(f"{split}/{class_name}/") and n.endswith(".jpg")
-                )[:count]
-                for member in reversed(members):  # stored out of order on purpose
-                    target.writestr(member, source.read(member))
-    return out
-
 
 # --------------------------------------------------------------------------- ImageDataset
 
@@ -179,8 +127,8 @@ def _cifar_folder_with_bad_image(root: Path, rng: np.random.Generator) -> None:
         for class_name in CIFAR10_CLASSES:
             folder = root / split / class_name
             folder.mkdir(parents=True)
-            (folder / "0000.jpg").write_bytes(_png_bytes(_random_image(rng, 32, 32), "JPEG"))
-    (root / "train" / "cat" / "0001.jpg").write_bytes(_truncated_jpeg(rng))
+            (folder / "0000.jpg").write_bytes(png_bytes(random_image(rng, 32, 32), "JPEG"))
+    (root / "train" / "cat" / "0001.jpg").write_bytes(truncated_jpeg(rng))
 
 
 def test_cifar10_corrupt_image_names_the_file_and_can_be_skipped(tmp_path: Path) -> None:
@@ -359,11 +307,11 @@ def test_cifar10_download_checks_md5_and_explains_offline(tmp_path: Path) -> Non
 
 
 def test_source_kinds(tmp_path: Path) -> None:
-    _make_folder(tmp_path / "fruit" / "train", {"apple": 1})
-    _make_folder(tmp_path / "fruit" / "test", {"apple": 1})
+    make_image_folder(tmp_path / "fruit" / "train", {"apple": 1})
+    make_image_folder(tmp_path / "fruit" / "test", {"apple": 1})
     assert detect_source_kind(tmp_path / "fruit") == "image-folder"
-    _make_folder(tmp_path / "cifar" / "train", {"cat": 1})
-    _make_folder(tmp_path / "cifar" / "test", {"cat": 1})
+    make_image_folder(tmp_path / "cifar" / "train", {"cat": 1})
+    make_image_folder(tmp_path / "cifar" / "test", {"cat": 1})
     assert detect_source_kind(tmp_path / "cifar") == "cifar10"
     (tmp_path / "list.txt").write_text("a.jpg 1\n")
     assert detect_source_kind(tmp_path / "list.txt") == "list-file"
@@ -375,7 +323,7 @@ def test_source_kinds(tmp_path: Path) -> None:
 def test_load_cifar10_rejects_other_sources(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_cifar10(tmp_path / "nowhere.zip", cache_dir=tmp_path / "cache")
-    _make_folder(tmp_path / "animals", {"cat": 1, "dog": 1})
+    make_image_folder(tmp_path / "animals", {"cat": 1, "dog": 1})
     with pytest.raises(ValueError, match="not a CIFAR-10 source"):
         load_cifar10(tmp_path / "animals", cache_dir=tmp_path / "cache")
 
@@ -399,7 +347,7 @@ def test_full_cifar10_zip(tmp_path: Path) -> None:
 
 
 def test_image_folder_loads_classes_in_order(tmp_path: Path) -> None:
-    made = _make_folder(tmp_path / "pets", {"dog": 2, "cat": 3})
+    made = make_image_folder(tmp_path / "pets", {"dog": 2, "cat": 3})
     (tmp_path / "pets" / "cat" / "notes.txt").write_text("not an image")
     dataset = load_image_folder(tmp_path / "pets")
     assert dataset.classes == ["cat", "dog"]
@@ -412,7 +360,7 @@ def test_image_folder_zip_with_wrapper_and_mixed_formats(tmp_path: Path) -> None
     rng = np.random.default_rng(5)
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("photos/a/x.png", _png_bytes(_random_image(rng, 10, 6)))
+        zf.writestr("photos/a/x.png", png_bytes(random_image(rng, 10, 6)))
         gray = Image.fromarray(rng.integers(0, 256, (7, 7), dtype=np.uint8), mode="L")
         buffer = io.BytesIO()
         gray.save(buffer, format="BMP")
@@ -431,8 +379,8 @@ def test_image_folder_zip_with_wrapper_and_mixed_formats(tmp_path: Path) -> None
 
 
 def test_image_folder_corrupt_image_stops_or_is_skipped(tmp_path: Path) -> None:
-    _make_folder(tmp_path / "set", {"a": 2, "b": 2})
-    (tmp_path / "set" / "b" / "broken.jpg").write_bytes(_truncated_jpeg(np.random.default_rng(6)))
+    make_image_folder(tmp_path / "set", {"a": 2, "b": 2})
+    (tmp_path / "set" / "b" / "broken.jpg").write_bytes(truncated_jpeg(np.random.default_rng(6)))
     with pytest.raises(ValueError, match=r"b/broken\.jpg.*skip_corrupt=True"):
         load_image_folder(tmp_path / "set")
     with pytest.warns(SkippedImagesWarning, match="skipped 1 of 5"):
@@ -444,7 +392,7 @@ def test_image_folder_corrupt_image_stops_or_is_skipped(tmp_path: Path) -> None:
 
 
 def test_image_folder_empty_class_folder(tmp_path: Path) -> None:
-    _make_folder(tmp_path / "set", {"a": 2})
+    make_image_folder(tmp_path / "set", {"a": 2})
     (tmp_path / "set" / "empty").mkdir()
     with pytest.raises(ValueError, match=r"class folder '.*empty' has no images"):
         load_image_folder(tmp_path / "set")
@@ -489,7 +437,7 @@ def _list_with_images(list_path: Path, root: Path, lines: int, tmp_path: Path) -
         )
         target = root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(_png_bytes(_random_image(rng, 6, 9), "JPEG"))
+        target.write_bytes(png_bytes(random_image(rng, 6, 9), "JPEG"))
     out = tmp_path / f"head-{list_path.parent.name}-{list_path.name}"
     out.write_text("\n".join(head) + "\n")
     return out
@@ -554,7 +502,7 @@ def test_list_file_label_width_mismatch_names_the_line(tmp_path: Path) -> None:
 
 def test_list_file_missing_images_and_unplaceable_paths(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    _make_folder(root, {"k": 1})
+    make_image_folder(root, {"k": 1})
     listing = tmp_path / "list.txt"
     listing.write_text("k/000.png 4\nk/001.png 4\n")
     with pytest.raises(FileNotFoundError, match="1 of 2 images .* missing .*001.png"):
@@ -572,7 +520,7 @@ def test_list_file_missing_images_and_unplaceable_paths(tmp_path: Path) -> None:
 
 
 def test_image_file_reader_indexing(tmp_path: Path) -> None:
-    made = _make_folder(tmp_path / "root", {"k": 3}, size=8)
+    made = make_image_folder(tmp_path / "root", {"k": 3}, size=8)
     listing = tmp_path / "list.txt"
     listing.write_text("k/000.png 0\nk/001.png 1\nk/002.png 0\n")
     reader = load_list_file(listing, tmp_path / "root", 8).images
@@ -591,8 +539,8 @@ def test_image_file_reader_indexing(tmp_path: Path) -> None:
 
 def test_list_file_corrupt_image(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    _make_folder(root, {"k": 2})
-    (root / "k" / "bad.jpg").write_bytes(_truncated_jpeg(np.random.default_rng(8)))
+    make_image_folder(root, {"k": 2})
+    (root / "k" / "bad.jpg").write_bytes(truncated_jpeg(np.random.default_rng(8)))
     listing = tmp_path / "list.txt"
     listing.write_text("k/000.png 0\nk/bad.jpg 1\nk/001.png 0\n")
     lazy = load_list_file(listing, root, 8)
@@ -632,38 +580,6 @@ def test_load_features(tmp_path: Path) -> None:
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}] * 6, dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object arrays are refused"):
         load_features(tmp_path / "objects.npy", tmp_path / "y.npy")
-
-
-# --------------------------------------------------------------------------- dpq data info
-
-
-@needs_cifar_zip
-def test_cli_data_info_cifar(small_cifar_zip: Path, tmp_path: Path, capsys) -> None:
-    code = main(["data", "info", str(small_cifar_zip), "--cache-dir", str(tmp_path / "c")])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "images: 50" in out and "classes: 10" in out and "image size: 32 x 32 x 3" in out
-    assert "airplane" in out and "5" in out.split("airplane")[1].splitlines()[0]
-    assert "not applicable" in out and "has 5 items" in out
-
-
-def test_cli_data_info_folder_and_errors(tmp_path: Path, capsys) -> None:
-    _make_folder(tmp_path / "set", {"a": 2, "b": 3})
-    assert main(["data", "info", str(tmp_path / "set")]) == 0
-    out = capsys.readouterr().out
-    assert "images: 5" in out and "classes: 2" in out and "8 x 8 x 3" in out
-    (tmp_path / "set" / "a" / "bad.jpg").write_bytes(_truncated_jpeg(np.random.default_rng(10)))
-    assert main(["data", "info", str(tmp_path / "set")]) == 2
-    assert "bad.jpg" in capsys.readouterr().err
-    with pytest.warns(SkippedImagesWarning):
-        assert main(["data", "info", str(tmp_path / "set"), "--skip-corrupt"]) == 0
-    (tmp_path / "set" / "c").mkdir()
-    assert main(["data", "info", str(tmp_path / "set"), "--skip-corrupt"]) == 2
-    assert "has no images" in capsys.readouterr().err
-    listing = tmp_path / "l.txt"
-    listing.write_text("a.jpg 0 1\nb.jpg 1\n")
-    assert main(["data", "info", str(listing)]) == 2
-    assert "line 2" in capsys.readouterr().err
 
 
 @needs_lists

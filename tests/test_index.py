@@ -614,9 +614,9 @@ def test_cli_encode_and_search_images_with_a_model_checkpoint(tmp_path, capsys):
     )
     built = DPQIndex.load(out)
     assert built.ntotal == 6 and built.metadata["classes"] == ["cat", "dog"]
-    from dpq.train import load_training_source
+    from dpq.data import load_source
 
-    inputs, labels, _, _ = load_training_source(images)
+    inputs, labels = load_source(images).inputs, load_source(images).labels
     reference = DPQModel.from_checkpoint(checkpoint)
     np.testing.assert_array_equal(built.codes, reference.encode(inputs))
     np.testing.assert_array_equal(built.labels, labels)

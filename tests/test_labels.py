@@ -33,7 +33,7 @@ def test_bad_word_vector_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="line 2 .* 2 values but the first row has 3"):
         load_word_vectors(path)
     path.write_text("1 2 x\n")
-    with pytest.raises(ValueError, match="line 1 .* not all numbers"):
+    with pytest.raises(ValueError, match="line 1 .* holds 'x', which is not a number"):
         load_word_vectors(path)
     path.write_text("1 nan 3\n")
     with pytest.raises(ValueError, match="NaN"):
@@ -41,3 +41,37 @@ def test_bad_word_vector_files(tmp_path: Path) -> None:
     path.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         load_word_vectors(path)
+
+
+def test_word_vector_messages_name_the_file_and_stay_short(tmp_path: Path) -> None:
+    binary = tmp_path / "vectors.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"vectors\.bin is not a text file"):
+        load_word_vectors(binary)
+    csv = tmp_path / "vectors.csv"
+    csv.write_text(",".join(["0.5"] * 300) + "\n")
+    with pytest.raises(ValueError, match="commas are not separators") as caught:
+        load_word_vectors(csv)
+    assert len(str(caught.value)) < 400 and "vectors.csv" in str(caught.value)
+    zero = tmp_path / "zero.txt"
+    zero.write_text("1 2 3\n0 0 0\n")
+    with pytest.raises(ValueError, match=r"row 2 of word-vector file .*zero\.txt is all zeros"):
+        load_word_vectors(zero)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_word_vectors(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_word_vectors(tmp_path / "missing.txt")
+
+
+def test_resolve_word_vectors_by_file_or_orthogonal(tmp_path: Path) -> None:
+    from dpq.data import orthogonal_label_embeddings, resolve_word_vectors
+
+    assert resolve_word_vectors(None, 3, 4) is None
+    vectors = resolve_word_vectors("orthogonal", 3, 4, seed=2)
+    np.testing.assert_allclose(vectors @ vectors.T, np.eye(3), atol=1e-6)
+    np.testing.assert_array_equal(vectors, orthogonal_label_embeddings(3, 4, seed=2))
+    path = tmp_path / "v.txt"
+    path.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n")
+    assert resolve_word_vectors(path, 3, 4).shape == (3, 4)
+    with pytest.raises(ValueError, match="dim >= num_classes"):
+        resolve_word_vectors("orthogonal", 5, 4)

@@ -1,39 +1,18 @@
 """DPQModel: forward shapes, feature extraction, codes, checkpoints and their errors."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import small_config
 from dpq.config import (
     ABLATIONS,
     DPQConfig,
     ModelConfig,
     QuantizerConfig,
-    TrainConfig,
     ablation_config,
 )
 from dpq.model import DPQModel, image_statistics
-
-
-def small_config(**quantizer) -> DPQConfig:
-    q = {"num_levels": 3, "codebook_size": 16, "dim": 10, **quantizer}
-    return DPQConfig(
-        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=4),
-        quantizer=QuantizerConfig(**q),
-    )
-
-
-@pytest.fixture
-def images() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def model() -> DPQModel:
-    torch.manual_seed(0)
-    return DPQModel(small_config())
 
 
 def test_forward_shapes(model, images):
@@ -118,44 +97,6 @@ def test_bad_images_raise(model, images):
         model.extract_features(images[..., 0])
     with pytest.raises(ValueError, match="batch_size"):
         model.extract_features(images, batch_size=0)
-
-
-def test_checkpoint_round_trip(tmp_path, model, images):
-    path = model.save_checkpoint(tmp_path / "ckpt", extra={"note": "x"})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
-    record = json.loads((path / "config.json").read_text())
-    assert record["checkpoint"]["note"] == "x"
-    loaded = DPQModel.from_checkpoint(path)
-    assert loaded.config == model.config
-    np.testing.assert_array_equal(loaded.extract_features(images), model.extract_features(images))
-    np.testing.assert_array_equal(loaded.codebooks(), model.codebooks())
-    same = DPQModel.from_checkpoint(path, config=small_config())
-    assert same.config.quantizer.assignment == "euclidean"
-
-
-def test_checkpoint_config_mismatch_is_a_clear_error(tmp_path, model):
-    model.save_checkpoint(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"\(checkpoint vs requested\): quantizer.num_levels: 3 vs 4"
-    ):
-        DPQModel.from_checkpoint(tmp_path, config=small_config(num_levels=4))
-    other_train = small_config().replace(train=TrainConfig(epochs=3))
-    assert DPQModel.from_checkpoint(tmp_path, config=other_train).config == model.config
-
-
-def test_corrupted_or_missing_checkpoint(tmp_path, model):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        DPQModel.from_checkpoint(tmp_path / "nowhere")
-    model.save_checkpoint(tmp_path)
-    weights = tmp_path / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="checksum"):
-        DPQModel.from_checkpoint(tmp_path)
-    weights.unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
-        DPQModel.from_checkpoint(tmp_path)
 
 
 def test_image_statistics():

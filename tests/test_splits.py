@@ -101,26 +101,3 @@ def test_load_rejects_other_files(tmp_path: Path) -> None:
         Split.load(path)
     with pytest.raises(ValueError, match=".json or .npz"):
         split_nus_wide(20, 5, 5).save(tmp_path / "x.pkl")
-
-
-def _tiny_folder(root: Path, per_class: dict[str, int]) -> None:
-    from PIL import Image
-
-    for name, count in per_class.items():
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            Image.new("RGB", (4, 4), (i, 0, 0)).save(root / name / f"{i}.png")
-
-
-def test_cli_data_split_writes_the_split(tmp_path: Path, capsys) -> None:
-    from dpq.cli import main
-
-    _tiny_folder(tmp_path / "set", {"a": 5, "b": 4})
-    out = tmp_path / "split.json"
-    args = ["data", "split", str(tmp_path / "set"), "--n-train", "2", "--n-query", "1"]
-    assert main([*args, "--out", str(out)]) == 0
-    assert "train 4 / query 2 / database 3" in capsys.readouterr().out
-    labels = np.array([0] * 5 + [1] * 4)
-    assert Split.load(out) == split_per_class(labels, 2, 1, seed=0)
-    assert main([*args[:3], "--n-train", "4", "--n-query", "1", "--out", str(out)]) == 2
-    assert "class 'b' (index 1) has 4 items" in capsys.readouterr().err

@@ -1,60 +1,155 @@
-"""Command-line interface: argument parsing only. Each sub-command calls the library.
+"""Command-line interface: argument parsing and printing only; each command calls the library.
 
-Tests call ``main([...])`` directly. Errors a user can fix (``ValueError``,
-``FileNotFoundError``) print one line to stderr and return exit code 2.
+Tests call ``main([...])`` directly. A mistake a user can fix (a missing or unreadable file,
+a bad value, conflicting flags) prints one line ``dpq: error: ...`` to stderr and returns
+exit code 2; a training that diverged returns 3; Ctrl-C returns 130 without a traceback; a
+closed pipe (``dpq ... | head``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
+import shlex
 import sys
+import time
+import warnings
 from collections.abc import Sequence
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+SOURCE_HELP = (
+    "'digits', CIFAR-10 (cifar-10-python.tar.gz, its extracted folder, or a folder/zip of "
+    "<train|test>/<class>/<image>), a folder or zip of <class>/<image> (your own "
+    "collection), or a DVSQ/DPQ list file (.txt, with --image-root)"
+)
+
+
+# ---------------------------------------------------------------------------- shared options
+
+
+def _add_source_options(parser: argparse.ArgumentParser, cache: bool = False) -> None:
+    """How an image source is read: the same flags wherever a source is read."""
+    group = parser.add_argument_group("reading an image source")
+    group.add_argument(
+        "--image-root", help="list files: the folder or zip holding the listed images"
+    )
+    group.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="list files: leading part of the listed absolute paths to replace by --image-root "
+        "(default: found from the first line)",
+    )
+    group.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="resize images to N x N (needed for a folder whose images differ in size; list "
+        "files default to 256)",
+    )
+    group.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out images that cannot be decoded (counted in a warning) instead of "
+        "stopping at the first one",
+    )
+    if cache:
+        group.add_argument(
+            "--cache-dir",
+            help="where decoded CIFAR-10 arrays are cached (default: $DPQ_CACHE_DIR or "
+            "~/.cache/dpq)",
+        )
+
+
+def _load_source(args: argparse.Namespace, spec: Any = None, **extra: Any):  # -> Source
+    from dpq.data import load_source
+
+    return load_source(
+        spec,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        strip_prefix=args.strip_prefix,
+        skip_corrupt=args.skip_corrupt,
+        cache_dir=getattr(args, "cache_dir", None),
+        **extra,
+    )
+
+
+def _image_flags_given(args: argparse.Namespace) -> list[str]:
+    names = ("image_root", "strip_prefix", "image_size", "split")
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+    return given + (["--skip-corrupt"] if getattr(args, "skip_corrupt", False) else [])
+
+
+def _read_array(path: str, what: str):  # -> np.ndarray
+    from dpq.data import read_array
+
+    return read_array(path, what)
+
+
+def _quiet_flag(parser: argparse.ArgumentParser, what: str = "progress output") -> None:
+    parser.add_argument("--quiet", action="store_true", help=f"no {what} on stderr")
+
+
+def _log_for(args: argparse.Namespace):
+    return (lambda message: None) if args.quiet else None
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _parse_methods(text: str | None) -> list[str]:
+    """``"all"`` -> every baseline; ``"pq,opq"`` -> ["pq", "opq"]; None/"" -> []."""
+    from dpq.baselines import BASELINES
+
+    if not text:
+        return []
+    if text.strip() == "all":
+        return list(BASELINES)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = (*BASELINES, "dpq", "float")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all'."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _parse_bits(text: str) -> list[int]:
+    """``"8,16,24,32"`` -> [8, 16, 24, 32] (positive integers)."""
+    try:
+        bits = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"bits must be comma-separated integers such as 8,16,24,32; got {text!r}."
+        ) from None
+    if not bits or min(bits) < 1:
+        raise ValueError(f"bits must be positive integers such as 8,16,24,32; got {text!r}.")
+    return list(dict.fromkeys(bits))
+
+
+# ---------------------------------------------------------------------------- data
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="inspect datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="inspect datasets and make protocol splits")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     info = data_sub.add_parser(
-        "info", help="counts per class, image size and protocol split sizes of a dataset"
+        "info",
+        help="counts per class, image size and protocol split sizes of a dataset",
+        description="Summarise a data source: its kind, images per class, image size and, "
+        "for a benchmark, the sizes of its protocol split.",
     )
+    info.add_argument("source", help=SOURCE_HELP + "; the kind is detected")
+    _add_source_options(info, cache=True)
     info.add_argument(
-        "source",
-        help="CIFAR-10 (cifar-10-python.tar.gz, its extracted folder, or a folder/zip of "
-        "<train|test>/<class>/<image>), a folder or zip of <class>/<image>, or a DVSQ/DPQ "
-        "list file (.txt); the kind is detected",
-    )
-    info.add_argument(
-        "--skip-corrupt",
-        action="store_true",
-        help="skip images that cannot be decoded (counted in a warning) instead of stopping "
-        "at the first one",
-    )
-    info.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="resize images to N x N (needed for an image folder whose images differ in size)",
-    )
-    info.add_argument(
-        "--root",
-        default=None,
-        help="list files only: the folder or zip holding the listed images (without it only "
-        "the labels are summarised)",
-    )
-    info.add_argument(
-        "--strip-prefix",
-        default=None,
-        metavar="PREFIX",
-        help="list files only: leading part of the listed absolute paths to replace by --root "
-        "(default: found from the first line)",
-    )
-    info.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where decoded CIFAR-10 arrays are cached (default: $DPQ_CACHE_DIR or ~/.cache/dpq)",
-    )
+        "--root", dest="image_root", help=argparse.SUPPRESS
+    )  # the flag's name before --image-root
     info.add_argument(
         "--seed", type=int, default=0, help="seed of the protocol split whose sizes are shown"
     )
@@ -79,15 +174,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the training items in the database (the paper leaves them out)",
     )
-    split.add_argument(
-        "--skip-corrupt", action="store_true", help="skip images that cannot be decoded"
-    )
-    split.add_argument(
-        "--image-size", type=int, default=None, metavar="N", help="resize images to N x N"
-    )
-    split.add_argument(
-        "--cache-dir", default=None, help="CIFAR-10 decoded-array cache (default: $DPQ_CACHE_DIR)"
-    )
+    _add_source_options(split, cache=True)
     split.set_defaults(func=_cmd_data_split)
 
 
@@ -98,7 +185,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
         args.source,
         skip_corrupt=args.skip_corrupt,
         image_size=args.image_size,
-        root=args.root,
+        root=args.image_root,
         strip_prefix=args.strip_prefix,
         cache_dir=args.cache_dir,
         seed=args.seed,
@@ -108,21 +195,17 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
-    from dpq.data.info import source_labels
+    from dpq.atomic import check_writable_file
     from dpq.data.splits import split_per_class
 
-    labels, classes = source_labels(
-        args.source,
-        skip_corrupt=args.skip_corrupt,
-        image_size=args.image_size,
-        cache_dir=args.cache_dir,
-    )
+    check_writable_file(args.out, "--out")
+    source = _load_source(args, args.source, labels_only=True)
     split = split_per_class(
-        labels,
+        source.labels,
         args.n_train,
         args.n_query,
         seed=args.seed,
-        classes=classes,
+        classes=source.classes,
         train_in_database=args.train_in_database,
     )
     split.save(args.out)
@@ -134,12 +217,12 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- model commands: train, demo, reproduce
+# ---------------------------------------------------------------------------- train, demo, reproduce
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `reproduce`: a recipe file, an ablation, and overrides."""
-    from dpq.config import ABLATIONS, SCHEDULES
+    from dpq.config import ABLATIONS, PRECISIONS, SCHEDULES
 
     recipe = parser.add_argument_group("recipe (a JSON config, then an ablation, then flags)")
     recipe.add_argument(
@@ -225,7 +308,17 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--ema", type=float, metavar="DECAY", help="weight EMA decay (0: off)")
     train.add_argument(
-        "--bf16", action="store_true", default=None, help="bfloat16 autocast for the network"
+        "--precision",
+        choices=list(PRECISIONS),
+        help="network arithmetic: fp32, bf16, fp16 (GPUs) or auto (bf16 where the hardware has "
+        "it natively); the quantizer and losses stay float32",
+    )
+    train.add_argument(
+        "--bf16",
+        action="store_const",
+        const="bf16",
+        dest="precision",
+        help="the same as --precision bf16",
     )
     train.add_argument(
         "--channels-last", action="store_true", default=None, help="channels-last convolutions"
@@ -241,12 +334,12 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --out"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_flag(parser, "progress or log lines")
 
 
 def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # -> DPQConfig
     """The recipe (``--config``, else ``default``) with the flags that were given on top."""
-    from dpq.config import load_recipe
+    from dpq.config import ablation_config, load_recipe
 
     base = load_recipe(args.config or default)
     sections: dict[str, dict[str, object]] = {"model": {}, "quantizer": {}, "loss": {}, "train": {}}
@@ -274,7 +367,7 @@ def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # ->
         ("train", "randaugment_ops"): args.randaugment,
         ("train", "randaugment_magnitude"): args.randaugment_magnitude,
         ("train", "ema_decay"): args.ema,
-        ("train", "bf16"): args.bf16,
+        ("train", "precision"): args.precision,
         ("train", "channels_last"): args.channels_last,
         ("train", "seed"): args.seed,
     }
@@ -289,11 +382,7 @@ def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # ->
         sections["train"].update(epochs=args.epochs, time_budget_minutes=None)
     if args.minutes is not None:
         sections["train"]["time_budget_minutes"] = args.minutes
-    return base.replace(**sections)
-
-
-def _log_for(args: argparse.Namespace):
-    return (lambda message: None) if args.quiet else None
+    return ablation_config(args.ablation, base.replace(**sections))
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -301,24 +390,25 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a DPQ model on a labelled collection",
         description="Train one DPQ model (backbone, semantic head, classifier, L quantization "
-        "levels). Checkpoints are written every epoch into --out/checkpoints; the final "
-        "model goes to --out/model (model.safetensors + config.json).",
+        "levels). Checkpoints are written every epoch into --out/checkpoints (continue an "
+        "interrupted run with --resume); the final model goes to --out/model "
+        "(model.safetensors + config.json). The output folder is locked while a run trains "
+        "into it.",
+    )
+    train.add_argument("data", nargs="?", help=SOURCE_HELP)
+    train.add_argument(
+        "--features", metavar="NPY", help="instead of a source: precomputed float features (N, F)"
     )
     train.add_argument(
-        "data",
-        nargs="?",
-        help="'digits', a CIFAR-10 source, a folder/zip of <class>/<image>, or a list file",
+        "--labels", metavar="NPY", help="labels of --features: int (N,) class ids or multi-hot"
     )
-    train.add_argument("--features", metavar="NPY", help="precomputed float features (N, F)")
-    train.add_argument("--labels", metavar="NPY", help="labels of --features")
-    train.add_argument("--image-root", help="list files: folder or zip holding the images")
-    train.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
+    _add_source_options(train)
     train.add_argument(
         "--split",
         choices=["auto", "all", "per-class"],
         default="auto",
-        help="train on everything (all), or on a per-class draw (per-class); auto: per-class "
-        "500/100 for CIFAR-10, all otherwise",
+        help="train on everything (all), or on a per-class draw (per-class, saved to "
+        "--out/split.json); auto: per-class 500/100 for CIFAR-10, all otherwise",
     )
     train.add_argument("--train-per-class", type=int, default=500, help="per-class split")
     train.add_argument("--query-per-class", type=int, default=100, help="per-class split")
@@ -344,20 +434,23 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     demo.add_argument("--out", help="keep the run here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_flag(demo, "progress or log lines")
     demo.set_defaults(func=_cmd_demo)
 
     reproduce = sub.add_parser(
         "reproduce",
         help="the paper's CIFAR-10 protocol with one model: mAP@54000 at 8/16/24/32 bits",
         description="Merge CIFAR-10's 60,000 images, draw 500 training and 100 query images "
-        "per class (seed 0), train one model on the 5,000, encode the other 54,000, search "
-        "them for the 1,000 queries with AQD and report mAP@54000 per code length. Writes "
-        "results.json and results.md into --out.",
+        "per class (seed --split-seed), train one model on the 5,000, encode the other "
+        "54,000, search them for the 1,000 queries and report mAP@54000 per code length. "
+        "Writes results.json, results.md and report/ into --out.",
     )
     reproduce.add_argument("dataset", choices=["cifar10"], help="the benchmark")
     reproduce.add_argument(
         "--data", help="CIFAR-10 archive, folder or zip (default: download into the cache)"
+    )
+    reproduce.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the per-class protocol split (0)"
     )
     reproduce.add_argument(
         "--baselines",
@@ -371,32 +464,27 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dpq.config import ablation_config
     from dpq.experiments import train_from_source
-    from dpq.train import TrainingDiverged
 
-    config = ablation_config(args.ablation, _recipe_from_args(args))
-    try:
-        result = train_from_source(
-            config,
-            args.out,
-            source=args.data,
-            features=args.features,
-            labels=args.labels,
-            image_root=args.image_root,
-            image_size=args.image_size,
-            split=args.split,
-            train_per_class=args.train_per_class,
-            query_per_class=args.query_per_class,
-            split_seed=args.split_seed,
-            word_vectors=args.word_vectors,
-            resume=args.resume,
-            progress=not args.quiet,
-            log=_log_for(args),
-        )
-    except TrainingDiverged as exc:
-        print(f"dpq: error: {exc}", file=sys.stderr)
-        return 3
+    config = _recipe_from_args(args)
+    result = train_from_source(
+        config,
+        args.out,
+        source=args.data,
+        features=args.features,
+        labels=args.labels,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        skip_corrupt=args.skip_corrupt,
+        split=args.split,
+        train_per_class=args.train_per_class,
+        query_per_class=args.query_per_class,
+        split_seed=args.split_seed,
+        word_vectors=args.word_vectors,
+        resume=args.resume,
+        progress=not args.quiet,
+        log=_log_for(args),
+    )
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.epochs} epochs in {result.wall_seconds:.1f} s; final loss "
@@ -409,8 +497,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import json
 
     from dpq.experiments import run_demo
+    from dpq.report import format_results_table
 
-    results = run_demo(
+    result = run_demo(
         out_dir=args.out,
         epochs=args.epochs,
         train_per_class=args.train_per_class,
@@ -423,66 +512,49 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         log=_log_for(args),
     )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
         return 0
-    split, settings = results["split"], results["settings"]
+    split, settings = result.split, result.settings
     print(
-        f"dpq demo: {results['dataset']}; {split['train']} train / {split['query']} query / "
+        f"dpq demo: {result.dataset}; {split['train']} train / {split['query']} query / "
         f"{split['database']} database images (seed {split['seed']})"
     )
     print(
         f"{settings['backbone']}, L={settings['num_levels']} K={settings['codebook_size']} "
         f"D={settings['dim']}, {settings['epochs']} epochs, trained in "
-        f"{results['wall_seconds']['train']:.1f} s"
+        f"{result.wall_seconds['train']:.1f} s"
     )
-    print(results["evaluation_table"])
-    print(f"total wall time {results['wall_seconds']['total']:.1f} s")
+    print(format_results_table(result.evaluation))
+    print(f"total wall time {result.wall_seconds['total']:.1f} s")
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    import shlex
+    from dpq.experiments import reproduce_cifar10
+    from dpq.report import format_results_table
 
-    from dpq.experiments import format_results_table, reproduce_cifar10
-    from dpq.train import TrainingDiverged
-
-    base = _recipe_from_args(args, default="cifar10")
-    command = "dpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    try:
-        results = reproduce_cifar10(
-            args.out,
-            data=args.data,
-            ablation=args.ablation,
-            base_config=base,
-            word_vectors=args.word_vectors,
-            resume=args.resume,
-            progress=not args.quiet,
-            log=_log_for(args),
-            command=command,
-            baselines=[name for name in args.baselines.split(",") if name],
-        )
-    except TrainingDiverged as exc:
-        print(f"dpq: error: {exc}", file=sys.stderr)
-        return 3
-    from dpq.experiments import RetrievalEvaluation
-
-    evaluation = results["evaluation"]
-    table = format_results_table(
-        RetrievalEvaluation(
-            map_by_bits={int(b): v for b, v in evaluation["map"].items()},
-            r=evaluation["r"],
-            float_map=evaluation["float_map"],
-            query_accuracy=evaluation["query_accuracy"],
-            seconds=evaluation["seconds"],
-            num_queries=evaluation["num_queries"],
-            num_database=evaluation["num_database"],
-            database_accuracy=evaluation.get("database_accuracy"),
-            class_probability_map=evaluation.get("class_probability_map"),
-        ),
-        title=f"CIFAR-10 ({results['ablation']}), {results['epochs']} epochs",
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    result = reproduce_cifar10(
+        args.out,
+        data=args.data,
+        ablation=args.ablation,
+        base_config=_recipe_from_args(args, default="cifar10"),
+        word_vectors=args.word_vectors,
+        resume=args.resume,
+        progress=not args.quiet,
+        log=_log_for(args),
+        command="dpq " + " ".join(shlex.quote(a) for a in argv),
+        baselines=_parse_methods(args.baselines),
+        split_seed=args.split_seed,
     )
-    print(table)
-    wall = results["wall_seconds"]
+    print(
+        format_results_table(
+            result.evaluation,
+            title=f"CIFAR-10 ({result.ablation}, split seed {result.split_seed}), "
+            f"{result.epochs} epochs, {result.train.precision}",
+        )
+    )
+    wall = result.wall_seconds
     print(
         f"wall time: train {wall['train'] / 60:.1f} min, total {wall['total'] / 60:.1f} min; "
         f"results in {args.out}/results.json, report in {args.out}/report/report.md"
@@ -490,7 +562,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser(
         "evaluate",
         help="mAP@R of DPQ and/or baselines on saved features or a trained model, at each "
@@ -501,8 +576,8 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
         "precision@R curves. Two inputs: saved features (--query-features, --query-labels, "
         "--db-labels, ...; .npy files, never unpickled; labels are int (N,) class ids or "
         "multi-hot (N, C)), or a trained model with a labelled source and a split (--model, "
-        "--images, --split): its features, its codes searched with AQD, the float features "
-        "and any --baselines fitted on its training features.",
+        "--images, --split): its features, its codes, the float features and any --baselines "
+        "fitted on its training features.",
     )
     evaluate.add_argument("--query-features", help="float (nq, D) .npy query features")
     evaluate.add_argument(
@@ -521,7 +596,7 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--method",
         help="one method: dpq (needs --index), a baseline name (pq, opq, rq, lsq, itq, itq-cca, "
-        "lsh) or float (exhaustive L2 on the unquantized features)",
+        "lsh) or float (exhaustive search on the unquantized features)",
     )
     evaluate.add_argument(
         "--baselines",
@@ -547,20 +622,22 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--float-reference",
         action="store_true",
-        help="also score exhaustive L2 search on the unquantized features (a reference row)",
+        help="also score exhaustive search on the unquantized features (a reference row)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of every baseline (default: 0)")
     evaluate.add_argument(
         "--out", help="write all results (mAP, timings, curves) to this JSON file"
     )
-    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _quiet_flag(evaluate)
+    evaluate.add_argument(
+        "--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS
+    )
     trained = evaluate.add_argument_group("a trained model instead of saved features")
     trained.add_argument("--model", metavar="CKPT_DIR", help="a DPQ checkpoint directory")
     trained.add_argument(
         "--images",
         metavar="SOURCE",
-        help="the labelled source the split indexes: 'digits', a CIFAR-10 source, a "
-        "folder/zip of <class>/<image> or a list file",
+        help="the labelled source the split indexes (any source `dpq train` accepts)",
     )
     trained.add_argument(
         "--split",
@@ -568,8 +645,7 @@ def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
         help="a split (`dpq data split`, or the split.json of a run): query and database rows, "
         "and the training rows the baselines are fitted on",
     )
-    trained.add_argument("--image-root", help="list files: folder or zip holding the images")
-    trained.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
+    _add_source_options(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -579,52 +655,54 @@ def _missing_flags(args: argparse.Namespace, *names: str) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpq.baselines.evaluation import (
-        FLOAT_METHOD,
-        FeatureSet,
-        evaluate_methods,
-        parse_bits,
-        parse_methods,
-    )
-    from dpq.report import format_map_table, write_json
-
     if args.model is not None or args.images is not None or args.split is not None:
         return _evaluate_model(args)
+    from dpq import evaluation as ev
+    from dpq.atomic import write_json_atomic
+    from dpq.report import format_map_table
+
     missing = _missing_flags(args, "query_features", "query_labels", "db_labels")
     if missing:
         raise ValueError(
             f"missing {', '.join(missing)}: give saved features and labels, or a trained model "
             "with --model CKPT_DIR --images SOURCE --split FILE."
         )
-    methods = parse_methods(args.method) + parse_methods(args.baselines)
-    if args.float_reference:
-        methods.append(FLOAT_METHOD)
-    features = FeatureSet.from_files(
+    if _image_flags_given(args):
+        raise ValueError(
+            f"{', '.join(_image_flags_given(args))} apply to --images (a trained model's "
+            "source), not to saved features."
+        )
+    if args.out:
+        from dpq.atomic import check_writable_file
+
+        check_writable_file(args.out, "--out")
+    names = _parse_methods(args.method) + _parse_methods(args.baselines)
+    index = None
+    if args.index is not None:
+        from dpq.index import DPQIndex
+
+        index = DPQIndex.load(args.index)
+    metric = args.metric or ("ip" if index is not None and index.search_mode == "ip" else "l2")
+    features = ev.FeatureSet.from_files(
         query_features=args.query_features,
         query_labels=args.query_labels,
         db_features=args.db_features,
         db_labels=args.db_labels,
         train_features=args.train_features,
         train_labels=args.train_labels,
+        metric=metric,
     )
-    index = None
-    if args.index is not None:
-        from dpq.index import DPQIndex
-
-        index = DPQIndex.load(args.index)
-    metric = args.metric
-    if metric is None:  # the way the index is searched, else Euclidean
-        metric = "ip" if index is not None and index.search_mode == "ip" else "l2"
-    features = dataclasses.replace(features, metric=metric)
-    evaluation = evaluate_methods(
-        features,
-        list(dict.fromkeys(methods)),
-        bits=parse_bits(args.bits),
-        r=args.r,
-        dpq_index=index,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    bits = _parse_bits(args.bits)
+    methods: list[Any] = []
+    if "dpq" in names:
+        if index is None:
+            raise ValueError("method 'dpq' needs a DPQ index: pass --index PATH (`dpq encode`).")
+        methods += ev.dpq_methods(index, bits, len(features.db_labels), features.dim)
+    baselines = [name for name in names if name not in ("dpq", "float")]
+    methods += ev.baseline_methods(baselines, bits, features, seed=args.seed)
+    if args.float_reference or "float" in names:
+        methods.append(ev.float_method(features))
+    evaluation = ev.evaluate_methods(features, methods, r=args.r, progress=not args.quiet)
     for note in evaluation.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"mAP@{evaluation.r} over {evaluation.n_queries} queries, {evaluation.n_database} items")
@@ -632,18 +710,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if evaluation.float_reference() is not None:
         print(f"float features (no quantization): {evaluation.float_reference():.3f}")
     if args.out:
-        print(f"wrote {write_json(args.out, evaluation.to_dict())}")
+        print(f"wrote {write_json_atomic(args.out, evaluation.to_dict())}")
     return 0
 
 
 def _evaluate_model(args: argparse.Namespace) -> int:
-    """`dpq evaluate --model --images --split`: features, AQD over the codes, baselines."""
-    from dpq.baselines.evaluation import parse_methods
-    from dpq.data.splits import Split
-    from dpq.experiments import evaluate_retrieval, format_results_table
+    """`dpq evaluate --model --images --split`: features, codes, float search, baselines."""
+    from dpq.atomic import write_json_atomic
+    from dpq.data import Split
+    from dpq.experiments import evaluate_split
     from dpq.model import DPQModel
-    from dpq.report import format_map_table, write_json
-    from dpq.train import load_training_source
+    from dpq.report import format_map_table, format_results_table
 
     missing = _missing_flags(args, "model", "images", "split")
     if missing:
@@ -659,7 +736,14 @@ def _evaluate_model(args: argparse.Namespace) -> int:
             f"{given} belong to the saved-features mode; with --model the features, codes and "
             "index come from the model (name baselines with --baselines)."
         )
+    if args.out:
+        from dpq.atomic import check_writable_file
+
+        check_writable_file(args.out, "--out")
+    baselines = _parse_methods(args.baselines)
     model = DPQModel.from_checkpoint(args.model)
+    split = Split.load(args.split)
+    source = _load_source(args, args.images)
     if args.bits != "8,16,24,32":
         print(
             "note: with --model every prefix of the model's codes is scored "
@@ -667,30 +751,8 @@ def _evaluate_model(args: argparse.Namespace) -> int:
             f"{model.config.quantizer.bits_per_level} bits); --bits is ignored.",
             file=sys.stderr,
         )
-    inputs, labels, _, _ = load_training_source(
-        args.images, image_root=args.image_root, image_size=args.image_size
-    )
-    split = Split.load(args.split)
-    for name in ("query", "database", "train"):
-        rows = getattr(split, name)
-        if rows.size and rows.max() >= len(inputs):
-            raise ValueError(
-                f"{args.split} indexes {name} rows up to {rows.max()} but {args.images} has "
-                f"{len(inputs)} items; make the split from the same source."
-            )
-    baselines = tuple(parse_methods(args.baselines))
-    evaluation = evaluate_retrieval(
-        model,
-        inputs[split.query],
-        labels[split.query],
-        inputs[split.database],
-        labels[split.database],
-        r=args.r,
-        baselines=baselines,
-        train_inputs=inputs[split.train] if len(split.train) else None,
-        train_labels=labels[split.train] if len(split.train) else None,
-        curves=True,
-        progress=not args.no_progress,
+    evaluation = evaluate_split(
+        model, source, split, baselines=baselines, r=args.r, curves=True, progress=not args.quiet
     )
     print(
         format_results_table(
@@ -699,14 +761,14 @@ def _evaluate_model(args: argparse.Namespace) -> int:
             f"{evaluation.num_database} database items",
         )
     )
-    if baselines:
+    if baselines and evaluation.details is not None:
         print(format_map_table(evaluation.details.map_table()))
     if args.out:
-        print(f"wrote {write_json(args.out, evaluation.to_dict())}")
+        print(f"wrote {write_json_atomic(args.out, evaluation.to_dict())}")
     return 0
 
 
-# ---------------------------------------------------------------- index commands: encode, search
+# ---------------------------------------------------------------------------- encode, search
 
 
 def _add_index_commands(sub: argparse._SubParsersAction) -> None:
@@ -729,8 +791,8 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     items.add_argument(
         "--images",
         metavar="SOURCE",
-        help="needs --model: 'digits', a CIFAR-10 source, a folder/zip of <class>/<image> or "
-        "a list file; labels come from it unless --labels is given",
+        help="needs --model: any source `dpq train` accepts; labels come from it unless "
+        "--labels is given",
     )
     items.add_argument(
         "--features",
@@ -743,8 +805,8 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     encode.add_argument(
         "--split",
         metavar="FILE",
-        help="a split from `dpq data split`: encode only its --subset rows (ids stay the "
-        "row numbers in the source)",
+        help="with --images, a split from `dpq data split`: encode only its --subset rows (ids "
+        "stay the row numbers in the source)",
     )
     encode.add_argument(
         "--subset",
@@ -756,7 +818,8 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "--assignment",
         choices=["euclidean", "cosine"],
         default=None,
-        help="hard assignment rule (default: the model's; euclidean with --codebooks)",
+        help="with --codebooks: the hard assignment rule (default: euclidean; with --model the "
+        "model's rule is used)",
     )
     encode.add_argument(
         "--search-mode",
@@ -765,11 +828,10 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         help="how the index is searched unless `dpq search --mode` says otherwise (default: "
         "the model's, ip for class-posterior features; aqd with --codebooks)",
     )
-    encode.add_argument("--image-root", help="list files: the folder or zip holding the images")
-    encode.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
+    _add_source_options(encode)
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     encode.add_argument("--out", required=True, help="the index file to write (.npz)")
-    encode.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quiet_flag(encode)
     encode.set_defaults(func=_cmd_encode)
 
     search = sub.add_parser(
@@ -803,10 +865,14 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         default="query",
         help="which part of --split to search with (default: query)",
     )
-    search.add_argument("--image-root", help="list files: the folder or zip holding the images")
-    search.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N")
+    _add_source_options(search)
     search.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument(
+        "--k",
+        type=int,
+        default=10,
+        help="results per query (default 10; at most the index size is returned)",
+    )
     search.add_argument(
         "--num-levels",
         type=int,
@@ -842,119 +908,88 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "result, query,rank,id,distance[,label] (default: json)",
     )
     search.add_argument("--out", help="write the results to this file instead of stdout")
-    search.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    _quiet_flag(search, "progress or summary")
     search.set_defaults(func=_cmd_search)
 
 
-def _read_npy(path: str, what: str):  # -> np.ndarray
-    import numpy as np
-
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable .npy array for {what}: {exc}") from None
-
-
-def _model_inputs(args: argparse.Namespace):  # -> (inputs, labels or None, row ids or None)
-    """Rows to encode/search: --features as given, or --images loaded (and --split applied)."""
+def _items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None, ids | None, source)
+    """The rows to encode or search: --features as given, or --images read (and --split)."""
     import numpy as np
 
     if args.features is not None:
-        return _read_npy(args.features, "--features"), None, None
+        if _image_flags_given(args):
+            raise ValueError(
+                f"{', '.join(_image_flags_given(args))} apply to --images, not to --features."
+            )
+        return _read_array(args.features, "--features"), None, None, None
     if args.model is None:
         raise ValueError("--images needs --model: the checkpoint that turns images into features.")
-    from dpq.train import load_training_source
+    source = _load_source(args, args.images)
+    if source.kind == "features":
+        raise ValueError("--images takes an image source; give saved features with --features.")
+    if args.split is None:
+        return source.inputs, source.labels, None, source
+    from dpq.data import Split
 
-    inputs, labels, classes, _ = load_training_source(
-        args.images, image_root=args.image_root, image_size=args.image_size
-    )
-    args.classes = list(classes)
-    rows = None
-    if args.split is not None:
-        from dpq.data.splits import Split
-
-        rows = getattr(Split.load(args.split), args.subset)
-        if rows.size and rows.max() >= len(inputs):
-            raise ValueError(
-                f"{args.split} indexes rows up to {rows.max()} but {args.images} has "
-                f"{len(inputs)} items; make the split from the same source."
-            )
-        inputs, labels = inputs[rows], labels[rows]
-    return inputs, labels, (None if rows is None else np.asarray(rows, np.int64))
-
-
-def _features_from_model(model, inputs, args: argparse.Namespace):  # -> np.ndarray
-    import time
-
-    start = time.perf_counter()
-    features = model.extract_features(inputs, batch_size=args.batch_size, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    if not args.quiet:
-        kind = "images" if getattr(inputs, "dtype", None) == "uint8" else "inputs"
-        print(
-            f"features of {len(features):,} {kind} in {seconds:.1f} s "
-            f"({len(features) / max(seconds, 1e-9):,.0f} {kind}/s)",
-            file=sys.stderr,
-        )
-    return features
+    rows = Split.load(args.split).rows(subset, len(source), args.images)
+    inputs, labels = source.rows(rows)
+    return inputs, labels, np.asarray(rows, np.int64), source
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import time
-
     import numpy as np
-    from tqdm.auto import tqdm
 
+    from dpq.atomic import check_writable_file
     from dpq.index import DPQIndex
 
-    inputs, labels, ids = _model_inputs(args)
-    metadata: dict[str, object] = {"created_by": "dpq encode"}
+    check_writable_file(args.out, "--out")
+    inputs, labels, ids, source = _items(args, args.subset)
+    if args.labels is not None:
+        labels = _read_array(args.labels, "--labels")
+    if args.ids is not None:
+        ids = _read_array(args.ids, "--ids")
+    metadata: dict[str, object] = {
+        "created_by": "dpq encode",
+        "source": str(args.images or args.features),
+    }
+    if source is not None and args.labels is None:
+        metadata["classes"] = source.classes
+    began = time.perf_counter()
     if args.model is not None:
+        from dpq.encoding import build_index
         from dpq.model import DPQModel
 
+        if args.assignment is not None:
+            raise ValueError("--assignment applies to --codebooks; a model encodes with its rule.")
         model = DPQModel.from_checkpoint(args.model)
-        codebooks = model.codebooks()
-        assignment = args.assignment or model.config.quantizer.assignment
-        search_mode = args.search_mode or model.config.model.search_mode
         metadata["model"] = str(args.model)
-        features = _features_from_model(model, inputs, args)
+        index = build_index(
+            model,
+            inputs,
+            ids=ids,
+            labels=labels,
+            batch_size=args.batch_size,
+            metadata=metadata,
+            progress=not args.quiet,
+            search_mode=args.search_mode,
+        )
     else:
-        codebooks = _read_npy(args.codebooks, "--codebooks")
-        assignment = args.assignment or "euclidean"
-        search_mode = args.search_mode or "aqd"
         metadata["codebooks"] = str(args.codebooks)
-        features = inputs
-    metadata["source"] = str(args.images or args.features)
-    if getattr(args, "classes", None) and args.labels is None:
-        metadata["classes"] = args.classes
-    if args.labels is not None:
-        labels = _read_npy(args.labels, "--labels")
-    if args.ids is not None:
-        ids = _read_npy(args.ids, "--ids")
-    index = DPQIndex(codebooks, assignment=assignment, metadata=metadata, search_mode=search_mode)
-    features = np.asarray(features)
-    if features.ndim != 2:
-        raise ValueError(f"features must be a 2-D array (N, D); got shape {features.shape}.")
-    for name, values in (("--labels", labels), ("--ids", ids)):
-        if values is not None and len(values) != len(features):
-            raise ValueError(
-                f"{name} has {len(values)} rows but there are {len(features)} items; give one "
-                "per item, in the same order."
-            )
-    step = 65536
-    start_time = time.perf_counter()
-    with tqdm(total=len(features), desc="encode", unit="item", disable=args.quiet) as bar:
-        for start in range(0, len(features), step):
-            stop = start + step
-            index.add_features(
-                features[start:stop],
-                ids=None if ids is None else ids[start:stop],
-                labels=None if labels is None else labels[start:stop],
-            )
-            bar.update(min(stop, len(features)) - start)
-    seconds = time.perf_counter() - start_time
+        features = np.asarray(inputs)
+        index = DPQIndex(
+            _read_array(args.codebooks, "--codebooks"),
+            assignment=args.assignment or "euclidean",
+            metadata=metadata,
+            search_mode=args.search_mode or "aqd",
+        )
+        for name, values in (("--labels", labels), ("--ids", ids)):
+            if values is not None and len(values) != len(features):
+                raise ValueError(
+                    f"{name} has {len(values)} rows but there are {len(features)} items; give "
+                    "one per item, in the same order."
+                )
+        index.add_features(features, ids=ids, labels=labels)
+    seconds = time.perf_counter() - began
     path = index.save(args.out)
     bits = index.num_levels * int(np.log2(index.codebook_size))
     print(
@@ -970,14 +1005,23 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from dpq.index import DPQIndex, format_search_results
 
+    if args.out is not None:
+        from dpq.atomic import check_writable_file
+
+        check_writable_file(args.out, "--out")
     index = DPQIndex.load(args.index)
-    queries, _, query_ids = _model_inputs(args)
+    queries, _, query_ids, _ = _items(args, args.subset)
     if args.model is not None:
         from dpq.model import DPQModel
 
         model = DPQModel.from_checkpoint(args.model)
         index.check_compatible(model.codebooks(), source=f"model {args.model}")
-        queries = _features_from_model(model, queries, args)
+        began = time.perf_counter()
+        queries = model.extract_features(
+            queries, batch_size=args.batch_size, progress=not args.quiet
+        )
+        seconds = time.perf_counter() - began
+        _say(args, f"features of {len(queries):,} queries in {seconds:.1f} s")
     distances, ids = index.search(
         queries,
         args.k,
@@ -993,12 +1037,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from dpq.atomic import write_text_atomic
 
     write_text_atomic(args.out, text)
-    if not args.quiet:
-        print(f"wrote top-{args.k} of {len(ids):,} queries to {args.out}", file=sys.stderr)
+    _say(args, f"wrote top-{args.k} of {len(ids):,} queries to {args.out}")
     return 0
 
 
+# ---------------------------------------------------------------------------- main
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dpq import __version__
+
     parser = argparse.ArgumentParser(
         prog="dpq",
         description=(
@@ -1006,25 +1054,54 @@ def build_parser() -> argparse.ArgumentParser:
             "8/16/24/32-bit codes, encode a database, search it with lookup tables, evaluate."
         ),
     )
-    from dpq import __version__
-
     parser.add_argument("--version", action="version", version=f"dpq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_commands(sub)
-    _add_evaluate_commands(sub)
+    _add_evaluate_command(sub)
     _add_model_commands(sub)
     _add_index_commands(sub)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, ``dpq: warning: ...`` (not Python's file:line form)."""
+    print(f"dpq: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 success, 2 user error, 3 diverged,
+    130 interrupted)."""
+    from dpq.checkpoint import RunInProgressError
+    from dpq.trainer import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except TrainingDiverged as exc:
         print(f"dpq: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED
+    except (ValueError, FileNotFoundError, RunInProgressError) as exc:
+        print(f"dpq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        name = f" {exc.filename}" if exc.filename else ""
+        print(f"dpq: error: cannot write or read{name}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dpq: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`dpq ... | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ FEATURES: tuple[str, ...] = ("semantic", "class_posterior")
 SCHEDULES: tuple[str, ...] = ("end_to_end", "two_phase", "two_step")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 
 # Codes are stored as uint16 at most (the shared codes contract), so K <= 2**16.
 MAX_CODEBOOK_SIZE = 1 << 16
@@ -332,7 +333,12 @@ class TrainConfig:
         randaugment_ops: RandAugment operations per training image (0: off), applied after
             crop and flip (:func:`dpq.augment.rand_augment`).
         randaugment_magnitude: strength of those operations, 0..30 (torchvision's scale).
-        bf16: bfloat16 autocast for the network (the quantizer and losses stay float32).
+        precision: the network's arithmetic during training: "fp32", "bf16" (bfloat16
+            autocast), "fp16" (float16 autocast with a gradient scaler, GPUs) or "auto",
+            decided when training starts on the machine that trains (bf16 on a GPU or CPU
+            with native bf16, fp16 on a GPU without it, else fp32; see
+            :func:`dpq.devices.resolve_precision`). The quantizer and the losses always run
+            in float32. (Older configs' ``bf16: true/false`` read as "bf16"/"fp32".)
         channels_last: channels-last memory format for convolutions.
         ema_decay: exponential moving average of the weights, used for the final model
             (0: off; e.g. 0.999).
@@ -364,7 +370,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     randaugment_ops: int = 0
     randaugment_magnitude: int = 9
-    bf16: bool = False
+    precision: str = "fp32"
     channels_last: bool = False
     ema_decay: float = 0.0
     grad_clip: float = 0.0
@@ -407,7 +413,7 @@ class TrainConfig:
                 "train.randaugment_magnitude must be in 0..30 (torchvision's scale); "
                 f"got {self.randaugment_magnitude}."
             )
-        _check_bool(owner, "bf16", self.bf16)
+        _check_choice(owner, "precision", self.precision, PRECISIONS)
         _check_bool(owner, "channels_last", self.channels_last)
         _check_float(owner, "ema_decay", self.ema_decay, 0.0, 1.0)
         if self.ema_decay >= 1.0:
@@ -429,12 +435,17 @@ def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
     if not isinstance(data, Mapping):
         raise ValueError(f"config.{name} must be a JSON object; got {type(data).__name__}.")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - ({"bf16"} if cls is TrainConfig else set()))
     if unknown:
         raise ValueError(
             f"config.{name} has unknown keys {unknown}; known keys are {sorted(known)}."
         )
     values = dict(data)
+    if cls is TrainConfig and "bf16" in values:
+        legacy = values.pop("bf16")  # configs written before "precision" existed
+        if not isinstance(legacy, bool):
+            raise ValueError(f"config.train.bf16 must be true or false; got {legacy!r}.")
+        values.setdefault("precision", "bf16" if legacy else "fp32")
     for key in ("image_mean", "image_std", "level_weights"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
@@ -675,16 +686,6 @@ def ablation_config(name: str, base: DPQConfig | None = None) -> DPQConfig:
 # Named recipes: complete configurations for a dataset, chosen by measurement.
 
 
-def native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16
-    autocast trains a ResNet about twice as fast as float32; without it bf16 is emulated and
-    far slower (20x in one measurement). Imports torch."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def cifar10_recipe() -> DPQConfig:
     """What ``dpq reproduce cifar10`` trains unless given ``--config``: the CIFAR-10 recipe
     chosen for mAP@54000 per CPU-minute on a 2-core CPU (measurements in docs/RESULTS.md).
@@ -703,8 +704,10 @@ def cifar10_recipe() -> DPQConfig:
 
     What is quantized and searched are the classifier's class posteriors (times sqrt(D)),
     ranked by inner product (``model.feature="class_posterior"``, not in the paper; the
-    paper's semantic features are ``--feature semantic``), and the network trains under
-    bfloat16 autocast where the CPU has native bf16 (:func:`native_bf16`), float32 elsewhere.
+    paper's semantic features are ``--feature semantic``), and the network trains with
+    ``precision="auto"``: bfloat16 autocast where the machine that trains has native bf16,
+    float32 elsewhere (decided when training starts, :func:`dpq.devices.resolve_precision`),
+    so the recipe itself is the same on every machine.
     """
     return DPQConfig(
         model=ModelConfig(
@@ -722,7 +725,7 @@ def cifar10_recipe() -> DPQConfig:
             randaugment_ops=2,
             randaugment_magnitude=9,
             channels_last=True,
-            bf16=native_bf16(),
+            precision="auto",
             time_budget_minutes=30.0,
             schedule="two_phase",
             quantization_start=0.75,

@@ -285,6 +285,35 @@ class DPQLoss(nn.Module):
             return F.one_hot(targets.long(), self.num_classes).float()
         return targets.float()
 
+    def energy(
+        self, x: torch.Tensor, quantized: QuantizerOutput
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """E = l_quan + mu l_quanH + nu l_match (Eq. 21) over the active terms.
+
+        Args:
+            x: float (N, D), what the quantizer read.
+            quantized: the quantizer's output on ``x``.
+
+        Returns:
+            (E as a float scalar tensor, {"quan", "quan_hard", "match", "E"} of the active
+            terms; each term unweighted, "E" the weighted sum).
+        """
+        cfg = self.config
+        terms = quantization_losses(x, quantized.soft, quantized.hard, self.level_weights)
+        energy = x.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.use_soft:
+            parts["quan"] = terms.quan
+            energy = energy + terms.quan
+        if cfg.use_hard:
+            parts["quan_hard"] = terms.quan_hard
+            energy = energy + cfg.mu * terms.quan_hard
+        if cfg.use_match:
+            parts["match"] = terms.match
+            energy = energy + cfg.nu * terms.match
+        parts["E"] = energy
+        return energy, parts
+
     def forward(
         self,
         features: torch.Tensor,
@@ -326,18 +355,8 @@ class DPQLoss(nn.Module):
             total = total + cfg.lambda_cls * parts["cls"]
         if quantized is not None and cfg.uses_quantization:
             x = features if quantizer_input is None else quantizer_input
-            terms = quantization_losses(x, quantized.soft, quantized.hard, self.level_weights)
-            energy = x.new_zeros((), dtype=torch.float32)
-            if cfg.use_soft:
-                parts["quan"] = terms.quan
-                energy = energy + terms.quan
-            if cfg.use_hard:
-                parts["quan_hard"] = terms.quan_hard
-                energy = energy + cfg.mu * terms.quan_hard
-            if cfg.use_match:
-                parts["match"] = terms.match
-                energy = energy + cfg.nu * terms.match
-            parts["E"] = energy
+            energy, energy_parts = self.energy(x, quantized)
+            parts.update(energy_parts)
             total = total + cfg.tau * energy
         values = {name: float(value.detach()) for name, value in parts.items()}
         values["total"] = float(total.detach())

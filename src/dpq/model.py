@@ -8,11 +8,7 @@ A checkpoint is a directory with ``model.safetensors`` and ``config.json``.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,15 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpq.atomic import write_bytes_atomic
 from dpq.backbones import create_backbone
-from dpq.config import DPQConfig, config_differences
+from dpq.config import DPQConfig
+from dpq.devices import autocast, full_precision
+from dpq.progress import progress_bar
 from dpq.quantizer import ProgressiveQuantizer, QuantizerOutput
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-CHECKPOINT_FORMAT = "dpq-model"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -83,30 +75,6 @@ def _check_images(images: object) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-write_atomic = write_bytes_atomic  # kept name: used across the package
-
-
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save a flat dict of tensors as safetensors, atomically."""
-    from safetensors.torch import save
-
-    write_atomic(path, save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}))
-
-
-def _architecture(config: DPQConfig) -> dict[str, Any]:
-    """The config sections that decide the weights' shapes and meaning."""
-    data = config.to_dict()
-    return {"model": data["model"], "quantizer": data["quantizer"]}
-
-
 class DPQModel(nn.Module):
     """Backbone -> semantic head (Linear(F, D) + tanh) -> ProgressiveQuantizer, and a
     classifier Linear(D or F, C).
@@ -138,8 +106,20 @@ class DPQModel(nn.Module):
         std = torch.tensor(model_cfg.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("image_mean", mean, persistent=False)
         self.register_buffer("image_std", std, persistent=False)
-        if config.train.channels_last and self.input_kind == "images":
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool) -> DPQModel:
+        """Channels-last memory for the convolutions and the prepared inputs (a speed
+        setting of the machine that runs the model; not saved with the weights)."""
+        self.channels_last = bool(enabled) and self.input_kind == "images"
+        if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's weights (inputs are moved there)."""
+        return self.image_mean.device
 
     @property
     def input_kind(self) -> str:
@@ -184,7 +164,7 @@ class DPQModel(nn.Module):
             return batch.float()
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.image_mean) / self.image_std
-        if self.config.train.channels_last:
+        if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
@@ -219,7 +199,7 @@ class DPQModel(nn.Module):
         quantizer_input = None
         if quantize:
             quantizer_input = features.detach() if detach_quantizer_input else features
-            with torch.autocast("cpu", enabled=False):
+            with full_precision(features.device):
                 quantized = self.quantizer(quantizer_input)
         return ModelOutput(
             backbone_features, features, logits, quantized, quantizer_input, semantic
@@ -247,59 +227,70 @@ class DPQModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    @contextlib.contextmanager
-    def _inference(self, bf16: bool) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                yield
-        finally:
-            self.train(was_training)
+    @torch.no_grad()
+    def searched_features(
+        self, x: torch.Tensor, tta_flip: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features that are quantized and searched, and the logits, of prepared inputs.
+
+        The one definition of the searched feature: ``features`` of :meth:`forward` (semantic
+        features or class posteriors, see ``model.feature``), or with ``tta_flip`` (default
+        ``model.tta_flip``; images only) the average over the image and its mirror: the
+        logits are averaged (class posteriors are then those of the averaged logits) and the
+        semantic features are averaged (and rescaled again when ``normalize_features``).
+
+        Args:
+            x: float32 (B, 3, H, W) prepared images or (B, F) features (:meth:`prepare_inputs`).
+
+        Returns:
+            features float32 (B, D) and logits float32 (B, C).
+        """
+        flip = self.config.model.tta_flip if tta_flip is None else tta_flip
+        out = self(x, quantize=False)
+        features, logits = out.features.float(), out.logits.float()
+        if flip and self.input_kind == "images":
+            mirrored = self(x.flip(3), quantize=False)
+            logits = 0.5 * (logits + mirrored.logits.float())
+            if self.config.model.feature == "class_posterior":
+                features = self.class_posterior(logits)
+            else:
+                features = 0.5 * (features + mirrored.features.float())
+                if self.config.model.normalize_features:
+                    features = self._to_feature_norm(features)
+        return features, logits
 
     def _run_batches(
         self,
         inputs: np.ndarray,
         batch_size: int,
         tta_flip: bool | None,
-        bf16: bool | None,
+        precision: str,
         progress: bool,
         want_logits: bool,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         self.check_inputs(inputs)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
-        flip = self.config.model.tta_flip if tta_flip is None else tta_flip
-        flip = flip and self.input_kind == "images"
-        use_bf16 = bool(bf16)
         n = inputs.shape[0]
         features = np.empty((n, self.config.quantizer.dim), dtype=np.float32)
         logits = np.empty((n, self.config.model.num_classes), np.float32) if want_logits else None
-        starts = range(0, n, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="features", unit="batch", leave=False)
-        device = self.image_mean.device
-        with self._inference(use_bf16):
-            for start in starts:
-                batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
-                x = self.prepare_inputs(batch.to(device))
-                out = self(x, quantize=False)
-                feats, scores = out.features, out.logits.float()
-                if flip:
-                    mirrored = self(x.flip(3), quantize=False)
-                    scores = 0.5 * (scores + mirrored.logits.float())
-                    if self.config.model.feature == "class_posterior":
-                        feats = self.class_posterior(scores)
-                    else:
-                        feats = 0.5 * (feats + mirrored.features)
-                        if self.config.model.normalize_features:
-                            feats = self._to_feature_norm(feats)
-                stop = start + batch.shape[0]
-                features[start:stop] = feats.float().cpu().numpy()
-                if logits is not None:
-                    logits[start:stop] = scores.cpu().numpy()
+        bar = progress_bar(n, "features", "img", enabled=progress, leave=False)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), autocast(self.device, precision):
+                for start in range(0, n, batch_size):
+                    batch = np.ascontiguousarray(inputs[start : start + batch_size])
+                    x = self.prepare_inputs(torch.from_numpy(batch).to(self.device))
+                    feats, scores = self.searched_features(x, tta_flip)
+                    stop = start + batch.shape[0]
+                    features[start:stop] = feats.float().cpu().numpy()
+                    if logits is not None:
+                        logits[start:stop] = scores.cpu().numpy()
+                    bar.update(stop - start)
+        finally:
+            bar.close()
+            self.train(was_training)
         return features, logits
 
     def extract_features(
@@ -307,7 +298,7 @@ class DPQModel(nn.Module):
         inputs: np.ndarray,
         batch_size: int = 256,
         tta_flip: bool | None = None,
-        bf16: bool | None = None,
+        precision: str = "fp32",
         progress: bool = False,
     ) -> np.ndarray:
         """The features that are quantized (semantic, or class posteriors; see
@@ -319,21 +310,21 @@ class DPQModel(nn.Module):
             batch_size: inputs per forward pass.
             tta_flip: average with the features of the mirrored image (default: the
                 config's ``model.tta_flip``; ignored for feature inputs).
-            bf16: bfloat16 autocast of the network (default off: float32 features, whatever
-                precision the training used).
+            precision: "fp32" (default: float32 features, whatever precision the training
+                used), "bf16" or "fp16" autocast of the network.
             progress: show a tqdm bar.
 
         Returns:
             float32 (N, D).
         """
-        return self._run_batches(inputs, batch_size, tta_flip, bf16, progress, False)[0]
+        return self._run_batches(inputs, batch_size, tta_flip, precision, progress, False)[0]
 
     def extract_features_and_logits(
         self,
         inputs: np.ndarray,
         batch_size: int = 256,
         tta_flip: bool | None = None,
-        bf16: bool | None = None,
+        precision: str = "fp32",
         progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`extract_features`, also returning the classifier logits.
@@ -341,7 +332,9 @@ class DPQModel(nn.Module):
         Returns:
             features float32 (N, D) and logits float32 (N, C).
         """
-        features, logits = self._run_batches(inputs, batch_size, tta_flip, bf16, progress, True)
+        features, logits = self._run_batches(
+            inputs, batch_size, tta_flip, precision, progress, True
+        )
         return features, cast(np.ndarray, logits)
 
     embed = extract_features
@@ -357,9 +350,7 @@ class DPQModel(nn.Module):
             (N, l) uint8 when K <= 256, else uint16.
         """
         features = np.asarray(features, dtype=np.float32)
-        codes = self.quantizer.encode(
-            torch.from_numpy(features).to(self.image_mean.device), num_levels
-        )
+        codes = self.quantizer.encode(torch.from_numpy(features).to(self.device), num_levels)
         return codes.cpu().numpy().astype(self.code_dtype)
 
     def encode(
@@ -378,94 +369,25 @@ class DPQModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into the directory ``path``.
+    def save_checkpoint(
+        self,
+        path: str | Path,
+        extra: dict[str, Any] | None = None,
+        config: DPQConfig | None = None,
+    ) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into the directory ``path``
+        (:func:`dpq.checkpoint.save_model`; ``config`` defaults to the model's)."""
+        from dpq.checkpoint import save_model
 
-        Each file is written atomically; ``config.json`` is written last and records the
-        SHA-256 of the weights, so a half-written pair is detected when loading.
-
-        Args:
-            path: directory (created if missing).
-            extra: JSON-ready bookkeeping stored under ``config.json["checkpoint"]``.
-
-        Returns:
-            The directory.
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(path / WEIGHTS_FILE, dict(self.state_dict()))
-        record = self.config.to_dict()
-        record["checkpoint"] = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "weights_sha256": _sha256(path / WEIGHTS_FILE),
-            **(extra or {}),
-        }
-        write_atomic(path / CONFIG_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
-        return path
+        return save_model(self, path, config=config, extra=extra)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, config: DPQConfig | None = None, device: str = "cpu"
     ) -> DPQModel:
-        """Load a model saved by :meth:`save_checkpoint`.
+        """Load a model saved by :meth:`save_checkpoint` onto ``device``
+        (:func:`dpq.checkpoint.load_model`: checksum, format and, when ``config`` is given,
+        architecture are checked; ValueError / FileNotFoundError say what is wrong)."""
+        from dpq.checkpoint import load_model
 
-        Args:
-            path: the checkpoint directory.
-            config: the model you expect; when given, its model and quantizer sections must
-                equal the checkpoint's (else ``ValueError`` listing the differences). The
-                loaded model carries the checkpoint's config.
-            device: torch device to load onto.
-
-        Raises:
-            FileNotFoundError: missing directory or files.
-            ValueError: a corrupted, mismatched or foreign checkpoint.
-        """
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(
-                    f"{path} is not a DPQ checkpoint: {name} is missing (expected "
-                    f"{WEIGHTS_FILE} and {CONFIG_FILE})."
-                )
-        try:
-            record = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {exc}.") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), dict):
-            raise ValueError(f"{path / CONFIG_FILE} has no 'checkpoint' record; not a DPQ model.")
-        meta = record.pop("checkpoint")
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"{path} holds format {meta.get('format')!r} version {meta.get('version')!r}; "
-                f"this dpq reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}."
-            )
-        saved_config = DPQConfig.from_dict(record)
-        if config is not None:
-            diffs = config_differences(_architecture(saved_config), _architecture(config))
-            if diffs:
-                raise ValueError(
-                    f"checkpoint {path} does not match the requested model (checkpoint vs "
-                    "requested): "
-                    + "; ".join(diffs)
-                    + ". Load it without a config, or request the checkpoint's settings."
-                )
-        if _sha256(path / WEIGHTS_FILE) != meta.get("weights_sha256"):
-            raise ValueError(
-                f"{path / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE}; the "
-                f"checkpoint is corrupted or was half-written. Use an earlier checkpoint."
-            )
-        from safetensors.torch import load_file
-
-        state = load_file(str(path / WEIGHTS_FILE), device=device)
-        model = cls(saved_config).to(device)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"weights in {path} do not fit the model of its config: {exc}"
-            ) from exc
-        model.eval()
-        return model
+        return load_model(path, config=config, device=device)

@@ -19,7 +19,6 @@ Typical use (what ``dpq reproduce`` does)::
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,28 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from dpq.atomic import write_bytes_atomic
+from dpq.atomic import write_bytes_atomic, write_json_atomic
 from dpq.metrics import PRCurve
 
 # -------------------------------------------------------------------------- writing files
-
-
-def write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON (NaN refused), atomically."""
-    text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default)
-    return write_bytes_atomic(path, (text + "\n").encode())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 # --------------------------------------------------------------------------------- tables
@@ -147,6 +128,57 @@ def margin_summary(map_table: Mapping[str, Mapping[int, float]], method: str = "
         else f"{method} does NOT beat every baseline: it wins at {wins} of {compared} code lengths."
     )
     return "\n".join([verdict, *lines])
+
+
+def format_results_table(evaluation: Any, title: str = "") -> str:
+    """A model's :class:`dpq.evaluation.RetrievalEvaluation` as plain text: one row per code
+    length, the float-feature ceiling, the classifier's accuracy and diagnostics."""
+    lines = [title] if title else []
+    lines.append(f"{'code':>10}  mAP@{evaluation.r}")
+    for bits, value in evaluation.map_by_bits.items():
+        lines.append(f"{bits:>6} bit  {value:.4f}")
+    if evaluation.float_map is not None:
+        lines.append(f"{'float':>10}  {evaluation.float_map:.4f}  (exact search, float features)")
+    if evaluation.query_accuracy is not None:
+        lines.append(f"query accuracy {evaluation.query_accuracy:.4f}")
+    if evaluation.database_accuracy is not None:
+        lines.append(f"database accuracy {evaluation.database_accuracy:.4f}")
+    if evaluation.class_probability_map is not None:
+        lines.append(
+            f"class-probability ranking mAP {evaluation.class_probability_map:.4f} "
+            "(diagnostic: a fully class-collapsed embedding of this classifier)"
+        )
+    return "\n".join(lines)
+
+
+def results_row_markdown(name: str, epochs: int, wall: Mapping[str, float], evaluation: Any) -> str:
+    """One markdown table (header + a row) of a reproduction run: epochs, wall minutes, mAP at
+    every code length, float, accuracies, diagnostics."""
+    bits = list(evaluation.map_by_bits)
+
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    header = "| run | epochs | train min | total min | " + " | ".join(f"{b} bits" for b in bits)
+    header += " | float | query acc | db acc | class-prob mAP |"
+    separator = "|" + "---|" * (8 + len(bits))
+    cells = [
+        name,
+        str(epochs),
+        f"{wall['train'] / 60:.1f}",
+        f"{wall['total'] / 60:.1f}",
+        *(f"{evaluation.map_by_bits[b]:.4f}" for b in bits),
+        *(
+            number(value)
+            for value in (
+                evaluation.float_map,
+                evaluation.query_accuracy,
+                evaluation.database_accuracy,
+                evaluation.class_probability_map,
+            )
+        ),
+    ]
+    return "\n".join([header, separator, "| " + " | ".join(cells) + " |"])
 
 
 # -------------------------------------------------------------------------------- figures
@@ -328,7 +360,7 @@ def write_report(
         "notes": notes,
         **(dict(extra) if extra else {}),
     }
-    write_json(out_dir / "results.json", payload)
+    write_json_atomic(out_dir / "results.json", payload)
     return write_bytes_atomic(out_dir / "report.md", "\n".join(sections).encode())
 
 

@@ -9,8 +9,8 @@ Quantizers (faiss, asymmetric distance: float query vs codes): ``pq``, ``opq``, 
     pq.add(db_features)
     distances, ids = pq.search(query_features, k=100)  # float32 (nq, 100), int64 (nq, 100)
 
-``dpq.baselines.evaluation`` runs them (and a DPQ index) on one feature set and scores
-mAP@R with ``dpq.metrics``.
+:mod:`dpq.evaluation` runs them (and a DPQ index) on one feature set and scores mAP@R
+with :mod:`dpq.metrics`.
 """
 
 from __future__ import annotations

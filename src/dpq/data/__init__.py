@@ -1,8 +1,9 @@
 """Datasets, protocol splits and label embeddings.
 
-Every image loader returns an ``ImageDataset``: ``images`` uint8 (N, H, W, 3) (or an
-``ImageFileReader`` that decodes on access), ``labels`` int64 (N,) or uint8 (N, C)
-multi-hot, ``classes`` the class names.
+:func:`load_source` reads every kind of labelled collection (digits, CIFAR-10, image
+folders and zips, list files, precomputed features) into a :class:`Source`: ``inputs``
+uint8 (N, H, W, 3) images (or an ``ImageFileReader`` that decodes on access, or float32
+(N, F) features), ``labels`` int64 (N,) or uint8 (N, C) multi-hot, ``classes`` the names.
 """
 
 from dpq.data.cifar10 import (
@@ -14,11 +15,12 @@ from dpq.data.cifar10 import (
 from dpq.data.dataset import ImageDataset, ImageFileReader
 from dpq.data.decode import CorruptImageError, SkippedImagesWarning
 from dpq.data.digits import load_digits
-from dpq.data.features import FeatureDataset, load_features
+from dpq.data.features import FeatureDataset, load_features, read_array
 from dpq.data.folders import load_image_folder
-from dpq.data.info import DatasetInfo, describe_source, detect_source_kind
-from dpq.data.labels import load_word_vectors
+from dpq.data.info import DatasetInfo, describe_source
+from dpq.data.labels import load_word_vectors, orthogonal_label_embeddings, resolve_word_vectors
 from dpq.data.lists import ListFile, load_list_file, read_list_file
+from dpq.data.sources import Source, detect_source_kind, load_source
 from dpq.data.splits import Split, split_imagenet100, split_nus_wide, split_per_class
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "ImageFileReader",
     "ListFile",
     "SkippedImagesWarning",
+    "Source",
     "Split",
     "describe_source",
     "detect_source_kind",
@@ -40,8 +43,12 @@ __all__ = [
     "load_features",
     "load_image_folder",
     "load_list_file",
+    "load_source",
     "load_word_vectors",
+    "orthogonal_label_embeddings",
+    "read_array",
     "read_list_file",
+    "resolve_word_vectors",
     "split_imagenet100",
     "split_nus_wide",
     "split_per_class",

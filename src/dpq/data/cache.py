@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dpq.atomic import write_bytes_atomic
+from dpq.atomic import write_json_atomic
 
 CHECKSUM_INDEX = "checksums.json"
 
@@ -32,10 +32,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     path = Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
@@ -66,7 +62,7 @@ def remembered_digest(
         return str(record["digest"])
     digest = file_digest(resolved, algorithm)
     index[record_key] = {"stamp": stamp, "digest": digest}
-    write_json_atomic(index_path, index)
+    write_json_atomic(index_path, index, indent=1, sort_keys=True)
     return digest
 
 

@@ -239,12 +239,8 @@ def load_cifar10(
         if skipped and not skip_corrupt:
             raise CorruptImageError(*skipped[0])
         if skipped:
-            warnings.warn(
-                f"skipped {len(skipped)} images of {path} that could not be decoded "
-                f"(first: {skipped[0][0]}: {skipped[0][1]})",
-                SkippedImagesWarning,
-                stacklevel=2,
-            )
+            total = len(arrays["labels"]) + len(skipped)
+            warnings.warn(SkippedImagesWarning(len(skipped), total, skipped[0]), stacklevel=2)
         return ImageDataset(arrays["images"], arrays["labels"], list(CIFAR10_CLASSES), str(path))
 
     layout = "batches" if batches is not None else detect_cifar10_layout(path)

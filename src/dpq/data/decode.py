@@ -43,7 +43,19 @@ class CorruptImageError(ValueError):
 
 
 class SkippedImagesWarning(UserWarning):
-    """Some images were skipped because they could not be decoded (``skip_corrupt=True``)."""
+    """Some images were skipped because they could not be decoded (``skip_corrupt=True``).
+
+    ``count`` is how many; the message names the first one and why it failed."""
+
+    def __init__(self, count: int, total: int, first: tuple[str, str]) -> None:
+        self.count, self.total, self.first = int(count), int(total), first
+        super().__init__(
+            f"skipped {count} of {total} images that could not be decoded "
+            f"(first: {first[0]}: {first[1]})"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (SkippedImagesWarning, (self.count, self.total, self.first))
 
 
 @cache
@@ -269,12 +281,7 @@ def decode_many(
             f"(first: {skipped[0][0]}: {skipped[0][1]})"
         )
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(names)} images that could not be decoded "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})",
-            SkippedImagesWarning,
-            stacklevel=2,
-        )
+        warnings.warn(SkippedImagesWarning(len(skipped), len(names), skipped[0]), stacklevel=2)
     return DecodedImages(out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped)
 
 

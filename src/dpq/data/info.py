@@ -1,17 +1,12 @@
 """What is in a data source: kind, counts per class, image size, protocol split sizes.
 
-Backs ``dpq data info SOURCE``. The kind of source is detected:
-- ``cifar10``: the official archive, its extracted folder, or a folder/zip with ``train/``
-  and ``test/`` class folders;
-- ``list-file``: a ``.txt`` (or ``.lst``/``.list``) DVSQ/DPQ list file;
-- ``image-folder``: any other folder or zip of ``<class>/<image>``.
+Backs ``dpq data info SOURCE``; any source :func:`dpq.data.load_source` reads.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,32 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dpq.data.cifar10 import detect_cifar10_layout, load_cifar10
 from dpq.data.decode import ImageStore
-from dpq.data.folders import load_image_folder
 from dpq.data.lists import read_list_file, resolve_image_names
+from dpq.data.sources import detect_source_kind, load_source
 from dpq.data.splits import split_imagenet100, split_nus_wide, split_per_class
 
-LIST_SUFFIXES = (".txt", ".lst", ".list")
 CIFAR10_TRAIN_PER_CLASS = 500
 CIFAR10_QUERY_PER_CLASS = 100
-
-
-def detect_source_kind(source: str | os.PathLike[str]) -> str:
-    """'cifar10', 'list-file' or 'image-folder' (see the module doc)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return "list-file"
-    if detect_cifar10_layout(path) is not None:
-        return "cifar10"
-    if path.is_dir() or zipfile.is_zipfile(path):
-        return "image-folder"
-    raise ValueError(
-        f"cannot tell what {path} is: expected the CIFAR-10 archive, folder or zip, a folder "
-        "or zip of <class>/<image>, or a list file ending in .txt"
-    )
 
 
 @dataclass(frozen=True)
@@ -72,6 +48,7 @@ class DatasetInfo:
     def format(self) -> str:
         """The human-readable report printed by ``dpq data info``."""
         kind_names = {
+            "digits": "scikit-learn digits",
             "cifar10": "CIFAR-10",
             "list-file": "list file",
             "image-folder": "image folder",
@@ -118,79 +95,58 @@ def describe_source(
 ) -> DatasetInfo:
     """Load (or, for a list file, parse) ``source`` and summarise it.
 
-    CIFAR-10 and image folders are loaded in full (CIFAR-10 through the decoded-array
-    cache); a list file is parsed, and with ``root`` its first image is read for its size.
+    Digits, CIFAR-10 and image folders are loaded in full through
+    :func:`dpq.data.load_source` (CIFAR-10 through the decoded-array cache); a list file is
+    parsed, and with ``root`` its first image is read for its size.
     """
     kind = detect_source_kind(source)
+    if kind == "list-file":
+        return _describe_list_file(Path(source), root, strip_prefix, image_size, seed)
+    loaded = load_source(
+        source,
+        image_root=root,
+        image_size=image_size,
+        strip_prefix=strip_prefix,
+        skip_corrupt=skip_corrupt,
+        cache_dir=cache_dir,
+    )
+    counts = np.bincount(loaded.labels, minlength=loaded.num_classes).astype(np.int64)
+    image_shape = tuple(int(s) for s in loaded.inputs.shape[1:])
+    notes = [f"{loaded.skipped:,} images could not be decoded and were skipped"] * bool(
+        loaded.skipped
+    )
+    split_sizes: dict[str, int] | None = None
+    rule = (
+        "none for a custom collection; make one with `dpq data split SOURCE --n-train N "
+        "--n-query M --out split.json`"
+    )
     if kind == "cifar10":
-        dataset = load_cifar10(source, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
         rule = (
             f"CIFAR-10: {CIFAR10_TRAIN_PER_CLASS} training + {CIFAR10_QUERY_PER_CLASS} query "
             f"per class, database the rest, seed {seed}"
         )
         try:
-            split_sizes: dict[str, int] | None = split_per_class(
-                dataset.labels,
+            split_sizes = split_per_class(
+                loaded.labels,
                 CIFAR10_TRAIN_PER_CLASS,
                 CIFAR10_QUERY_PER_CLASS,
                 seed=seed,
-                classes=dataset.classes,
+                classes=loaded.classes,
             ).sizes
         except ValueError as exc:
-            split_sizes, rule = None, f"{rule}: not applicable here ({exc})"
-        return DatasetInfo(
-            str(source),
-            kind,
-            len(dataset),
-            dataset.classes,
-            dataset.class_counts(),
-            False,
-            dataset.image_shape,
-            split_sizes,
-            rule,
-        )
-    if kind == "image-folder":
-        dataset = load_image_folder(source, image_size=image_size, skip_corrupt=skip_corrupt)
-        return DatasetInfo(
-            str(source),
-            kind,
-            len(dataset),
-            dataset.classes,
-            dataset.class_counts(),
-            False,
-            dataset.image_shape,
-            None,
-            "none for a custom collection; make one with "
-            "dpq.data.splits.split_per_class(labels, n_train, n_query, seed)",
-        )
-    return _describe_list_file(Path(source), root, strip_prefix, image_size, seed)
-
-
-def source_labels(
-    source: str | os.PathLike[str],
-    *,
-    skip_corrupt: bool = False,
-    image_size: int | Sequence[int] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[np.ndarray, list[str]]:
-    """(labels, class names) of any source ``detect_source_kind`` knows.
-
-    Images are loaded for CIFAR-10 and image folders (undecodable ones change the item
-    list, so they matter); a list file is only parsed. Labels are int64 (N,) or uint8
-    (N, C) multi-hot; list-file class indices are mapped to 0..C-1 (see ``dpq.data.lists``).
-    """
-    kind = detect_source_kind(source)
-    if kind == "cifar10":
-        dataset = load_cifar10(source, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
-        return dataset.labels, dataset.classes
-    if kind == "image-folder":
-        dataset = load_image_folder(source, image_size=image_size, skip_corrupt=skip_corrupt)
-        return dataset.labels, dataset.classes
-    list_file = read_list_file(source)
-    if list_file.is_multilabel:
-        return list_file.labels, [str(j) for j in range(list_file.labels.shape[1])]
-    indices = list_file.class_indices
-    return np.searchsorted(indices, list_file.labels).astype(np.int64), [str(i) for i in indices]
+            rule = f"{rule}: not applicable here ({exc})"
+    return DatasetInfo(
+        str(source),
+        kind,
+        len(loaded),
+        loaded.classes,
+        counts,
+        False,
+        image_shape,
+        split_sizes,
+        rule,
+        notes,
+    )
 
 
 def _describe_list_file(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dpq.atomic import write_bytes_atomic
+from dpq.atomic import write_bytes_atomic, write_json_atomic
 
 SPLIT_FORMAT = "dpq-split"
 SPLIT_VERSION = 1
@@ -110,7 +110,7 @@ class Split:
                 "query": self.query.tolist(),
                 "database": self.database.tolist(),
             }
-            write_bytes_atomic(path, (json.dumps(payload) + "\n").encode())
+            write_json_atomic(path, payload, indent=None)
         elif path.suffix == ".npz":
             buffer = io.BytesIO()
             np.savez_compressed(
@@ -123,6 +123,19 @@ class Split:
             write_bytes_atomic(path, buffer.getvalue())
         else:
             raise ValueError(f"save a split as .json or .npz, got {path.name!r}")
+
+    def rows(self, subset: str, num_items: int, source: str = "the source") -> np.ndarray:
+        """int64 indices of ``subset`` ("train", "query" or "database"), checked against a
+        source of ``num_items`` items (ValueError when the split indexes past its end)."""
+        if subset not in ("train", "query", "database"):
+            raise ValueError(f"subset must be train, query or database; got {subset!r}")
+        indices = getattr(self, subset)
+        if indices.size and indices.max() >= num_items:
+            raise ValueError(
+                f"the split indexes {subset} rows up to {indices.max()} but {source} has "
+                f"{num_items} items; make the split from the same source (`dpq data split`)"
+            )
+        return indices
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Split:

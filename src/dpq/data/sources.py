@@ -1,0 +1,220 @@
+"""One entry point for every labelled collection: :func:`load_source`.
+
+Every command that reads data (``dpq train``, ``data info``, ``data split``, ``encode``,
+``search``, ``evaluate``, ``reproduce``) and the Python API go through it, so a source that
+one of them accepts, all of them accept. A source is:
+
+- ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (no download);
+- CIFAR-10: the official archive, its extracted folder, or a folder/zip with ``train/`` and
+  ``test/`` class folders (kind ``"cifar10"``);
+- a DVSQ/DPQ list file ending in .txt/.lst/.list, whose images live under ``image_root``
+  (kind ``"list-file"``);
+- any other folder or zip of ``<class>/<image>``, a user's own collection
+  (kind ``"image-folder"``);
+- precomputed features: ``load_source(features="x.npy", labels="y.npy")`` (kind
+  ``"features"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpq.data.cifar10 import detect_cifar10_layout, load_cifar10
+from dpq.data.dataset import ImageFileReader
+from dpq.data.decode import SkippedImagesWarning
+from dpq.data.digits import load_digits
+from dpq.data.features import load_features
+from dpq.data.folders import load_image_folder
+from dpq.data.lists import load_list_file, read_list_file
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+DIGITS = "digits"
+SOURCE_KINDS = ("digits", "cifar10", "list-file", "image-folder", "features")
+
+
+def detect_source_kind(source: str | os.PathLike[str]) -> str:
+    """``"digits"``, ``"cifar10"``, ``"list-file"`` or ``"image-folder"`` (see the module doc).
+
+    Raises FileNotFoundError for a path that does not exist and ValueError for a file that
+    is none of these.
+    """
+    if str(source) == DIGITS:
+        return "digits"
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; give 'digits', a CIFAR-10 source, a folder or zip of "
+            "<class>/<image>, or a list file"
+        )
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        return "list-file"
+    if detect_cifar10_layout(path) is not None:
+        return "cifar10"
+    if path.is_dir() or zipfile.is_zipfile(path):
+        return "image-folder"
+    raise ValueError(
+        f"cannot tell what {path} is: expected the CIFAR-10 archive, folder or zip, a folder "
+        "or zip of <class>/<image>, or a list file ending in .txt"
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A labelled collection as loaded by :func:`load_source`.
+
+    Attributes:
+        inputs: uint8 (N, H, W, 3) images (an in-memory array, or an
+            :class:`~dpq.data.ImageFileReader` that decodes on access), float32 (N, F)
+            features for kind "features", or None when only labels were asked for.
+        labels: int64 (N,) class indices in [0, C), or uint8 (N, C) multi-hot rows.
+        classes: the C class names.
+        kind: one of :data:`SOURCE_KINDS`.
+        name: the source as given (for messages and metadata).
+        skipped: images left out because they could not be decoded (``skip_corrupt``).
+    """
+
+    inputs: Any
+    labels: np.ndarray
+    classes: list[str]
+    kind: str
+    name: str
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def rows(self, indices: np.ndarray) -> tuple[Any, np.ndarray]:
+        """(inputs, labels) of the items at ``indices`` (int64 (n,)), in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        inputs = self.inputs
+        if isinstance(inputs, ImageFileReader):
+            return inputs.subset(indices), self.labels[indices]
+        return inputs[indices], self.labels[indices]
+
+
+def load_source(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    features: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    image_root: str | os.PathLike[str] | None = None,
+    image_size: int | Sequence[int] | None = None,
+    strip_prefix: str | None = None,
+    skip_corrupt: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    labels_only: bool = False,
+    in_memory: bool = True,
+) -> Source:
+    """Load any labelled collection (see the module doc).
+
+    Args:
+        spec: "digits", a CIFAR-10 source, a folder/zip of ``<class>/<image>`` or a list file.
+        features, labels: instead of ``spec``: a float (N, F) .npy/.txt file and its labels.
+        image_root: list files: the folder or zip holding the listed images.
+        image_size: resize every image to this square size (int) or (height, width);
+            needed for folders whose images differ in size; list files default to 256.
+        strip_prefix: list files: the leading part of listed absolute paths to replace by
+            ``image_root`` (default: found from the first line).
+        skip_corrupt: leave out images that cannot be decoded (counted in ``skipped``)
+            instead of stopping at the first one.
+        cache_dir: where decoded CIFAR-10 arrays are cached.
+        labels_only: only the labels are needed (``inputs`` is None where that saves work:
+            a list file is parsed, its images are not read).
+        in_memory: decode every image now (True) or read images on demand (list files).
+
+    Raises:
+        ValueError: conflicting arguments (a source and ``features``), a list file without
+            ``image_root``, an unreadable source; FileNotFoundError: a missing path.
+    """
+    if features is not None or labels is not None:
+        if spec is not None:
+            raise ValueError(
+                f"give either a data source ({spec}) or --features with --labels, not both."
+            )
+        if features is None or labels is None:
+            raise ValueError(
+                "--features needs --labels (a .npy/.txt file with one label per row) and "
+                "--labels needs --features."
+            )
+        if image_root is not None or image_size is not None:
+            raise ValueError(
+                "--image-root and --image-size apply to image sources, not to --features."
+            )
+        loaded = load_features(features, labels)
+        return Source(
+            loaded.features, loaded.labels, list(loaded.classes), "features", str(features)
+        )
+    if spec is None:
+        raise ValueError("give a data source (a path, or 'digits') or --features with --labels.")
+    kind = detect_source_kind(spec)
+    if kind != "list-file" and (image_root is not None or strip_prefix is not None):
+        raise ValueError(
+            f"--image-root and --strip-prefix apply to list files; {spec} is a {kind} source."
+        )
+    if kind == "digits":
+        dataset = load_digits()
+        return Source(dataset.images, dataset.labels, list(dataset.classes), kind, DIGITS)
+    if kind == "list-file":
+        if labels_only and image_root is None:
+            return _list_file_labels(spec)
+        if image_root is None:
+            raise ValueError(
+                f"{spec} is a list file; pass --image-root, the folder or zip holding its images."
+            )
+        loader = lambda: load_list_file(  # noqa: E731
+            spec,
+            image_root,
+            image_size=image_size or 256,
+            strip_prefix=strip_prefix,
+            in_memory=in_memory and not labels_only,
+            skip_corrupt=skip_corrupt,
+        )
+    elif kind == "cifar10":
+        if image_size is not None:
+            raise ValueError("CIFAR-10 images are 32 x 32; --image-size applies to other sources.")
+        loader = lambda: load_cifar10(spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt)  # noqa: E731
+    else:
+        loader = lambda: load_image_folder(  # noqa: E731
+            spec, image_size=image_size, skip_corrupt=skip_corrupt
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedImagesWarning)
+        dataset = loader()
+    skipped = 0
+    notes = []
+    for warning in caught:  # ours are counted and said once, in the caller's name
+        if isinstance(warning.message, SkippedImagesWarning):
+            skipped += warning.message.count
+            notes.append(str(warning.message))
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return Source(
+        dataset.images, dataset.labels, list(dataset.classes), kind, str(spec), skipped, notes
+    )
+
+
+def _list_file_labels(spec: str | os.PathLike[str]) -> Source:
+    """Labels of a list file without reading its images (class indices mapped to 0..C-1)."""
+    list_file = read_list_file(spec)
+    if list_file.is_multilabel:
+        classes = [str(j) for j in range(list_file.labels.shape[1])]
+        return Source(None, list_file.labels, classes, "list-file", str(spec))
+    indices = list_file.class_indices
+    mapped = np.searchsorted(indices, list_file.labels).astype(np.int64)
+    return Source(None, mapped, [str(i) for i in indices], "list-file", str(spec))

@@ -1,0 +1,109 @@
+"""From a trained model and a collection to a searchable :class:`~dpq.index.DPQIndex`.
+
+:func:`build_index` is the one way items become an index: ``dpq encode``, the evaluation
+of a trained model and the search service all call it. It reads the inputs a chunk at a
+time (so an on-demand image reader never has to fit in memory), extracts the searched
+features (:meth:`dpq.model.DPQModel.searched_features`), encodes them with the model's
+quantizer and adds the codes, with the item ids and labels, to an index that carries the
+model's codebooks, assignment rule and search mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dpq.index import DPQIndex
+from dpq.model import DPQModel
+from dpq.progress import progress_bar
+
+CHUNK_ITEMS = 8192
+"""Items read, featurised and encoded at a time by :func:`build_index`."""
+
+
+def empty_index(
+    model: DPQModel, metadata: Mapping[str, Any] | None = None, search_mode: str | None = None
+) -> DPQIndex:
+    """An index with the model's codebooks and assignment rule, and no items; searched by
+    ``search_mode`` (default the model's: "ip" for class posteriors, else "aqd")."""
+    return DPQIndex(
+        model.codebooks(),
+        assignment=model.config.quantizer.assignment,
+        metadata=metadata,
+        search_mode=search_mode or model.config.model.search_mode,
+    )
+
+
+def _check_rows(name: str, values: Any, n: int) -> None:
+    if values is not None and len(values) != n:
+        raise ValueError(
+            f"{name} has {len(values)} rows but there are {n} items; give one per item, in the "
+            "same order."
+        )
+
+
+def add_features(
+    index: DPQIndex,
+    model: DPQModel,
+    features: np.ndarray,
+    ids: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Encode searched features float32 (n, D) with the model's quantizer and add them to
+    ``index``; returns the int64 (n,) ids."""
+    _check_rows("ids", ids, len(features))
+    _check_rows("labels", labels, len(features))
+    return index.add(model.encode_features(features), ids=ids, labels=labels)
+
+
+def build_index(
+    model: DPQModel,
+    inputs: Any,
+    ids: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    batch_size: int = 256,
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    index: DPQIndex | None = None,
+    search_mode: str | None = None,
+) -> DPQIndex:
+    """Encode ``inputs`` with ``model`` into an index (a new one, or ``index`` grown).
+
+    Args:
+        model: a trained model.
+        inputs: uint8 (N, H, W, 3) images (an array, or an on-demand reader such as
+            :class:`dpq.data.ImageFileReader`), or float (N, F) inputs of a feature backbone.
+        ids: int64 (N,) item ids (default: the index's counter, 0..N-1 for a new index).
+        labels: int64 (N,) or multi-hot (N, C) labels, or None.
+        batch_size: inputs per forward pass.
+        metadata: JSON-ready metadata of a new index (e.g. model path, source).
+        progress: report progress (images/s) on stderr.
+        index: an existing index of this model's codebooks to add the items to.
+        search_mode: how a new index is searched (default: the model's).
+
+    Returns:
+        The index (``index`` itself when given).
+    """
+    n = len(inputs)
+    _check_rows("ids", ids, n)
+    _check_rows("labels", labels, n)
+    if index is None:
+        index = empty_index(model, metadata, search_mode)
+    else:
+        index.check_compatible(model.codebooks(), source="the model")
+    with progress_bar(n, "encode", "img", enabled=progress) as bar:
+        for start in range(0, n, CHUNK_ITEMS):
+            stop = min(start + CHUNK_ITEMS, n)
+            chunk = np.asarray(inputs[start:stop])
+            features = model.extract_features(chunk, batch_size=batch_size)
+            add_features(
+                index,
+                model,
+                features,
+                ids=None if ids is None else ids[start:stop],
+                labels=None if labels is None else labels[start:stop],
+            )
+            bar.update(stop - start)
+    return index

@@ -1,0 +1,861 @@
+"""The training loop of a DPQ model, read as a loop over phases and epochs.
+
+:class:`Trainer` trains a :class:`~dpq.model.DPQModel` on labelled inputs (uint8 images
+(N, H, W, 3), or float32 features (N, F) for the identity backbone) with the losses of
+:class:`~dpq.losses.DPQLoss`, following ``config.train.schedule``:
+
+- "end_to_end" (the paper): before ``quantization_start`` the network learns with
+  L_S + lambda L_C; from then on with L_S + lambda L_C + tau E, E reaching the network.
+- "two_phase" (reference code): the same phases, but E is computed on detached features, so
+  it trains the codebooks only while L_S + lambda L_C keep training the network. (The
+  reference alternates a network step and a codebook step; with detached features one
+  backward pass gives both steps on the same batch.)
+- "two_step" (Table 2): the network learns with L_S + lambda L_C, is then frozen, and the
+  codebooks alone learn E on its features.
+
+When the quantization phase starts, the codebooks are initialised by residual k-means on the
+training features (``quantizer.init == "kmeans"``). The network has its own optimizer and
+learning-rate schedule; the codebooks always use Adam at ``train.codebook_lr``.
+
+Every epoch ends with a checkpoint (:class:`dpq.checkpoint.CheckpointStore`), so
+``train(resume=True)`` continues from the newest one after the process was killed, with
+bit-identical results. The run folder is locked for the whole run
+(:class:`dpq.checkpoint.RunDirectory`). The final model goes to ``out_dir/model/``.
+
+With a time budget (:class:`dpq.budget.TimeBudget`), a few steps are first timed on a copy
+of the model (the copy is thrown away), the epochs that fit are planned, and the plan is
+revised after every epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpq.augment import crop_flip, cutout, mixup, rand_augment
+from dpq.budget import TimeBudget
+from dpq.checkpoint import RunDirectory, architecture
+from dpq.config import DPQConfig, config_differences
+from dpq.devices import autocast, full_precision, resolve_precision
+from dpq.losses import DPQLoss, LossOutput
+from dpq.model import DPQModel
+from dpq.progress import is_terminal, progress_bar
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the likely cause."""
+
+
+class LabelledInputs(Protocol):
+    """Anything with ``images`` (uint8 (N, H, W, 3) or float (N, F)) and ``labels``."""
+
+    images: Any
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs and labels held in memory.
+
+    Attributes:
+        images: uint8 (N, H, W, 3) images, or float32 (N, F) features.
+        labels: int64 (N,) class ids or multi-hot (N, C).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns.
+
+    Attributes:
+        model: the trained model (eval mode; EMA weights when EMA was on).
+        epochs: number of epochs of the run.
+        history: one dict per epoch (mean loss parts, learning rate, seconds, accuracy).
+        wall_seconds: wall time of this call.
+        model_dir: directory of the saved final model.
+        resumed_from_epoch: epochs already done when this call started (0 for a fresh run).
+        planned: how the epoch count was chosen (time-budget measurements), for the log.
+        precision: the arithmetic the network trained in ("fp32", "bf16", "fp16").
+    """
+
+    model: DPQModel
+    epochs: int
+    history: list[dict[str, Any]]
+    wall_seconds: float
+    model_dir: Path
+    resumed_from_epoch: int = 0
+    planned: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by ``OMP_NUM_THREADS``
+    when that is set (e.g. to keep a test or a second job on one core)."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = max(1, os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return cores
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (call before building the model for a reproducible init).
+
+    dpq itself draws numpy randomness from explicitly seeded generators only."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step: int, total_steps: int, peak: float, schedule: str, warmup: float) -> float:
+    """Learning rate at ``step`` (0-based) of ``total_steps``.
+
+    "onecycle": linear from 0 to ``peak`` over the warm-up steps, then linear to 0;
+    "cosine": the same warm-up, then cosine decay to 0; "constant": ``peak``.
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return peak
+    warmup_steps = warmup * total_steps
+    position = step + 1
+    if position <= warmup_steps:
+        return peak * position / warmup_steps
+    progress = (position - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "onecycle":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state (weights and BatchNorm
+    statistics); integer buffers are copied. Decay warms up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, value in model.state_dict().items():
+            average = self.state[name]
+            if average.dtype.is_floating_point:
+                average.mul_(decay).add_(value.detach(), alpha=1 - decay)
+            else:
+                average.copy_(value)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module, prefix: str) -> None:
+        """Copy the current values of the entries whose name starts with ``prefix``."""
+        for name, value in model.state_dict().items():
+            if name.startswith(prefix):
+                self.state[name].copy_(value)
+
+
+def dataset_fingerprint(inputs: Any, labels: np.ndarray) -> str:
+    """Cheap identity of a training set: shapes, all labels and a sample of inputs."""
+    digest = hashlib.sha256()
+    digest.update(repr((tuple(inputs.shape), str(inputs.dtype), labels.shape)).encode())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    step = max(1, len(labels) // 64)
+    digest.update(np.ascontiguousarray(inputs[::step]).tobytes())
+    return digest.hexdigest()
+
+
+def _running_losses(sums: dict[str, float], steps: int) -> str:
+    """Running means of the main loss terms, for progress output."""
+    shown = [("total", "loss"), ("semantic", "L_S"), ("cls", "L_C"), ("E", "E")]
+    return ", ".join(f"{label} {sums[key] / steps:.3g}" for key, label in shown if key in sums)
+
+
+@dataclass
+class _Run:
+    """The state of a run between epochs (what a checkpoint restores)."""
+
+    epochs: int
+    plan: dict[str, Any]
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    quant_epoch: int = 0
+    resumed_from: int = 0
+    frozen_features: np.ndarray | None = None
+
+
+class Trainer:
+    """Train a DPQ model; see the module docstring for the schedules.
+
+    Args:
+        config: the full configuration (its model/quantizer sections must be the model's);
+            it is saved with every checkpoint.
+        model: the network to train (built from ``config``).
+        dataset: labelled training inputs (``.images``, ``.labels``), e.g.
+            :class:`ArrayDataset`.
+        word_vectors: float (C, D) label word vectors (needed by the semantic loss).
+        out_dir: where checkpoints, the log and the final model go (a path or a
+            :class:`~dpq.checkpoint.RunDirectory`).
+        progress: show progress (a bar on a terminal, one line per epoch elsewhere).
+        log: function receiving one-line messages (default: print to stderr).
+        clock: seconds as a float (default ``time.perf_counter``; tests inject a fake one).
+    """
+
+    def __init__(
+        self,
+        config: DPQConfig,
+        model: DPQModel,
+        dataset: LabelledInputs,
+        word_vectors: np.ndarray | None,
+        out_dir: str | Path | RunDirectory,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if architecture(model.config) != architecture(config):
+            diffs = config_differences(architecture(model.config), architecture(config))
+            raise ValueError(
+                "the model was built from another model/quantizer config than the one given to "
+                f"the Trainer (model vs trainer): {'; '.join(diffs)}; build it from this config."
+            )
+        self.config = config
+        self.model = model
+        if config.train.channels_last:
+            model.set_channels_last(True)
+        self.device = model.device
+        self.inputs = dataset.images
+        self.labels = np.asarray(dataset.labels)
+        self._check_dataset()
+        self.loss_fn = DPQLoss(
+            config.loss,
+            word_vectors,
+            num_classes=config.model.num_classes,
+            num_levels=config.quantizer.num_levels,
+            dim=config.quantizer.dim,
+            multilabel=config.model.multilabel,
+        ).to(self.device)
+        self.run_dir = out_dir if isinstance(out_dir, RunDirectory) else RunDirectory(out_dir)
+        self.checkpoints = self.run_dir.checkpoints
+        self.checkpoints.keep = config.train.keep_checkpoints
+        self.progress = progress
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.clock = clock
+        self.fingerprint = dataset_fingerprint(self.inputs, self.labels)
+        self.precision = resolve_precision(config.train.precision, self.device)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir.path
+
+    # -------------------------------------------------------------- checks
+
+    def _check_dataset(self) -> None:
+        cfg = self.config
+        n = len(self.labels)
+        if len(self.inputs) != n:
+            raise ValueError(f"{len(self.inputs)} inputs but {n} labels; give one label per input.")
+        if isinstance(self.inputs, np.ndarray):
+            self.model.check_inputs(self.inputs)
+            if self.model.input_kind == "features" and not np.isfinite(self.inputs).all():
+                raise ValueError("the training features contain NaN or inf; clean them first.")
+        elif self.model.input_kind == "images":
+            raise ValueError(
+                "training images must be an in-memory uint8 (N, H, W, 3) array; load the "
+                "dataset into memory (e.g. np.asarray(dataset.images))."
+            )
+        classes = cfg.model.num_classes
+        if cfg.model.multilabel:
+            if self.labels.ndim != 2 or self.labels.shape[1] != classes:
+                raise ValueError(
+                    f"a multi-label model with {classes} labels needs multi-hot labels "
+                    f"(N, {classes}); got shape {self.labels.shape}."
+                )
+        else:
+            if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer):
+                raise ValueError(
+                    f"single-label training needs int class ids (N,); got {self.labels.dtype} "
+                    f"{self.labels.shape}. Set model.multilabel for multi-hot labels."
+                )
+            if n and (self.labels.min() < 0 or self.labels.max() >= classes):
+                raise ValueError(
+                    f"labels must lie in [0, {classes}) for model.num_classes = {classes}; got "
+                    f"values in [{self.labels.min()}, {self.labels.max()}]."
+                )
+            present = len(np.unique(self.labels))
+            if present < classes:
+                raise ValueError(
+                    f"the training set holds {present} classes but the model (and its word "
+                    f"vectors) expect {classes}; every class needs training examples."
+                )
+        if cfg.quantizer.init == "kmeans" and n < cfg.quantizer.codebook_size:
+            raise ValueError(
+                f"k-means initialisation needs at least K = {cfg.quantizer.codebook_size} "
+                f"training items; got {n}. Use a smaller codebook (--codebook-size), more "
+                "training items, or the normal initialisation "
+                '(--config FILE with {"quantizer": {"init": "normal"}}).'
+            )
+        if n < 2:
+            raise ValueError(f"training needs at least 2 items; got {n}.")
+
+    # -------------------------------------------------------------- plan
+
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch (the last incomplete batch is dropped when there is a full one)."""
+        return max(1, len(self.labels) // self.config.train.batch_size)
+
+    def quantization_start_epoch(self, epochs: int) -> int:
+        """First epoch (0-based) of the quantization phase."""
+        if not self.config.loss.uses_quantization:
+            return epochs
+        start = math.floor(self.config.train.quantization_start * epochs + 1e-9)
+        if self.config.train.schedule == "two_step":
+            return min(max(start, 1), epochs - 1) if epochs > 1 else 0
+        return min(start, epochs - 1)
+
+    def _network_steps(self, run: _Run) -> int:
+        """Steps of the network's learning-rate schedule (two-step: the first step only)."""
+        network_epochs = run.quant_epoch if self.config.train.schedule == "two_step" else run.epochs
+        return network_epochs * self.steps_per_epoch()
+
+    # -------------------------------------------------------------- optimisers
+
+    def _network_parameters(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if name == "quantizer.codebooks":
+                continue
+            (decay if param.ndim > 1 else no_decay).append(param)
+        wd = self.config.train.weight_decay
+        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        cfg = self.config.train
+        groups = self._network_parameters()
+        if cfg.optimizer == "sgd":
+            network = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
+            )
+        elif cfg.optimizer == "adam":
+            network = torch.optim.Adam(groups, lr=cfg.lr)
+        else:
+            network = torch.optim.AdamW(groups, lr=cfg.lr)
+        return {"network": network, "codebooks": self._codebook_optimizer()}
+
+    def _codebook_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.model.quantizer.codebooks], lr=self.config.train.codebook_lr)
+
+    # -------------------------------------------------------------- batches
+
+    def _targets(self, index: np.ndarray) -> torch.Tensor:
+        labels = torch.from_numpy(np.ascontiguousarray(self.labels[index])).to(self.device)
+        return labels.float() if self.config.model.multilabel else labels.long()
+
+    def _batch(
+        self, index: np.ndarray, rng: np.random.Generator, augment: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared network inputs and targets (int64 ids or float (B, C)) of one batch."""
+        cfg = self.config.train
+        raw = torch.from_numpy(np.ascontiguousarray(self.inputs[index])).to(self.device)
+        targets = self._targets(index)
+        images = self.model.input_kind == "images"
+        if augment and images:
+            raw = crop_flip(raw, rng, cfg.crop_pad, cfg.flip)
+            if cfg.randaugment_ops > 0:
+                raw = rand_augment(raw, rng, cfg.randaugment_ops, cfg.randaugment_magnitude)
+        x = self.model.prepare_inputs(raw)
+        if augment and images and cfg.cutout > 0:
+            x = cutout(x, rng, cfg.cutout)
+        if augment and cfg.mixup_alpha > 0:
+            one_hot = torch.nn.functional.one_hot(targets, self.config.model.num_classes).float()
+            x, targets = mixup(x, one_hot, rng, cfg.mixup_alpha)
+            if self.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+        rng = np.random.default_rng([self.config.train.seed, epoch])
+        order = rng.permutation(len(self.labels))
+        steps = self.steps_per_epoch()
+        size = min(self.config.train.batch_size, len(order))
+        return order[: steps * size].reshape(steps, size), rng
+
+    # -------------------------------------------------------------- one step
+
+    def _forward_loss(
+        self, x: torch.Tensor, targets: torch.Tensor, quantize: bool, detach: bool
+    ) -> tuple[LossOutput, torch.Tensor]:
+        with autocast(self.device, self.precision):
+            out = self.model(x, quantize=quantize, detach_quantizer_input=detach)
+        loss = self.loss_fn(
+            out.semantic, out.logits.float(), targets, out.quantized, out.quantizer_input
+        )
+        return loss, out.logits
+
+    def _check_finite(self, loss: LossOutput, epoch: int, step: int, lr: float) -> None:
+        if math.isfinite(loss.parts["total"]):
+            return
+        bad = [name for name, value in loss.parts.items() if not math.isfinite(value)]
+        raise TrainingDiverged(
+            f"loss became {loss.parts['total']} at epoch {epoch + 1}, step {step + 1} "
+            f"(non-finite terms: {', '.join(bad)}); {self._divergence_advice(lr, bad)}"
+        )
+
+    def _divergence_advice(self, lr: float, bad_terms: list[str]) -> str:
+        cfg = self.config.train
+        cause = (
+            f"the learning rate is probably too high (network lr {lr:.3g}, codebook lr "
+            f"{cfg.codebook_lr:.3g}): lower --lr or set train.grad_clip"
+        )
+        if self.precision != "fp32":
+            cause += f", or train in fp32 (--precision fp32; this run used {self.precision})"
+        if {"E", "quan", "quan_hard", "match"} & set(bad_terms):
+            cause += "; the quantization loss is non-finite, so also try a smaller --tau"
+        last = self.checkpoints.latest()
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return f"{cause}. Training stopped; {kept}, and nothing was overwritten."
+
+    def _check_weights(self, epoch: int) -> None:
+        """Refuse to checkpoint non-finite weights (a step can break them without the loss
+        of that step showing it)."""
+        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise TrainingDiverged(
+                f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {broken[0]}); "
+                + self._divergence_advice(self.config.train.lr, [])
+            )
+
+    # -------------------------------------------------------------- k-means
+
+    def _training_features(self) -> np.ndarray:
+        """Eval-mode features of the (unaugmented) training set: float32 (N, D)."""
+        return self.model.extract_features(
+            np.asarray(self.inputs),
+            batch_size=max(256, self.config.train.batch_size),
+            tta_flip=False,
+        )
+
+    @torch.no_grad()
+    def _features_as_trained(self) -> np.ndarray:
+        """Features of the unaugmented training set as the training loss sees them (BatchNorm
+        on batch statistics), float32 (N, D); BatchNorm running statistics are left as they
+        were. Early in training the running statistics are far from the batch statistics, so
+        eval-mode features would put the codebooks where the training features are not."""
+        model = self.model
+        saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        was_training = model.training
+        model.train()
+        batch_size = max(256, self.config.train.batch_size)
+        out = np.empty((len(self.labels), self.config.quantizer.dim), dtype=np.float32)
+        try:
+            with autocast(self.device, self.precision):
+                for start in range(0, len(self.labels), batch_size):
+                    index = np.arange(start, min(start + batch_size, len(self.labels)))
+                    raw = torch.from_numpy(np.ascontiguousarray(self.inputs[index]))
+                    x = model.prepare_inputs(raw.to(self.device))
+                    out[index] = model(x, quantize=False).features.float().cpu().numpy()
+        finally:
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+            model.train(was_training)
+        return out
+
+    def _kmeans_init(self, eval_mode: bool = False) -> np.ndarray:
+        features = self._training_features() if eval_mode else self._features_as_trained()
+        errors = self.model.quantizer.init_kmeans(
+            features, iterations=self.config.train.kmeans_iterations, seed=self.config.train.seed
+        )
+        self.log(
+            "k-means codebook init on "
+            f"{len(features)} training features: mean squared error per level "
+            + " ".join(f"{e:.4g}" for e in errors)
+        )
+        return errors
+
+    # -------------------------------------------------------------- time budget
+
+    def _time_steps(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
+        """Seconds per training step, measured on a throw-away copy of model and optimizers."""
+        original = self.model
+        rng_state = torch.get_rng_state()
+        self.model = copy.deepcopy(original)
+        try:
+            optimizers = self._make_optimizers()
+            self.model.train()
+            order, rng = self._epoch_order(10**6)
+            steps = min(len(order), max_steps + warmup_steps)
+            quantize = self.config.loss.uses_quantization
+            times = []
+            for step in range(steps):
+                begin = self.clock()
+                x, targets = self._batch(order[step % len(order)], rng, augment=True)
+                loss, _ = self._forward_loss(x, targets, quantize, detach=False)
+                for optimizer in optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                if loss.total.requires_grad:
+                    loss.total.backward()
+                for optimizer in optimizers.values():
+                    optimizer.step()
+                times.append(self.clock() - begin)
+            measured = times[warmup_steps:] or times
+            return float(np.median(measured)) * 1.05
+        finally:
+            self.model = original
+            torch.set_rng_state(rng_state)
+
+    def _plan_epochs(self, budget: TimeBudget | None) -> tuple[int, dict[str, Any]]:
+        cfg = self.config.train
+        if budget is None:
+            return cfg.epochs, {"epochs": cfg.epochs, "source": "config"}
+        seconds_per_step = self._time_steps()
+        epochs, plan = budget.plan(seconds_per_step)
+        self.log(
+            f"time budget {cfg.time_budget_minutes:g} min: {seconds_per_step:.3f} s/step x "
+            f"{plan['steps_per_epoch']} steps = {plan['seconds_per_epoch']:.1f} s/epoch -> "
+            f"{epochs} epochs"
+        )
+        return epochs, plan
+
+    def _revise_plan(self, run: _Run, budget: TimeBudget, epoch_wall: float, record: dict) -> None:
+        """After an epoch: change ``run.epochs`` when the budget says so (and what follows)."""
+        done = run.epoch
+        warming_up = (
+            done < self.config.train.warmup_fraction * run.epochs and done < run.quant_epoch
+        )
+        revised = budget.revise(epoch_wall, run.epochs, done, warming_up)
+        if self.config.loss.uses_quantization and run.quant_epoch >= done:
+            revised = max(revised, done + 1)  # one quantization epoch at least
+        if revised == run.epochs:
+            return
+        self.log(
+            f"after epoch {done} ({record['seconds']:.1f} s; planned "
+            f"{run.plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of {run.epochs} "
+            "to " + ("stay within" if revised < run.epochs else "use") + " the time budget"
+        )
+        run.epochs = revised
+        run.plan = {**run.plan, "epochs": revised, "replanned_after_epoch": done}
+        # quantization that has started goes on; one that has not cannot start before the
+        # next epoch
+        if run.quant_epoch >= done:
+            run.quant_epoch = max(self.quantization_start_epoch(revised), done)
+            if self.config.loss.uses_quantization:
+                run.quant_epoch = min(run.quant_epoch, revised - 1)
+
+    # -------------------------------------------------------------- the loop
+
+    def train(self, resume: bool = False) -> TrainResult:
+        """Run (or continue) the training and save the final model to ``out_dir/model``.
+
+        Args:
+            resume: continue from the newest checkpoint in ``out_dir`` (the config and the
+                training set must be the same as in the interrupted run).
+
+        Raises:
+            ValueError: ``out_dir`` already holds a run and ``resume`` is false; no
+                checkpoint to resume from; a config or data mismatch on resume.
+            dpq.checkpoint.RunInProgressError: another process is training into ``out_dir``.
+            TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+        """
+        with self.run_dir.lock():
+            return self._train_locked(resume)
+
+    def _train_locked(self, resume: bool) -> TrainResult:
+        started = self.clock()
+        cfg = self.config.train
+        torch.set_num_threads(cfg.num_threads or available_cores())
+        self.run_dir.check_can_start(resume)
+        self.checkpoints.remove_temporaries()
+        optimizers = self._make_optimizers()
+        ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        budget = None
+        if cfg.time_budget_minutes is not None:
+            budget = TimeBudget(
+                cfg.time_budget_minutes, self.steps_per_epoch(), self.clock, started
+            )
+        if resume:
+            run = self._resume(optimizers, ema)
+        else:
+            epochs, plan = self._plan_epochs(budget)
+            run = _Run(epochs=epochs, plan=plan, quant_epoch=self.quantization_start_epoch(epochs))
+        if self.precision != "fp32":
+            self.log(f"training in {self.precision} autocast on {self.device}")
+        steps = self.steps_per_epoch()
+        bar = None
+        if self.progress and is_terminal():
+            bar = progress_bar(
+                run.epochs * steps, "train", "step", initial=run.epoch * steps, leave=True
+            )
+        try:
+            while run.epoch < run.epochs:
+                epoch_start = self.clock()
+                if run.epoch == run.quant_epoch:
+                    optimizers["codebooks"] = self._start_quantization(ema)
+                record = self._run_epoch(run, optimizers, ema, bar)
+                record["seconds"] = round(self.clock() - epoch_start, 3)
+                self._check_weights(run.epoch)
+                run.history.append(record)
+                self.run_dir.append_log(record)
+                run.epoch += 1
+                self.checkpoints.save(
+                    run.epoch,
+                    self.model,
+                    self.config,
+                    self._state(run, ema),
+                    optimizers,
+                    ema.state if ema is not None else None,
+                )
+                if self.progress and bar is None:
+                    self.log(self._epoch_line(run, record))
+                if budget is not None and run.resumed_from == 0 and run.epoch < run.epochs:
+                    self._revise_plan(run, budget, self.clock() - epoch_start, record)
+                    if bar is not None:
+                        bar.total = run.epochs * steps
+                        bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._finish(run, ema, started)
+
+    def _state(self, run: _Run, ema: WeightAverage | None) -> dict[str, Any]:
+        """The JSON-ready trainer state written with every checkpoint."""
+        return {
+            "ema_updates": ema.updates if ema is not None else None,
+            "config": self.config.to_dict(),
+            "epochs": run.epochs,
+            "plan": run.plan,
+            "dataset_fingerprint": self.fingerprint,
+            "epoch": run.epoch,
+            "history": run.history,
+        }
+
+    def _resume(
+        self, optimizers: dict[str, torch.optim.Optimizer], ema: WeightAverage | None
+    ) -> _Run:
+        path = self.checkpoints.latest()
+        assert path is not None  # check_can_start guarantees it
+        state = self.checkpoints.read_state(path)
+        saved = DPQConfig.from_dict(state["config"])
+        if saved != self.config:
+            diffs = config_differences(saved.to_dict(), self.config.to_dict())
+            raise ValueError(
+                f"cannot resume from {path}: its config differs from this run's (saved vs "
+                "now): "
+                + "; ".join(diffs[:8])
+                + ". Resume with the same settings, or start a new run in another --out."
+            )
+        if state["dataset_fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained on a different training set "
+                "than the one given now (another source, split or --split-seed); resume with "
+                "the same data and split."
+            )
+        self.checkpoints.restore(path, self.model, optimizers, ema.state if ema else None)
+        if ema is not None:
+            ema.updates = int(state.get("ema_updates") or 0)
+        epochs, epoch = int(state["epochs"]), int(state["epoch"])
+        run = _Run(
+            epochs=epochs,
+            plan=state["plan"],
+            epoch=epoch,
+            history=list(state["history"]),
+            quant_epoch=self.quantization_start_epoch(epochs),
+            resumed_from=epoch,
+        )
+        self.log(f"resuming from {path} (epoch {epoch} of {epochs})")
+        return run
+
+    def _start_quantization(self, ema: WeightAverage | None) -> torch.optim.Optimizer:
+        """The quantization phase begins: k-means codebooks and a fresh codebook optimizer."""
+        if self.config.train.schedule == "two_step" and ema is not None:
+            self.model.load_state_dict(ema.state)  # the frozen network is the averaged one
+        if self.config.quantizer.init == "kmeans":
+            self._kmeans_init(eval_mode=(self.config.train.schedule == "two_step"))
+            if ema is not None:
+                ema.reset(self.model, "quantizer.")
+        return self._codebook_optimizer()
+
+    def _run_epoch(
+        self,
+        run: _Run,
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema: WeightAverage | None,
+        bar: Any,
+    ) -> dict[str, Any]:
+        """One epoch of the current phase; returns its log record (mean losses, lr, ...)."""
+        quantize = run.epoch >= run.quant_epoch
+        order, rng = self._epoch_order(run.epoch)
+        if self.config.train.schedule == "two_step" and quantize:
+            if run.frozen_features is None:
+                run.frozen_features = self._training_features()
+            sums = self._codebook_epoch(run, order, optimizers["codebooks"], bar)
+            record: dict[str, Any] = {"epoch": run.epoch + 1, "phase": "quantization", "lr": 0.0}
+        else:
+            sums, lr, accuracy = self._network_epoch(
+                run, order, rng, quantize, optimizers, ema, bar
+            )
+            record = {
+                "epoch": run.epoch + 1,
+                "phase": "quantization" if quantize else "features",
+                "lr": lr,
+            }
+            if accuracy is not None:
+                record["train_accuracy"] = accuracy
+        record.update({k: v / len(order) for k, v in sums.items()})
+        return record
+
+    def _network_epoch(
+        self,
+        run: _Run,
+        order: np.ndarray,
+        rng: np.random.Generator,
+        quantize: bool,
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema: WeightAverage | None,
+        bar: Any,
+    ) -> tuple[dict[str, float], float, float | None]:
+        """Network steps over one epoch: (summed loss parts, last lr, training accuracy)."""
+        cfg = self.config.train
+        network_opt, codebook_opt = optimizers["network"], optimizers["codebooks"]
+        total_steps = self._network_steps(run)
+        steps = self.steps_per_epoch()
+        sums: dict[str, float] = {}
+        correct = seen = 0
+        lr = 0.0
+        self.model.train()
+        for step, index in enumerate(order):
+            lr = learning_rate(
+                run.epoch * steps + step, total_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction
+            )
+            for group in network_opt.param_groups:
+                group["lr"] = lr
+            x, targets = self._batch(index, rng, augment=True)
+            loss, logits = self._forward_loss(
+                x, targets, quantize, detach=(cfg.schedule == "two_phase")
+            )
+            self._check_finite(loss, run.epoch, step, lr)
+            network_opt.zero_grad(set_to_none=True)
+            codebook_opt.zero_grad(set_to_none=True)
+            if loss.total.requires_grad:
+                loss.total.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in network_opt.param_groups for p in g["params"]], cfg.grad_clip
+                    )
+                network_opt.step()
+                if quantize:
+                    codebook_opt.step()
+            if ema is not None:
+                ema.update(self.model)
+            for name, value in loss.parts.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if not self.config.model.multilabel and targets.ndim == 1:
+                correct += int((logits.argmax(1) == targets).sum())
+                seen += len(targets)
+            if bar is not None:
+                bar.update(1)
+                if step % 5 == 0 or step == len(order) - 1:
+                    bar.set_postfix_str(
+                        f"epoch {run.epoch + 1}/{run.epochs}, {_running_losses(sums, step + 1)}"
+                    )
+        return sums, lr, (correct / seen if seen else None)
+
+    def _codebook_epoch(
+        self, run: _Run, order: np.ndarray, optimizer: torch.optim.Optimizer, bar: Any
+    ) -> dict[str, float]:
+        """One epoch of codebook-only training on frozen features (two-step schedule)."""
+        assert run.frozen_features is not None
+        quantizer = self.model.quantizer
+        sums: dict[str, float] = {}
+        for step, index in enumerate(order):
+            x = torch.from_numpy(run.frozen_features[index]).to(self.device)
+            with full_precision(self.device):
+                energy, terms = self.loss_fn.energy(x, quantizer(x))
+            parts = {name: float(value.detach()) for name, value in terms.items()}
+            parts["total"] = parts["E"]
+            self._check_finite(LossOutput(energy, parts), run.epoch, step, 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            (self.config.loss.tau * energy).backward()
+            optimizer.step()
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"phase codebooks, E {sums['E'] / (step + 1):.3g}")
+        return sums
+
+    def _epoch_line(self, run: _Run, record: dict[str, Any]) -> str:
+        """The one line per epoch printed where no progress bar is shown (a pipe, a file)."""
+        losses = _running_losses(record, 1)
+        accuracy = record.get("train_accuracy")
+        extra = f", train accuracy {accuracy:.3f}" if accuracy is not None else ""
+        return (
+            f"epoch {run.epoch}/{run.epochs} ({record['phase']}): {losses}{extra}; "
+            f"{record['seconds']:.1f} s"
+        )
+
+    def _finish(self, run: _Run, ema: WeightAverage | None, started: float) -> TrainResult:
+        """Final weights (EMA), optional final k-means, the saved model."""
+        cfg = self.config.train
+        if ema is not None and not (cfg.schedule == "two_step" and run.quant_epoch < run.epochs):
+            self.model.load_state_dict(ema.state)
+        if cfg.final_kmeans or not self.config.loss.uses_quantization:
+            self._kmeans_init(eval_mode=True)
+        self.model.eval()
+        wall = self.clock() - started
+        model_dir = self.model.save_checkpoint(
+            self.run_dir.model_dir,
+            extra={
+                "epochs": run.epochs,
+                "plan": run.plan,
+                "history": run.history,
+                "precision": self.precision,
+            },
+            config=self.config,
+        )
+        self.log(f"saved the model to {model_dir} ({run.epochs} epochs, {wall:.1f} s in this call)")
+        return TrainResult(
+            model=self.model,
+            epochs=run.epochs,
+            history=run.history,
+            wall_seconds=wall,
+            model_dir=model_dir,
+            resumed_from_epoch=run.resumed_from,
+            planned=run.plan,
+            precision=self.precision,
+        )
+
+
+def train_model(
+    config: DPQConfig,
+    dataset: LabelledInputs,
+    word_vectors: np.ndarray | None,
+    out_dir: str | Path | RunDirectory,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Build a model from ``config`` (seeded by ``train.seed``) and train it.
+
+    On ``resume`` the model is rebuilt from the same config and then loaded from the newest
+    checkpoint in ``out_dir``.
+    """
+    seed_everything(config.train.seed)
+    model = DPQModel(config)
+    trainer = Trainer(config, model, dataset, word_vectors, out_dir, progress=progress, log=log)
+    return trainer.train(resume=resume)

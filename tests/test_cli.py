@@ -1,0 +1,294 @@
+"""The command line, through main([...]): every command's happy path on tiny data, and the
+mistakes a user makes answered with one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder, needs_cifar_zip, truncated_jpeg
+from dpq.cli import _parse_bits, _parse_methods, main
+from dpq.data import Split, load_source, split_per_class
+from dpq.model import DPQModel
+
+# ---------------------------------------------------------------------------- data
+
+
+@needs_cifar_zip
+def test_cli_data_info_cifar(small_cifar_zip: Path, tmp_path: Path, capsys) -> None:
+    code = main(["data", "info", str(small_cifar_zip), "--cache-dir", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "images: 50" in out and "classes: 10" in out and "image size: 32 x 32 x 3" in out
+    assert "airplane" in out and "5" in out.split("airplane")[1].splitlines()[0]
+    assert "not applicable" in out and "has 5 items" in out
+
+
+def test_cli_data_info_folder_and_errors(tmp_path: Path, capsys) -> None:
+    make_image_folder(tmp_path / "set", {"a": 2, "b": 3})
+    assert main(["data", "info", str(tmp_path / "set")]) == 0
+    out = capsys.readouterr().out
+    assert "images: 5" in out and "classes: 2" in out and "8 x 8 x 3" in out
+    (tmp_path / "set" / "a" / "bad.jpg").write_bytes(truncated_jpeg(np.random.default_rng(10)))
+    assert main(["data", "info", str(tmp_path / "set")]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert main(["data", "info", str(tmp_path / "set"), "--skip-corrupt"]) == 0
+    captured = capsys.readouterr()
+    assert "images: 5" in captured.out and "1 images could not be decoded" in captured.out
+    assert captured.err.startswith("dpq: warning: skipped 1 of 6 images")
+    (tmp_path / "set" / "c").mkdir()
+    assert main(["data", "info", str(tmp_path / "set"), "--skip-corrupt"]) == 2
+    assert "has no images" in capsys.readouterr().err
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.jpg 0 1\nb.jpg 1\n")
+    assert main(["data", "info", str(listing)]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def _tiny_folder(root: Path, per_class: dict[str, int]) -> None:
+    from PIL import Image
+
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(root / name / f"{i}.png")
+
+
+def test_cli_data_split_writes_the_split(tmp_path: Path, capsys) -> None:
+    from dpq.cli import main
+
+    _tiny_folder(tmp_path / "set", {"a": 5, "b": 4})
+    out = tmp_path / "split.json"
+    args = ["data", "split", str(tmp_path / "set"), "--n-train", "2", "--n-query", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "train 4 / query 2 / database 3" in capsys.readouterr().out
+    labels = np.array([0] * 5 + [1] * 4)
+    assert Split.load(out) == split_per_class(labels, 2, 1, seed=0)
+    assert main([*args[:3], "--n-train", "4", "--n-query", "1", "--out", str(out)]) == 2
+    assert "class 'b' (index 1) has 4 items" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- train, demo, evaluate
+
+
+def test_demo_runs_through_main(capsys):
+    argv = ["demo", "--epochs", "2", "--train-per-class", "30", "--query-per-class", "5"]
+    assert main([*argv, "--num-levels", "2", "--dim", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if " bit " in line]
+    assert [int(r[0]) for r in rows] == [8, 16]
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+    assert "300 train / 50 query / 1447 database" in out and "mAP@1447" in out
+
+
+def train_digits_argv(out: Path, codebook_size: int = 16, epochs: int = 1) -> list[str]:
+    """`dpq train` on a small per-class digits split (26 train / 5 query per class)."""
+    return [
+        "train", "digits", "--backbone", "small_cnn", "--width", "0.25", "--split", "per-class",
+        "--train-per-class", "26", "--query-per-class", "5", "--num-levels", "2",
+        "--codebook-size", str(codebook_size), "--dim", "12", "--epochs", str(epochs),
+        "--batch-size", "64", "--word-vectors", "orthogonal", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+
+
+def test_train_command_writes_a_model_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_digits_argv(out)
+    assert main(argv) == 0
+    assert "model saved to" in capsys.readouterr().out
+    assert (out / "model" / "model.safetensors").is_file() and (out / "split.json").is_file()
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+
+
+def test_evaluate_command_scores_a_trained_model_on_its_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_digits_argv(out, codebook_size=256, epochs=2)) == 0  # 8-bit levels
+    capsys.readouterr()
+    results = tmp_path / "evaluation.json"
+    evaluate = [
+        "evaluate", "--model", str(out / "model"), "--images", "digits",
+        "--split", str(out / "split.json"), "--baselines", "pq", "--out", str(results),
+        "--quiet",
+    ]  # fmt: skip
+    assert main(evaluate) == 0
+    printed = capsys.readouterr().out
+    assert "50 queries, 1487 database items" in printed and "mAP@1487" in printed
+    saved = json.loads(results.read_text())
+    assert set(saved["map"]) == {"8", "16"} and 0.0 <= saved["map"]["16"] <= 1.0
+    assert set(saved["details"]["map"]) == {"dpq", "pq"} and 0.0 <= saved["float_map"] <= 1.0
+    assert saved["details"]["baselines_fitted_on"] == "train"
+    # the model's own evaluation is the same as the reproduce/demo path's
+    assert 0.0 <= saved["database_accuracy"] <= 1.0
+    # half a model input, or the two modes mixed, are refused with the fix
+    assert main(["evaluate", "--model", str(out / "model"), "--images", "digits"]) == 2
+    assert "--split" in capsys.readouterr().err
+    assert main([*evaluate, "--query-features", str(results)]) == 2
+    assert "saved-features mode" in capsys.readouterr().err
+    assert main(["evaluate", "--db-labels", str(results)]) == 2
+    assert "--query-features, --query-labels" in capsys.readouterr().err
+
+
+def test_a_class_posterior_model_builds_inner_product_indexes(tmp_path, capsys):
+    from dpq.index import DPQIndex
+
+    out = tmp_path / "run"
+    assert main([*train_digits_argv(out), "--feature", "class_posterior"]) == 0
+    model = DPQModel.from_checkpoint(out / "model")
+    assert model.config.model.feature == "class_posterior"
+    index_path = tmp_path / "index.npz"
+    encode = ["encode", "--model", str(out / "model"), "--images", "digits", "--quiet"]
+    assert main([*encode, "--out", str(index_path)]) == 0
+    index = DPQIndex.load(index_path)
+    assert index.search_mode == "ip" and "search ip" in capsys.readouterr().out
+    features = model.extract_features(load_source("digits").inputs[:20])
+    np.testing.assert_allclose(features[:, :10].sum(1), 12**0.5, rtol=1e-5)  # sqrt(D) p
+    assert (features[:, 10:] == 0).all()
+    np.testing.assert_array_equal(
+        index.search(features, 5)[1], index.search(features, 5, mode="ip")[1]
+    )
+    assert main([*encode, "--search-mode", "aqd", "--out", str(tmp_path / "aqd.npz")]) == 0
+    assert DPQIndex.load(tmp_path / "aqd.npz").search_mode == "aqd"
+
+
+def test_train_command_rejects_bad_settings(tmp_path, capsys):
+    base = ["train", "digits", "--out", str(tmp_path / "x"), "--quiet", "--epochs", "1"]
+    assert main([*base, "--codebook-size", "100"]) == 2
+    assert "power of two" in capsys.readouterr().err
+    assert main([*base, "--backbone", "small_cnn"]) == 2
+    assert "word vector" in capsys.readouterr().err
+
+
+def test_parse_methods_and_bits():
+    assert _parse_methods("all") == ["pq", "opq", "rq", "lsq", "itq", "itq-cca", "lsh"]
+    assert _parse_methods("pq, itq,pq") == ["pq", "itq"]
+    assert _parse_methods(None) == []
+    assert _parse_bits("8,16") == [8, 16]
+    with pytest.raises(ValueError, match="unknown method"):
+        _parse_methods("pq,sh")
+    with pytest.raises(ValueError, match="integers"):
+        _parse_bits("8,x")
+
+
+def _cli_args(directory, *extra):
+    return [
+        "evaluate",
+        "--query-features", str(directory / "query_features.npy"),
+        "--query-labels", str(directory / "query_labels.npy"),
+        "--db-features", str(directory / "db_features.npy"),
+        "--db-labels", str(directory / "db_labels.npy"),
+        "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cli_evaluate_prints_table_and_writes_json(feature_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = main(
+        _cli_args(
+            feature_dir,
+            "--method",
+            "dpq",
+            "--index",
+            str(feature_dir / "index.npz"),
+            "--baselines",
+            "pq,itq-cca",
+            "--bits",
+            "8,16",
+            "--float-reference",
+            "--out",
+            str(out),
+        )  # fmt: skip
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = captured.out.splitlines()
+    assert lines[0] == "mAP@870 over 30 queries, 870 items"
+    assert [line.split()[0] for line in lines[2:5]] == ["dpq", "pq", "itq-cca"]
+    assert "fitted on the database" in captured.err  # no --train-features given
+    saved = json.loads(out.read_text())
+    assert set(saved["map"]) == {"dpq", "pq", "itq-cca"} and saved["float_features_map"] > 0
+    assert {r["method"] for r in saved["results"]} == {"dpq", "pq", "itq-cca", "float"}
+
+
+def test_cli_evaluate_follows_an_inner_product_index(feature_dir, tmp_path, capsys):
+    from dpq.index import DPQIndex
+
+    index = DPQIndex.load(feature_dir / "index.npz")
+    index.search_mode = "ip"
+    ip_index = index.save(tmp_path / "ip.npz")
+
+    def float_search(*extra: str) -> str:
+        out = tmp_path / "results.json"
+        args = ["--method", "dpq", "--bits", "8", "--float-reference", "--out", str(out)]
+        assert main(_cli_args(feature_dir, *args, *extra)) == 0
+        results = json.loads(out.read_text())["results"]
+        return next(r["settings"]["search"] for r in results if r["method"] == "float")
+
+    assert float_search("--index", str(ip_index)) == "exhaustive inner product on float32 features"
+    l2 = float_search("--index", str(ip_index), "--metric", "l2")
+    assert l2 == "exhaustive squared L2 on float32 features"
+    assert float_search("--index", str(feature_dir / "index.npz")) == l2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "dpq"], "needs a DPQ index"),
+        (["--baselines", "pq,sh"], "unknown method"),
+        ([], "no method to evaluate"),
+        (["--method", "lsh", "--bits", "8,0"], "positive integers"),
+        (["--method", "dpq", "--index", "INDEX", "--bits", "12"], "not one of them"),
+        (
+            ["--method", "lsh", "--db-labels", "QUERY_LABELS"],
+            "870 rows but database labels have 30",
+        ),
+        (["--method", "lsh", "--train-features", "TRAIN"], "together"),
+        (["--method", "lsh", "--query-features", "MISSING"], "missing.npy does not exist"),
+    ],
+)
+def test_cli_evaluate_bad_input_exits_2(feature_dir, capsys, extra, message):
+    replace = {
+        "INDEX": str(feature_dir / "index.npz"),
+        "QUERY_LABELS": str(feature_dir / "query_labels.npy"),
+        "TRAIN": str(feature_dir / "train_features.npy"),
+        "MISSING": str(feature_dir / "missing.npy"),
+    }
+    code = main(_cli_args(feature_dir, *[replace.get(arg, arg) for arg in extra]))
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_split_accepts_every_source_train_does(tmp_path, capsys):
+    """`dpq train digits` worked but `dpq data split digits` did not (two dispatchers)."""
+    out = tmp_path / "split.json"
+    argv = ["data", "split", "digits", "--n-train", "50", "--n-query", "10", "--out", str(out)]
+    assert main(argv) == 0
+    assert "train 500 / query 100 / database 1,197" in capsys.readouterr().out
+    assert Split.load(out) == split_per_class(load_source("digits").labels, 50, 10, seed=0)
+
+
+def test_train_skips_a_corrupt_image_and_says_how_many(tmp_path, capsys):
+    """`--skip-corrupt` reaches training: a folder with one bad image trains without it."""
+    folder = tmp_path / "photos"
+    make_image_folder(folder, {"cats": 12, "dogs": 12})
+    (folder / "dogs" / "broken.jpg").write_bytes(truncated_jpeg(np.random.default_rng(3)))
+    argv = [
+        "train", str(folder), "--backbone", "small_cnn", "--width", "0.25", "--split", "all",
+        "--num-levels", "2", "--codebook-size", "8", "--dim", "8", "--epochs", "1",
+        "--batch-size", "8", "--word-vectors", "orthogonal", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert "broken.jpg" in capsys.readouterr().err and not (tmp_path / "run" / "model").exists()
+    assert main([*argv, "--skip-corrupt"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 of 25 images" in captured.err
+    assert "training without the 1 images that could not be decoded" in captured.err
+    assert "model saved to" in captured.out
+    trained = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert trained["model"]["num_classes"] == 2

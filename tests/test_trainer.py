@@ -1,0 +1,300 @@
+"""dpq.trainer: the training loop (phases, checkpoints, resume, NaN, time budget with a fake
+clock), on tiny data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUIET, FakeClock, digits_config, feature_config, feature_data, orthogonal
+from dpq.model import DPQModel
+from dpq.trainer import ArrayDataset, Trainer, TrainingDiverged, learning_rate, train_model
+
+
+def test_learning_rate_schedules():
+    total = 100
+    onecycle = [learning_rate(s, total, 1.0, "onecycle", 0.2) for s in range(total)]
+    assert onecycle[19] == pytest.approx(1.0) and onecycle[-1] == pytest.approx(0.0)
+    assert all(a <= b for a, b in zip(onecycle[:20], onecycle[1:20], strict=False))
+    cosine = [learning_rate(s, total, 1.0, "cosine", 0.1) for s in range(total)]
+    assert max(cosine) == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.0, abs=1e-9)
+    assert learning_rate(5, total, 0.3, "constant", 0.2) == 0.3
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_short_image_training_reduces_the_loss(tmp_path, digits):
+    config = digits_config(epochs=4, quantization_start=0.0)
+    result = train_model(config, digits, orthogonal(10, 12), tmp_path, **QUIET)
+    totals = [record["total"] for record in result.history]
+    assert len(totals) == 4 and totals[-1] < totals[0]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == 4
+    loaded = DPQModel.from_checkpoint(tmp_path / "model", config=config)
+    np.testing.assert_array_equal(
+        loaded.encode(digits.images[:5]), result.model.encode(digits.images[:5])
+    )
+
+
+def test_training_options_each_do_what_they_say(tmp_path, digits):
+    vectors = orthogonal(10, 12)
+    plain = train_model(digits_config(epochs=2), digits, vectors, tmp_path / "plain", **QUIET)
+    assert plain.precision == "fp32" and "train_accuracy" in plain.history[0]
+    # weight average: the final weights are the average, not the last step's weights
+    ema = train_model(
+        digits_config(epochs=2, ema_decay=0.9), digits, vectors, tmp_path / "ema", **QUIET
+    )
+    last = tmp_path / "ema" / "checkpoints" / "epoch-0002"
+    raw = load_file(str(last / "model.safetensors"))
+    averaged = load_file(str(last / "optimizer.safetensors"))
+    final = ema.model.state_dict()
+    name = "semantic_head.weight"
+    torch.testing.assert_close(final[name], averaged[f"ema.{name}"])
+    assert not torch.equal(final[name], raw[name])
+    # bf16 autocast and channels-last memory: used, and close to float32 but not equal
+    fast = train_model(
+        digits_config(epochs=2, precision="bf16", channels_last=True),
+        digits,
+        vectors,
+        tmp_path / "bf16",
+        **QUIET,
+    )
+    assert fast.precision == "bf16"
+    conv = next(m for m in fast.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    first = [run.history[0]["total"] for run in (plain, fast)]
+    assert first[0] != first[1] and first[1] == pytest.approx(first[0], rel=0.05)
+    # mixup turns targets into mixed probabilities (so no hard-label accuracy is counted);
+    # RandAugment changes the images the network sees (so the losses change)
+    mixed = train_model(
+        digits_config(epochs=1, mixup_alpha=0.4), digits, vectors, tmp_path / "mix", **QUIET
+    )
+    assert "train_accuracy" not in mixed.history[0]
+    augmented = train_model(
+        digits_config(epochs=2, randaugment_ops=2, randaugment_magnitude=12),
+        digits,
+        vectors,
+        tmp_path / "ra",
+        **QUIET,
+    )
+    assert augmented.history[0]["total"] != plain.history[0]["total"]
+
+
+def test_checkpoints_every_epoch(tmp_path):
+    result = train_model(
+        feature_config(epochs=3, keep_checkpoints=2), feature_data(), None, tmp_path, **QUIET
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch-0002", "epoch-0003"]
+    state = json.loads((tmp_path / "checkpoints/epoch-0003/trainer_state.json").read_text())
+    assert state["epoch"] == 3 and state["epochs"] == 3 and len(state["history"]) == 3
+    assert result.history == state["history"]
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches(tmp_path):
+    data = feature_data()
+    config = feature_config(epochs=4, quantization_start=0.5)
+    full = train_model(config, data, None, tmp_path / "full", **QUIET)
+    # an interrupted run: only the checkpoint after epoch 2 survived
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full/checkpoints/epoch-0002", tmp_path / "cut/checkpoints/epoch-0002"
+    )
+    resumed = train_model(config, data, None, tmp_path / "cut", resume=True, **QUIET)
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs == 4
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import feature_config, feature_data
+        from dpq.trainer import train_model
+        train_model(feature_config(epochs=100), feature_data(), None, {str(tmp_path)!r},
+                    progress=False, log=lambda m: None)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    marker = tmp_path / "checkpoints" / "epoch-0002"
+    deadline = time.monotonic() + 120
+    try:
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the training finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    saved = max(int(p.name[6:]) for p in (tmp_path / "checkpoints").glob("epoch-*"))
+    assert 2 <= saved < 100 and not (tmp_path / "model").exists()
+    result = train_model(
+        feature_config(epochs=100), feature_data(), None, tmp_path, resume=True, **QUIET
+    )
+    assert result.resumed_from_epoch == saved and result.epochs == 100
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_a_second_run_needs_resume_and_the_same_config(tmp_path):
+    data = feature_data()
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_model(feature_config(epochs=1), data, None, tmp_path, resume=True, **QUIET)
+    train_model(feature_config(epochs=1), data, None, tmp_path, **QUIET)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_model(feature_config(epochs=1), data, None, tmp_path, **QUIET)
+    with pytest.raises(ValueError, match="train.lr: 0.05 vs 0.1"):
+        train_model(feature_config(epochs=1, lr=0.1), data, None, tmp_path, resume=True, **QUIET)
+    other = feature_data(seed=1)
+    with pytest.raises(ValueError, match="different training set"):
+        train_model(feature_config(epochs=1), other, None, tmp_path, resume=True, **QUIET)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"epoch \d+.*learning rate is probably too high"):
+        train_model(feature_config(epochs=4, lr=1e10), feature_data(), None, tmp_path, **QUIET)
+    assert not (tmp_path / "model").exists()
+    for checkpoint in (tmp_path / "checkpoints").glob("epoch-*"):
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+        DPQModel.from_checkpoint(checkpoint)
+
+
+def test_two_phase_keeps_e_away_from_the_network():
+    torch.manual_seed(0)
+    model = DPQModel(feature_config())
+    x = torch.from_numpy(feature_data().images[:10])
+    out = model(x, detach_quantizer_input=True)
+    energy = (out.quantizer_input[:, None] - out.quantized.hard.cumsum(1)).pow(2).sum()
+    (energy + out.quantized.soft.pow(2).sum()).backward()
+    assert model.semantic_head.weight.grad is None
+    assert model.quantizer.codebooks.grad.abs().sum() > 0
+
+
+def test_two_step_freezes_the_network_in_its_second_step(tmp_path):
+    config = feature_config(epochs=4, schedule="two_step", quantization_start=0.5)
+    result = train_model(config, feature_data(), None, tmp_path, **QUIET)
+    after_features = load_file(str(tmp_path / "checkpoints/epoch-0002/model.safetensors"))
+    final = result.model.state_dict()
+    torch.testing.assert_close(
+        final["semantic_head.weight"], after_features["semantic_head.weight"]
+    )
+    assert not torch.equal(final["quantizer.codebooks"], after_features["quantizer.codebooks"])
+    assert [r["phase"] for r in result.history] == ["features"] * 2 + ["quantization"] * 2
+
+
+def test_time_budget_fixes_the_epoch_count(tmp_path):
+    messages = []
+    config = feature_config(epochs=1000, time_budget_minutes=0.05)
+    result = train_model(
+        config, feature_data(), None, tmp_path, progress=False, log=messages.append
+    )
+    assert result.planned["source"] == "time_budget"
+    assert result.epochs == result.planned["epochs"] >= 1 and len(result.history) == result.epochs
+    assert any("time budget" in m and f"-> {result.epochs} epochs" in m for m in messages)
+
+
+class _ClockedTrainer:
+    """A Trainer whose fake clock only the training steps advance: ``seconds(epoch)`` per
+    epoch, spread over its steps; the throw-away step timing says ``timed`` s per epoch."""
+
+    def __init__(self, tmp_path, monkeypatch, minutes, seconds, timed, **train):
+        config = feature_config(epochs=1000, time_budget_minutes=minutes, **train)
+        self.clock = FakeClock()
+        self.messages: list[str] = []
+        self.trainer = Trainer(
+            config,
+            DPQModel(config),
+            feature_data(),
+            None,
+            tmp_path,
+            progress=False,
+            log=self.messages.append,
+            clock=self.clock,
+        )
+        steps = self.trainer.steps_per_epoch()
+        original = self.trainer._forward_loss
+        self.steps = 0
+
+        def forward_loss(*args, **kwargs):
+            epoch = self.steps // steps
+            self.steps += 1
+            self.clock.advance(seconds(epoch) / steps)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(self.trainer, "_forward_loss", forward_loss)
+        monkeypatch.setattr(self.trainer, "_time_steps", lambda: timed / steps)
+
+    def train(self):
+        return self.trainer.train()
+
+
+def test_a_run_that_slows_down_stops_within_its_budget(tmp_path, monkeypatch):
+    """Epochs that become 4x slower after the plan was made: the trainer shortens the run
+    (keeping at least one quantization epoch) instead of overrunning the budget by ~4x."""
+    run = _ClockedTrainer(tmp_path, monkeypatch, 0.25, lambda epoch: 0.4, timed=0.1)
+    result = run.train()
+    first_plan = int(run.messages[0].rsplit("-> ", 1)[1].split()[0])
+    assert result.epochs < first_plan and result.planned["replanned_after_epoch"] >= 1
+    assert run.clock.now <= 0.25 * 60
+    assert any(r["phase"] == "quantization" for r in result.history)
+
+
+def test_a_run_whose_first_plan_was_pessimistic_grows_within_the_warm_up(tmp_path, monkeypatch):
+    """The step timing said 10x slower than the real epochs: the plan grows after the first
+    epochs (while the learning rate warms up), and the run still ends within its budget."""
+    run = _ClockedTrainer(
+        tmp_path, monkeypatch, 0.5, lambda epoch: 0.4, timed=1.0, warmup_fraction=0.5
+    )
+    result = run.train()
+    first_plan = int(run.messages[0].rsplit("-> ", 1)[1].split()[0])
+    assert result.epochs > first_plan
+    assert any("to use the time budget" in m for m in run.messages)
+    assert run.clock.now <= 0.5 * 60
+    assert any(r["phase"] == "quantization" for r in result.history)
+
+
+def test_a_plan_cut_by_a_passing_slowdown_grows_back_to_the_first_plan(tmp_path, monkeypatch):
+    """Epochs 3-5 are slow (another process), the others are not: the plan shrinks, then grows
+    back, but never beyond the first plan once the warm-up is over."""
+    run = _ClockedTrainer(
+        tmp_path,
+        monkeypatch,
+        1.0,
+        lambda epoch: 4.0 if 2 <= epoch < 5 else 1.0,
+        timed=1.0,
+        warmup_fraction=0.0,
+    )
+    result = run.train()
+    # 60 s - (1/3 + 10 + 1.8) s of fixed costs = 47.9 s at 1 s per epoch -> 47 epochs
+    assert run.messages[0].endswith("-> 47 epochs")
+    shrunk = [m for m in run.messages if "to stay within the time budget" in m]
+    grown = [m for m in run.messages if "to use the time budget" in m]
+    assert shrunk and grown and run.messages.index(shrunk[0]) < run.messages.index(grown[0])
+    assert 47 - 10 <= result.epochs <= 47  # the 9 s lost to the slowdown cost ~9 epochs
+    assert run.clock.now <= 60.0
+
+
+def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
+    config = digits_config(epochs=1)
+    eight_classes = ArrayDataset(digits.images[digits.labels < 8], digits.labels[digits.labels < 8])
+    with pytest.raises(ValueError, match="holds 8 classes but the model"):
+        Trainer(config, DPQModel(config), eight_classes, orthogonal(10, 12), tmp_path, **QUIET)
+    with pytest.raises(ValueError, match="12 rows but the data has 10 classes"):
+        Trainer(config, DPQModel(config), digits, orthogonal(12, 12), tmp_path, **QUIET)
+
+
+# ------------------------------------------------------------------------------ commands
