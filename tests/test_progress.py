@@ -31,3 +31,19 @@ def test_not_a_terminal_never_gets_a_tqdm_bar_and_quiet_gets_nothing():
         bar.update(5)
         bar.set_postfix_str("x")
     assert silent.getvalue() == ""
+
+
+def test_an_update_that_crosses_several_tenths_prints_one_line():
+    stream = io.StringIO()
+    bar = LineProgress(5, "evaluate", "run", stream, clock=lambda: 1.0)
+    for _ in range(5):
+        bar.update(1)  # each run is 2 tenths
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [
+        "20",
+        "40",
+        "60",
+        "80",
+        "100",
+    ]

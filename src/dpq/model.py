@@ -383,11 +383,15 @@ class DPQModel(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, config: DPQConfig | None = None, device: str = "cpu"
+        cls,
+        path: str | Path,
+        config: DPQConfig | None = None,
+        device: str = "cpu",
+        channels_last: bool | None = None,
     ) -> DPQModel:
         """Load a model saved by :meth:`save_checkpoint` onto ``device``
         (:func:`dpq.checkpoint.load_model`: checksum, format and, when ``config`` is given,
         architecture are checked; ValueError / FileNotFoundError say what is wrong)."""
         from dpq.checkpoint import load_model
 
-        return load_model(path, config=config, device=device)
+        return load_model(path, config=config, device=device, channels_last=channels_last)

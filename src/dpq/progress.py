@@ -84,10 +84,12 @@ class LineProgress(_Silent):
         self.n += n
         if not self.total:
             return
+        crossed = False
         while self._next_step <= LINE_STEPS and self.n >= self._next_step * self.total / LINE_STEPS:
             self._next_step += 1
-            if self.n < self.total:
-                print(self._line(), file=self.stream, flush=True)
+            crossed = True
+        if crossed and self.n < self.total:  # the last line is the one close() prints
+            print(self._line(), file=self.stream, flush=True)
 
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
         self.postfix = text
@@ -134,5 +136,6 @@ def progress_bar(
             initial=initial,
         )
     reporter = LineProgress(total, desc, unit, stream)
-    reporter.n = initial
+    reporter.n = 0
+    reporter.update(initial)  # work done before (a resumed run) moves the first line on
     return reporter
