@@ -292,3 +292,34 @@ def test_train_skips_a_corrupt_image_and_says_how_many(tmp_path, capsys):
     assert "model saved to" in captured.out
     trained = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert trained["model"]["num_classes"] == 2
+
+
+def test_a_split_made_with_skip_corrupt_serves_encode_and_evaluate(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    make_image_folder(folder, {"cats": 20, "dogs": 20})
+    (folder / "cats" / "broken.jpg").write_bytes(truncated_jpeg(np.random.default_rng(4)))
+    split = tmp_path / "split.json"
+    argv = ["data", "split", str(folder), "--n-train", "17", "--n-query", "2", "--out", str(split)]
+    assert main([*argv, "--skip-corrupt", "--quiet"]) == 0
+    run = tmp_path / "run"
+    train = [
+        "train", str(folder), "--skip-corrupt", "--backbone", "small_cnn", "--width", "0.25",
+        "--num-levels", "2", "--codebook-size", "8", "--dim", "8", "--epochs", "1",
+        "--batch-size", "8", "--word-vectors", "orthogonal", "--out", str(run), "--quiet",
+    ]  # fmt: skip
+    assert main(train) == 0
+    encode = [
+        "encode",
+        "--model",
+        str(run / "model"),
+        "--images",
+        str(folder),
+        "--split",
+        str(split),
+    ]
+    assert main([*encode, "--out", str(tmp_path / "i.npz"), "--quiet"]) == 2
+    assert "--skip-corrupt" in capsys.readouterr().err  # the message names the flag that exists
+    assert main([*encode, "--skip-corrupt", "--out", str(tmp_path / "i.npz"), "--quiet"]) == 0
+    evaluate = ["evaluate", "--model", str(run / "model"), "--images", str(folder)]
+    assert main([*evaluate, "--split", str(split), "--skip-corrupt", "--quiet"]) == 0
+    assert "4 queries, 2 database items" in capsys.readouterr().out

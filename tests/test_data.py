@@ -589,3 +589,13 @@ def test_describe_real_list_file() -> None:
     assert info.split_sizes == {"train": 10000, "query": 0, "database": 10000}
     nus = describe_source(LISTS / "nus21" / "train.txt")
     assert nus.is_multilabel and nus.split_sizes is None and "15,000" in nus.split_rule
+
+
+def test_class_folders_may_be_symbolic_links_and_link_loops_end(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "elsewhere", {"cats": 2, "dogs": 3})
+    (tmp_path / "set").mkdir()
+    for name in ("cats", "dogs"):
+        (tmp_path / "set" / name).symlink_to(tmp_path / "elsewhere" / name)
+    (tmp_path / "elsewhere" / "cats" / "loop").symlink_to(tmp_path / "set")  # a loop
+    dataset = load_image_folder(tmp_path / "set")
+    assert dataset.classes == ["cats", "dogs"] and len(dataset) == 5

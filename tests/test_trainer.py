@@ -298,3 +298,20 @@ def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
 
 
 # ------------------------------------------------------------------------------ commands
+
+
+def test_resuming_with_other_data_says_the_training_set_differs(tmp_path, digits):
+    from dpq.experiments import complete_config
+
+    vectors = orthogonal(10, 12)
+    run = train_model(digits_config(epochs=2), digits, vectors, tmp_path, **QUIET)
+    assert run.epochs == 2
+    (tmp_path / "model" / "config.json").unlink()  # as if the run had been interrupted
+    brighter = ArrayDataset(np.clip(digits.images.astype(int) + 40, 0, 255).astype(np.uint8),
+                            digits.labels)  # fmt: skip
+    from dpq.data import Source
+
+    source = Source(brighter.images, brighter.labels, [str(i) for i in range(10)], "digits", "x")
+    config = complete_config(digits_config(epochs=2), source, brighter.images)
+    with pytest.raises(ValueError, match="different training set .*image statistics"):
+        train_model(config, brighter, vectors, tmp_path, resume=True, **QUIET)

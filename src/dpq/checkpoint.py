@@ -285,12 +285,35 @@ class RunDirectory:
             return f"a final model in {self.model_dir}"
         return None
 
-    def check_can_start(self, resume: bool) -> None:
-        """Refuse to start a fresh run over an existing one, or to resume nothing.
+    def running_holder(self) -> str | None:
+        """Who holds the lock when another process trains into this folder right now
+        ("pid 123 on host"), else None."""
+        if self._lock_depth or not (self.path / LOCK_FILE).is_file():
+            return None
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
 
-        Raises ValueError: the folder holds a run (a checkpoint or a final model) and
-        ``resume`` is false; ``resume`` is true but there is no checkpoint to continue.
+    def check_can_start(self, resume: bool) -> None:
+        """Refuse to start while another process trains here, to start a fresh run over an
+        existing one, or to resume nothing.
+
+        Raises:
+            RunInProgressError: another process holds the folder's lock.
+            ValueError: the folder holds a run (a checkpoint or a final model) and ``resume``
+                is false; ``resume`` is true but there is no checkpoint to continue.
         """
+        holder = self.running_holder()
+        if holder is not None:
+            raise RunInProgressError(
+                f"{self.path} is in use by a training run right now ({holder}); wait for it "
+                "to finish, or choose another --out."
+            )
         existing = self.existing_run()
         if existing is not None and not resume:
             raise ValueError(

@@ -73,6 +73,7 @@ def _load_source(args: argparse.Namespace, spec: Any = None, **extra: Any):  # -
         strip_prefix=args.strip_prefix,
         skip_corrupt=args.skip_corrupt,
         cache_dir=getattr(args, "cache_dir", None),
+        progress=not args.quiet,
         **extra,
     )
 
@@ -153,6 +154,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     info.add_argument(
         "--seed", type=int, default=0, help="seed of the protocol split whose sizes are shown"
     )
+    _quiet_flag(info)
     info.set_defaults(func=_cmd_data_info)
 
     split = data_sub.add_parser(
@@ -175,6 +177,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         help="keep the training items in the database (the paper leaves them out)",
     )
     _add_source_options(split, cache=True)
+    _quiet_flag(split)
     split.set_defaults(func=_cmd_data_split)
 
 
@@ -189,6 +192,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
         strip_prefix=args.strip_prefix,
         cache_dir=args.cache_dir,
         seed=args.seed,
+        progress=not args.quiet,
     )
     print(info.format())
     return 0
@@ -945,7 +949,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     check_writable_file(args.out, "--out")
     inputs, labels, ids, source = _items(args, args.subset)
     if args.labels is not None:
-        labels = _read_array(args.labels, "--labels")
+        from dpq.data.features import read_labels
+
+        labels = read_labels(args.labels, "--labels")
     if args.ids is not None:
         ids = _read_array(args.ids, "--ids")
     metadata: dict[str, object] = {

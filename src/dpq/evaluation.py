@@ -603,10 +603,19 @@ def evaluate_methods(
     ranks = [rank for rank in precision_ranks if rank <= r_used] or [r_used]
     fitted_on = None
     if any(method.fits for method in methods):
-        fitted_on = features.fitting_data()[2]
+        fit_features, _, fitted_on = features.fitting_data()
         if fitted_on == "database":
             notes.append(
                 "No training features given: baselines were fitted on the database features."
+            )
+        from dpq.baselines.quantizers import CODEWORDS, FAISS_POINTS_PER_CENTROID
+
+        suggested = CODEWORDS * FAISS_POINTS_PER_CENTROID
+        if len(fit_features) < suggested:
+            notes.append(
+                f"The baselines' k-means saw {len(fit_features):,} training rows for "
+                f"{CODEWORDS} codewords, fewer than the {suggested:,} faiss suggests; their "
+                "codebooks are fitted on what the protocol gives them."
             )
     results: list[MethodResult] = []
     with progress_bar(len(methods), "evaluate", "run", enabled=progress) as bar:

@@ -24,7 +24,14 @@ import numpy as np
 from dpq.atomic import write_json_atomic, write_text_atomic
 from dpq.checkpoint import RunDirectory
 from dpq.config import DPQConfig
-from dpq.data import Source, Split, load_source, resolve_word_vectors, split_per_class
+from dpq.data import (
+    Source,
+    Split,
+    detect_source_kind,
+    load_source,
+    resolve_word_vectors,
+    split_per_class,
+)
 from dpq.evaluation import RetrievalEvaluation, evaluate_retrieval
 from dpq.trainer import ArrayDataset, TrainResult, train_model
 
@@ -188,6 +195,9 @@ def train_from_source(
     Arguments as in :func:`dpq.data.load_source`, :func:`prepare_run` and :func:`train_run`.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    run_dir = RunDirectory(out_dir)
+    run_dir.check_writable()  # before any work; checked again, under the lock, by train_run
+    run_dir.check_can_start(resume)
     loaded = load_source(
         source,
         features=features,
@@ -195,6 +205,7 @@ def train_from_source(
         image_root=image_root,
         image_size=image_size,
         skip_corrupt=skip_corrupt,
+        progress=progress,
     )
     if loaded.skipped:
         say(f"training without the {loaded.skipped:,} images that could not be decoded")
@@ -449,6 +460,14 @@ def reproduce_cifar10(
         config = config.replace(train={"time_budget_minutes": float(minutes)})
     if epochs is not None:
         config = config.replace(train={"epochs": int(epochs), "time_budget_minutes": None})
+    run_dir = RunDirectory(out)
+    run_dir.check_writable()  # before the minutes of loading and training
+    run_dir.check_can_start(resume)
+    if data is not None and detect_source_kind(data) != "cifar10":
+        raise ValueError(
+            f"{data} is a {detect_source_kind(data)} source, not CIFAR-10: give the official "
+            "archive, its extracted folder, or a folder/zip of <train|test>/<class>/<image>."
+        )
     if config.loss.use_semantic:
         word_vectors = word_vectors or _default_cifar10_word_vectors(data)
         if word_vectors is None:
@@ -457,11 +476,8 @@ def reproduce_cifar10(
                 "--word-vectors PATH (e.g. shared/data/wordvec/cifar10.txt), or pick an "
                 "ablation without it (E, E+LC)."
             )
-    RunDirectory(out).check_can_start(resume)  # before the minutes of loading
     begin = time.perf_counter()
-    source = load_source(data) if data is not None else _download_cifar10_source()
-    if source.kind != "cifar10":
-        raise ValueError(f"{data} is a {source.kind} source, not CIFAR-10.")
+    source = load_source(data if data is not None else _download_cifar10(), progress=progress)
     split = split_per_class(
         source.labels, train_per_class, query_per_class, seed=split_seed, classes=source.classes
     )
@@ -500,11 +516,11 @@ def reproduce_cifar10(
     return reproduced
 
 
-def _download_cifar10_source() -> Source:
-    """CIFAR-10 from the cache, downloaded (md5-checked) when missing."""
+def _download_cifar10() -> Path:
+    """The official CIFAR-10 archive in the cache, downloaded (md5-checked) when missing."""
     from dpq.data import download_cifar10
 
-    return load_source(download_cifar10())
+    return download_cifar10()
 
 
 def _results_markdown(result: ReproduceResult) -> str:

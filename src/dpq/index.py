@@ -69,14 +69,15 @@ class IndexFileError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _jit(inline: str = "never"):
-    """numba.njit(nogil=True) with an on-disk cache when a writable cache directory exists."""
+def _jit(inline: str = "never", **options: Any):
+    """numba.njit(nogil=True) with an on-disk cache when a writable cache directory exists
+    (a read-only install, e.g. site-packages of another user, compiles once per process)."""
 
     def wrap(func):
         try:
-            return numba.njit(cache=True, nogil=True, inline=inline)(func)
+            return numba.njit(cache=True, nogil=True, inline=inline, **options)(func)
         except RuntimeError:  # no writable cache location: compile once per process instead
-            return numba.njit(nogil=True, inline=inline)(func)
+            return numba.njit(nogil=True, inline=inline, **options)(func)
 
     return wrap
 
@@ -263,7 +264,7 @@ def _scan_kernel(num_levels: int, stride: int, packed: bool):
     return scan
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+@_jit(fastmath={"reassoc", "contract", "nsz"})
 def _scaled_dots(queries, books, scale, out):
     """out float32 (nq, M) = scale * queries (nq, D) @ books (M, D).T, four queries per pass.
 
@@ -1098,9 +1099,11 @@ class DPQIndex:
             with np.load(source, allow_pickle=False) as npz:
                 for name in npz.files:
                     arrays[name] = npz[name]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+            # TypeError: a single .npy array (no archive of arrays) under an .npz name
             raise IndexFileError(
-                f"{source} is not a readable dpq index file (truncated or corrupted?): {exc}"
+                f"{source} is not a readable dpq index file (truncated, corrupted, or not an "
+                f"index written by `dpq encode`?): {exc}"
             ) from None
         if "header" not in arrays:
             raise IndexFileError(f"{source} is not a dpq index file: it has no header entry.")

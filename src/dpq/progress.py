@@ -2,7 +2,8 @@
 
 On a terminal :func:`progress_bar` is a tqdm bar. Anywhere else (a pipe, a log file, CI)
 carriage-return updates would pile up into one long line, so it prints one plain line at
-every tenth of the work and one at the end instead. ``enabled=False`` (``--quiet``)
+every tenth of the work and one at the end instead, and only for work that takes a while
+(nothing for a job done within :data:`QUIET_SECONDS`). ``enabled=False`` (``--quiet``)
 prints nothing at all.
 """
 
@@ -14,6 +15,8 @@ from typing import Any, TextIO
 
 LINE_STEPS = 10
 """Non-terminal progress prints a line at every 1/LINE_STEPS of the total."""
+QUIET_SECONDS = 2.0
+"""Non-terminal progress says nothing about work done within this many seconds."""
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -67,6 +70,7 @@ class LineProgress(_Silent):
         self.started = clock()
         self._next_step = 1
         self._closed = False
+        self._printed = False
 
     def _line(self) -> str:
         seconds = self.clock() - self.started
@@ -89,15 +93,20 @@ class LineProgress(_Silent):
             self._next_step += 1
             crossed = True
         if crossed and self.n < self.total:  # the last line is the one close() prints
-            print(self._line(), file=self.stream, flush=True)
+            self._print()
 
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
         self.postfix = text
 
+    def _print(self) -> None:
+        if self._printed or self.clock() - self.started >= QUIET_SECONDS:
+            self._printed = True
+            print(self._line(), file=self.stream, flush=True)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            print(self._line(), file=self.stream, flush=True)
+            self._print()
 
 
 def progress_bar(

@@ -54,6 +54,15 @@ from dpq.losses import DPQLoss, LossOutput
 from dpq.model import DPQModel
 from dpq.progress import is_terminal, progress_bar
 
+DATA_DERIVED_FIELDS = (
+    "model.image_mean",
+    "model.image_std",
+    "model.num_classes",
+    "model.multilabel",
+    "model.backbone_kwargs.in_features",
+)
+"""Config fields filled from the training data (:func:`dpq.experiments.complete_config`)."""
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the likely cause."""
@@ -653,6 +662,12 @@ class Trainer:
         saved = DPQConfig.from_dict(state["config"])
         if saved != self.config:
             diffs = config_differences(saved.to_dict(), self.config.to_dict())
+            if all(diff.startswith(DATA_DERIVED_FIELDS) for diff in diffs):
+                raise ValueError(
+                    f"cannot resume from {path}: it was trained on a different training set "
+                    "(the image statistics or classes taken from the data differ); resume with "
+                    "the same source, split and --split-seed."
+                )
             raise ValueError(
                 f"cannot resume from {path}: its config differs from this run's (saved vs "
                 "now): "

@@ -20,6 +20,12 @@ float query to the item's reconstruction in every case.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 import faiss
@@ -28,6 +34,36 @@ import numpy as np
 from dpq.baselines.base import Baseline, check_k, order_ties_by_id
 
 CODEWORD_BITS = 8
+CODEWORDS = 2**CODEWORD_BITS
+FAISS_POINTS_PER_CENTROID = 39
+"""faiss warns when k-means gets fewer training points than this per centroid."""
+_FAISS_FEW_POINTS = re.compile(rb"WARNING clustering \d+ points to \d+ centroids: please provide")
+
+
+@contextlib.contextmanager
+def faiss_training_output() -> Iterator[None]:
+    """Hide faiss's "please provide at least N training points" lines (it prints one per
+    k-means run, about a hundred in one evaluation; dpq says it once, in a note) and pass
+    every other line it writes to stderr through."""
+    fd = 2  # faiss writes to the process's standard error, whatever sys.stderr is
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no standard error at all: nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured if not _FAISS_FEW_POINTS.match(line)]
+            if kept:
+                os.write(fd, b"".join(kept))
 
 
 class FaissQuantizer(Baseline):
@@ -61,10 +97,17 @@ class FaissQuantizer(Baseline):
         return padded
 
     def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> Self:
-        """Train the codebooks on float (n, D) features; labels are ignored (unsupervised)."""
+        """Train the codebooks on float (n, D) features (n >= 256); labels are ignored."""
         x = self._features(features, "training features", fitting=True)
+        if x.shape[0] < CODEWORDS:
+            raise ValueError(
+                f"{self.name} learns {CODEWORDS} codewords per codebook, so it needs at least "
+                f"{CODEWORDS} training rows; got {x.shape[0]}. Fit it on more features (e.g. "
+                "--train-features, or a split with more training items) or leave it out."
+            )
         index = self._build_index(x.shape[1])
-        index.train(self._to_index_space(x))
+        with faiss_training_output():
+            index.train(self._to_index_space(x))
         self._index = index
         self.dim = x.shape[1]
         return self

@@ -197,6 +197,7 @@ def load_cifar10(
     cache_dir: str | os.PathLike[str] | None = None,
     skip_corrupt: bool = False,
     workers: int | None = None,
+    progress: bool = True,
 ) -> ImageDataset:
     """All 60,000 CIFAR-10 images, train then test, as uint8 (N, 32, 32, 3) + int64 (N,).
 
@@ -208,7 +209,8 @@ def load_cifar10(
             or ``~/.cache/dpq``).
         skip_corrupt: skip undecodable images of a folder/zip with a warning instead of
             raising ``CorruptImageError``.
-        workers: decoding processes for a folder/zip (default up to 2).
+        workers: decoding threads for a folder/zip (default: the cores, up to 4).
+        progress: report decoding progress on stderr.
     """
     cache = resolve_cache_dir(cache_dir)
     if source is None:
@@ -256,7 +258,7 @@ def load_cifar10(
     elif batches is not None:
         images, labels = _read_batches(lambda name: (batches / name).read_bytes(), str(batches))
     else:
-        images, labels, skipped = _read_folder(path, skip_corrupt, workers)
+        images, labels, skipped = _read_folder(path, skip_corrupt, workers, progress)
     save_arrays(
         cache,
         CACHE_NAMESPACE,
@@ -302,7 +304,7 @@ def _read_batches(read: Callable[[str], bytes], where: str) -> tuple[np.ndarray,
 
 
 def _read_folder(
-    path: Path, skip_corrupt: bool, workers: int | None
+    path: Path, skip_corrupt: bool, workers: int | None, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     store = ImageStore(str(path))
     prefix = _split_prefix(store)
@@ -335,7 +337,12 @@ def _read_folder(
             names.extend(sorted(class_files))
             labels.extend([class_index] * len(class_files))
     decoded = decode_many(
-        store, names, skip_corrupt=skip_corrupt, workers=workers, desc="decoding CIFAR-10"
+        store,
+        names,
+        skip_corrupt=skip_corrupt,
+        workers=workers,
+        desc="decoding CIFAR-10",
+        progress=progress,
     )
     label_array = np.asarray(labels, dtype=np.int64)[decoded.kept]
     return decoded.images, label_array, decoded.skipped

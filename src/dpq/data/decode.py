@@ -1,30 +1,34 @@
 """Turning image files (in a folder or a zip) into uint8 (N, H, W, 3) arrays.
 
 Decoding uses Pillow; every image is converted to RGB and, when a size is given, resized
-with bilinear filtering. Large batches are decoded by a small process pool, in order.
+with bilinear filtering. Large batches are decoded by a few threads, in order: Pillow
+releases the GIL while it decodes and resizes, and threads (unlike a process pool started
+with "spawn") work from any script, a notebook or ``python -`` alike
+(``benchmarks/decode_speed.py`` measures threads against one thread and a process pool).
 """
 
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-# Below this many images, decoding stays in the calling process (a pool costs ~1 s to start).
-POOL_THRESHOLD = 4000
+from dpq.progress import progress_bar
+
+# Below this many images, decoding stays on the calling thread.
+THREAD_THRESHOLD = 2000
 CHUNK_SIZE = 1000
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 class CorruptImageError(ValueError):
@@ -34,8 +38,8 @@ class CorruptImageError(ValueError):
         self.name = name
         self.reason = reason
         super().__init__(
-            f"cannot decode image {name}: {reason}. Replace or delete the file, or pass "
-            "skip_corrupt=True (CLI: --skip-corrupt) to skip unreadable images with a warning"
+            f"cannot decode image {name}: {reason}. Replace or delete the file, or skip "
+            "unreadable images with a warning: --skip-corrupt (Python: skip_corrupt=True)"
         )
 
     def __reduce__(self) -> tuple:
@@ -137,8 +141,19 @@ class ImageStore:
             return sorted(files), sorted(folders)
         files, folders = [], []
         root = Path(self.path)
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # class folders may be symbolic links (a collection assembled from elsewhere); a link
+        # to a folder that holds one already on the way down is skipped, so no loop recurses
+        chains = {str(root): (os.path.realpath(root),)}
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            chain = chains.pop(dirpath)
+            kept = []
+            for d in dirnames:
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if d.startswith(".") or any(_contains(real, seen) for seen in chain):
+                    continue
+                kept.append(d)
+                chains[os.path.join(dirpath, d)] = (*chain, real)
+            dirnames[:] = kept
             rel = Path(dirpath).relative_to(root).as_posix()
             prefix = "" if rel == "." else rel + "/"
             folders.extend(prefix + d for d in dirnames)
@@ -170,6 +185,11 @@ class ImageStore:
         return f"'{os.path.join(self.path, name)}'"
 
 
+def _contains(outer: str, inner: str) -> bool:
+    """True when the folder ``outer`` is ``inner`` or one of its ancestors (real paths)."""
+    return os.path.commonpath([outer, inner]) == outer
+
+
 def decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
     """Decode one image file's bytes to uint8 (H, W, 3) RGB, resized to (height, width).
 
@@ -184,7 +204,9 @@ def decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> 
                 rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(name, str(exc) or type(exc).__name__) from exc
+        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): say "the file"
+        reason = _OBJECT_REPR.sub("the file", str(exc)) or type(exc).__name__
+        raise CorruptImageError(name, reason) from exc
 
 
 def _decode_chunk(
@@ -229,24 +251,25 @@ def decode_many(
     skip_corrupt: bool = False,
     workers: int | None = None,
     desc: str = "decoding images",
+    progress: bool = True,
 ) -> DecodedImages:
     """Decode ``names`` from ``store`` into one uint8 (n, H, W, 3) array, in order.
 
     Without ``image_size`` every image must already have the same size. A file that cannot
     be decoded raises ``CorruptImageError`` naming it, unless ``skip_corrupt`` is set: then
     it is left out, listed in ``skipped`` and counted in a ``SkippedImagesWarning``.
-    ``workers`` processes decode in parallel (default: up to 2) once there are more than
-    ``POOL_THRESHOLD`` images.
+    ``workers`` threads decode in parallel (default: the cores available, up to 4) once there
+    are more than ``THREAD_THRESHOLD`` images. ``progress`` reports on stderr.
     """
     if not names:
         raise ValueError(f"no images to decode in {store.path}")
-    workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
     chunks = [names[i : i + CHUNK_SIZE] for i in range(0, len(names), CHUNK_SIZE)]
     out: np.ndarray | None = None
     first_name = ""
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
-    progress = tqdm(total=len(names), desc=desc, unit="img", disable=None, leave=False)
+    bar = progress_bar(len(names), desc, "img", enabled=progress, leave=False)
     try:
         for chunk_index, (arrays, failures) in enumerate(
             _map_chunks(store, chunks, image_size, workers, len(names))
@@ -272,9 +295,9 @@ def decode_many(
                     )
                 out[len(kept)] = array
                 kept.append(offset + position)
-            progress.update(len(arrays))
+            bar.update(len(arrays))
     finally:
-        progress.close()
+        bar.close()
     if out is None:
         raise ValueError(
             f"none of the {len(names)} images in {store.path} could be decoded "
@@ -285,6 +308,15 @@ def decode_many(
     return DecodedImages(out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped)
 
 
+def default_workers() -> int:
+    """Decoding threads: the cores this process may use, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def _map_chunks(
     store: ImageStore,
     chunks: list[Sequence[str]],
@@ -292,11 +324,10 @@ def _map_chunks(
     workers: int,
     total: int,
 ) -> Iterator[tuple[list[np.ndarray | None], list[tuple[int, str]]]]:
-    if workers <= 1 or total <= POOL_THRESHOLD:
+    """Decoded chunks in order: on this thread for small jobs, else on ``workers`` threads."""
+    if workers <= 1 or total <= THREAD_THRESHOLD:
         for chunk in chunks:
             yield _decode_chunk(store, chunk, image_size)
         return
-    # "spawn": the caller may hold torch/OpenMP threads, which do not survive fork().
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_decode_chunk, repeat(store), chunks, repeat(image_size))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpq-decode") as pool:
+        yield from pool.map(lambda chunk: _decode_chunk(store, chunk, image_size), chunks)

@@ -86,6 +86,31 @@ def read_array(path: str | os.PathLike[str], what: str) -> np.ndarray:
     return loaded
 
 
+def read_labels(path: str | os.PathLike[str], what: str = "labels") -> np.ndarray:
+    """Labels from a .npy/.txt file: int64 (N,) class ids or uint8 (N, C) 0/1 rows.
+
+    Numbers written as text ("3.0") are accepted when they are whole; anything else is a
+    ValueError naming the file.
+    """
+    labels = read_array(path, what)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dtype != np.bool_ and not _is_real(labels):
+        raise ValueError(
+            f"{what} in {path} must be integer class indices or 0/1 rows, got {labels.dtype} "
+            "values; map class names to 0..C-1 first"
+        )
+    if labels.size and not (np.isfinite(labels).all() and np.all(labels == np.round(labels))):
+        raise ValueError(f"{what} in {path} must be integers")
+    if labels.ndim == 1:
+        return labels.astype(np.int64)
+    if labels.ndim == 2:
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"multi-hot {what} in {path} must contain only 0 and 1")
+        return labels.astype(np.uint8)
+    raise ValueError(f"{what} in {path} must be (N,) or (N, C), got shape {labels.shape}")
+
+
 def check_class_labels(labels: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
     """Integer class labels int (N,) -> (int64 labels in 0..C-1, C class names).
 
@@ -124,7 +149,6 @@ def load_features(
     Returns features float32 (N, D) and labels int64 (N,) or uint8 (N, C). Never unpickles.
     """
     features = read_array(npy_path, "features")
-    labels = read_array(labels_path, "labels")
     if features.ndim != 2 or not _is_real(features):
         raise ValueError(
             f"features in {npy_path} must be a numeric (N, D) array, got {features.dtype} "
@@ -133,29 +157,16 @@ def load_features(
     features = features.astype(np.float32, copy=False)
     if not np.isfinite(features).all():
         raise ValueError(f"features in {npy_path} contain NaN or infinite values; clean them first")
-    if not _is_real(labels) and labels.dtype != np.bool_:
-        raise ValueError(
-            f"labels in {labels_path} must be integer class indices or 0/1 rows, got "
-            f"{labels.dtype} values; map class names to 0..C-1 first"
-        )
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
+    labels = read_labels(labels_path)
     if len(labels) != len(features):
         raise ValueError(
             f"{npy_path} has {len(features)} feature rows but {labels_path} has {len(labels)} "
             "labels; give one label (row) per feature row"
         )
-    if labels.size and not (np.isfinite(labels).all() and np.all(labels == np.round(labels))):
-        raise ValueError(f"labels in {labels_path} must be integers")
     if labels.ndim == 1:
-        labels, names = check_class_labels(labels.astype(np.int64), str(labels_path))
-    elif labels.ndim == 2:
-        if not np.isin(labels, (0, 1)).all():
-            raise ValueError(f"multi-hot labels in {labels_path} must contain only 0 and 1")
-        labels = labels.astype(np.uint8)
-        names = [str(c) for c in range(labels.shape[1])]
+        labels, names = check_class_labels(labels, str(labels_path))
     else:
-        raise ValueError(f"labels in {labels_path} must be (N,) or (N, C), got {labels.shape}")
+        names = [str(c) for c in range(labels.shape[1])]
     if classes is not None:
         if len(classes) != len(names):
             raise ValueError(

@@ -57,6 +57,7 @@ def load_image_folder(
     image_size: int | Sequence[int] | None = None,
     skip_corrupt: bool = False,
     workers: int | None = None,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a folder or zip of ``<class>/<image>`` into an in-memory ``ImageDataset``.
 
@@ -66,7 +67,8 @@ def load_image_folder(
             Required when the images differ in size.
         skip_corrupt: skip undecodable images with a ``SkippedImagesWarning`` instead of
             raising ``CorruptImageError`` (a ``ValueError`` naming the file).
-        workers: decoding processes for large collections (default up to 2).
+        workers: decoding threads for large collections (default: the cores, up to 4).
+        progress: report decoding progress on stderr.
 
     Returns images uint8 (N, H, W, 3) converted to RGB, labels int64 (N,) indexing
     ``classes`` (the class folder names, sorted); images ordered by class, then by name.
@@ -85,6 +87,7 @@ def load_image_folder(
         skip_corrupt=skip_corrupt,
         workers=workers,
         desc=f"decoding {os.path.basename(store.path)}",
+        progress=progress,
     )
     label_array = np.asarray(labels, dtype=np.int64)[decoded.kept]
     return ImageDataset(decoded.images, label_array, classes, store.path)

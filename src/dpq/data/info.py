@@ -92,6 +92,7 @@ def describe_source(
     strip_prefix: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> DatasetInfo:
     """Load (or, for a list file, parse) ``source`` and summarise it.
 
@@ -109,6 +110,7 @@ def describe_source(
         strip_prefix=strip_prefix,
         skip_corrupt=skip_corrupt,
         cache_dir=cache_dir,
+        progress=progress,
     )
     counts = np.bincount(loaded.labels, minlength=loaded.num_classes).astype(np.int64)
     image_shape = tuple(int(s) for s in loaded.inputs.shape[1:])

@@ -175,6 +175,7 @@ def load_list_file(
     in_memory: bool = False,
     skip_corrupt: bool = False,
     workers: int | None = None,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a DVSQ/DPQ list file whose images live under ``root`` (a folder or zip).
 
@@ -192,7 +193,8 @@ def load_list_file(
         in_memory: decode every image now; otherwise ``images`` is an ``ImageFileReader``
             that decodes on access.
         skip_corrupt: with ``in_memory``, skip undecodable images with a warning.
-        workers: decoding processes with ``in_memory`` (default up to 2).
+        workers: decoding threads with ``in_memory`` (default: the cores, up to 4).
+        progress: report decoding progress on stderr.
 
     Returns an ``ImageDataset``: labels int64 (N,) in [0, C) or uint8 (N, C) multi-hot.
     """
@@ -224,6 +226,7 @@ def load_list_file(
             skip_corrupt=skip_corrupt,
             workers=workers,
             desc=f"decoding {Path(list_file.path).name}",
+            progress=progress,
         )
         return ImageDataset(decoded.images, labels[decoded.kept], classes, list_file.path)
     return ImageDataset(ImageFileReader(store, names, size), labels, classes, list_file.path)

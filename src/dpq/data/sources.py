@@ -121,6 +121,7 @@ def load_source(
     cache_dir: str | os.PathLike[str] | None = None,
     labels_only: bool = False,
     in_memory: bool = True,
+    progress: bool = True,
 ) -> Source:
     """Load any labelled collection (see the module doc).
 
@@ -138,6 +139,7 @@ def load_source(
         labels_only: only the labels are needed (``inputs`` is None where that saves work:
             a list file is parsed, its images are not read).
         in_memory: decode every image now (True) or read images on demand (list files).
+        progress: report decoding progress on stderr (``--quiet`` turns it off).
 
     Raises:
         ValueError: conflicting arguments (a source and ``features``), a list file without
@@ -185,14 +187,17 @@ def load_source(
             strip_prefix=strip_prefix,
             in_memory=in_memory and not labels_only,
             skip_corrupt=skip_corrupt,
+            progress=progress,
         )
     elif kind == "cifar10":
         if image_size is not None:
             raise ValueError("CIFAR-10 images are 32 x 32; --image-size applies to other sources.")
-        loader = lambda: load_cifar10(spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt)  # noqa: E731
+        loader = lambda: load_cifar10(  # noqa: E731
+            spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt, progress=progress
+        )
     else:
         loader = lambda: load_image_folder(  # noqa: E731
-            spec, image_size=image_size, skip_corrupt=skip_corrupt
+            spec, image_size=image_size, skip_corrupt=skip_corrupt, progress=progress
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedImagesWarning)

@@ -149,16 +149,19 @@ class Split:
                 meta = payload
                 arrays = {name: payload[name] for name in ("train", "query", "database")}
             elif path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as npz:
+                loaded = np.load(path, allow_pickle=False)
+                if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy array renamed .npz
+                    raise ValueError("it holds one array, not the arrays of a split")
+                with loaded as npz:
                     meta = json.loads(str(npz["meta"]))
                     arrays = {name: npz[name] for name in ("train", "query", "database")}
             else:
                 raise ValueError(f"a split file must be .json or .npz, got {path.name!r}")
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, TypeError, ValueError, OSError, UnicodeDecodeError, EOFError) as exc:
             raise ValueError(
-                f"{path} is not a split written by Split.save ({exc}); write one with "
-                "split.save(path)"
-            ) from exc
+                f"{path} is not a split written by `dpq data split` ({exc}); make one with "
+                "`dpq data split SOURCE --out split.json`"
+            ) from None
         if not isinstance(meta, dict) or meta.get("format") != SPLIT_FORMAT:
             raise ValueError(f"{path} is not a dpq split file (format {SPLIT_FORMAT!r} expected)")
         if meta.get("version") != SPLIT_VERSION:
@@ -233,7 +236,7 @@ def split_per_class(
             raise ValueError(
                 f"{_class_name(int(class_index), classes)} has {len(members)} items but the "
                 f"split asks for {n_train} training + {n_query} query = {n_train + n_query} per "
-                "class; lower n_train/n_query or add items to that class"
+                "class; lower the counts per class (--n-train / --n-query) or add items to that class"
             )
         drawn = rng.permutation(members)
         query_parts.append(drawn[:n_query])
