@@ -168,8 +168,20 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     split.add_argument(
         "--out", required=True, help="where to write the split: a .json or .npz file"
     )
-    split.add_argument("--n-train", type=int, default=500, help="training items per class")
-    split.add_argument("--n-query", type=int, default=100, help="query items per class")
+    split.add_argument(
+        "--protocol",
+        choices=["per-class", "nus-wide"],
+        default="per-class",
+        help="per-class (CIFAR-10: N_TRAIN and N_QUERY per class, the database the rest) or "
+        "nus-wide (multi-label: N_QUERY random queries, the database the rest, N_TRAIN "
+        "training items drawn from the database)",
+    )
+    split.add_argument(
+        "--n-train", type=int, default=500, help="training items per class (nus-wide: in all)"
+    )
+    split.add_argument(
+        "--n-query", type=int, default=100, help="query items per class (nus-wide: in all)"
+    )
     split.add_argument("--seed", type=int, default=0, help="random seed (same seed, same split)")
     split.add_argument(
         "--train-in-database",
@@ -200,18 +212,26 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
     from dpq.atomic import check_writable_file
-    from dpq.data.splits import split_per_class
+    from dpq.data.splits import split_nus_wide, split_per_class
 
     check_writable_file(args.out, "--out")
     source = _load_source(args, args.source, labels_only=True)
-    split = split_per_class(
-        source.labels,
-        args.n_train,
-        args.n_query,
-        seed=args.seed,
-        classes=source.classes,
-        train_in_database=args.train_in_database,
-    )
+    if args.protocol == "nus-wide":
+        split = split_nus_wide(len(source), args.n_query, args.n_train, seed=args.seed)
+    elif source.is_multilabel:
+        raise ValueError(
+            f"{args.source} is multi-label: a per-class split needs one class per item; use "
+            "--protocol nus-wide."
+        )
+    else:
+        split = split_per_class(
+            source.labels,
+            args.n_train,
+            args.n_query,
+            seed=args.seed,
+            classes=source.classes,
+            train_in_database=args.train_in_database,
+        )
     split.save(args.out)
     sizes = split.sizes
     print(
@@ -409,10 +429,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     _add_source_options(train)
     train.add_argument(
         "--split",
-        choices=["auto", "all", "per-class"],
         default="auto",
-        help="train on everything (all), or on a per-class draw (per-class, saved to "
-        "--out/split.json); auto: per-class 500/100 for CIFAR-10, all otherwise",
+        metavar="{auto,all,per-class,FILE}",
+        help="train on everything (all), on a per-class draw (per-class, saved to "
+        "--out/split.json), or on the training rows of a split file (`dpq data split`; the "
+        "way for multi-label data); auto: per-class 500/100 for CIFAR-10, all otherwise",
     )
     train.add_argument("--train-per-class", type=int, default=500, help="per-class split")
     train.add_argument("--query-per-class", type=int, default=100, help="per-class split")
@@ -471,6 +492,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dpq.experiments import train_from_source
 
     config = _recipe_from_args(args)
+    split = args.split
+    if split not in ("auto", "all", "per-class"):
+        from dpq.data import Split
+
+        if not os.path.isfile(split):
+            raise ValueError(
+                f"--split {split!r} is neither auto, all, per-class nor an existing split file."
+            )
+        split = Split.load(split)
     result = train_from_source(
         config,
         args.out,
@@ -480,7 +510,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         image_size=args.image_size,
         skip_corrupt=args.skip_corrupt,
-        split=args.split,
+        split=split,
         train_per_class=args.train_per_class,
         query_per_class=args.query_per_class,
         split_seed=args.split_seed,

@@ -181,7 +181,7 @@ def train_from_source(
     image_root: str | Path | None = None,
     image_size: int | None = None,
     skip_corrupt: bool = False,
-    split: str = "auto",
+    split: str | Split = "auto",
     train_per_class: int = 500,
     query_per_class: int = 100,
     split_seed: int = 0,
