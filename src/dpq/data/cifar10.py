@@ -209,7 +209,7 @@ def load_cifar10(
             or ``~/.cache/dpq``).
         skip_corrupt: skip undecodable images of a folder/zip with a warning instead of
             raising ``CorruptImageError``.
-        workers: decoding threads for a folder/zip (default: the cores, up to 4).
+        workers: decoding threads for a folder/zip (default 1, the calling thread).
         progress: report decoding progress on stderr.
     """
     cache = resolve_cache_dir(cache_dir)

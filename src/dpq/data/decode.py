@@ -1,10 +1,13 @@
 """Turning image files (in a folder or a zip) into uint8 (N, H, W, 3) arrays.
 
 Decoding uses Pillow; every image is converted to RGB and, when a size is given, resized
-with bilinear filtering. Large batches are decoded by a few threads, in order: Pillow
-releases the GIL while it decodes and resizes, and threads (unlike a process pool started
-with "spawn") work from any script, a notebook or ``python -`` alike
-(``benchmarks/decode_speed.py`` measures threads against one thread and a process pool).
+with bilinear filtering, in order, on the calling thread. It works from any script, a
+notebook or ``python -`` alike (a "spawn" process pool re-ran the caller's script and broke
+plain scripts). ``workers=N`` decodes on N threads instead; measured on this project's
+2-core machine (``benchmarks/decode_speed.py``), threads did not pay (0.7x one thread on
+CIFAR-10's 32x32 JPEGs, 0.9x on 640x480 photos resized to 224: the per-image Python work
+holds the GIL), while a spawn pool reached 1.7x where it worked at all. Collections too large
+for memory are read by the streaming data loader's worker processes instead.
 """
 
 from __future__ import annotations
@@ -258,12 +261,13 @@ def decode_many(
     Without ``image_size`` every image must already have the same size. A file that cannot
     be decoded raises ``CorruptImageError`` naming it, unless ``skip_corrupt`` is set: then
     it is left out, listed in ``skipped`` and counted in a ``SkippedImagesWarning``.
-    ``workers`` threads decode in parallel (default: the cores available, up to 4) once there
-    are more than ``THREAD_THRESHOLD`` images. ``progress`` reports on stderr.
+    ``workers`` threads decode in parallel once there are more than ``THREAD_THRESHOLD``
+    images (default 1: on the calling thread; see the module doc). ``progress`` reports on
+    stderr.
     """
     if not names:
         raise ValueError(f"no images to decode in {store.path}")
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = 1 if workers is None else max(1, int(workers))
     chunks = [names[i : i + CHUNK_SIZE] for i in range(0, len(names), CHUNK_SIZE)]
     out: np.ndarray | None = None
     first_name = ""
@@ -306,15 +310,6 @@ def decode_many(
     if skipped:
         warnings.warn(SkippedImagesWarning(len(skipped), len(names), skipped[0]), stacklevel=2)
     return DecodedImages(out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped)
-
-
-def default_workers() -> int:
-    """Decoding threads: the cores this process may use, at most 4."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
 
 
 def _map_chunks(

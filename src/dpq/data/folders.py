@@ -67,7 +67,7 @@ def load_image_folder(
             Required when the images differ in size.
         skip_corrupt: skip undecodable images with a ``SkippedImagesWarning`` instead of
             raising ``CorruptImageError`` (a ``ValueError`` naming the file).
-        workers: decoding threads for large collections (default: the cores, up to 4).
+        workers: decoding threads for large collections (default 1, the calling thread).
         progress: report decoding progress on stderr.
 
     Returns images uint8 (N, H, W, 3) converted to RGB, labels int64 (N,) indexing

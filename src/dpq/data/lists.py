@@ -193,7 +193,7 @@ def load_list_file(
         in_memory: decode every image now; otherwise ``images`` is an ``ImageFileReader``
             that decodes on access.
         skip_corrupt: with ``in_memory``, skip undecodable images with a warning.
-        workers: decoding threads with ``in_memory`` (default: the cores, up to 4).
+        workers: decoding threads with ``in_memory`` (default 1, the calling thread).
         progress: report decoding progress on stderr.
 
     Returns an ``ImageDataset``: labels int64 (N,) in [0, C) or uint8 (N, C) multi-hot.
