@@ -536,6 +536,27 @@ def test_rate_limit_answers_429(built, tmp_path):
         assert client.post("/search", json={"id": 1}).status_code == 200
 
 
+def test_busy_service_answers_503(built, tmp_path):
+    """With max_pending=1, a search waiting for a worker makes the next request a 503."""
+    app = create_app(_copy_index(built["vectors"], tmp_path), max_pending=1)
+    collection = app.state.collection
+    with running(app) as url, httpx.Client(base_url=url, timeout=20) as client:
+        answers: list[int] = []
+        with collection._lock.writing():  # hold off searches, as a long write would
+            first = threading.Thread(
+                target=lambda: answers.append(client.post("/search", json={"id": 1}).status_code)
+            )
+            first.start()
+            deadline = time.monotonic() + 10
+            while "dpq_pending 1.0" not in client.get("/metrics").text:
+                assert time.monotonic() < deadline, "the first search never started"
+                time.sleep(0.01)
+            busy = client.post("/search", json={"id": 2})
+        first.join(10)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "busy" in busy.json()["detail"] and answers == [200]
+
+
 def test_vectors_only_service_refuses_images(built, tmp_path):
     app = create_app(_copy_index(built["vectors"], tmp_path))
     with running(app) as url, httpx.Client(base_url=url, timeout=10) as client:

@@ -1,0 +1,411 @@
+"""Load test of `dpq serve` on loopback, beside the in-process DPQIndex.search rate (issue 13).
+
+Scenarios (each starts its own `dpq serve` subprocess on 127.0.0.1, port chosen by the OS):
+  vectors  N synthetic items (default 1,000,000; D=300, L=4, K=256), vector queries (JSON)
+  images   a database encoded by `dpq encode` (--index, e.g. CIFAR-10's 54,000 items) with
+           its model (--model): image queries (JPEG uploads) decoded and encoded by the model
+and, for each, a mix in which --add-fraction of the requests (default 5 %) are adds.
+
+For every phase, --clients concurrent clients (default 50) send requests back to back for
+--seconds (default 30); the table gives requests/s, latency p50/p95/p99, errors (anything but
+2xx, or no answer), and the in-process rate of the same queries measured in the same run:
+one query per DPQIndex.search call (plus decode and model for images), one thread. Server
+and clients share this machine's cores: the CPU seconds of each are printed.
+
+Durability cost: the latency of an acknowledged add (journal append + fsync, from the mix)
+beside what saving the whole index atomically (the alternative) takes at this size.
+
+    python benchmarks/serve_load.py --scenario vectors                       # 1M items
+    python benchmarks/serve_load.py --scenario images --index db.index.npz \
+        --model runs/m/model --images cifar10-jpeg.zip --split split.json
+    python benchmarks/serve_load.py --scenario vectors --n 100000 --seconds 5  # quick check
+
+Loopback only, bounded in time (each phase stops after --seconds), never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=["vectors", "images", "all"], default="vectors")
+    parser.add_argument("--n", type=int, default=1_000_000, help="synthetic items (vectors)")
+    parser.add_argument("--dim", type=int, default=300, help="synthetic feature dimension")
+    parser.add_argument("--index", help="images: the index from `dpq encode`")
+    parser.add_argument("--model", help="images: the checkpoint that built --index")
+    parser.add_argument("--images", help="images: the source the index was encoded from")
+    parser.add_argument("--split", help="images: the split; query images are its query rows")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    parser.add_argument("--add-fraction", type=float, default=0.05, help="adds in the mix")
+    parser.add_argument("--k", type=int, default=20, help="results per query")
+    parser.add_argument("--bits", type=int, default=None, help="code length (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="server search threads")
+    parser.add_argument("--queries", type=int, default=500, help="distinct queries")
+    parser.add_argument("--baseline-seconds", type=float, default=10.0, help="in-process timing")
+    parser.add_argument(
+        "--workdir", help="where to write the synthetic index (default: a temp dir)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_index(n: int, dim: int, seed: int):
+    """DPQIndex of n random codes over residual-style codebooks (scale halves per level), and
+    float32 queries (decoded items plus noise), as benchmarks/search_speed.py builds them."""
+    from dpq.index import DPQIndex
+
+    rng = np.random.default_rng(seed)
+    levels, k = 4, 256
+    books = np.stack([rng.normal(scale=0.5**level, size=(k, dim)) for level in range(levels)])
+    index = DPQIndex(books.astype(np.float32))
+    index.add(rng.integers(0, k, size=(n, levels)))
+    return index
+
+
+def vector_queries(index, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    rows = rng.integers(0, index.ntotal, size=count)
+    decoded = index.decode(index.codes[rows])
+    return (decoded + rng.normal(scale=0.1, size=decoded.shape)).astype(np.float32)
+
+
+def image_queries(args: argparse.Namespace, count: int) -> tuple[list[bytes], tuple[int, int]]:
+    """JPEG bytes (quality 95) of the split's first query images, and the source's image
+    size (height, width), which the service gives the model."""
+    from PIL import Image
+
+    from dpq.data.splits import Split
+    from dpq.serve.collection import load_image_source
+
+    source = load_image_source(args.images)
+    rows = Split.load(args.split).query[:count]
+    out = []
+    for row in rows:
+        buffer = io.BytesIO()
+        Image.fromarray(source.images[row]).save(buffer, format="JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out, (int(source.images.shape[1]), int(source.images.shape[2]))
+
+
+# ---------------------------------------------------------------- in-process baseline
+
+
+def in_process_rate(job, count: int, seconds: float) -> float:
+    """Calls of job(i) per second, one at a time on this thread, for about ``seconds``."""
+    for i in range(min(count, 5)):  # warm up (compilation, caches)
+        job(i)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        job(done % count)
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Server:
+    """`dpq serve` in a subprocess on 127.0.0.1, port 0; stopped with SIGTERM."""
+
+    def __init__(self, index: str, *extra: str) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "dpq.cli", "serve", "--index", index, "--port", "0"]
+        self.process = subprocess.Popen(
+            [*command, *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            text = Path(self.log.name).read_text()
+            if " items at http://" in text:
+                self.url = text.split(" items at ")[1].split("/ ")[0]
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"dpq serve did not start:\n{Path(self.log.name).read_text()}")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> float:
+        """SIGTERM (graceful: the journal is compacted into the index); returns seconds."""
+        started = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(300)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- the load
+
+
+async def _load(
+    url: str,
+    make_search,
+    make_add,
+    add_fraction: float,
+    clients: int,
+    seconds: float,
+    seed: int,
+) -> dict[str, list]:
+    import httpx
+
+    results: dict[str, list] = {"search": [], "add": [], "errors": []}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def one_client(number: int) -> None:
+            rng = random.Random(seed * 1000 + number)
+            while time.perf_counter() < deadline:
+                kind = "add" if rng.random() < add_fraction else "search"
+                request = make_add(rng) if kind == "add" else make_search(rng)
+                started = time.perf_counter()
+                try:
+                    answer = await client.request(**request)
+                    ok = 200 <= answer.status_code < 300
+                    error = f"HTTP {answer.status_code}: {answer.text[:120]}"
+                except httpx.HTTPError as exc:
+                    ok, error = False, f"{type(exc).__name__}: {exc}"
+                elapsed = time.perf_counter() - started
+                if ok:
+                    results[kind].append(elapsed)
+                else:
+                    results["errors"].append(error)
+
+        wall = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        results["wall"] = [time.perf_counter() - wall]
+    return results
+
+
+def run_phase(name: str, server: Server, make_search, make_add, add_fraction, args) -> dict:
+    cpu_server = server.cpu_seconds()
+    cpu_client = time.process_time()
+    results = asyncio.run(
+        _load(
+            server.url, make_search, make_add, add_fraction, args.clients, args.seconds, args.seed
+        )
+    )
+    wall = results["wall"][0]
+    searches = np.array(results["search"]) * 1000
+    adds = np.array(results["add"]) * 1000
+    row = {
+        "phase": name,
+        "requests_per_s": (len(searches) + len(adds) + len(results["errors"])) / wall,
+        "searches_per_s": len(searches) / wall,
+        "p50": float(np.percentile(searches, 50)) if len(searches) else float("nan"),
+        "p95": float(np.percentile(searches, 95)) if len(searches) else float("nan"),
+        "p99": float(np.percentile(searches, 99)) if len(searches) else float("nan"),
+        "errors": len(results["errors"]),
+        "adds": len(adds),
+        "add_p50": float(np.percentile(adds, 50)) if len(adds) else float("nan"),
+        "add_p99": float(np.percentile(adds, 99)) if len(adds) else float("nan"),
+        "cpu_server": server.cpu_seconds() - cpu_server,
+        "cpu_client": time.process_time() - cpu_client,
+        "wall": wall,
+        "first_errors": results["errors"][:3],
+    }
+    print(
+        f"  {name}: {row['requests_per_s']:,.0f} req/s, p50/p95/p99 {row['p50']:.1f}/"
+        f"{row['p95']:.1f}/{row['p99']:.1f} ms, {row['errors']} errors, {row['adds']} adds; "
+        f"CPU s server {row['cpu_server']:.0f}, client {row['cpu_client']:.0f} of "
+        f"{wall * (os.cpu_count() or 1):.0f}",
+        flush=True,
+    )
+    for error in row["first_errors"]:
+        print(f"    error: {error}", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scenario_vectors(args: argparse.Namespace) -> list[dict]:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpq-serve-load-"))
+    path = workdir / f"synthetic-{args.n}.index.npz"
+    started = time.perf_counter()
+    index = synthetic_index(args.n, args.dim, args.seed)
+    queries = vector_queries(index, args.queries, args.seed)
+    save_started = time.perf_counter()
+    index.save(path)
+    save_seconds = time.perf_counter() - save_started
+    print(
+        f"vectors: {index.ntotal:,} items, D={index.dim}, built in "
+        f"{save_started - started:.1f} s; one atomic index save {save_seconds * 1000:.0f} ms",
+        flush=True,
+    )
+    levels = None if args.bits is None else args.bits // 8
+    index.search(queries[:1], args.k, num_levels=levels)
+    rate = in_process_rate(
+        lambda i: index.search(queries[i : i + 1], args.k, num_levels=levels),
+        len(queries),
+        args.baseline_seconds,
+    )
+    print(f"  in-process DPQIndex.search, one query per call: {rate:,.0f} queries/s", flush=True)
+    payloads = [q.tolist() for q in queries]
+    extra = {} if args.bits is None else {"bits": args.bits}
+
+    def make_search(rng: random.Random) -> dict:
+        body = {"vector": payloads[rng.randrange(len(payloads))], "k": args.k, **extra}
+        return {"method": "POST", "url": "/search", "json": body}
+
+    def make_add(rng: random.Random) -> dict:
+        return {
+            "method": "POST",
+            "url": "/items",
+            "json": {"vectors": [payloads[rng.randrange(len(payloads))]]},
+        }
+
+    rows = []
+    server = Server(str(path), "--threads", str(args.threads))
+    try:
+        rows.append(run_phase("vectors", server, make_search, make_add, 0.0, args))
+        rows.append(
+            run_phase("vectors + 5 % adds", server, make_search, make_add, args.add_fraction, args)
+        )
+    finally:
+        stop_seconds = server.stop()
+    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    for row in rows:
+        row.update(in_process=rate, save_ms=save_seconds * 1000, items=args.n)
+    path.unlink(missing_ok=True)
+    return rows
+
+
+def scenario_images(args: argparse.Namespace) -> list[dict]:
+    from dpq.index import DPQIndex
+    from dpq.model import DPQModel
+    from dpq.serve.images import decode_upload, model_input
+
+    missing = [
+        f"--{name}" for name in ("index", "model", "images", "split") if not getattr(args, name)
+    ]
+    if missing:
+        raise SystemExit(f"the images scenario needs {', '.join(missing)}")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpq-serve-load-"))
+    path = workdir / "images.index.npz"
+    path.write_bytes(Path(args.index).read_bytes())  # the adds must not touch the original
+    index = DPQIndex.load(path)
+    model = DPQModel.from_checkpoint(args.model)
+    uploads, size = image_queries(args, args.queries)
+    started = time.perf_counter()
+    index.save(workdir / "copy.index.npz")
+    save_seconds = time.perf_counter() - started
+    (workdir / "copy.index.npz").unlink()
+    print(
+        f"images: {index.ntotal:,} items, {len(uploads)} query JPEGs; one atomic index save "
+        f"{save_seconds * 1000:.0f} ms",
+        flush=True,
+    )
+    levels = None if args.bits is None else args.bits // 8
+
+    def one_query(i: int) -> None:
+        pixels = model_input(decode_upload(uploads[i], "q.jpg"), size)
+        index.search(model.extract_features(pixels[None]), args.k, num_levels=levels)
+
+    rate = in_process_rate(one_query, len(uploads), args.baseline_seconds)
+    print(f"  in-process decode + model + DPQIndex.search, one per call: {rate:,.0f} queries/s")
+    extra = {} if args.bits is None else {"bits": str(args.bits)}
+
+    def make_search(rng: random.Random) -> dict:
+        data = uploads[rng.randrange(len(uploads))]
+        return {
+            "method": "POST",
+            "url": "/search",
+            "files": {"file": ("q.jpg", data, "image/jpeg")},
+            "data": {"k": str(args.k), **extra},
+        }
+
+    def make_add(rng: random.Random) -> dict:
+        data = uploads[rng.randrange(len(uploads))]
+        return {
+            "method": "POST",
+            "url": "/items",
+            "files": [("files", ("a.jpg", data, "image/jpeg"))],
+        }
+
+    rows = []
+    server = Server(
+        str(path), "--model", args.model, "--images", args.images, "--threads", str(args.threads)
+    )
+    try:
+        rows.append(run_phase("images", server, make_search, make_add, 0.0, args))
+        rows.append(
+            run_phase("images + 5 % adds", server, make_search, make_add, args.add_fraction, args)
+        )
+    finally:
+        stop_seconds = server.stop()
+    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    for row in rows:
+        row.update(in_process=rate, save_ms=save_seconds * 1000, items=index.ntotal)
+    for leftover in workdir.glob("images.index.npz*"):
+        if leftover.is_dir():
+            for file in leftover.iterdir():
+                file.unlink()
+            leftover.rmdir()
+        else:
+            leftover.unlink()
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"{args.clients} clients x {args.seconds:g} s per phase, k={args.k}, "
+        f"bits={args.bits or 'all'}, server threads {args.threads}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| phase | items | requests/s | searches/s | x in-process | p50 ms | p95 ms | p99 ms "
+        "| errors | adds | add p50 / p99 ms | atomic save ms | in-process q/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        add = f"{r['add_p50']:.1f} / {r['add_p99']:.1f}" if r["adds"] else "-"
+        print(
+            f"| {r['phase']} | {r['items']:,} | {r['requests_per_s']:,.0f} | "
+            f"{r['searches_per_s']:,.0f} | {r['searches_per_s'] / r['in_process']:.2f} | "
+            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | {r['adds']} | "
+            f"{add} | {r['save_ms']:.0f} | {r['in_process']:,.0f} |"
+        )
+
+
+def main() -> None:
+    args = _parse_args()
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    rows = []
+    if args.scenario in ("images", "all"):
+        rows += scenario_images(args)
+    if args.scenario in ("vectors", "all"):
+        rows += scenario_vectors(args)
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
