@@ -36,6 +36,10 @@ async function api(path, options = {}) {
   return body;
 }
 
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
 function labelText(label) {
   if (label === null || label === undefined) return "—";
   return Array.isArray(label) ? (label.length ? label.join(", ") : "—") : String(label);
@@ -66,10 +70,11 @@ async function loadStats() {
   const stats = await api("/stats");
   state.stats = stats;
   state.bits = stats.default_bits;
-  const model = stats.model ? ` · model <b>${(stats.model.weights_sha256 || stats.model.name || "").slice(0, 8)}</b>` : "";
+  const modelHash = stats.model ? (stats.model.weights_sha256 || stats.model.name || "").slice(0, 8) : "";
   $("facts").innerHTML =
     `<b>${stats.items.toLocaleString()}</b> items · ${stats.num_levels} × ${stats.codebook_size} codewords` +
-    ` · codebooks <b>${stats.codebook_sha256.slice(0, 8)}</b>${model}`;
+    ` · codebooks <b>${escapeHtml(stats.codebook_sha256.slice(0, 8))}</b>` +
+    (stats.model ? ` · model <b>${escapeHtml(modelHash)}</b>` : "");
   const group = $("bits");
   group.innerHTML = "";
   for (const bits of stats.code_lengths) {
