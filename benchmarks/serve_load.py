@@ -301,7 +301,7 @@ def run_phase(name: str, server: Server, searches, adds, add_fraction, args) -> 
         f"  {name}: {row['requests_per_s']:,.0f} req/s, p50/p95/p99 {row['p50']:.1f}/"
         f"{row['p95']:.1f}/{row['p99']:.1f} ms, {row['errors']} errors, {row['adds']} adds; "
         f"CPU s server {row['cpu_server']:.0f}, client {row['cpu_client']:.0f} of "
-        f"{wall * (os.cpu_count() or 1):.0f}",
+        f"{wall * (os.cpu_count() or 1):.0f}; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     for error in row["first_errors"]:
