@@ -1038,6 +1038,9 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--rate-burst", type=int, help="burst size of --rate-limit (default 2 R)")
     serve.add_argument("--threads", type=int, help="search threads (default: CPU count)")
     serve.add_argument(
+        "--model-threads", type=int, help="torch threads for the model (default: torch's)"
+    )
+    serve.add_argument(
         "--max-pending", type=int, default=256, help="requests waiting beyond this get 503"
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
@@ -1061,6 +1064,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         threads=args.threads,
+        model_threads=args.model_threads,
         max_pending=args.max_pending,
     )
     return 0

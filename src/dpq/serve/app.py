@@ -270,6 +270,7 @@ def create_app(
     thumbnail_size: int = 128,
     compact_bytes: int | None = None,
     fsync: bool = True,
+    model_threads: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] | None = None,
 ) -> FastAPI:
@@ -291,6 +292,7 @@ def create_app(
         thumbnail_size: longer side of thumbnails in pixels.
         compact_bytes: compact the journal beyond this size (default 64 MiB).
         fsync: fsync each journal append (keep on).
+        model_threads: torch threads for the model (None: torch's default).
         clock: the rate limiter's clock (tests inject one).
         log: where to print startup notes (default: stderr).
     """
@@ -306,6 +308,7 @@ def create_app(
         image_size=image_size,
         thumbnail_size=thumbnail_size,
         fsync=fsync,
+        model_threads=model_threads,
         log=say,
         **options,
     )

@@ -662,6 +662,7 @@ def open_collection(
     thumbnail_size: int = 128,
     compact_bytes: int = DEFAULT_COMPACT_BYTES,
     fsync: bool = True,
+    model_threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Collection:
     """Load an index, replay its journal (compacting when it held writes), and optionally
@@ -676,6 +677,9 @@ def open_collection(
         thumbnail_size: longer side of thumbnails.
         compact_bytes: compact once the journal grows past this.
         fsync: fsync every journal append (keep on; off only for throw-away data).
+        model_threads: torch threads of this process (``torch.set_num_threads``); None
+            leaves torch's default. The model thread batches concurrent requests already,
+            and on a busy machine one thread per forward pass can beat several.
         log: where to report what was replayed (default: nowhere).
     """
     say = log or (lambda _message: None)
@@ -737,6 +741,10 @@ def open_collection(
         from dpq.model import DPQModel
 
         model = DPQModel.from_checkpoint(model_path)
+        if model_threads is not None:
+            import torch
+
+            torch.set_num_threads(int(model_threads))
         if model.input_kind != "images":
             raise ValueError(
                 f"{model_path} reads feature vectors, not images; serve its index without "
