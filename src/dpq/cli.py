@@ -1077,6 +1077,78 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve an index over HTTP: JSON API, Prometheus metrics and a search page at /",
+        description="Search an index over HTTP (FastAPI + uvicorn; the `serve` extra): POST "
+        "/search by image (with --model), vector or id at any code length, add and delete "
+        "items (journalled, durable before the answer), a web page at /, API docs at /docs.",
+    )
+    serve.add_argument("--index", required=True, help="an index file written by `dpq encode`")
+    serve.add_argument("--model", metavar="CKPT_DIR", help="its model: accept image queries")
+    serve.add_argument(
+        "--images",
+        metavar="SOURCE",
+        help="the source the index was encoded from (its ids are row numbers): thumbnails",
+    )
+    serve.add_argument("--image-root", help="list files: the folder or zip holding the images")
+    serve.add_argument("--image-size", type=int, metavar="N", help="the model's input size N x N")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    serve.add_argument(
+        "--api-key",
+        help="key required for writes (default: the DPQ_API_KEY environment variable; "
+        "neither: writes are open)",
+    )
+    serve.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="request body limit (default 10 MB)"
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="requests per second per client address (default 0: unlimited)",
+    )
+    serve.add_argument("--rate-burst", type=int, help="burst size of --rate-limit (default 2 R)")
+    serve.add_argument("--threads", type=int, help="search threads (default: CPU count)")
+    serve.add_argument(
+        "--model-threads", type=int, help="torch threads for the model (default: torch's)"
+    )
+    serve.add_argument(
+        "--max-pending", type=int, default=256, help="requests waiting beyond this get 503"
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dpq.serve import serve
+
+    serve(
+        args.index,
+        args.model,
+        args.images,
+        host=args.host,
+        port=args.port,
+        access_log=args.access_log,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        api_key=args.api_key,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        threads=args.threads,
+        model_threads=args.model_threads,
+        max_pending=args.max_pending,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -1096,6 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_model_commands(sub)
     _add_index_commands(sub)
+    _add_serve_command(sub)
     return parser
 
 

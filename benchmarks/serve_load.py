@@ -1,0 +1,478 @@
+"""Load test of `dpq serve` on loopback, beside the in-process DPQIndex.search rate (issue 13).
+
+Scenarios (each starts its own `dpq serve` subprocess on 127.0.0.1, port chosen by the OS):
+  vectors  N synthetic items (default 1,000,000; D=300, L=4, K=256), vector queries (JSON)
+  images   a database encoded by `dpq encode` (--index, e.g. CIFAR-10's 54,000 items) with
+           its model (--model): image queries (JPEG uploads) decoded and encoded by the model
+and, for each, a mix in which --add-fraction of the requests (default 5 %) are adds.
+
+For every phase, --clients concurrent clients (default 50) send requests back to back for
+--seconds (default 30); the table gives requests/s, latency p50/p95/p99, errors (anything but
+2xx, or no answer), and the in-process rate of the same queries measured in the same run:
+one query per DPQIndex.search call (plus decode and model for images), one thread. Server
+and clients share this machine's cores: the CPU seconds of each are printed.
+
+Durability cost: the latency of an acknowledged add (journal append + fsync, from the mix)
+beside what saving the whole index atomically (the alternative) takes at this size.
+
+    python benchmarks/serve_load.py --scenario vectors                       # 1M items
+    python benchmarks/serve_load.py --scenario images --index db.index.npz \
+        --model runs/m/model --images cifar10-jpeg.zip --split split.json
+    python benchmarks/serve_load.py --scenario vectors --n 100000 --seconds 5  # quick check
+
+Loopback only, bounded in time (each phase stops after --seconds), never run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=["vectors", "images", "all"], default="vectors")
+    parser.add_argument("--n", type=int, default=1_000_000, help="synthetic items (vectors)")
+    parser.add_argument("--dim", type=int, default=300, help="synthetic feature dimension")
+    parser.add_argument("--index", help="images: the index from `dpq encode`")
+    parser.add_argument("--model", help="images: the checkpoint that built --index")
+    parser.add_argument("--images", help="images: the source the index was encoded from")
+    parser.add_argument("--split", help="images: the split; query images are its query rows")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    parser.add_argument("--add-fraction", type=float, default=0.05, help="adds in the mix")
+    parser.add_argument("--k", type=int, default=20, help="results per query")
+    parser.add_argument("--bits", type=int, default=None, help="code length (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="server search threads")
+    parser.add_argument(
+        "--model-threads", type=int, default=None, help="images: the server's torch threads"
+    )
+    parser.add_argument("--queries", type=int, default=500, help="distinct queries")
+    parser.add_argument("--baseline-seconds", type=float, default=10.0, help="in-process timing")
+    parser.add_argument(
+        "--workdir", help="where to write the synthetic index (default: a temp dir)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------- data
+
+
+def synthetic_index(n: int, dim: int, seed: int):
+    """DPQIndex of n random codes over residual-style codebooks (scale halves per level), and
+    float32 queries (decoded items plus noise), as benchmarks/search_speed.py builds them."""
+    from dpq.index import DPQIndex
+
+    rng = np.random.default_rng(seed)
+    levels, k = 4, 256
+    books = np.stack([rng.normal(scale=0.5**level, size=(k, dim)) for level in range(levels)])
+    index = DPQIndex(books.astype(np.float32))
+    index.add(rng.integers(0, k, size=(n, levels)))
+    return index
+
+
+def vector_queries(index, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    rows = rng.integers(0, index.ntotal, size=count)
+    decoded = index.decode(index.codes[rows])
+    return (decoded + rng.normal(scale=0.1, size=decoded.shape)).astype(np.float32)
+
+
+def image_queries(args: argparse.Namespace, count: int) -> tuple[list[bytes], tuple[int, int]]:
+    """JPEG bytes (quality 95) of the split's first query images, and the source's image
+    size (height, width), which the service gives the model."""
+    from PIL import Image
+
+    from dpq.data.splits import Split
+    from dpq.serve.collection import load_image_source
+
+    source = load_image_source(args.images)
+    rows = Split.load(args.split).query[:count]
+    out = []
+    for row in rows:
+        buffer = io.BytesIO()
+        Image.fromarray(source.images[row]).save(buffer, format="JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out, (int(source.images.shape[1]), int(source.images.shape[2]))
+
+
+# ---------------------------------------------------------------- in-process baseline
+
+
+def in_process_rate(job, count: int, seconds: float) -> float:
+    """Calls of job(i) per second, one at a time on this thread, for about ``seconds``."""
+    for i in range(min(count, 5)):  # warm up (compilation, caches)
+        job(i)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        job(done % count)
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Server:
+    """`dpq serve` in a subprocess on 127.0.0.1, port 0; stopped with SIGTERM."""
+
+    def __init__(self, index: str, *extra: str) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "dpq.cli", "serve", "--index", index, "--port", "0"]
+        self.process = subprocess.Popen(
+            [*command, *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            text = Path(self.log.name).read_text()
+            if " items at http://" in text:
+                self.url = text.split(" items at ")[1].split("/ ")[0]
+                self.port = int(self.url.rsplit(":", 1)[1])
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"dpq serve did not start:\n{Path(self.log.name).read_text()}")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> float:
+        """SIGTERM (graceful: the journal is compacted into the index); returns seconds."""
+        started = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(300)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- the load
+
+
+def http_request(method: str, path: str, body: bytes, content_type: str) -> bytes:
+    """The bytes of one HTTP/1.1 keep-alive request (built once, sent many times)."""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def json_request(path: str, payload: dict) -> bytes:
+    return http_request("POST", path, json.dumps(payload).encode(), "application/json")
+
+
+def multipart_request(path: str, field: str, data: bytes, fields: dict[str, str]) -> bytes:
+    boundary = "dpqloadboundary7MA4YWxk"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+        f'filename="q.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
+    body = "".join(parts).encode() + head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return http_request("POST", path, body, f"multipart/form-data; boundary={boundary}")
+
+
+async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
+    """Send one request on a keep-alive connection; (status, body) of the answer."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return status, await reader.readexactly(length)
+
+
+async def _load(
+    port: int,
+    searches: list[bytes],
+    adds: list[bytes],
+    add_fraction: float,
+    clients: int,
+    seconds: float,
+    seed: int,
+) -> dict[str, list]:
+    """``clients`` connections sending prepared requests back to back until the deadline.
+
+    A minimal HTTP/1.1 client on asyncio streams: the requests are built beforehand, so the
+    load generator, which shares the cores with the server, spends almost nothing per request
+    (an httpx.AsyncClient took ~7 ms of CPU per request here and was the bottleneck)."""
+    results: dict[str, list] = {"search": [], "add": [], "errors": []}
+    deadline = time.perf_counter() + seconds
+
+    async def one_client(number: int) -> None:
+        rng = random.Random(seed * 1000 + number)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                kind = "add" if rng.random() < add_fraction else "search"
+                pool = adds if kind == "add" else searches
+                started = time.perf_counter()
+                try:
+                    status, body = await asyncio.wait_for(
+                        _exchange(reader, writer, pool[rng.randrange(len(pool))]), 60
+                    )
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                    results["errors"].append(f"{type(exc).__name__}: {exc}")
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    continue
+                if 200 <= status < 300:
+                    results[kind].append(time.perf_counter() - started)
+                else:
+                    results["errors"].append(f"HTTP {status}: {body[:120]!r}")
+        finally:
+            writer.close()
+
+    wall = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    results["wall"] = [time.perf_counter() - wall]
+    return results
+
+
+def idle_add_latency(server: Server, adds: list[bytes], count: int = 30) -> tuple[float, float]:
+    """(p50, max) ms of ``count`` adds sent one at a time to an otherwise idle server: the
+    cost of a durable add (encode, index add, journal append + fsync) without queueing."""
+
+    async def run() -> list[float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        took = []
+        for i in range(count):
+            started = time.perf_counter()
+            status, body = await _exchange(reader, writer, adds[i % len(adds)])
+            if status != 201:
+                raise RuntimeError(f"an add failed: HTTP {status} {body[:200]!r}")
+            took.append((time.perf_counter() - started) * 1000)
+        writer.close()
+        return took
+
+    took = asyncio.run(run())
+    return float(np.median(took)), float(max(took))
+
+
+def run_phase(name: str, server: Server, searches, adds, add_fraction, args) -> dict:
+    cpu_server = server.cpu_seconds()
+    cpu_client = time.process_time()
+    results = asyncio.run(
+        _load(server.port, searches, adds, add_fraction, args.clients, args.seconds, args.seed)
+    )
+    wall = results["wall"][0]
+    searches = np.array(results["search"]) * 1000
+    adds = np.array(results["add"]) * 1000
+    row = {
+        "phase": name,
+        "requests_per_s": (len(searches) + len(adds) + len(results["errors"])) / wall,
+        "searches_per_s": len(searches) / wall,
+        "p50": float(np.percentile(searches, 50)) if len(searches) else float("nan"),
+        "p95": float(np.percentile(searches, 95)) if len(searches) else float("nan"),
+        "p99": float(np.percentile(searches, 99)) if len(searches) else float("nan"),
+        "errors": len(results["errors"]),
+        "adds": len(adds),
+        "add_p50": float(np.percentile(adds, 50)) if len(adds) else float("nan"),
+        "add_p99": float(np.percentile(adds, 99)) if len(adds) else float("nan"),
+        "cpu_server": server.cpu_seconds() - cpu_server,
+        "cpu_client": time.process_time() - cpu_client,
+        "wall": wall,
+        "first_errors": results["errors"][:3],
+    }
+    print(
+        f"  {name}: {row['requests_per_s']:,.0f} req/s, p50/p95/p99 {row['p50']:.1f}/"
+        f"{row['p95']:.1f}/{row['p99']:.1f} ms, {row['errors']} errors, {row['adds']} adds; "
+        f"CPU s server {row['cpu_server']:.0f}, client {row['cpu_client']:.0f} of "
+        f"{wall * (os.cpu_count() or 1):.0f}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    for error in row["first_errors"]:
+        print(f"    error: {error}", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scenario_vectors(args: argparse.Namespace) -> list[dict]:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpq-serve-load-"))
+    path = workdir / f"synthetic-{args.n}.index.npz"
+    started = time.perf_counter()
+    index = synthetic_index(args.n, args.dim, args.seed)
+    queries = vector_queries(index, args.queries, args.seed)
+    save_started = time.perf_counter()
+    index.save(path)
+    save_seconds = time.perf_counter() - save_started
+    print(
+        f"vectors: {index.ntotal:,} items, D={index.dim}, built in "
+        f"{save_started - started:.1f} s; one atomic index save {save_seconds * 1000:.0f} ms",
+        flush=True,
+    )
+    levels = None if args.bits is None else args.bits // 8
+    index.search(queries[:1], args.k, num_levels=levels)
+    rate = in_process_rate(
+        lambda i: index.search(queries[i : i + 1], args.k, num_levels=levels),
+        len(queries),
+        args.baseline_seconds,
+    )
+    print(f"  in-process DPQIndex.search, one query per call: {rate:,.0f} queries/s", flush=True)
+    extra = {} if args.bits is None else {"bits": args.bits}
+    searches = [
+        json_request("/search", {"vector": q.tolist(), "k": args.k, **extra}) for q in queries
+    ]
+    adds = [json_request("/items", {"vectors": [q.tolist()]}) for q in queries]
+    rows = []
+    server = Server(str(path), "--threads", str(args.threads))
+    try:
+        idle = idle_add_latency(server, adds)
+        print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
+        rows.append(run_phase("vectors", server, searches, adds, 0.0, args))
+        rows.append(
+            run_phase("vectors + 5 % adds", server, searches, adds, args.add_fraction, args)
+        )
+    finally:
+        stop_seconds = server.stop()
+    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    for row in rows:
+        row.update(in_process=rate, save_ms=save_seconds * 1000, items=args.n, idle_add=idle)
+    for leftover in (path, path.with_name(path.name + ".journal")):
+        leftover.unlink(missing_ok=True)
+    return rows
+
+
+def scenario_images(args: argparse.Namespace) -> list[dict]:
+    from dpq.index import DPQIndex
+    from dpq.model import DPQModel
+    from dpq.serve.images import decode_upload, model_input
+
+    missing = [
+        f"--{name}" for name in ("index", "model", "images", "split") if not getattr(args, name)
+    ]
+    if missing:
+        raise SystemExit(f"the images scenario needs {', '.join(missing)}")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpq-serve-load-"))
+    path = workdir / "images.index.npz"
+    path.write_bytes(Path(args.index).read_bytes())  # the adds must not touch the original
+    index = DPQIndex.load(path)
+    model = DPQModel.from_checkpoint(args.model)
+    uploads, size = image_queries(args, args.queries)
+    started = time.perf_counter()
+    index.save(workdir / "copy.index.npz")
+    save_seconds = time.perf_counter() - started
+    (workdir / "copy.index.npz").unlink()
+    print(
+        f"images: {index.ntotal:,} items, {len(uploads)} query JPEGs; one atomic index save "
+        f"{save_seconds * 1000:.0f} ms",
+        flush=True,
+    )
+    levels = None if args.bits is None else args.bits // 8
+
+    def one_query(i: int) -> None:
+        pixels = model_input(decode_upload(uploads[i], "q.jpg"), size)
+        index.search(model.extract_features(pixels[None]), args.k, num_levels=levels)
+
+    import torch
+
+    rates = {}
+    default_threads = torch.get_num_threads()
+    for threads in sorted({1, default_threads}):  # small batches can run better on one thread
+        torch.set_num_threads(threads)
+        rates[threads] = in_process_rate(one_query, len(uploads), args.baseline_seconds)
+    torch.set_num_threads(default_threads)
+    rate = max(rates.values())
+    shown = ", ".join(f"{r:,.1f} with {t} torch thread(s)" for t, r in rates.items())
+    print(f"  in-process decode + model + DPQIndex.search, one per call: {shown}; best {rate:,.1f}")
+    extra = {"k": str(args.k)} if args.bits is None else {"k": str(args.k), "bits": str(args.bits)}
+    searches = [multipart_request("/search", "file", data, extra) for data in uploads]
+    adds = [multipart_request("/items", "files", data, {}) for data in uploads]
+    rows = []
+    model_threads = (
+        [] if args.model_threads is None else ["--model-threads", str(args.model_threads)]
+    )
+    server = Server(
+        str(path),
+        "--model",
+        args.model,
+        "--images",
+        args.images,
+        "--threads",
+        str(args.threads),
+        *model_threads,
+    )
+    try:
+        idle = idle_add_latency(server, adds)
+        print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
+        rows.append(run_phase("images", server, searches, adds, 0.0, args))
+        rows.append(run_phase("images + 5 % adds", server, searches, adds, args.add_fraction, args))
+    finally:
+        stop_seconds = server.stop()
+    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    for row in rows:
+        row.update(in_process=rate, save_ms=save_seconds * 1000, items=index.ntotal, idle_add=idle)
+    for leftover in workdir.glob("images.index.npz*"):
+        if leftover.is_dir():
+            for file in leftover.iterdir():
+                file.unlink()
+            leftover.rmdir()
+        else:
+            leftover.unlink()
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"{args.clients} clients x {args.seconds:g} s per phase, k={args.k}, "
+        f"bits={args.bits or 'all'}, server threads {args.threads}, model threads "
+        f"{args.model_threads or 'torch default'}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| phase | items | requests/s | searches/s | x in-process | p50 ms | p95 ms | p99 ms "
+        "| errors | adds | add p50 / p99 ms | idle add p50 ms | atomic save ms | in-process q/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        add = f"{r['add_p50']:.1f} / {r['add_p99']:.1f}" if r["adds"] else "-"
+        print(
+            f"| {r['phase']} | {r['items']:,} | {r['requests_per_s']:,.0f} | "
+            f"{r['searches_per_s']:,.0f} | {r['searches_per_s'] / r['in_process']:.2f} | "
+            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | {r['adds']} | "
+            f"{add} | {r['idle_add'][0]:.1f} | {r['save_ms']:.0f} | {r['in_process']:,.0f} |"
+        )
+
+
+def main() -> None:
+    args = _parse_args()
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    rows = []
+    if args.scenario in ("images", "all"):
+        rows += scenario_images(args)
+    if args.scenario in ("vectors", "all"):
+        rows += scenario_vectors(args)
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()

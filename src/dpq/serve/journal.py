@@ -1,0 +1,192 @@
+"""The write journal: acknowledged adds and deletes, appended and fsynced before the answer.
+
+An index file is rewritten only as a whole (``DPQIndex.save``: temp file, rename), which at a
+million items costs far more than one add. So the service appends each write to a journal
+beside the index (``<index>.journal``), fsyncs it, and only then acknowledges; on start it
+replays the journal onto the loaded index, and from time to time (and at shutdown) it
+*compacts*: saves the index atomically and starts a fresh journal.
+
+Format: JSON lines, no pickle. The first line is a header ``{"format": "dpq-serve-journal",
+"version": 1, "journal_id": ..., "codebook_sha256": ...}``; every further line is one record
+``{"seq", "op": "add" | "remove", "ids", ...payload, "sha256"}`` whose sha256 covers the
+record's other fields. A record cut short by a crash (the last line, unterminated or failing
+its checksum) was never acknowledged and is dropped; a damaged line before the last one is
+an error.
+
+Which records a saved index already holds: compaction writes
+``metadata["serve"] = {"journal_id", "journal_seq"}`` into the index before saving it, then
+replaces the journal by an empty one with a new id. On start, records of the journal named
+in the index's metadata up to that seq are skipped; a journal with another id is replayed
+whole (a crash between the two steps leaves the old journal, whose records are all skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpq.atomic import write_text_atomic
+
+__all__ = ["Journal", "JournalError", "JournalRecord", "journal_path"]
+
+FORMAT_NAME = "dpq-serve-journal"
+FORMAT_VERSION = 1
+
+
+class JournalError(ValueError):
+    """A journal that cannot be replayed (damaged before its last line, or of another index)."""
+
+
+def journal_path(index_path: str | os.PathLike[str]) -> Path:
+    """The journal beside an index file: ``<index path>.journal``."""
+    path = Path(index_path)
+    return path.with_name(path.name + ".journal")
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One acknowledged write: ``op`` "add" or "remove", its ``seq`` and its JSON payload."""
+
+    seq: int
+    op: str
+    payload: dict[str, Any]
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class Journal:
+    """An append-only JSON-lines journal (see the module docstring).
+
+    Not thread-safe: the service appends from one writer at a time.
+
+    Args:
+        path: the journal file (see :func:`journal_path`).
+        codebook_sha256: the index's codebook hash; a journal of other codebooks is refused.
+        fsync: fsync after every append (on by default; off only for throw-away data).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], codebook_sha256: str, fsync: bool = True):
+        self.path = Path(path)
+        self.codebook_sha256 = codebook_sha256
+        self.fsync = fsync
+        self.journal_id = ""
+        self.last_seq = 0
+        self.records_since_reset = 0
+        self.dropped_tail = False
+        self._handle = None
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def read(self) -> tuple[str, list[JournalRecord]]:
+        """(journal_id, records) of the file on disk; ("", []) when there is none.
+
+        Raises JournalError for a file of another format or codebooks, or a damaged line that
+        is not the last one. A damaged last line (a write cut by a crash) is dropped and
+        :attr:`dropped_tail` set.
+        """
+        if not self.path.is_file():
+            return "", []
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        # a complete file ends with "\n": the last element is then empty
+        complete, tail = lines[:-1], lines[-1]
+        self.dropped_tail = bool(tail.strip())
+        if not complete:  # the header is written atomically: this is no journal of ours
+            raise JournalError(
+                f"{self.path} has no header line; it is not a dpq serve journal. Move it away."
+            )
+        header = self._parse(complete[0], 1, last=False)
+        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+            raise JournalError(
+                f"{self.path} is not a dpq serve journal of version {FORMAT_VERSION} "
+                f"(header {header!r}); move it away to start without it."
+            )
+        if header.get("codebook_sha256") != self.codebook_sha256:
+            raise JournalError(
+                f"{self.path} belongs to an index with other codebooks (sha256 "
+                f"{str(header.get('codebook_sha256'))[:12]}, this index "
+                f"{self.codebook_sha256[:12]}); its writes cannot be applied here. Use the index "
+                "it was written for, or move the journal away."
+            )
+        records = []
+        for number, line in enumerate(complete[1:], start=2):
+            fields = self._parse(line, number, last=number == len(complete))
+            if fields is None:
+                self.dropped_tail = True
+                break
+            seq, op = fields.pop("seq"), fields.pop("op")
+            records.append(JournalRecord(int(seq), str(op), fields))
+        return str(header["journal_id"]), records
+
+    def _parse(self, line: bytes, number: int, last: bool) -> dict[str, Any] | None:
+        """The fields of one line with its checksum verified; None for a torn last line."""
+        try:
+            fields = json.loads(line)
+            stored = fields.pop("sha256")
+            if stored != _digest(fields):
+                raise ValueError("checksum mismatch")
+            if number > 1 and not {"seq", "op"} <= fields.keys():
+                raise ValueError("no seq/op")
+            return fields
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if last:
+                return None
+            raise JournalError(
+                f"{self.path} line {number} is damaged ({exc}) and later lines follow it: the "
+                "file was modified. Restore it from a backup or move it away (its writes are lost)."
+            ) from None
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def reset(self) -> str:
+        """Replace the file by an empty journal with a new id (atomically); open it for
+        appending. Returns the new journal id."""
+        self.close()
+        self.journal_id = uuid.uuid4().hex
+        header = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "journal_id": self.journal_id,
+            "codebook_sha256": self.codebook_sha256,
+        }
+        header["sha256"] = _digest(header)
+        write_text_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+        self.last_seq = 0
+        self.records_since_reset = 0
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
+        return self.journal_id
+
+    def append(self, op: str, payload: dict[str, Any]) -> int:
+        """Write one record and (by default) fsync it; returns its seq. After this returns the
+        write survives a crash of the process (and, with fsync, of the machine)."""
+        if self._handle is None:
+            raise RuntimeError("the journal is not open; call reset() first.")
+        seq = self.last_seq + 1
+        fields = {"seq": seq, "op": op, **payload}
+        fields["sha256"] = _digest(fields)
+        self._handle.write((json.dumps(fields, sort_keys=True) + "\n").encode())
+        self._handle.flush()
+        if self.fsync:
+            os.fsync(self._handle.fileno())
+        self.last_seq = seq
+        self.records_since_reset += 1
+        return seq
+
+    def size_bytes(self) -> int:
+        """Bytes of the journal file now (0 when absent)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

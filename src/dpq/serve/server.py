@@ -1,0 +1,135 @@
+"""Running the app with uvicorn: on a socket bound here (so port 0 works and the real port
+is printed), in the foreground (``dpq serve``) or on a background thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["bind_socket", "exposure_warning", "running", "serve"]
+
+_ALL_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: the system picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+            "(or stop the program using it)."
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a bind address that every network can reach (None for others)."""
+    if host not in _ALL_ADDRESSES:
+        return None
+    text = (
+        f"--host {host or '0.0.0.0'} makes the service reachable from every network this "
+        "machine is on"
+    )
+    if api_key is None:
+        return (
+            text + "; writes are open to anyone who can reach it: set --api-key (or DPQ_API_KEY)."
+        )
+    return text + "."
+
+
+def _config(app: Any, log_level: str, access_log: bool):
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )
+
+
+def serve(
+    index: str | os.PathLike[str],
+    model: str | os.PathLike[str] | None = None,
+    images: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: bool = False,
+    log_level: str = "warning",
+    **app_options: Any,
+) -> None:
+    """Open the collection, bind host:port and serve until interrupted (``dpq serve``).
+
+    ``app_options`` go to :func:`dpq.serve.create_app`; without an ``api_key`` the
+    environment variable DPQ_API_KEY gives it. Binds 127.0.0.1 unless told otherwise;
+    0.0.0.0 (every network the machine is on) prints a warning.
+    """
+    import uvicorn
+
+    from dpq.serve.app import API_KEY_ENV, create_app
+
+    if app_options.get("api_key") is None and os.environ.get(API_KEY_ENV):
+        app_options["api_key"] = os.environ[API_KEY_ENV]
+
+    warning = exposure_warning(host, app_options.get("api_key"))
+    if warning is not None:
+        print(f"dpq serve: warning: {warning}", file=sys.stderr, flush=True)
+    sock = bind_socket(host, port)
+    try:
+        app = create_app(index, model, images, **app_options)
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(
+            f"dpq serve: {len(app.state.collection):,} items at http://{shown}:{bound}/ "
+            f"(API docs: /docs); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        uvicorn.Server(_config(app, log_level, access_log)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def running(
+    app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+) -> Iterator[str]:
+    """Serve ``app`` on a background thread; yields its base URL ("http://127.0.0.1:PORT").
+
+    On exit the server shuts down (lifespan shutdown included: the collection compacts).
+    """
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(_config(app, "warning", False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the server did not start (see the log above).")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
