@@ -13,6 +13,9 @@ EXAMPLES = {
     "resnet9": ({"width": 0.125}, (2, 3, 16, 16)),
     "small_cnn": ({"width": 0.25}, (2, 3, 8, 8)),
     "identity": ({"in_features": 7}, (2, 7)),
+    "alexnet": ({}, (2, 3, 64, 64)),
+    "resnet18": ({}, (2, 3, 32, 32)),
+    "resnet50": ({}, (2, 3, 32, 32)),
 }
 
 

@@ -130,7 +130,7 @@ def test_recipes_by_name_or_file_and_the_same_on_every_machine(tmp_path, monkeyp
 
     assert load_recipe("default") == DPQConfig()
     recipe = load_recipe("cifar10")
-    assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10"}
+    assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10", "paper"}
     assert recipe.model.normalize_features and recipe.train.time_budget_minutes == 30.0
     assert recipe.model.feature == "class_posterior" and recipe.train.precision == "auto"
     # what the CPU can do is decided when training starts, not when the recipe is built
