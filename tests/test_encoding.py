@@ -52,7 +52,7 @@ def test_build_index_grows_an_index_and_checks_its_codebooks(model, images):
         build_index(model, images, labels=np.zeros(2, np.int64))
 
 
-def test_build_index_reads_an_on_demand_reader_chunk_by_chunk(model, tmp_path, monkeypatch):
+def test_build_index_streams_an_on_demand_reader(model, tmp_path, monkeypatch):
     from PIL import Image
 
     monkeypatch.setattr(encoding, "CHUNK_ITEMS", 4)
@@ -60,11 +60,22 @@ def test_build_index_reads_an_on_demand_reader_chunk_by_chunk(model, tmp_path, m
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     reader = ImageFileReader(ImageStore(str(tmp_path)), [f"{i}.png" for i in range(9)], (8, 8))
-    read = []
+    read, added = [], []
     original = ImageFileReader.__getitem__
     monkeypatch.setattr(
         ImageFileReader, "__getitem__", lambda self, key: read.append(key) or original(self, key)
     )
-    index = build_index(model, reader)
-    assert [k for k in read if isinstance(k, slice)] == [slice(0, 4), slice(4, 8), slice(8, 9)]
+    add = encoding.add_features
+    monkeypatch.setattr(
+        encoding,
+        "add_features",
+        lambda index, model, features, **rows: added.append(len(features))
+        or add(index, model, features, **rows),
+    )
+    index = build_index(model, reader, batch_size=2, workers=0)
+    assert read == list(range(9))  # one image at a time, each once: never all at once
+    assert added == [4, 4, 1]  # codes added a chunk at a time
     np.testing.assert_array_equal(index.codes, model.encode(pixels))
+    # decoded by two worker processes: the same codes, in the same order
+    in_workers = build_index(model, reader, batch_size=2, workers=2)
+    np.testing.assert_array_equal(in_workers.codes, index.codes)
