@@ -69,8 +69,9 @@ def test_build_index_streams_an_on_demand_reader(model, tmp_path, monkeypatch):
     monkeypatch.setattr(
         encoding,
         "add_features",
-        lambda index, model, features, **rows: added.append(len(features))
-        or add(index, model, features, **rows),
+        lambda index, model, features, **rows: (
+            added.append(len(features)) or add(index, model, features, **rows)
+        ),
     )
     index = build_index(model, reader, batch_size=2, workers=0)
     assert read == list(range(9))  # one image at a time, each once: never all at once

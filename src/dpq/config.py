@@ -791,15 +791,18 @@ PAPER_SETTINGS: dict[str, str] = {
 OUR_PAPER_CHOICES: dict[str, str] = {
     "model.image_size": "227 px, the input of Caffe's AlexNet that the DVSQ/DPQ reference "
     "code crops from images resized to 256; the paper gives no size",
-    "model.image_mean/std": "ImageNet's, which the pretrained weights expect",
+    "model.image_mean": "ImageNet's, which the pretrained weights expect",
+    "model.image_std": "ImageNet's, which the pretrained weights expect",
     "train.lr": "1e-4, the low end of the range the paper tuned (1e-4 to 1e-1); it does "
     "not say which value it kept",
     "train.codebook_lr": "the same 1e-4 (Eq. 25 uses one eta for theta and pi)",
     "train.lr_schedule": "constant (none is stated)",
+    "train.warmup_fraction": "none (no schedule is stated)",
     "train.backbone_lr_scale": "0.1: pretrained layers learn 10x slower than the new ones, "
     "as in the DVSQ reference code",
-    "train.crop_pad / flip": "pad-and-crop by 4 px and mirror at 32 px (the reference code "
-    "crops 227 from 256 at random); the paper states no augmentation",
+    "train.crop_pad": "pad-and-crop by 4 px at 32 px and mirror (the reference code crops "
+    "227 from 256 at random); the paper states no augmentation",
+    "train.flip": "random mirroring, as above",
     "quantizer.temperature": "1 (gamma = 1, the reference code); the paper asks for a "
     "'large gamma' without a value",
     "quantizer.init": "k-means on the first features (the reference code: N(0, 0.01^2))",
