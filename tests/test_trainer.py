@@ -413,7 +413,7 @@ def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     save_file(state, str(tmp_path / "resnet18.safetensors"))
     config = DPQConfig(
-        model=ModelConfig(backbone="resnet18", num_classes=4, image_size=32),
+        model=ModelConfig(backbone="resnet18", num_classes=4, image_size=16),
         quantizer=QuantizerConfig(num_levels=2, codebook_size=8, dim=8),
         train=TrainConfig(
             epochs=1,
@@ -422,10 +422,10 @@ def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
             lr_schedule="constant",
             backbone_weights=str(tmp_path / "resnet18.safetensors"),
             backbone_lr_scale=0.1,
-            freeze_stages=2,  # the stem and layer1 kept
+            freeze_stages=4,  # the stem and layer1..layer3 kept
         ),
     )
-    source = load_source(tiny_folder, image_size=16)  # 16 px images, read at 32 px
+    source = load_source(tiny_folder, image_size=16)
     trainer = Trainer(
         config,
         DPQModel(config),
@@ -437,9 +437,9 @@ def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
     assert sorted({g["lr_scale"] for g in trainer._network_parameters()}) == [0.1, 1.0]
     result = trainer.train()
     trained = result.model.backbone.state_dict()
-    for name in ("conv1.weight", "bn1.running_mean", "layer1.1.bn2.running_var"):
+    for name in ("conv1.weight", "bn1.running_mean", "layer3.1.bn2.running_var"):
         torch.testing.assert_close(trained[name], state[name], rtol=0, atol=0)
-    for name in ("layer2.0.conv1.weight", "layer4.1.bn2.running_mean"):
+    for name in ("layer4.0.conv1.weight", "layer4.1.bn2.running_mean"):
         assert not torch.equal(trained[name], state[name])
     loaded = DPQModel.from_checkpoint(tmp_path / "run" / "model")
     assert loaded.config.train.backbone_weights.endswith("resnet18.safetensors")
