@@ -213,4 +213,4 @@ def test_the_no_network_guard_catches_a_connection(no_network):
     with pytest.raises(no_network):
         socket.create_connection(("127.0.0.1", 9))
     with pytest.raises(no_network):
-        urllib.request.urlopen("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")
+        urllib.request.urlopen("https://example.com/alexnet.pth")

@@ -72,3 +72,17 @@ def test_auto_loading_streams_what_does_not_fit(folder, monkeypatch):
         load_source(folder, in_memory=False)
     with pytest.raises(ValueError, match="cannot read images on demand"):
         load_source(folder, image_size=12, in_memory=False, skip_corrupt=True)
+
+
+def test_cifar10_read_on_demand_is_the_in_memory_collection(small_cifar_zip, tmp_path):
+    in_memory = load_source(small_cifar_zip, cache_dir=tmp_path)
+    streamed = load_source(small_cifar_zip, in_memory=False)
+    assert streamed.kind == "cifar10" and not isinstance(streamed.inputs, np.ndarray)
+    np.testing.assert_array_equal(streamed.labels, in_memory.labels)
+    with BatchReader(streamed.inputs, workers=2) as reader:
+        got = np.concatenate([batch.numpy() for _, batch in reader.sequential(16)])
+    np.testing.assert_array_equal(got, in_memory.inputs)
+    at_64 = load_source(small_cifar_zip, in_memory=False, image_size=64).inputs
+    assert at_64.shape == (50, 64, 64, 3)
+    with pytest.raises(ValueError, match="32 x 32 in memory"):
+        load_source(small_cifar_zip, image_size=64, cache_dir=tmp_path)

@@ -482,8 +482,8 @@ def reproduce_cifar10(
             quick smoke run, not the benchmark.
         split_seed: seed of the per-class split (the paper's protocol draws one at random).
         device: where to train and encode ("auto", "cpu", "cuda", "cuda:N", "mps").
-        workers: data-loading processes (the 32 px images stay in memory; with workers > 0
-            they are batched by DataLoader workers).
+        workers: processes decoding images read on demand (none here: this flow holds
+            CIFAR-10's 32 px images in memory, where batches are cut in this process).
     """
     from dpq.config import ablation_config, cifar10_recipe
     from dpq.devices import resolve_device

@@ -226,7 +226,7 @@ class Trainer:
         device: where to train ("auto", "cpu", "cuda", "cuda:N", "mps", a torch.device);
             None: where the model is. The model is moved there.
         workers: data-loading processes for an on-demand image reader (None: one per core,
-            up to 8); in-memory arrays are read in this process unless workers > 0.
+            up to 8); in-memory arrays are always read in this process.
     """
 
     def __init__(

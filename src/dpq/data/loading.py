@@ -104,9 +104,10 @@ class BatchReader:
     Args:
         inputs: an in-memory array (uint8 (N, H, W, 3) or float (N, F)), or an object with
             ``len()`` and ``inputs[i]`` -> one item (e.g. :class:`~dpq.data.ImageFileReader`).
-        workers: DataLoader worker processes. None: 0 (this process) for an in-memory
-            array, :func:`dpq.devices.default_workers` for anything else; 0 reads in this
-            process whatever the inputs.
+        workers: DataLoader worker processes for inputs read on demand (None:
+            :func:`dpq.devices.default_workers`; 0: this process). An in-memory array is
+            always indexed in this process, whatever ``workers`` says: slicing it costs
+            less than handing batches between processes.
         device: where the batches go (pinned host memory for CUDA).
         prefetch: batches each worker reads ahead.
 
@@ -132,20 +133,20 @@ class BatchReader:
         self.inputs = inputs
         self.in_memory = is_in_memory(inputs)
         if workers is None:
-            workers = 0 if self.in_memory else default_workers()
-        self.workers = workers
+            workers = default_workers()
+        self.workers = 0 if self.in_memory else workers
         self.pin = pin_memory(device)
         self._sampler = IndexBatches()
         self._loader: DataLoader | None = None
-        if not (self.in_memory and workers == 0):
+        if not self.in_memory:
             self._loader = DataLoader(
                 ItemDataset(inputs),
                 batch_sampler=self._sampler,
-                num_workers=workers,
+                num_workers=self.workers,
                 collate_fn=_stack,
                 pin_memory=self.pin,
-                persistent_workers=workers > 0,
-                prefetch_factor=prefetch if workers > 0 else None,
+                persistent_workers=self.workers > 0,
+                prefetch_factor=prefetch if self.workers > 0 else None,
             )
 
     @property

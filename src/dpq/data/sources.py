@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from dpq.data.cifar10 import detect_cifar10_layout, load_cifar10
+from dpq.data.cifar10 import cifar10_reader, detect_cifar10_layout, load_cifar10
 from dpq.data.dataset import ImageFileReader
-from dpq.data.decode import SkippedImagesWarning
+from dpq.data.decode import SkippedImagesWarning, normalize_size
 from dpq.data.digits import load_digits
 from dpq.data.features import load_features
 from dpq.data.folders import load_image_folder
@@ -170,9 +170,10 @@ def load_source(
         labels_only: only the labels are needed (``inputs`` is None where that saves work:
             a list file is parsed, its images are not read).
         in_memory: decode every image now (True), read images on demand (False: folders,
-            zips and list files, which then need ``image_size``; CIFAR-10 and digits stay
-            in memory), or "auto": in memory when the decoded images fit
-            :func:`memory_budget`, else on demand.
+            zips and list files, which then need ``image_size``, and a CIFAR-10 folder or
+            zip, at 32 px unless ``image_size`` says otherwise; the official CIFAR-10
+            batches and digits stay in memory), or "auto": in memory when the decoded
+            images fit :func:`memory_budget` (CIFAR-10's 180 MB always do), else on demand.
 
     Raises:
         ValueError: conflicting arguments (a source and ``features``), a list file without
@@ -227,8 +228,19 @@ def load_source(
             )
 
     elif kind == "cifar10":
+        if in_memory is False and detect_cifar10_layout(spec) == "folder" and not labels_only:
+            if skip_corrupt:
+                raise ValueError(
+                    "--skip-corrupt decodes every image up front; it cannot read CIFAR-10 on "
+                    "demand (--loading stream). Use --loading memory."
+                )
+            read = cifar10_reader(spec, normalize_size(image_size or 32))  # type: ignore[arg-type]
+            return Source(read.images, read.labels, list(read.classes), kind, str(spec))
         if image_size is not None:
-            raise ValueError("CIFAR-10 images are 32 x 32; --image-size applies to other sources.")
+            raise ValueError(
+                "CIFAR-10 images are 32 x 32 in memory; --image-size applies to other sources "
+                "and to a CIFAR-10 folder or zip read on demand (--loading stream)."
+            )
 
         def loader(decode: bool) -> Any:  # 32 px arrays, cached: always in memory
             return load_cifar10(spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
