@@ -115,8 +115,9 @@ def rate(count: int, run) -> float:
     return count / (time.perf_counter() - began)
 
 
-def bench_backbone(label, model, images, reader, workers, batch_size, repeats):
-    """images/s of the four rows for one backbone."""
+def bench_backbone(label, model, images, reader, workers, batch_size, repeats, compile_=False):
+    """images/s of the four rows for one backbone (and, with ``compile_``, of the in-memory
+    path with ``torch.compile`` on the backbone, compile time reported apart)."""
     cfg = model.config.model
     bare, where = bare_network(cfg.backbone, cfg.backbone_kwargs)
     bare = bare.to(memory_format=torch.channels_last)
@@ -156,11 +157,19 @@ def bench_backbone(label, model, images, reader, workers, batch_size, repeats):
     ):
         run()  # warm-up (worker start, oneDNN primitives)
         rows[name] = max(rate(n, run) for _ in range(repeats))
+    if compile_:
+        eager = model.backbone
+        model.backbone = torch.compile(eager)
+        began = time.perf_counter()
+        dpq_memory()  # compiles
+        print(f"torch.compile of {label}: {time.perf_counter() - began:.1f} s (first pass)")
+        rows["dpq, in memory, torch.compile"] = max(rate(n, dpq_memory) for _ in range(repeats))
+        model.backbone = eager
     print(f"\n### {label} (bare network: {where}; {n} images, batch {batch_size})")
     print("| path | images/s | overhead vs bare |")
     print("|---|---:|---:|")
     for name, value in rows.items():
-        base = rows["bare, tensors"] if "memory" in name else rows["bare, DataLoader"]
+        base = rows["bare, tensors"] if "in memory" in name else rows["bare, DataLoader"]
         overhead = "" if name.startswith("bare") else f"{(base / value - 1) * 100:+.1f} %"
         print(f"| {name} | {value:,.0f} | {overhead} |")
     return rows
@@ -192,6 +201,9 @@ def main() -> None:
     parser.add_argument("--batch224", type=int, default=64)
     parser.add_argument("--workdir", help="keep the extracted images here")
     parser.add_argument("--only", nargs="+", default=["resnet9", "resnet18", "alexnet"])
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile on the backbone"
+    )
     args = parser.parse_args()
     torch.set_num_threads(available_cores())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, workers {args.workers}")
@@ -215,6 +227,7 @@ def main() -> None:
                 args.workers,
                 args.batch32,
                 args.repeats,
+                args.compile,
             )
         big = [name for name in ("resnet18", "alexnet") if name in args.only]
         if big:
@@ -230,6 +243,7 @@ def main() -> None:
                     args.workers,
                     args.batch224,
                     args.repeats,
+                    args.compile,
                 )
 
 

@@ -120,6 +120,9 @@ class DPQModel(nn.Module):
         std = torch.tensor(model_cfg.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("image_mean", mean, persistent=False)
         self.register_buffer("image_std", std, persistent=False)
+        # uint8 pixel p -> (p / 255 - mean) / std = p * (1 / (255 std)) - mean / std: one pass
+        self.register_buffer("_pixel_scale", 1.0 / (std * 255.0), persistent=False)
+        self.register_buffer("_pixel_bias", -mean / std, persistent=False)
         self.channels_last = False
         self.frozen: list[nn.Module] = []
 
@@ -192,14 +195,16 @@ class DPQModel(nn.Module):
         """
         if self.input_kind != "images":
             return batch.float()
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        # (B, H, W, 3) memory seen as (B, 3, H, W) is channels-last: no layout copy here, and
+        # one fused multiply-add (a third of the time of /255, -mean, /std on this CPU)
+        x = torch.addcmul(self._pixel_bias, batch.permute(0, 3, 1, 2).float(), self._pixel_scale)
         side = self.config.model.image_size
         if side is not None and tuple(x.shape[2:]) != (side, side):
+            # after the normalisation, which is affine per channel as the interpolation is
             shrink = min(x.shape[2], x.shape[3]) > side
             x = F.interpolate(
                 x, size=(side, side), mode="bilinear", align_corners=False, antialias=shrink
             )
-        x = (x - self.image_mean) / self.image_std
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
