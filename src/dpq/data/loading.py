@@ -1,7 +1,7 @@
 """Reading a collection batch by batch: the one place where items become tensors.
 
 :class:`BatchReader` gives the raw inputs of index batches, uint8 (B, H, W, 3) images or
-float (B, F) feature rows, as CPU tensors (pinned when they go to a CUDA device):
+float (B, F) feature rows, as CPU tensors:
 
 - an in-memory array (``np.ndarray``: CIFAR-10, digits, a small folder loaded with
   ``load_source(..., in_memory=True)``) is indexed in the calling process, the fast path
@@ -11,7 +11,9 @@ float (B, F) feature rows, as CPU tensors (pinned when they go to a CUDA device)
   worker processes decode the images, at most ``workers * prefetch`` batches ahead, so
   memory stays bounded whatever the size of the collection.
 
-Both paths return the same batches for the same index batches: the order (a seeded
+Batches of the DataLoader go to pinned host memory when they are bound for a CUDA device
+(its pinning thread overlaps with the network); in-memory batches are not pinned. Both
+paths return the same batches for the same index batches: the order (a seeded
 permutation) and every random augmentation are drawn in the calling process, never in a
 worker. The index batches come from the caller (:class:`IndexBatches`, e.g. the trainer's
 epoch order), which is where a distributed run would give each process its own share.
@@ -167,8 +169,8 @@ class BatchReader:
         if self._loader is None:
             for batch in batches:
                 index = np.asarray(batch, dtype=np.int64)
-                tensor = torch.from_numpy(np.ascontiguousarray(self.inputs[index]))
-                yield tensor.pin_memory() if self.pin else tensor
+                # not pinned: a copy into pinned memory here would overlap with nothing
+                yield torch.from_numpy(np.ascontiguousarray(self.inputs[index]))
             return
         self._sampler.set(batches)
         for tensor in self._loader:
