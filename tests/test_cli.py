@@ -387,3 +387,12 @@ def test_train_and_encode_a_folder_read_on_demand(tmp_path, capsys):
     in_memory = DPQModel.from_checkpoint(model).encode(load_source(folder, image_size=16).inputs)
     np.testing.assert_array_equal(streamed.codes, in_memory)
     np.testing.assert_array_equal(streamed.labels, np.repeat([0, 1], 10))
+
+
+def test_a_missing_weights_file_is_said_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_digits_argv(out) + ["--weights", str(tmp_path / "absent.safetensors")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "absent.safetensors does not exist" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -69,6 +69,17 @@ def complete_config(config: DPQConfig, source: Source, train_inputs: Any) -> DPQ
     return config.replace(model=updates)
 
 
+def check_backbone_weights(config: DPQConfig) -> None:
+    """FileNotFoundError, before any loading or writing, when ``train.backbone_weights``
+    names a file that does not exist."""
+    path = config.train.backbone_weights
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(
+            f"weights file {path} does not exist; pass a local .safetensors or .pth file "
+            "(nothing is downloaded)."
+        )
+
+
 def model_image_size(config: DPQConfig) -> int | None:
     """The side the config's network reads (``model.image_size``, else its backbone's), the
     size to decode a collection of differently sized images at; None where it has none."""
@@ -170,6 +181,8 @@ def train_run(
     run_dir = RunDirectory(out_dir)
     with run_dir.lock():
         run_dir.check_can_start(resume)
+        if not resume:
+            check_backbone_weights(prepared.config)
         split_path = run_dir.path / SPLIT_FILE
         if prepared.split is not None:
             if resume and split_path.is_file() and Split.load(split_path) != prepared.split:
@@ -223,6 +236,8 @@ def train_from_source(
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     resolve_device(device)  # a missing GPU is said before the minutes of loading
+    if not resume:
+        check_backbone_weights(config)
     if image_size is None and source is not None and in_memory is not True:
         image_size = model_image_size(config)
     loaded = load_source(
@@ -509,6 +524,8 @@ def reproduce_cifar10(
                 "ablation without it (E, E+LC)."
             )
     RunDirectory(out).check_can_start(resume)  # before the minutes of loading
+    if not resume:
+        check_backbone_weights(config)
     begin = time.perf_counter()
     source = load_source(data) if data is not None else _download_cifar10_source()
     if source.kind != "cifar10":
