@@ -271,6 +271,7 @@ def create_app(
     compact_bytes: int | None = None,
     fsync: bool = True,
     model_threads: int | None = None,
+    device: str = "cpu",
     clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] | None = None,
 ) -> FastAPI:
@@ -293,6 +294,7 @@ def create_app(
         compact_bytes: compact the journal beyond this size (default 64 MiB).
         fsync: fsync each journal append (keep on).
         model_threads: torch threads for the model (None: torch's default).
+        device: where the model runs ("auto", "cpu", "cuda", "cuda:N", "mps").
         clock: the rate limiter's clock (tests inject one).
         log: where to print startup notes (default: stderr).
     """
@@ -309,6 +311,7 @@ def create_app(
         thumbnail_size=thumbnail_size,
         fsync=fsync,
         model_threads=model_threads,
+        device=device,
         log=say,
         **options,
     )

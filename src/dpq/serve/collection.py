@@ -671,6 +671,7 @@ def open_collection(
     compact_bytes: int = DEFAULT_COMPACT_BYTES,
     fsync: bool = True,
     model_threads: int | None = None,
+    device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> Collection:
     """Load an index, replay its journal (compacting when it held writes), and optionally
@@ -688,6 +689,8 @@ def open_collection(
         model_threads: torch threads of this process (``torch.set_num_threads``); None
             leaves torch's default. The model thread batches concurrent requests already,
             and on a busy machine one thread per forward pass can beat several.
+        device: where the model runs ("auto", "cpu", "cuda", "cuda:N", "mps";
+            :func:`dpq.devices.resolve_device`).
         log: where to report what was replayed (default: nowhere).
     """
     say = log or (lambda _message: None)
@@ -746,9 +749,10 @@ def open_collection(
     model_info = None
     size = None
     if model_path is not None:
+        from dpq.devices import resolve_device
         from dpq.model import DPQModel
 
-        model = DPQModel.from_checkpoint(model_path)
+        model = DPQModel.from_checkpoint(model_path, device=resolve_device(device))
         if model_threads is not None:
             import torch
 
@@ -760,8 +764,11 @@ def open_collection(
             )
         index.check_compatible(model.codebooks(), source=f"model {model_path}")
         model_info = _model_facts(Path(model_path))
+        trained_size = model.config.model.image_size
         if image_size is not None:
             size = (int(image_size), int(image_size))
+        elif trained_size is not None:  # the model resizes to it anyway
+            size = (int(trained_size), int(trained_size))
         elif source is not None:
             size = (int(source.images.shape[1]), int(source.images.shape[2]))
         else:
