@@ -3,6 +3,8 @@ persistence, faiss interop, bad input, and the `dpq encode` / `dpq search` comma
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -13,9 +15,8 @@ import faiss
 import numpy as np
 import pytest
 
-import dpq.index as index_module
 from dpq.cli import main
-from dpq.index import DPQIndex, IndexFileError, greedy_residual_encode
+from dpq.index import DPQIndex, IndexFileError, greedy_residual_encode, kernels
 
 L, K, D, N = 4, 16, 8, 300
 
@@ -69,16 +70,27 @@ def brute_force(queries, database, k, mode="aqd"):
 
 
 def assert_same_ranking(dist, ids, ref_dist, ref_ids, tol=1e-4):
-    """Distances equal to float tolerance; ids equal except where the reference has ties."""
-    scale = max(1.0, float(np.abs(ref_dist).max()))
-    np.testing.assert_allclose(dist, ref_dist, rtol=0, atol=tol * scale)
+    """Distances equal to float tolerance; ids equal except where the reference has ties;
+    padding (-1, inf) exactly where the reference has it."""
+    pad = ref_ids < 0
+    np.testing.assert_array_equal(ids < 0, pad)
+    np.testing.assert_array_equal(np.isinf(dist), pad)
+    if pad.all():
+        return
+    scale = max(1.0, float(np.abs(ref_dist[~pad]).max()))
+    np.testing.assert_allclose(dist[~pad], ref_dist[~pad], rtol=0, atol=tol * scale)
     differ = ids != ref_ids
-    if differ.any():  # allowed only between (near-)equal distances
-        np.testing.assert_allclose(dist[differ], ref_dist[differ], rtol=0, atol=tol * scale)
-        for q in np.flatnonzero(differ.any(axis=1)):
-            assert set(ids[q]) ^ set(ref_ids[q]) <= set(
-                ref_ids[q][np.abs(ref_dist[q] - ref_dist[q, -1]) <= tol * scale]
-            ) | set(ids[q][np.abs(dist[q] - dist[q, -1]) <= tol * scale])
+    for q in np.flatnonzero(differ.any(axis=1)):  # allowed only between (near-)equal distances
+        found = ~pad[q]
+        last, ref_last = dist[q][found][-1], ref_dist[q][found][-1]
+        assert set(ids[q][found]) ^ set(ref_ids[q][found]) <= set(
+            ref_ids[q][found][np.abs(ref_dist[q][found] - ref_last) <= tol * scale]
+        ) | set(ids[q][found][np.abs(dist[q][found] - last) <= tol * scale])
+
+
+def ids_of(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """ids[rows], keeping -1 (padding) as -1."""
+    return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
 
 # ------------------------------------------------------------------ search against references
@@ -149,8 +161,8 @@ def test_equal_distances_are_ordered_by_position_in_index(codebooks, rng):
 
 def test_database_sharded_search_for_few_queries_equals_single_thread(index, queries, monkeypatch):
     serial = index.search(queries[:1], k=40)
-    monkeypatch.setattr(index_module, "_PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(index_module.numba, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)
     sharded = index.search(queries[:1], k=40)
     split_queries = index.search(queries, k=40)
     np.testing.assert_array_equal(sharded[1], serial[1])
@@ -158,14 +170,28 @@ def test_database_sharded_search_for_few_queries_equals_single_thread(index, que
     np.testing.assert_array_equal(split_queries[1][:1], serial[1])
 
 
-def test_padding_with_minus_one_and_inf_when_k_exceeds_ntotal(codebooks, codes, queries):
+def test_results_have_min_k_ntotal_columns(codebooks, codes, queries):
     small = DPQIndex(codebooks)
     small.add(codes[:5])
     dist, ids = small.search(queries, k=8)
-    assert np.all(ids[:, 5:] == -1) and np.all(np.isinf(dist[:, 5:]))
-    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in ids[:, :5])
+    assert ids.shape == dist.shape == (len(queries), 5)  # no column can hold an item
+    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in ids)
+    assert np.isfinite(dist).all()
     empty_dist, empty_ids = DPQIndex(codebooks).search(queries, k=3)
-    assert np.all(empty_ids == -1) and np.all(np.isinf(empty_dist))
+    assert empty_ids.shape == empty_dist.shape == (len(queries), 0)
+
+
+def test_huge_k_on_a_small_index_allocates_no_queries_times_k_arrays(codebooks, codes, queries):
+    """issue 12, finding 6: k=10_000_000 on 100 items used to allocate (nq, k) results."""
+    small = DPQIndex(codebooks)
+    small.add(codes[:100])
+    dist, ids = small.search(queries[:2], k=10_000_000)
+    assert ids.shape == (2, 100) and dist.nbytes + ids.nbytes == 2 * 100 * 12
+    ref = small.search(queries[:2], k=100)
+    np.testing.assert_array_equal(ids, ref[1])
+    np.testing.assert_array_equal(dist, ref[0])
+    huge_rerank = small.search(queries[:2], k=10_000_000, rerank_from=1)
+    np.testing.assert_array_equal(huge_rerank[1], ref[1])
 
 
 def test_rerank_from_equals_brute_force_rerank_of_prefix_shortlist(
@@ -211,6 +237,229 @@ def test_more_than_four_levels_use_several_code_words(rng):
     dist, ids = built.search(q, k=10)
     ref_dist, ref_ids = brute_force(q, reconstruct(books, many), 10)
     assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+# ------------------------------------------------------------------ partitioned index
+
+
+def cells_reference(codes: np.ndarray, levels: int) -> np.ndarray:
+    """Cell of each row: its first ``levels`` codes as one number, first most significant."""
+    cells = np.zeros(len(codes), np.int64)
+    for level in range(levels):
+        cells = cells * K + codes[:, level]
+    return cells
+
+
+def probe_reference(queries, codebooks, codes, k, nprobe, cell_levels, levels, mode="aqd"):
+    """Brute force restricted to the items of the nprobe cells whose prefix reconstruction
+    is nearest (float64; ties among cells by cell number, among items by position)."""
+    cells = cells_reference(codes, cell_levels)
+    present = np.unique(cells)
+    centroids = reconstruct(
+        codebooks,
+        np.stack([present // K ** (cell_levels - 1 - i) % K for i in range(cell_levels)], axis=1),
+    )
+    _, best_cells = brute_force(queries, centroids, min(nprobe, len(present)), mode)
+    database = reconstruct(codebooks, codes[:, :levels])
+    out_d, out_i = [], []
+    for q in range(len(queries)):
+        rows = np.flatnonzero(np.isin(cells, present[best_cells[q]]))
+        dist, order = brute_force(queries[q : q + 1], database[rows], min(k, len(rows)), mode)
+        pad = k - order.shape[1]
+        out_d.append(np.concatenate([dist[0], np.full(pad, np.inf)]))
+        out_i.append(np.concatenate([rows[order[0]], np.full(pad, -1)]))
+    return np.array(out_d), np.array(out_i)
+
+
+def build_in_chunks(codebooks, codes, partition_levels, chunks=4, **kwargs) -> DPQIndex:
+    built = DPQIndex(codebooks, partition_levels=partition_levels, **kwargs)
+    for part in np.array_split(np.arange(len(codes)), chunks):
+        built.add(codes[part], ids=part)
+    return built
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_nprobe_over_all_cells_returns_exactly_the_exhaustive_results(
+    codebooks, codes, queries, partition_levels, mode
+):
+    flat = DPQIndex(codebooks)
+    flat.add(codes)
+    part = build_in_chunks(codebooks, codes, partition_levels)
+    for levels in range(1, L + 1):
+        exhaustive = part.search(queries, 25, num_levels=levels, mode=mode)
+        all_cells = part.search(queries, 25, num_levels=levels, mode=mode, nprobe=K**2)
+        np.testing.assert_array_equal(all_cells[1], exhaustive[1])
+        np.testing.assert_array_equal(all_cells[0], exhaustive[0])
+        # the same scores as the unpartitioned index, bit for bit; ids up to tie order
+        unpartitioned = flat.search(queries, 25, num_levels=levels, mode=mode)
+        np.testing.assert_array_equal(exhaustive[0], unpartitioned[0])
+        assert_same_ranking(*exhaustive, *unpartitioned, tol=0)
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_nprobe_scans_exactly_the_nearest_cells(codebooks, codes, queries, partition_levels, mode):
+    part = build_in_chunks(codebooks, codes, partition_levels)
+    for nprobe in (1, 3):
+        dist, ids = part.search(queries, 12, mode=mode, nprobe=nprobe)
+        ref_d, ref_i = probe_reference(
+            queries, codebooks, codes, 12, nprobe, partition_levels, L, mode
+        )
+        assert_same_ranking(dist, ids, ref_d, ref_i)
+        assert np.array_equal(ids < 0, np.isinf(dist))
+
+
+def test_recall_of_the_exhaustive_top_k_grows_with_nprobe(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    exact = part.search(queries, 20)[1]
+    recall = []
+    for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        found = part.search(queries, 20, nprobe=nprobe)[1]
+        recall.append(
+            np.mean([len(set(a) & set(b)) / 20 for a, b in zip(found, exact, strict=True)])
+        )
+    assert recall[0] < 0.5 and recall[-1] == 1.0
+    assert all(b >= a for a, b in itertools.pairwise(recall)), recall
+
+
+def test_cells_fewer_items_than_k_are_padded(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    dist, ids = part.search(queries, 50, nprobe=1)  # a cell of 16^2 holds ~1 item here
+    assert ids.shape == (len(queries), 50)
+    assert np.all((ids < 0) == np.isinf(dist)) and (ids < 0).any()
+    assert all(np.all(np.diff(np.flatnonzero(row >= 0)) == 1) for row in ids)  # padding last
+
+
+def assert_grouped(index: DPQIndex) -> None:
+    """Items contiguous per cell, offsets matching, insertion (id) order inside each cell."""
+    cells = cells_reference(index.codes, index.partition_levels)
+    assert np.all(np.diff(cells) >= 0)
+    counts = np.bincount(cells, minlength=K**index.partition_levels)
+    np.testing.assert_array_equal(np.diff(index.cell_offsets), counts)
+    for cell in np.unique(cells):
+        assert np.all(np.diff(index.ids[cells == cell]) > 0)
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+def test_grouping_survives_add_remove_save_load(
+    tmp_path, codebooks, codes, queries, partition_levels
+):
+    part = build_in_chunks(codebooks, codes[:200], partition_levels, chunks=3)
+    assert_grouped(part)
+    part.remove(np.arange(0, 200, 3))
+    assert_grouped(part)
+    part.add(codes[200:], ids=np.arange(200, N))
+    part.remove([201, 299])
+    assert_grouped(part)
+    kept = np.setdiff1d(np.arange(N), np.concatenate([np.arange(0, 200, 3), [201, 299]]))
+    assert sorted(part.ids) == kept.tolist()
+    before = part.search(queries, 15, nprobe=3)
+    loaded = DPQIndex.load(part.save(tmp_path / "part.npz"))
+    assert loaded.partition_levels == partition_levels
+    assert_grouped(loaded)
+    np.testing.assert_array_equal(loaded.cell_offsets, part.cell_offsets)
+    after = loaded.search(queries, 15, nprobe=3)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    ref_d, ref_i = probe_reference(queries, codebooks, codes[kept], 15, 3, partition_levels, L)
+    assert_same_ranking(*after, ref_d, ids_of(ref_i, kept))
+    loaded.add(codes[:5], ids=np.arange(1000, 1005))  # a loaded index keeps growing grouped
+    assert_grouped(loaded)
+
+
+def test_prefix_search_and_rerank_with_nprobe(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    # a prefix shorter than the partition: cells of the first num_levels codes
+    dist, ids = part.search(queries, 10, num_levels=1, nprobe=2)
+    ref = probe_reference(queries, codebooks, codes, 10, 2, 1, 1)
+    assert_same_ranking(dist, ids, *ref)
+    dist, ids = part.search(queries, 10, num_levels=3, nprobe=5)
+    ref = probe_reference(queries, codebooks, codes, 10, 5, 2, 3)
+    assert_same_ranking(dist, ids, *ref)
+    # rerank: the shortlist comes from the probed cells, then full codes decide
+    dist, ids = part.search(queries, 10, rerank_from=2, rerank_candidates=40, nprobe=8)
+    _, short = part.search(queries, 40, num_levels=2, nprobe=8)
+    full = reconstruct(codebooks, codes)
+    for q in range(len(queries)):
+        candidates = short[q][short[q] >= 0]
+        rows = np.sort(np.flatnonzero(np.isin(part.ids, candidates)))  # index order
+        ref_d, order = brute_force(queries[q : q + 1], full[part.ids[rows]], 10)
+        np.testing.assert_array_equal(ids[q], part.ids[rows][order[0]])
+
+
+def test_cell_search_split_over_threads_equals_single_thread(
+    codebooks, codes, queries, monkeypatch
+):
+    part = build_in_chunks(codebooks, codes, 1)
+    serial = part.search(queries[:1], 30, nprobe=5)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)
+    sharded = part.search(queries[:1], 30, nprobe=5)  # one query: cells split over threads
+    by_queries = part.search(queries, 30, nprobe=5)
+    np.testing.assert_array_equal(sharded[1], serial[1])
+    np.testing.assert_array_equal(sharded[0], serial[0])
+    np.testing.assert_array_equal(by_queries[1][:1], serial[1])
+
+
+def test_repartition_regroups_and_keeps_results(codebooks, codes, queries):
+    flat = build_in_chunks(codebooks, codes, 0)
+    before = flat.search(queries, 20)
+    flat.repartition(2)
+    assert_grouped(flat)
+    after = flat.search(queries, 20)
+    assert_same_ranking(*after, *before, tol=0)
+    flat.repartition(0)  # one cell again (the items keep their current order)
+    assert flat.cell_offsets.tolist() == [0, N]
+    assert_same_ranking(*flat.search(queries, 20), *before, tol=0)
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        flat.search(queries, 20, nprobe=1)
+
+
+def test_partition_and_nprobe_are_checked(codebooks, queries, index):
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        index.search(queries, 3, nprobe=4)
+    part = DPQIndex(codebooks, partition_levels=1)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="nprobe must be"):
+            part.search(queries, 3, nprobe=bad)
+    for bad in (3, -1, 1.0):
+        with pytest.raises(ValueError, match="partition_levels must be"):
+            DPQIndex(codebooks, partition_levels=bad)
+    with pytest.raises(ValueError, match="at most num_levels=1"):
+        DPQIndex(codebooks[:1], partition_levels=2)
+    big = np.zeros((2, 65536, 2), np.float32)
+    with pytest.raises(ValueError, match="use partition_levels=1"):
+        DPQIndex(big, partition_levels=2)
+
+
+def test_adding_in_chunks_grows_storage_geometrically(codebooks, rng):
+    """Appending m items costs O(m): the arrays are reallocated O(log N) times, not per add."""
+    built = DPQIndex(codebooks, partition_levels=1)
+    addresses = set()
+    for _ in range(400):
+        built.add(rng.integers(0, K, size=(25, L)))
+        addresses.add(built._rows._data["codes"].__array_interface__["data"][0])
+    assert built.ntotal == 10_000 and len(addresses) <= 10
+    built.reserve(20_000)
+    address = built._rows._data["codes"].__array_interface__["data"][0]
+    built.add(rng.integers(0, K, size=(10_000, L)))
+    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert_grouped(built)
+
+
+def test_version1_file_still_loads_and_searches_identically(tmp_path, codebooks, codes, queries):
+    built = DPQIndex(codebooks, metadata={"model": "m"}, search_mode="ip")
+    built.add(codes, ids=np.arange(N) * 2 + 1, labels=np.arange(N) % 4)
+    path = write_version1_file(built, tmp_path / "v1.npz")
+    for mmap in (False, True):
+        loaded = DPQIndex.load(path, mmap=mmap)
+        assert loaded.search_mode == "ip" and loaded.metadata == {"model": "m"}
+        np.testing.assert_array_equal(loaded.labels, built.labels)
+        for a, b in zip(loaded.search(queries, 10), built.search(queries, 10), strict=True):
+            np.testing.assert_array_equal(a, b)
+    resaved = DPQIndex.load(loaded.save(tmp_path / "v2.npz"))
+    np.testing.assert_array_equal(resaved.ids, built.ids)
 
 
 # ------------------------------------------------------------------ encoding, add, remove
@@ -294,6 +543,42 @@ def test_save_load_round_trip_keeps_everything_and_search_results(
     assert loaded.add(codes[:1], labels=[0]).tolist() == [N + 1000]
 
 
+def write_version1_file(index: DPQIndex, path: Path, drop: tuple[str, ...] = ()) -> Path:
+    """An index file as DPQIndex.save wrote it in format version 1 (before partitioning):
+    np.savez of codebooks, codes (N, L), ids, labels and a header whose checksum is one
+    sha256 over the header text and every array in name order. ``drop``: header keys that
+    older version-1 files lacked."""
+    arrays = {"codebooks": index.codebooks, "codes": np.ascontiguousarray(index.codes)}
+    arrays["ids"] = np.ascontiguousarray(index.ids)
+    if index.labels is not None:
+        arrays["labels"] = index.labels
+    header = {
+        "format": "dpq-index",
+        "format_version": 1,
+        "num_levels": index.num_levels,
+        "codebook_size": index.codebook_size,
+        "dim": index.dim,
+        "ntotal": index.ntotal,
+        "assignment": index.assignment,
+        "search_mode": index.search_mode,
+        "codebook_sha256": index.codebook_sha256,
+        "next_id": index.next_id,
+        "has_labels": index.labels is not None,
+        "metadata": index.metadata,
+    }
+    for key in drop:
+        del header[key]
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes())
+    header["checksum_sha256"] = digest.hexdigest()
+    arrays["header"] = np.array(json.dumps(header, sort_keys=True))
+    np.savez(path, **arrays)
+    return path
+
+
 def _rewrite_npz(source: Path, target: Path, change) -> None:
     with np.load(source, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
@@ -355,7 +640,7 @@ def test_other_format_version_is_a_clear_error(tmp_path, index):
 
     _rewrite_npz(path, tmp_path / "v99.npz", bump)
     with pytest.raises(
-        IndexFileError, match=r"v99\.npz has index format version 99.*reads version 1"
+        IndexFileError, match=r"v99\.npz has index format version 99.*reads versions \[1, 2\]"
     ):
         DPQIndex.load(tmp_path / "v99.npz")
 
@@ -424,9 +709,15 @@ def test_nan_or_inf_in_queries_is_rejected(index, queries):
         index.search(bad, 3)
 
 
-@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "10", None])
 def test_k_must_be_a_positive_integer(index, queries, k):
     with pytest.raises(ValueError, match="k must be"):
+        index.search(queries, k)
+
+
+@pytest.mark.parametrize("k", [2**31, 10**30, np.int64(2**40)])
+def test_k_beyond_the_documented_bound_is_a_clear_error(index, queries, k):
+    with pytest.raises(ValueError, match=r"k=\d+ is beyond the largest accepted value 2147483647"):
         index.search(queries, k)
 
 
@@ -690,8 +981,6 @@ def test_an_index_file_without_a_search_mode_loads_as_aqd(tmp_path, codebooks, c
     """Files written before search_mode existed have no such header key."""
     built = DPQIndex(codebooks)
     built.add(codes)
-    header = built._header()
-    del header["search_mode"]
-    built._header = lambda: header  # write the older header
-    loaded = DPQIndex.load(built.save(tmp_path / "old.npz"))
+    path = write_version1_file(built, tmp_path / "old.npz", drop=("search_mode",))
+    loaded = DPQIndex.load(path)
     assert loaded.search_mode == "aqd" and loaded.ntotal == len(codes)

@@ -15,381 +15,54 @@ reconstruction norm. The norm of the full-length reconstruction is kept for ever
 is searched and then cached. A one-level search needs no norm at all (it is folded into the
 table).
 
-Ties: equal distances are ordered by position in the index (insertion order), like a
-stable sort of the distances.
+Partitioned index (``partition_levels`` p = 1 or 2): the first p codes of an item name its
+cell (K or K^2 cells, trained with the model: the later levels encode the residual inside
+the cell). Items are kept grouped by cell (an offsets array, rows contiguous per cell), and
+``search(..., nprobe=n)`` ranks the cells by the query's lookup-table distance to each
+cell's prefix reconstruction and scans only the n best. Adding appends in amortised O(items
+added); the new items join their cells in one O(N) pass at the next read (search, save,
+``codes``...). Index order is then cell by cell, insertion order within a cell.
+
+Results: ``search(queries, k)`` returns min(k, ntotal) columns; where fewer items are
+reachable (e.g. with nprobe) the rest is (inf, -1). Ties: equal distances are ordered by
+position in the index, like a stable sort of the distances.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import sys
-import zipfile
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import numba
 import numpy as np
 
-from dpq.atomic import atomic_writer
+from dpq.index import cells as cell_math
+from dpq.index import kernels
+from dpq.index.storage import FORMAT_VERSION, IndexFileError, read_index_file, write_index_file
 
-__all__ = ["DPQIndex", "IndexFileError", "greedy_residual_encode", "FORMAT_VERSION"]
+__all__ = ["DPQIndex", "IndexFileError", "greedy_residual_encode", "FORMAT_VERSION", "MAX_K"]
 
-FORMAT_NAME = "dpq-index"
-FORMAT_VERSION = 1
 ASSIGNMENTS = ("euclidean", "cosine")
 SEARCH_MODES = ("aqd", "ip")
+# Largest k accepted by search. k above ntotal is cut to ntotal (the result has
+# min(k, ntotal) columns), so this bound only turns typos and overflowing values into errors.
+MAX_K = 2**31 - 1
 
-# Items scored per pass before their scores are compared with the heap's worst (L1-resident).
-_SCAN_CHUNK = 256
 # Upper bound on lookup-table memory per search batch.
 _MAX_LUT_BYTES = 64 * 2**20
 # Rows encoded per batch by greedy_residual_encode.
 _ENCODE_BATCH = 4096
-# Jobs with fewer (query, item, level) lookups than this run on the calling thread alone.
-_PARALLEL_MIN_WORK = 1 << 24
 # uint8 codes are stored with rows padded to whole 32-bit words: one load reads 4 codes.
 _PACK_WORDS = sys.byteorder == "little"
-
-
-class IndexFileError(ValueError):
-    """An index file that cannot be read: truncated, tampered, or of another format version."""
-
-
-# --------------------------------------------------------------------------------------------
-# compiled kernels (serial, GIL-free; _run_split spreads them over threads)
-# --------------------------------------------------------------------------------------------
-
-
-def _jit(inline: str = "never"):
-    """numba.njit(nogil=True) with an on-disk cache when a writable cache directory exists."""
-
-    def wrap(func):
-        try:
-            return numba.njit(cache=True, nogil=True, inline=inline)(func)
-        except RuntimeError:  # no writable cache location: compile once per process instead
-            return numba.njit(nogil=True, inline=inline)(func)
-
-    return wrap
-
-
-def _worker_count(work: int) -> int:
-    """Threads for a job of ``work`` lookups: numba.get_num_threads() (NUMBA_NUM_THREADS,
-    numba.set_num_threads) for big jobs, 1 for small ones, where starting threads costs more
-    than it saves and, on a busy machine, waits for each thread to be scheduled."""
-    return numba.get_num_threads() if work >= _PARALLEL_MIN_WORK else 1
-
-
-def _split(total: int, parts: int) -> list[tuple[int, int]]:
-    """[(start, stop)] cutting range(total) into at most ``parts`` contiguous non-empty pieces."""
-    bounds = np.linspace(0, total, max(1, min(parts, total)) + 1).astype(np.int64)
-    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def _run_split(job: Callable[[int, int], None], total: int, threads: int) -> None:
-    """Run ``job(start, stop)`` over pieces of range(total) on ``threads`` threads.
-
-    With several threads the range is cut into 4 pieces per thread, taken in turn, so a
-    thread that the OS schedules less (a busy machine) does not hold the others up.
-    """
-    pieces = _split(total, 1 if threads <= 1 else 4 * threads)
-    if threads <= 1 or len(pieces) <= 1:
-        for start, stop in pieces:
-            job(start, stop)
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, len(pieces))) as pool:
-        for future in [pool.submit(job, start, stop) for start, stop in pieces]:
-            future.result()
-
-
-@_jit()
-def _sift_down(heap_d, heap_r, pos, size):
-    """Restore the max-heap order on (distance, row) below ``pos``."""
-    d = heap_d[pos]
-    r = heap_r[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        right = child + 1
-        if right < size and (
-            heap_d[right] > heap_d[child]
-            or (heap_d[right] == heap_d[child] and heap_r[right] > heap_r[child])
-        ):
-            child = right
-        if heap_d[child] > d or (heap_d[child] == d and heap_r[child] > r):
-            heap_d[pos] = heap_d[child]
-            heap_r[pos] = heap_r[child]
-            pos = child
-        else:
-            break
-    heap_d[pos] = d
-    heap_r[pos] = r
-
-
-@_jit()
-def _heap_replace_top(heap_d, heap_r, d, r):
-    """Replace the worst entry of a full max-heap of size k by (d, r)."""
-    heap_d[0] = d
-    heap_r[0] = r
-    _sift_down(heap_d, heap_r, 0, heap_d.shape[0])
-
-
-@_jit()
-def _heap_offer(heap_d, heap_r, d, r):
-    """Insert (d, r) when it ranks before the current worst entry (lexicographic order)."""
-    if d < heap_d[0] or (d == heap_d[0] and r < heap_r[0]):
-        _heap_replace_top(heap_d, heap_r, d, r)
-
-
-@_jit()
-def _heap_sort_into(heap_d, heap_r, out_d, out_r):
-    """Write the heap ascending by (distance, row) into out_d / out_r; destroys the heap."""
-    size = heap_d.shape[0]
-    for last in range(size - 1, -1, -1):
-        out_d[last] = heap_d[0]
-        out_r[last] = heap_r[0]
-        heap_d[0] = heap_d[last]
-        heap_r[0] = heap_r[last]
-        _sift_down(heap_d, heap_r, 0, last)
-
-
-def _make_item_score(num_levels: int, stride: int, packed: bool):
-    """Compiled ``score(codes, lut, codebook_size, row)``: sum of the row's table entries.
-
-    packed: codes is uint32 (N * stride,) holding 4 uint8 codes per word (little-endian, so
-    K <= 256); else codes is (N, >= num_levels). The table is float32
-    (num_levels * codebook_size,). ``num_levels`` and ``stride`` are compile-time
-    constants, so the level loop unrolls and row addressing costs no multiply.
-    """
-    n_words = -(-num_levels // 4)
-    if packed:
-
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row):
-            base = row * stride
-            c = codes[base]
-            total = lut[c & 255]
-            if num_levels > 1:
-                total += lut[codebook_size + ((c >> 8) & 255)]
-            if num_levels > 2:
-                total += lut[2 * codebook_size + ((c >> 16) & 255)]
-            if num_levels > 3:
-                total += lut[3 * codebook_size + (c >> 24)]
-            for word in range(1, n_words):
-                c = codes[base + word]
-                level = 4 * word
-                total += lut[level * codebook_size + (c & 255)]
-                if num_levels > level + 1:
-                    total += lut[(level + 1) * codebook_size + ((c >> 8) & 255)]
-                if num_levels > level + 2:
-                    total += lut[(level + 2) * codebook_size + ((c >> 16) & 255)]
-                if num_levels > level + 3:
-                    total += lut[(level + 3) * codebook_size + (c >> 24)]
-            return total
-
-    else:
-
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row):
-            total = lut[codes[row, 0]]
-            for level in range(1, num_levels):
-                total += lut[level * codebook_size + codes[row, level]]
-            return total
-
-    return score
-
-
-@functools.cache
-def _scan_kernel(num_levels: int, stride: int, packed: bool):
-    """Compiled top-k scan for one prefix length and storage layout (built once per process;
-    numba caches the machine code on disk).
-
-    ``scan(codes, first, stop, codebook_size, norms, luts, k, out_d, out_r)`` scores rows
-    first..stop-1 by ``norms[row] + sum_l luts[q, l * K + code_l]`` (norms float32 (N,), or
-    (0,) for none; luts float32 (nq, l * K)) and writes per query the k best rows ascending
-    by (score, row), padded with (inf, -1), into out_d float32 (nq, k) / out_r int64 (nq, k).
-    A bounded max-heap per query; scores are computed a chunk at a time and the heap is
-    visited only when the chunk's best score beats the heap's worst.
-    """
-    score = _make_item_score(num_levels, stride, packed)
-
-    @_jit()
-    def scan(codes, first, stop, codebook_size, norms, luts, k, out_d, out_r):
-        has_norm = norms.shape[0] > 0
-        scores = np.empty(_SCAN_CHUNK, np.float32)
-        heap_d = np.empty(k, np.float32)
-        heap_r = np.empty(k, np.int64)
-        for q in range(luts.shape[0]):
-            lut = luts[q]
-            heap_d[:] = np.inf
-            heap_r[:] = -1
-            threshold = heap_d[0]
-            for start in range(first, stop, _SCAN_CHUNK):
-                count = min(_SCAN_CHUNK, stop - start)
-                # chunk views indexed from 0 let numba drop negative-index handling
-                if packed:
-                    chunk_codes = codes[start * stride : (start + count) * stride]
-                else:
-                    chunk_codes = codes[start : start + count]
-                chunk_norms = norms[start : start + count] if has_norm else norms
-                best = np.float32(np.inf)
-                if has_norm:
-                    for j in range(count):
-                        d = score(chunk_codes, lut, codebook_size, j) + chunk_norms[j]
-                        scores[j] = d
-                        best = min(best, d)
-                else:
-                    for j in range(count):
-                        d = score(chunk_codes, lut, codebook_size, j)
-                        scores[j] = d
-                        best = min(best, d)
-                if best < threshold:  # rare once the heap is full: most chunks end here
-                    for j in range(count):
-                        # rows arrive in increasing order: an equal score never displaces
-                        if scores[j] < threshold:
-                            _heap_replace_top(heap_d, heap_r, scores[j], start + j)
-                            threshold = heap_d[0]
-            _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
-
-    return scan
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _scaled_dots(queries, books, scale, out):
-    """out float32 (nq, M) = scale * queries (nq, D) @ books (M, D).T, four queries per pass.
-
-    Compiled here rather than left to BLAS: on a busy machine a multi-threaded BLAS call
-    for these small products can wait tens of milliseconds for its threads.
-    """
-    nq, dim = queries.shape
-    q = 0
-    while q + 4 <= nq:
-        x0 = queries[q]
-        x1 = queries[q + 1]
-        x2 = queries[q + 2]
-        x3 = queries[q + 3]
-        for m in range(books.shape[0]):
-            b = books[m]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for t in range(dim):
-                bt = b[t]
-                a0 += x0[t] * bt
-                a1 += x1[t] * bt
-                a2 += x2[t] * bt
-                a3 += x3[t] * bt
-            out[q, m] = scale * a0
-            out[q + 1, m] = scale * a1
-            out[q + 2, m] = scale * a2
-            out[q + 3, m] = scale * a3
-        q += 4
-    for rest in range(q, nq):
-        x = queries[rest]
-        for m in range(books.shape[0]):
-            b = books[m]
-            acc = np.float32(0.0)
-            for t in range(dim):
-                acc += x[t] * b[t]
-            out[rest, m] = scale * acc
-
-
-@_jit()
-def _merge_shards(shard_d, shard_r, k):
-    """Merge per-shard sorted top-k lists (S, nq, k) into one (nq, k) by (score, row)."""
-    n_shards, nq, width = shard_d.shape
-    out_d = np.empty((nq, k), np.float32)
-    out_r = np.empty((nq, k), np.int64)
-    heap_d = np.empty(k, np.float32)
-    heap_r = np.empty(k, np.int64)
-    for q in range(nq):
-        heap_d[:] = np.inf
-        heap_r[:] = -1
-        for shard in range(n_shards):
-            for j in range(width):
-                if shard_r[shard, q, j] < 0:
-                    break
-                _heap_offer(heap_d, heap_r, shard_d[shard, q, j], shard_r[shard, q, j])
-        _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
-    return out_d, out_r
-
-
-@_jit()
-def _rerank_topk(codes, num_levels, codebook_size, norms, luts, candidate_rows, out_d, out_r):
-    """Re-score candidate rows (nq, S) with ``num_levels`` levels; top-k by (score, row).
-
-    codes: (N, >= num_levels); norms: float32 (N,) or (0,) for none; luts float32
-    (nq, num_levels * K); candidates equal to -1 are skipped. Writes out_d / out_r (nq, k).
-    """
-    nq, n_candidates = candidate_rows.shape
-    k = out_d.shape[1]
-    has_norm = norms.shape[0] > 0
-    heap_d = np.empty(k, np.float32)
-    heap_r = np.empty(k, np.int64)
-    for q in range(nq):
-        heap_d[:] = np.inf
-        heap_r[:] = -1
-        for j in range(n_candidates):
-            row = candidate_rows[q, j]
-            if row < 0:
-                continue
-            d = luts[q, codes[row, 0]]
-            for level in range(1, num_levels):
-                d += luts[q, level * codebook_size + codes[row, level]]
-            if has_norm:
-                d += norms[row]
-            _heap_offer(heap_d, heap_r, d, row)
-        _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
-
-
-@_jit()
-def _prefix_norms(codes, codebooks, levels, out):
-    """Squared norms of prefix reconstructions into out float32 (len(levels), N).
-
-    codes: (N, >= L) uint8/uint16; codebooks float32 (L, K, D); levels: int64 ascending.
-    Row j gets ``||sum_{i < levels[j]} codebooks[i, codes[:, i]]||^2`` (summed in float64).
-    """
-    deepest = levels[-1]
-    dim = codebooks.shape[2]
-    acc = np.empty(dim, np.float32)
-    for row in range(codes.shape[0]):
-        acc[:] = 0.0
-        j = 0
-        for level in range(deepest):
-            codeword = codebooks[level, codes[row, level]]
-            for t in range(dim):
-                acc[t] += codeword[t]
-            if level + 1 == levels[j]:
-                total = 0.0
-                for t in range(dim):
-                    total += np.float64(acc[t]) * np.float64(acc[t])
-                out[j, row] = total
-                j += 1
-
-
-def _compute_prefix_norms(
-    codes: np.ndarray, codebooks: np.ndarray, levels: list[int]
-) -> np.ndarray:
-    """float32 (len(levels), N) squared reconstruction norms of codes (N, >= L) per prefix."""
-    out = np.empty((len(levels), codes.shape[0]), np.float32)
-    level_arr = np.asarray(sorted(levels), np.int64)
-
-    def job(start: int, stop: int) -> None:
-        _prefix_norms(codes[start:stop], codebooks, level_arr, out[:, start:stop])
-
-    work = codes.shape[0] * codebooks.shape[2] * max(levels) // 16
-    _run_split(job, codes.shape[0], _worker_count(work))
-    return out
+# Capacity grows by this factor when appended items do not fit (amortised O(1) per item).
+_GROWTH = 1.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,11 +95,17 @@ def _code_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint8) if codebook_size <= 256 else np.dtype(np.uint16)
 
 
-def _check_k(k: Any) -> int:
+def _check_k(k: Any, name: str = "k") -> int:
+    """k as an int in 1..MAX_K, else a ValueError naming the problem."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise ValueError(f"k must be a positive integer; got {k!r}.")
+        raise ValueError(f"{name} must be a positive integer; got {k!r}.")
     if k <= 0:
-        raise ValueError(f"k must be >= 1; got k={k}.")
+        raise ValueError(f"{name} must be >= 1; got {name}={k}.")
+    if k > MAX_K:
+        raise ValueError(
+            f"{name}={k} is beyond the largest accepted value {MAX_K}; results have at most "
+            f"ntotal columns anyway, so pass at most the number of items you want."
+        )
     return int(k)
 
 
@@ -482,14 +161,73 @@ def greedy_residual_encode(
     return codes
 
 
-def _array_digest(arrays: Mapping[str, np.ndarray], header_without_checksum: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(header_without_checksum.encode())
-    for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-        digest.update(arr.tobytes())
-    return digest.hexdigest()
+# --------------------------------------------------------------------------------------------
+# per-item storage
+# --------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """Per-item arrays sharing one row order ("codes", "ids", "labels", "norms:<l>"), with
+    spare capacity so that appending m items costs O(m) amortised (capacity grows by
+    _GROWTH, or :meth:`reserve` sets it); reads are views of the first ``size`` rows.
+    Arrays given by :meth:`attach` (e.g. memory-mapped from a file) are used as they are."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, np.ndarray] = {}
+        self.size = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def names(self) -> list[str]:
+        return list(self._data)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._data[name][: self.size]
+
+    def nbytes(self) -> int:
+        return sum(self.get(name).nbytes for name in self._data)
+
+    def attach(self, arrays: Mapping[str, np.ndarray], size: int) -> None:
+        """Use these (size, ...) arrays as the storage, without copying."""
+        self._data = dict(arrays)
+        self.size = size
+
+    def set_column(self, name: str, values: np.ndarray) -> None:
+        """Add or replace one column of exactly ``size`` rows (e.g. a cached norm)."""
+        self._data[name] = values
+
+    def drop(self, name: str) -> None:
+        self._data.pop(name, None)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` rows in every column (never shrinks)."""
+        for name, arr in self._data.items():
+            if arr.shape[0] < capacity:
+                grown = np.empty((capacity, *arr.shape[1:]), arr.dtype)
+                grown[: self.size] = arr[: self.size]
+                self._data[name] = grown
+
+    def append(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Append the same number of rows to every column (names must match)."""
+        n = len(next(iter(rows.values())))
+        if not self._data:
+            self._data = {name: np.array(values) for name, values in rows.items()}
+            self.size = n
+            return
+        needed = self.size + n
+        capacity = min(arr.shape[0] for arr in self._data.values())
+        if needed > capacity:
+            self.reserve(max(needed, int(capacity * _GROWTH), 1024))
+        for name, values in rows.items():
+            self._data[name][self.size : needed] = values
+        self.size = needed
+
+    def take(self, rows: np.ndarray) -> None:
+        """Keep only rows[i] (int64 positions or a bool mask), in that order, in every column."""
+        for name in self._data:
+            self._data[name] = self.get(name)[rows]
+        self.size = len(next(iter(self._data.values()))) if self._data else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +245,9 @@ class DPQIndex:
         search_mode: how :meth:`search` ranks when not told: "aqd" (squared Euclidean, the
             paper's Eq. 30) or "ip" (inner product; for a model whose features are class
             posteriors, see ``dpq.config.ModelConfig.feature``). Saved with the index.
+        partition_levels: 0 (one cell: every search scans all items), 1 (K cells, by the
+            first code) or 2 (K^2 cells, by the first two codes); enables
+            ``search(..., nprobe=n)``. Saved with the index; see :meth:`repartition`.
     """
 
     def __init__(
@@ -515,6 +256,7 @@ class DPQIndex:
         assignment: Literal["euclidean", "cosine"] = "euclidean",
         metadata: Mapping[str, Any] | None = None,
         search_mode: Literal["aqd", "ip"] = "aqd",
+        partition_levels: int = 0,
     ) -> None:
         self._codebooks = _check_codebooks(codebooks)
         self._codebooks.setflags(write=False)
@@ -535,14 +277,17 @@ class DPQIndex:
         # codes row-major (N, width); uint8 rows are padded to whole 32-bit words
         self._packed = _PACK_WORDS and self._code_dtype == np.uint8
         self._code_width = 4 * -(-num_levels // 4) if self._packed else num_levels
-        self._codes = np.zeros((0, self._code_width), dtype=self._code_dtype)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._labels: np.ndarray | None = None
+        self._rows = _Rows()
+        self._has_labels = False
+        self._read_only: str | None = None  # why add/remove are refused (a mapped file)
         self._next_id = 0
-        # squared norms of the reconstruction per prefix length: {num_levels: float32 (N,)}
-        self._norms: dict[int, np.ndarray] = {num_levels: np.empty(0, np.float32)}
         self._sorted_id_order: np.ndarray | None = None
         self._codeword_sq_norms = np.einsum("lkd,lkd->lk", self._codebooks, self._codebooks)
+        self._partition_levels = self._check_partition_levels(partition_levels)
+        # rows [0, _grouped) are grouped by cell as _offsets says; later rows wait (a tail)
+        self._offsets = np.zeros(self._n_cells() + 1, np.int64)
+        self._grouped = 0
+        self._cell_tables: dict[int, tuple[np.ndarray, ...]] = {}
 
     # ---- properties ------------------------------------------------------------------------
 
@@ -564,7 +309,7 @@ class DPQIndex:
     @property
     def ntotal(self) -> int:
         """Number of items in the index."""
-        return int(self._ids.shape[0])
+        return int(self._rows.size)
 
     def __len__(self) -> int:
         return self.ntotal
@@ -576,7 +321,8 @@ class DPQIndex:
 
     @property
     def codes(self) -> np.ndarray:
-        """Codes (N, L), uint8 or uint16 (a read-only view of the stored rows)."""
+        """Codes (N, L), uint8 or uint16 (a read-only view of the stored rows, index order)."""
+        self._group()
         view = self._codes[:, : self.num_levels]
         view.flags.writeable = False
         return view
@@ -584,6 +330,7 @@ class DPQIndex:
     @property
     def ids(self) -> np.ndarray:
         """int64 (N,) item ids, in index order (read-only view)."""
+        self._group()
         view = self._ids.view()
         view.flags.writeable = False
         return view
@@ -591,12 +338,37 @@ class DPQIndex:
     @property
     def labels(self) -> np.ndarray | None:
         """Item labels in index order: int64 (N,) or multi-hot uint8 (N, C); None if not given."""
+        self._group()
         return self._labels
 
     @property
     def codebook_sha256(self) -> str:
         """sha256 of the float32 little-endian codebook bytes; identifies the model's codebooks."""
         return _hash_codebooks(self._codebooks)
+
+    @property
+    def partition_levels(self) -> int:
+        """p: items are grouped into K^p cells by their first p codes (0: one cell)."""
+        return self._partition_levels
+
+    @property
+    def cell_offsets(self) -> np.ndarray:
+        """int64 (K^p + 1,): cell c (its first p codes, first most significant) holds the
+        items at positions offsets[c]:offsets[c + 1] of the index order (read-only)."""
+        self._group()
+        view = self._offsets.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def read_only(self) -> bool:
+        """True for an index memory-mapped from a file (``load(..., mmap=True)``)."""
+        return self._read_only is not None
+
+    @property
+    def next_id(self) -> int:
+        """The id :meth:`add` gives the next item when no ids are passed."""
+        return self._next_id
 
     def bytes_per_item(self, num_levels: int | None = None) -> int:
         """Memory per item that a search at this prefix reads: the stored code row (uint8 rows
@@ -607,19 +379,114 @@ class DPQIndex:
         return self._code_width * self._code_dtype.itemsize + norm_bytes
 
     def memory_bytes(self) -> int:
-        """Bytes currently held for codes, norms (all cached prefixes), ids and labels."""
-        total = self._codes.nbytes + self._ids.nbytes
-        total += sum(norm.nbytes for norm in self._norms.values())
-        if self._labels is not None:
-            total += self._labels.nbytes
-        return int(total)
+        """Bytes of codes, norms (all cached prefixes), ids, labels and cell offsets
+        (arrays memory-mapped from a file count with their full size)."""
+        return int(self._rows.nbytes() + self._offsets.nbytes)
 
     def __repr__(self) -> str:
         return (
             f"DPQIndex(ntotal={self.ntotal}, num_levels={self.num_levels}, "
             f"codebook_size={self.codebook_size}, dim={self.dim}, assignment={self.assignment!r}, "
-            f"search_mode={self.search_mode!r})"
+            f"search_mode={self.search_mode!r}, partition_levels={self.partition_levels})"
         )
+
+    # ---- raw storage (unordered while a tail waits; see _group) -------------------------------
+
+    @property
+    def _codes(self) -> np.ndarray:
+        return self._rows.get("codes") if "codes" in self._rows else self._empty_codes()
+
+    @property
+    def _ids(self) -> np.ndarray:
+        return self._rows.get("ids") if "ids" in self._rows else np.empty(0, np.int64)
+
+    @property
+    def _labels(self) -> np.ndarray | None:
+        return self._rows.get("labels") if "labels" in self._rows else None
+
+    def _empty_codes(self) -> np.ndarray:
+        return np.zeros((0, self._code_width), dtype=self._code_dtype)
+
+    def _norm_column(self, num_levels: int) -> str:
+        return f"norms:{num_levels}"
+
+    def _check_writable(self) -> None:
+        if self._read_only is not None:
+            raise ValueError(
+                f"this index is memory-mapped from {self._read_only} and read-only; load it "
+                "without mmap=True to change it, or use dpq.index.append_to_index_file."
+            )
+
+    # ---- cells --------------------------------------------------------------------------------
+
+    def _check_partition_levels(self, partition_levels: Any) -> int:
+        if isinstance(partition_levels, bool) or not isinstance(partition_levels, int | np.integer):
+            raise ValueError(f"partition_levels must be 0, 1 or 2; got {partition_levels!r}.")
+        p = int(partition_levels)
+        if p not in cell_math.PARTITION_LEVELS or p > self.num_levels:
+            raise ValueError(
+                f"partition_levels must be one of {cell_math.PARTITION_LEVELS} and at most "
+                f"num_levels={self.num_levels}; got {partition_levels}."
+            )
+        if cell_math.cell_count(self.codebook_size, p) > cell_math.MAX_CELLS:
+            raise ValueError(
+                f"partition_levels={p} with codebook_size {self.codebook_size} makes "
+                f"{self.codebook_size}^{p} cells, more than {cell_math.MAX_CELLS}; use "
+                "partition_levels=1."
+            )
+        return p
+
+    def _n_cells(self) -> int:
+        return cell_math.cell_count(self.codebook_size, self._partition_levels)
+
+    def _layout_changed(self) -> None:
+        self._sorted_id_order = None
+        self._cell_tables = {}
+
+    def _group(self) -> None:
+        """Merge the items added since the last read into their cells (one O(N) pass)."""
+        n = self.ntotal
+        if self._grouped == n:
+            return
+        if self._partition_levels == 0:
+            self._offsets = np.array([0, n], np.int64)
+            self._grouped = n
+            return
+        g = self._grouped
+        tail_cells = cell_math.cells_of(self._codes[g:], self._partition_levels, self.codebook_size)
+        tail_order, tail_offsets = cell_math.group_order(tail_cells, self._n_cells())
+        sources = [self._offsets, tail_offsets]
+        kept, moved = cell_math.interleave_positions(sources, 0, self._n_cells())
+        order = np.empty(n, np.int64)
+        order[kept] = np.arange(g)
+        order[moved] = g + tail_order
+        self._rows.take(order)
+        self._offsets = cell_math.merged_offsets(sources)
+        self._grouped = n
+        self._layout_changed()
+
+    def repartition(self, partition_levels: int) -> None:
+        """Regroup all items by their first ``partition_levels`` codes (0, 1 or 2)."""
+        self._check_writable()
+        self._partition_levels = self._check_partition_levels(partition_levels)
+        self._offsets = np.zeros(self._n_cells() + 1, np.int64)
+        self._grouped = 0
+        self._layout_changed()
+        self._group()
+
+    def _cell_table(self, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Non-empty cells of the first ``levels`` <= p codes: row starts, row stops (int64
+        (C,)), their codes int64 (C, levels) and prefix-reconstruction squared norms float32
+        (C,). Cached until the items change."""
+        if levels not in self._cell_tables:
+            offsets = cell_math.coarser_offsets(
+                self._offsets, self.codebook_size, self._partition_levels, levels
+            )
+            cells = np.flatnonzero(np.diff(offsets))
+            codes = cell_math.cell_codes(cells, levels, self.codebook_size)
+            norms = kernels.compute_prefix_norms(codes, self._codebooks, [levels])[0]
+            self._cell_tables[levels] = (offsets[cells], offsets[cells + 1], codes, norms)
+        return self._cell_tables[levels]
 
     # ---- adding and removing ----------------------------------------------------------------
 
@@ -656,17 +523,17 @@ class DPQIndex:
             raise ValueError(f"ids must be >= 0 (-1 marks padding in results); got {arr.min()}.")
         if np.unique(arr).shape[0] != n:
             raise ValueError("ids must be unique; the given ids contain duplicates.")
-        clash = np.isin(arr, self._ids)
-        if clash.any():
+        found = self._rows_of(arr)[1] if self.ntotal else np.zeros(n, bool)
+        if found.any():
             raise ValueError(
-                f"{int(clash.sum())} id(s) are already in the index (first: {int(arr[clash][0])}); "
+                f"{int(found.sum())} id(s) are already in the index (first: {int(arr[found][0])}); "
                 "remove them first or use other ids."
             )
         return arr
 
     def _check_new_labels(self, labels: Any, n: int) -> np.ndarray | None:
         if labels is None:
-            if self._labels is not None and self.ntotal > 0:
+            if self._has_labels and self.ntotal > 0:
                 raise ValueError("this index has labels: pass labels for the new items too.")
             return None
         arr = np.asarray(labels)
@@ -685,46 +552,60 @@ class DPQIndex:
                 raise ValueError("multi-hot labels must hold only 0 and 1.")
             arr = arr.astype(np.uint8)
         if self.ntotal > 0:
-            if self._labels is None:
+            if not self._has_labels:
                 raise ValueError(
                     "this index was built without labels: cannot add labelled items to it."
                 )
-            if self._labels.shape[1:] != arr.shape[1:]:
+            stored = self._labels
+            if stored.shape[1:] != arr.shape[1:]:
                 raise ValueError(
-                    f"labels shape per item must be {self._labels.shape[1:]} as in the index; "
+                    f"labels shape per item must be {stored.shape[1:]} as in the index; "
                     f"got {arr.shape[1:]}."
                 )
-            arr = arr.astype(self._labels.dtype)
+            arr = arr.astype(stored.dtype)
         return arr
 
+    def reserve(self, ntotal: int) -> None:
+        """Make room for ``ntotal`` items so adds up to that size never copy the arrays
+        (optional: without it capacity grows by 1.5x when needed)."""
+        self._check_writable()
+        if "codes" in self._rows:
+            self._rows.reserve(int(ntotal))
+
     def add(self, codes: Any, ids: Any = None, labels: Any = None) -> np.ndarray:
-        """Append coded items.
+        """Append coded items; amortised O(items added), memory grows geometrically.
 
         codes: integer (N, L) in 0..K-1; ids: int64 (N,) unique, >= 0 (default: continue
         a counter); labels: int64 (N,) or multi-hot (N, C). Returns the int64 (N,) ids.
+        In a partitioned index the items join their cells at the next read.
         """
+        self._check_writable()
         codes_arr = self._check_codes(codes)
         n = codes_arr.shape[0]
         new_ids = self._check_new_ids(ids, n)
         new_labels = self._check_new_labels(labels, n)
+        if self.ntotal == 0:  # an empty index takes the new items' labelling
+            self._rows = _Rows()
+            self._has_labels = new_labels is not None
+            self._grouped = 0
+            self._offsets = np.zeros(self._n_cells() + 1, np.int64)
         rows = np.zeros((n, self._code_width), dtype=self._code_dtype)
         rows[:, : self.num_levels] = codes_arr
-        cached = sorted(self._norms)
-        new_norms = _compute_prefix_norms(rows, self._codebooks, cached)
-        was_empty = self.ntotal == 0
-        self._codes = rows if was_empty else np.concatenate([self._codes, rows])
-        self._ids = new_ids if was_empty else np.concatenate([self._ids, new_ids])
-        for j, levels in enumerate(cached):
-            self._norms[levels] = (
-                new_norms[j] if was_empty else np.concatenate([self._norms[levels], new_norms[j]])
-            )
-        if was_empty or new_labels is None:  # an empty index takes the new items' labelling
-            self._labels = new_labels if was_empty else self._labels
-        else:
-            self._labels = np.concatenate([self._labels, new_labels])
+        cached = sorted(
+            {self.num_levels}
+            | {int(name.split(":")[1]) for name in self._rows.names() if name.startswith("norms:")}
+        )
+        new_norms = kernels.compute_prefix_norms(rows, self._codebooks, cached)
+        appended = {"codes": rows, "ids": new_ids}
+        appended.update({self._norm_column(lv): new_norms[j] for j, lv in enumerate(cached)})
+        if new_labels is not None:
+            appended["labels"] = new_labels
+        self._rows.append(appended)
         if n:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-        self._sorted_id_order = None
+        if self._partition_levels == 0:
+            self._group()
+        self._layout_changed()
         return new_ids
 
     def encode(self, features: Any, num_levels: int | None = None) -> np.ndarray:
@@ -752,7 +633,8 @@ class DPQIndex:
         return self.add(self.encode(features), ids=ids, labels=labels)
 
     def _rows_of(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the given ids and a bool mask of which ids were found."""
+        """Rows (positions in the current storage order) of the given ids and a bool mask of
+        which ids were found."""
         arr = np.asarray(ids)
         if arr.ndim == 0:
             arr = arr.reshape(1)
@@ -775,19 +657,22 @@ class DPQIndex:
         return rows.astype(np.int64), found
 
     def remove(self, ids: Any) -> int:
-        """Remove the items with these ids (unknown ids are ignored). Returns how many went."""
+        """Remove the items with these ids (unknown ids are ignored). Returns how many went.
+        The other items keep their order (and cells)."""
+        self._check_writable()
+        self._group()
         rows, found = self._rows_of(ids)
         rows = np.unique(rows[found])
         if rows.size == 0:
             return 0
         keep = np.ones(self.ntotal, bool)
         keep[rows] = False
-        self._codes = np.ascontiguousarray(self._codes[keep])
-        self._ids = self._ids[keep]
-        self._norms = {levels: norm[keep] for levels, norm in self._norms.items()}
-        if self._labels is not None:
-            self._labels = self._labels[keep]
-        self._sorted_id_order = None
+        cells = np.searchsorted(self._offsets, rows, side="right") - 1
+        removed = np.bincount(cells, minlength=self._n_cells())
+        self._rows.take(keep)
+        self._offsets = self._offsets - cell_math.offsets_from_counts(removed)
+        self._grouped = self.ntotal
+        self._layout_changed()
         return int(rows.size)
 
     def labels_of(self, ids: Any) -> np.ndarray:
@@ -796,18 +681,21 @@ class DPQIndex:
         Single labels: int64, -1 where the id is -1 or unknown. Multi-hot: (..., C), all
         zeros there. Raises ValueError if the index has no labels.
         """
-        if self._labels is None:
+        if not self._has_labels:
             raise ValueError("this index has no labels; build it with labels to look them up.")
+        self._group()
+        stored = self._labels
         arr = np.asarray(ids, dtype=np.int64)
         rows, found = self._rows_of(arr.ravel())
-        out = self._labels[np.maximum(rows, 0)].copy() if self.ntotal else None
-        if out is None:
-            out = np.zeros((rows.size, *self._labels.shape[1:]), self._labels.dtype)
-        if self._labels.ndim == 1:
+        if self.ntotal:
+            out = stored[np.maximum(rows, 0)].copy()
+        else:
+            out = np.zeros((rows.size, *stored.shape[1:]), stored.dtype)
+        if stored.ndim == 1:
             out[~found] = -1
         else:
             out[~found] = 0
-        return out.reshape(*arr.shape, *self._labels.shape[1:])
+        return out.reshape(*arr.shape, *stored.shape[1:])
 
     # ---- search -------------------------------------------------------------------------------
 
@@ -825,6 +713,17 @@ class DPQIndex:
                 f"bits); got {num_levels}."
             )
         return int(num_levels)
+
+    def _check_nprobe(self, nprobe: Any) -> int | None:
+        if nprobe is None:
+            return None
+        if self._partition_levels == 0:
+            raise ValueError(
+                "nprobe needs a partitioned index, but this one has partition_levels=0; build "
+                "it with DPQIndex(..., partition_levels=1 or 2) or call index.repartition(1), "
+                "or leave nprobe out to scan every item."
+            )
+        return _check_k(nprobe, "nprobe")
 
     def _check_queries(self, queries: Any) -> np.ndarray:
         arr = np.asarray(queries)
@@ -851,11 +750,11 @@ class DPQIndex:
 
     def _norms_for(self, num_levels: int) -> np.ndarray:
         """float32 (N,) squared reconstruction norms at this prefix (computed once, cached)."""
-        if num_levels not in self._norms:
-            self._norms[num_levels] = _compute_prefix_norms(
-                self._codes, self._codebooks, [num_levels]
-            )[0]
-        return self._norms[num_levels]
+        name = self._norm_column(num_levels)
+        if name not in self._rows:
+            norms = kernels.compute_prefix_norms(self._codes, self._codebooks, [num_levels])[0]
+            self._rows.set_column(name, norms)
+        return self._rows.get(name)
 
     def _lookup_tables(self, queries: np.ndarray, num_levels: int, mode: str) -> np.ndarray:
         """float32 (nq, num_levels * K): per-level additive terms of the ranking score.
@@ -868,24 +767,32 @@ class DPQIndex:
         scale = np.float32(-1.0 if mode == "ip" else -2.0)
 
         def job(q0: int, q1: int) -> None:
-            _scaled_dots(queries[q0:q1], books, scale, luts[q0:q1])
+            kernels.scaled_dots(queries[q0:q1], books, scale, luts[q0:q1])
 
-        _run_split(job, len(queries), _worker_count(luts.size * self.dim // 4))
+        kernels.run_split(job, len(queries), kernels.worker_count(luts.size * self.dim // 4))
         if mode == "aqd" and num_levels == 1:
             luts += self._codeword_sq_norms[0]
         return luts
 
+    def _scan_layout(self) -> tuple[np.ndarray, int]:
+        """The codes as the scan kernels read them, and the row stride."""
+        if self._packed:
+            return self._codes.view(np.uint32).reshape(-1), self._code_width // 4
+        return self._codes, self._code_width
+
     def _scan(
-        self, luts: np.ndarray, num_levels: int, mode: str, k: int
+        self, luts: np.ndarray, num_levels: int, mode: str, k: int, nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows (nq, k) and their scores (without ||q||^2) for tables from _lookup_tables."""
+        """Top-k rows (nq, k) and their scores (without ||q||^2) for tables from
+        _lookup_tables: over every item, or over the nprobe nearest cells."""
+        if nprobe is not None:
+            return self._scan_cells(luts, num_levels, mode, k, nprobe)
         has_norm = mode == "aqd" and num_levels > 1
         norms = self._norms_for(num_levels) if has_norm else np.empty(0, np.float32)
         nq, n = len(luts), self.ntotal
-        codes = self._codes.view(np.uint32).reshape(-1) if self._packed else self._codes
-        stride = self._code_width // 4 if self._packed else self._code_width
-        scan = _scan_kernel(num_levels, stride, self._packed)
-        threads = _worker_count(nq * n * num_levels)
+        codes, stride = self._scan_layout()
+        scan = kernels.scan_kernel(num_levels, stride, self._packed)
+        threads = kernels.worker_count(nq * n * num_levels)
         if nq >= threads:  # split the queries
             out_d = np.empty((nq, k), np.float32)
             out_r = np.empty((nq, k), np.int64)
@@ -903,12 +810,13 @@ class DPQIndex:
                     out_r[q0:q1],
                 )
 
-            _run_split(by_queries, nq, threads)
+            kernels.run_split(by_queries, nq, threads)
             return out_d, out_r
         # fewer queries than threads: split the database, then merge the per-shard lists
-        shards = _split(n, 4 * threads)
-        shard_d = np.empty((len(shards), nq, k), np.float32)
-        shard_r = np.empty((len(shards), nq, k), np.int64)
+        shards = kernels.split_range(n, 4 * threads)
+        width = min(k, max(stop - first for first, stop in shards))  # a shard's reach
+        shard_d = np.empty((len(shards), nq, width), np.float32)
+        shard_r = np.empty((len(shards), nq, width), np.int64)
 
         def by_rows(s0: int, s1: int) -> None:
             for shard in range(s0, s1):
@@ -920,13 +828,83 @@ class DPQIndex:
                     self.codebook_size,
                     norms,
                     luts,
+                    width,
+                    shard_d[shard],
+                    shard_r[shard],
+                )
+
+        kernels.run_split(by_rows, len(shards), threads)
+        return kernels.merge_shards(shard_d, shard_r, k)
+
+    def _scan_cells(
+        self, luts: np.ndarray, num_levels: int, mode: str, k: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows over the nprobe cells nearest each query (cells of the first
+        min(num_levels, p) codes), scored exactly as :meth:`_scan` scores them."""
+        cell_levels = min(num_levels, self._partition_levels)
+        starts, stops, cell_codes, cell_norms = self._cell_table(cell_levels)
+        nq, n_cells = len(luts), len(starts)
+        probe = min(nprobe, n_cells)
+        # "aqd": the distance to the cell's prefix reconstruction; a one-level table has
+        # its norms folded in already
+        rank_norms = cell_norms if mode == "aqd" and num_levels > 1 else np.empty(0, np.float32)
+        cells = np.empty((nq, probe), np.int64)
+
+        def rank(q0: int, q1: int) -> None:
+            kernels.rank_cells(
+                luts[q0:q1], cell_codes, rank_norms, self.codebook_size, cells[q0:q1]
+            )
+
+        kernels.run_split(rank, nq, kernels.worker_count(nq * n_cells * cell_levels))
+        has_norm = mode == "aqd" and num_levels > 1
+        norms = self._norms_for(num_levels) if has_norm else np.empty(0, np.float32)
+        codes, stride = self._scan_layout()
+        scan = kernels.cell_scan_kernel(num_levels, cell_levels, stride, self._packed)
+        reach = probe * self.ntotal // max(n_cells, 1)  # expected items scanned per query
+        threads = kernels.worker_count(nq * reach * num_levels)
+        if nq >= threads:  # split the queries
+            out_d = np.empty((nq, k), np.float32)
+            out_r = np.empty((nq, k), np.int64)
+
+            def by_queries(q0: int, q1: int) -> None:
+                scan(
+                    codes,
+                    starts,
+                    stops,
+                    cells[q0:q1],
+                    self.codebook_size,
+                    norms,
+                    luts[q0:q1],
+                    k,
+                    out_d[q0:q1],
+                    out_r[q0:q1],
+                )
+
+            kernels.run_split(by_queries, nq, threads)
+            return out_d, out_r
+        # fewer queries than threads: split each query's cell list, then merge
+        pieces = kernels.split_range(probe, 4 * threads)
+        shard_d = np.empty((len(pieces), nq, k), np.float32)
+        shard_r = np.empty((len(pieces), nq, k), np.int64)
+
+        def by_cells(s0: int, s1: int) -> None:
+            for shard in range(s0, s1):
+                first, stop = pieces[shard]
+                scan(
+                    codes,
+                    starts,
+                    stops,
+                    np.ascontiguousarray(cells[:, first:stop]),
+                    self.codebook_size,
+                    norms,
+                    luts,
                     k,
                     shard_d[shard],
                     shard_r[shard],
                 )
 
-        _run_split(by_rows, len(shards), threads)
-        return _merge_shards(shard_d, shard_r, k)
+        kernels.run_split(by_cells, len(pieces), threads)
+        return kernels.merge_shards(shard_d, shard_r, k)
 
     def search(
         self,
@@ -936,6 +914,7 @@ class DPQIndex:
         mode: Literal["aqd", "ip"] | None = None,
         rerank_from: int | None = None,
         rerank_candidates: int | None = None,
+        nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest items per query by AQD (Eq. 30) using the first ``num_levels`` codes.
 
@@ -944,10 +923,15 @@ class DPQIndex:
         returns its negative (so smaller is better in both modes); None: the index's
         :attr:`search_mode`. rerank_from=l0 shortlists
         ``rerank_candidates`` items (default max(10 k, 100)) with the first l0 levels, then
-        re-ranks them with ``num_levels`` levels.
+        re-ranks them with ``num_levels`` levels. nprobe (a partitioned index only): scan
+        only the items of the nprobe cells nearest the query (cells of the first
+        min(partition_levels, l) codes, l the prefix being scanned: rerank_from for the
+        shortlist); None scans every item; nprobe >= the number of cells gives exactly the
+        results of a full scan.
 
-        Returns distances float32 (nq, k) ascending and ids int64 (nq, k); when the index has
-        fewer than k items the rest is inf / -1. Ties are ordered by position in the index.
+        k: 1..MAX_K. Returns distances float32 (nq, w) ascending and ids int64 (nq, w) with
+        w = min(k, ntotal); where fewer than w items are reachable (nprobe) the rest is
+        inf / -1. Ties are ordered by position in the index.
         """
         k = _check_k(k)
         levels = self._check_num_levels(num_levels)
@@ -964,22 +948,26 @@ class DPQIndex:
         if rerank_candidates is not None:
             if rerank_from is None:
                 raise ValueError("rerank_candidates needs rerank_from (the shortlist's prefix).")
-            rerank_candidates = _check_k(rerank_candidates)
+            rerank_candidates = _check_k(rerank_candidates, "rerank_candidates")
+        nprobe = self._check_nprobe(nprobe)
         q = self._check_queries(queries)
-        nq = len(q)
-        out_d = np.full((nq, k), np.inf, np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
-        if nq == 0 or self.ntotal == 0:
+        self._group()
+        nq, width = len(q), min(k, self.ntotal)
+        out_d = np.full((nq, width), np.inf, np.float32)
+        out_i = np.full((nq, width), -1, np.int64)
+        if nq == 0 or width == 0:
             return out_d, out_i
         lut_bytes = levels * self.codebook_size * 4
         batch = max(1, min(nq, _MAX_LUT_BYTES // lut_bytes))
         for start in range(0, nq, batch):
             qb = q[start : start + batch]
-            dist, rows = self._search_batch(qb, k, levels, mode, rerank_from, rerank_candidates)
+            dist, rows = self._search_batch(
+                qb, width, levels, mode, rerank_from, rerank_candidates, nprobe
+            )
             found = rows >= 0
             if mode == "aqd":
                 dist = dist + np.einsum("qd,qd->q", qb, qb)[:, None]
-                dist[~found] = np.inf
+            dist[~found] = np.inf
             out_d[start : start + batch] = dist
             out_i[start : start + batch] = np.where(found, self._ids[np.maximum(rows, 0)], -1)
         return out_d, out_i
@@ -992,24 +980,25 @@ class DPQIndex:
         mode: str,
         rerank_from: int | None,
         rerank_candidates: int | None,
+        nprobe: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores (without ||q||^2) float32 (nq, k) and rows int64 (nq, k) of one batch."""
         luts = self._lookup_tables(qb, levels, mode)
         if rerank_from is None:
-            return self._scan(luts, levels, mode, k)
-        shortlist = max(k, rerank_candidates or max(10 * k, 100))
+            return self._scan(luts, levels, mode, k, nprobe)
+        shortlist = min(max(k, rerank_candidates or max(10 * k, 100)), self.ntotal)
         if rerank_from == 1 and mode == "aqd":  # its table folds in the level-1 norm
             short_luts = self._lookup_tables(qb, 1, mode)
         else:
             short_luts = np.ascontiguousarray(luts[:, : rerank_from * self.codebook_size])
-        _, candidates = self._scan(short_luts, rerank_from, mode, shortlist)
+        _, candidates = self._scan(short_luts, rerank_from, mode, shortlist, nprobe)
         # levels > rerank_from >= 1, so an "aqd" table here never holds folded norms
         norms = self._norms_for(levels) if mode == "aqd" else np.empty(0, np.float32)
         out_d = np.empty((len(qb), k), np.float32)
         out_r = np.empty((len(qb), k), np.int64)
 
         def rerank(q0: int, q1: int) -> None:
-            _rerank_topk(
+            kernels.rerank_topk(
                 self._codes,
                 levels,
                 self.codebook_size,
@@ -1021,7 +1010,7 @@ class DPQIndex:
             )
 
         work = candidates.size * levels * 64  # random access: ~ a cache miss per lookup
-        _run_split(rerank, len(qb), _worker_count(work))
+        kernels.run_split(rerank, len(qb), kernels.worker_count(work))
         return out_d, out_r
 
     # ---- compatibility ----------------------------------------------------------------------
@@ -1044,87 +1033,72 @@ class DPQIndex:
 
     # ---- persistence ------------------------------------------------------------------------
 
-    def _header(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+    def _file_header(
+        self, ntotal: int | None = None, next_id: int | None = None, **changes: Any
+    ) -> dict[str, Any]:
+        """The JSON header of a file holding this index (or, with the overrides, of one made
+        from it by appending or merging)."""
+        header = {
             "num_levels": self.num_levels,
             "codebook_size": self.codebook_size,
             "dim": self.dim,
-            "ntotal": self.ntotal,
+            "ntotal": self.ntotal if ntotal is None else int(ntotal),
             "assignment": self.assignment,
             "search_mode": self.search_mode,
             "codebook_sha256": self.codebook_sha256,
-            "next_id": self._next_id,
-            "has_labels": self._labels is not None,
+            "next_id": self._next_id if next_id is None else int(next_id),
+            "has_labels": self._has_labels,
             "metadata": self.metadata,
+            "partition_levels": self._partition_levels,
+            "code_width": self._code_width,
         }
+        header.update(changes)
+        return header
+
+    def _file_columns(self) -> dict[str, np.ndarray]:
+        """Per-item arrays as a file stores them (index order): codes (N, W), ids, norms of
+        the full reconstruction, labels if any."""
+        self._group()
+        columns = {
+            "codes": self._codes,
+            "ids": self._ids,
+            "norms": self._norms_for(self.num_levels),
+        }
+        if self._has_labels:
+            columns["labels"] = self._labels
+        return columns
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the index to one .npz file (no pickle), atomically. Returns the path.
+        """Write the index to one .npz file (no pickle, uncompressed), atomically.
 
-        Holds codebooks, codes (N, L), ids, optional labels and a JSON header with the config,
-        format version and a sha256 checksum over header and arrays. Norms are recomputed
-        from the codes on load.
+        Holds codebooks, codes (N, W), ids, norms, cell offsets (partitioned), optional
+        labels and a JSON header with the config, format version and sha256 digests (see
+        :mod:`dpq.index.storage`); its arrays can be memory-mapped by ``load(mmap=True)``.
+        Returns the path.
         """
-        target = Path(path)
-        arrays: dict[str, np.ndarray] = {
-            "codebooks": self._codebooks,
-            "codes": np.ascontiguousarray(self._codes[:, : self.num_levels]),
-            "ids": self._ids,
-        }
-        if self._labels is not None:
-            arrays["labels"] = self._labels
-        header = self._header()
-        header_text = json.dumps(header, sort_keys=True)
-        header["checksum_sha256"] = _array_digest(arrays, header_text)
-        arrays["header"] = np.array(json.dumps(header, sort_keys=True))
-        with atomic_writer(target) as handle:
-            np.savez(handle, **arrays)
-        return target
+        arrays: dict[str, np.ndarray] = {"codebooks": self._codebooks, **self._file_columns()}
+        if self._partition_levels:
+            arrays["offsets"] = self._offsets
+        return write_index_file(path, self._file_header(), arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> DPQIndex:
+    def load(
+        cls, path: str | os.PathLike[str], mmap: bool = False, verify: bool = True
+    ) -> DPQIndex:
         """Read an index written by :meth:`save`; verifies format version and checksum.
+
+        mmap=True: codes, norms, ids and labels stay in the file and are paged in as
+        searches touch them (for files larger than memory); the index is then read-only
+        (add / remove raise; :func:`dpq.index.append_to_index_file` grows the file).
+        verify=True reads every array once to check its sha256 digest (about 1 s per GB on
+        one core, spread over threads); verify=False checks only the header's checksum and
+        the array sizes. Version-1 files are read into memory (save them again to map them).
 
         Raises FileNotFoundError if absent, IndexFileError (a ValueError) naming the file if
         it is truncated, tampered with, or of another format version.
         """
         source = Path(path)
-        if not source.is_file():
-            raise FileNotFoundError(f"index file not found: {source}")
-        arrays: dict[str, np.ndarray] = {}
-        try:
-            with np.load(source, allow_pickle=False) as npz:
-                for name in npz.files:
-                    arrays[name] = npz[name]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-            raise IndexFileError(
-                f"{source} is not a readable dpq index file (truncated or corrupted?): {exc}"
-            ) from None
-        if "header" not in arrays:
-            raise IndexFileError(f"{source} is not a dpq index file: it has no header entry.")
-        try:
-            header = json.loads(str(arrays.pop("header")))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise IndexFileError(f"{source} has an unreadable header: {exc}") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            raise IndexFileError(
-                f"{source} is not a dpq index file (format {header.get('format')!r})."
-            )
-        version = header.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IndexFileError(
-                f"{source} has index format version {version!r}, but this dpq reads version "
-                f"{FORMAT_VERSION}; rebuild it with `dpq encode` or use the dpq release that wrote it."
-            )
-        stored_checksum = header.pop("checksum_sha256", None)
-        actual = _array_digest(arrays, json.dumps(header, sort_keys=True))
-        if stored_checksum != actual:
-            raise IndexFileError(
-                f"{source} failed its checksum (stored {str(stored_checksum)[:12]}, computed "
-                f"{actual[:12]}): the file was modified or damaged; rebuild it."
-            )
+        header, arrays = read_index_file(source, mmap=mmap, verify=verify)
         for name in ("codebooks", "codes", "ids"):
             if name not in arrays:
                 raise IndexFileError(f"{source} lacks the {name!r} array.")
@@ -1134,11 +1108,15 @@ class DPQIndex:
                 header["assignment"],
                 header.get("metadata"),
                 search_mode=header.get("search_mode", "aqd"),  # absent in older files
+                partition_levels=header.get("partition_levels", 0),
             )
             expected = (header["num_levels"], header["codebook_size"], header["dim"])
             if index._codebooks.shape != tuple(expected):
                 raise ValueError(f"codebooks shape {index._codebooks.shape} != header {expected}")
-            index.add(arrays["codes"], ids=arrays["ids"], labels=arrays.get("labels"))
+            if header["format_version"] == 1:
+                index.add(arrays["codes"], ids=arrays["ids"], labels=arrays.get("labels"))
+            else:
+                index._attach(arrays, header, str(source) if mmap else None)
             if index.ntotal != header["ntotal"]:
                 raise ValueError(f"{index.ntotal} items but the header says {header['ntotal']}")
             index._next_id = max(index._next_id, int(header.get("next_id", 0)))
@@ -1146,55 +1124,73 @@ class DPQIndex:
             raise IndexFileError(f"{source} holds an inconsistent index: {exc}") from None
         return index
 
+    def _attach(
+        self, arrays: Mapping[str, np.ndarray], header: Mapping[str, Any], mapped: str | None
+    ) -> None:
+        """Use the arrays of a version-2 file as this (empty) index's storage, after checking
+        their shapes, dtypes and the cell offsets. mapped: the file, when memory-mapped."""
+        codes, ids, norms = arrays["codes"], arrays["ids"], arrays.get("norms")
+        n = int(header["ntotal"])
+        if codes.shape != (n, self._code_width) or codes.dtype != self._code_dtype:
+            raise ValueError(
+                f"codes are {codes.dtype} {codes.shape}; expected {self._code_dtype} "
+                f"{(n, self._code_width)}"
+            )
+        if ids.shape != (n,) or ids.dtype != np.int64:
+            raise ValueError(f"ids are {ids.dtype} {ids.shape}; expected int64 ({n},)")
+        if norms is None or norms.shape != (n,) or norms.dtype != np.float32:
+            raise ValueError(f"norms must be float32 ({n},)")
+        if n and np.iinfo(self._code_dtype).max >= self.codebook_size:  # values can overflow K
+            for start in range(0, n, 1 << 24):
+                if int(codes[start : start + (1 << 24)].max()) >= self.codebook_size:
+                    raise ValueError(f"codes out of range for codebook_size {self.codebook_size}")
+        columns = {"codes": codes, "ids": ids, self._norm_column(self.num_levels): norms}
+        self._has_labels = bool(header.get("has_labels", False))
+        if self._has_labels:
+            labels = arrays.get("labels")
+            if labels is None or labels.shape[:1] != (n,) or labels.ndim not in (1, 2):
+                raise ValueError("labels are missing or not one per item")
+            columns["labels"] = labels
+        if self._partition_levels:
+            offsets = arrays.get("offsets")
+            if (
+                offsets is None
+                or offsets.shape != (self._n_cells() + 1,)
+                or offsets[0] != 0
+                or offsets[-1] != n
+                or np.any(np.diff(offsets) < 0)
+            ):
+                raise ValueError("cell offsets are missing or inconsistent with the items")
+            self._offsets = np.array(offsets, np.int64)
+        if not mapped:
+            columns = {name: np.array(arr) for name, arr in columns.items()}  # writable
+        self._rows.attach(columns, n)
+        self._grouped = n
+        if not self._partition_levels:
+            self._offsets = np.array([0, n], np.int64)
+        self._read_only = mapped
+        self._layout_changed()
+
     # ---- faiss interop ----------------------------------------------------------------------
 
-    def to_faiss(self, mode: Literal["aqd", "ip"] | None = None):
-        """A faiss IndexResidualQuantizer holding these codebooks and codes (no re-encoding).
+    def to_faiss(self, mode: Literal["aqd", "ip"] | None = None, ivf: bool = False):
+        """A faiss index holding these codebooks and codes (no re-encoding).
 
-        mode "aqd": METRIC_L2 with ST_norm_float (float norm per item, lookup-table search);
-        mode "ip": METRIC_INNER_PRODUCT with ST_LUT_nonorm (faiss returns +inner products);
-        None: this index's :attr:`search_mode`.
-        Wrapped in an IndexIDMap2 when the ids are not 0..N-1. Needs K = 2^b with b in 1..16.
+        ivf=False: an IndexResidualQuantizer (wrapped in an IndexIDMap2 when the ids are not
+        0..N-1). ivf=True: an IndexIVFResidualQuantizer whose coarse quantizer holds the
+        first p = max(1, partition_levels) codebooks (K^p lists: an IndexFlat for p = 1, a
+        ResidualCoarseQuantizer for p = 2) and whose residual quantizer holds the rest; its
+        ``nprobe`` matches :meth:`search`'s. mode "aqd": METRIC_L2 with ST_norm_float (a
+        float norm per item); "ip": METRIC_INNER_PRODUCT with ST_LUT_nonorm (faiss returns
+        +inner products); None: this index's :attr:`search_mode`. Needs K = 2^b, b in 1..16.
+        See :mod:`dpq.index.faiss_interop`.
         """
-        import faiss
+        from dpq.index import faiss_interop
 
-        nbits = int(round(math.log2(self.codebook_size)))
-        if 2**nbits != self.codebook_size:
-            raise ValueError(
-                f"faiss residual quantizers need codebook_size a power of 2; got {self.codebook_size}."
-            )
-        mode = self.search_mode if mode is None else mode
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"mode must be one of {SEARCH_MODES}; got {mode!r}.")
-        if mode == "aqd":
-            metric, search_type = faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_norm_float
-        else:
-            metric, search_type = faiss.METRIC_INNER_PRODUCT, faiss.AdditiveQuantizer.ST_LUT_nonorm
-        index = faiss.IndexResidualQuantizer(self.dim, self.num_levels, nbits, metric, search_type)
-        faiss.copy_array_to_vector(self._codebooks.ravel(), index.rq.codebooks)
-        index.rq.is_trained = True
-        index.is_trained = True
-        n = self.ntotal
-        target = index
-        if not np.array_equal(self._ids, np.arange(n)):  # keep the ids: wrap before adding
-            target = faiss.IndexIDMap2(index)
-            target.own_fields = True
-            index.this.disown()  # now owned (and freed) by the wrapper
-        if n:
-            packed = np.zeros((n, index.code_size), dtype=np.uint8)
-            codes32 = np.ascontiguousarray(self._codes[:, : self.num_levels], dtype=np.int32)
-            if mode == "aqd":
-                norms = np.ascontiguousarray(self._norms[self.num_levels])
-                index.rq.pack_codes(
-                    n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, faiss.swig_ptr(norms)
-                )
-            else:
-                index.rq.pack_codes(n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1)
-            if target is index:
-                index.add_sa_codes(packed)
-            else:
-                target.add_sa_codes(packed, self._ids)
-        return target
+        self._group()
+        if ivf:
+            return faiss_interop.to_faiss_ivf(self, mode)
+        return faiss_interop.to_faiss_flat(self, mode)
 
     @classmethod
     def from_faiss(
@@ -1204,41 +1200,12 @@ class DPQIndex:
         metadata: Mapping[str, Any] | None = None,
     ) -> DPQIndex:
         """Build from a faiss IndexResidualQuantizer (optionally in an IndexIDMap/IndexIDMap2)
-        whose levels all have 8 or all have 16 bits: codebooks and codes are read back; an
-        inner-product faiss index gives ``search_mode="ip"``."""
-        import faiss
+        or an IndexIVFResidualQuantizer as :meth:`to_faiss` writes it (in memory or with
+        on-disk inverted lists): codebooks, codes and ids are read back; an inner-product
+        faiss index gives ``search_mode="ip"``, an IVF one the matching partition_levels."""
+        from dpq.index import faiss_interop
 
-        ids = None
-        base = faiss.downcast_index(index)
-        if isinstance(base, faiss.IndexIDMap | faiss.IndexIDMap2):
-            ids = faiss.vector_to_array(base.id_map).astype(np.int64)
-            base = faiss.downcast_index(base.index)
-        if not isinstance(base, faiss.IndexResidualQuantizer):
-            raise ValueError(
-                f"from_faiss reads an IndexResidualQuantizer (optionally in an IndexIDMap); "
-                f"got {type(base).__name__}."
-            )
-        rq = base.rq
-        nbits = faiss.vector_to_array(rq.nbits)
-        if not (np.all(nbits == 8) or np.all(nbits == 16)):
-            raise ValueError(
-                f"from_faiss needs every level to have 8 or every level 16 bits; got {nbits.tolist()}."
-            )
-        if not rq.is_trained:
-            raise ValueError("the faiss index is not trained: it has no codebooks yet.")
-        levels, bits = int(rq.M), int(nbits[0])
-        codebooks = faiss.vector_to_array(rq.codebooks).reshape(levels, 2**bits, base.d)
-        mode = "ip" if base.metric_type == faiss.METRIC_INNER_PRODUCT else "aqd"
-        out = cls(codebooks, assignment=assignment, metadata=metadata, search_mode=mode)
-        n = int(base.ntotal)
-        if n:
-            raw = faiss.vector_to_array(base.codes).reshape(n, base.code_size)
-            code_bytes = levels * bits // 8
-            codes = raw[:, :code_bytes].copy()
-            if bits == 16:
-                codes = codes.view("<u2")
-            out.add(codes, ids=ids)
-        return out
+        return faiss_interop.from_faiss(cls, index, assignment, metadata)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+"""The coded database and its search: :class:`DPQIndex` (AQD lookup-table scans at any code
+prefix, optionally partitioned by its own first codes), its file format, faiss interop, and
+file-level operations for indexes larger than memory.
+
+numpy, numba and faiss only: ``dpq.index`` never imports torch, so a search service needs
+neither torch nor a model.
+"""
+
+from dpq.index.dpq_index import (
+    FORMAT_VERSION,
+    MAX_K,
+    DPQIndex,
+    format_search_results,
+    greedy_residual_encode,
+)
+from dpq.index.storage import IndexFileError
+
+__all__ = [
+    "DPQIndex",
+    "FORMAT_VERSION",
+    "IndexFileError",
+    "MAX_K",
+    "format_search_results",
+    "greedy_residual_encode",
+]
