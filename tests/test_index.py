@@ -16,7 +16,19 @@ import numpy as np
 import pytest
 
 from dpq.cli import main
-from dpq.index import DPQIndex, IndexFileError, greedy_residual_encode, kernels
+from dpq.index import (
+    DPQIndex,
+    IndexFileError,
+    append_to_index_file,
+    faiss_interop,
+    files,
+    greedy_residual_encode,
+    kernels,
+    load_faiss_index,
+    merge_index_files,
+    storage,
+    write_faiss_ivf_ondisk,
+)
 
 L, K, D, N = 4, 16, 8, 300
 
@@ -687,6 +699,246 @@ def test_from_faiss_reads_a_trained_residual_quantizer(rng):
     np.testing.assert_array_equal(back.codes, imported.codes)
     with pytest.raises(ValueError, match="IndexResidualQuantizer"):
         DPQIndex.from_faiss(faiss.IndexFlatL2(8))
+
+
+def faiss_as_dpq(dist: np.ndarray, ids: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """faiss results in DPQ's convention: negated inner products, (inf, -1) padding."""
+    out = np.where(ids < 0, np.inf, -dist if mode == "ip" else dist).astype(np.float32)
+    return out, ids
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_faiss_ivf_export_returns_the_partitioned_results_for_the_same_nprobe(
+    codebooks, queries, partition_levels, mode
+):
+    """nprobe counts non-empty cells, faiss counts lists: equal when no cell is empty."""
+    many = np.random.default_rng(5).integers(0, K, size=(3000, L))  # ~12 per cell of 16^2
+    part = build_in_chunks(codebooks, many, partition_levels, search_mode=mode)
+    assert np.all(np.diff(part.cell_offsets) > 0)
+    ivf = part.to_faiss(ivf=True)
+    assert isinstance(ivf, faiss.IndexIVFResidualQuantizer)
+    assert ivf.nlist == K**partition_levels and ivf.ntotal == len(many)
+    for nprobe in (1, 4, K**partition_levels):
+        ivf.nprobe = nprobe
+        f_dist, f_ids = faiss_as_dpq(*ivf.search(queries, 15), mode)
+        dist, ids = part.search(queries, 15, nprobe=nprobe)
+        assert_same_ranking(dist, ids, f_dist, f_ids)
+    back = DPQIndex.from_faiss(ivf)  # no re-encoding either way
+    assert back.partition_levels == partition_levels and back.search_mode == mode
+    np.testing.assert_array_equal(back.codebooks, part.codebooks)
+    np.testing.assert_array_equal(back.codes, part.codes)
+    np.testing.assert_array_equal(back.ids, part.ids)
+
+
+def test_faiss_ivf_export_of_an_unpartitioned_index_uses_the_first_level(index, queries):
+    ivf = index.to_faiss(ivf=True)
+    assert ivf.nlist == K and ivf.rq.M == L - 1
+    ivf.nprobe = 2
+    part = DPQIndex(index.codebooks, partition_levels=1)
+    part.add(index.codes)
+    assert_same_ranking(*part.search(queries, 10, nprobe=2), *ivf.search(queries, 10))
+    with pytest.raises(ValueError, match="at least one level after"):
+        DPQIndex(index.codebooks[:2], partition_levels=2).to_faiss(ivf=True)
+
+
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_faiss_ivf_on_disk_lists_load_memory_mapped(
+    tmp_path, codebooks, codes, queries, monkeypatch, mode
+):
+    monkeypatch.setattr(faiss_interop, "_ONDISK_SHARD_ITEMS", 70)  # several shards merged
+    part = build_in_chunks(codebooks, codes, 1, search_mode=mode)
+    path = write_faiss_ivf_ondisk(part, tmp_path / "ivf.faiss")
+    data_files = list(tmp_path.glob("ivf.faiss.*.ivfdata"))
+    assert len(data_files) == 1
+    moved = tmp_path / "moved"  # the pair is found wherever it goes
+    moved.mkdir()
+    for file in (path, data_files[0]):
+        file.rename(moved / file.name)
+    loaded = load_faiss_index(moved / "ivf.faiss")
+    invlists = faiss.extract_index_ivf(loaded).invlists
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(invlists)).__name__
+    faiss.extract_index_ivf(loaded).nprobe = 3
+    f_dist, f_ids = faiss_as_dpq(*loaded.search(queries, 12), mode)
+    assert_same_ranking(*part.search(queries, 12, nprobe=3), f_dist, f_ids)
+    back = DPQIndex.from_faiss(loaded)
+    np.testing.assert_array_equal(back.codes, part.codes)
+    np.testing.assert_array_equal(back.ids, part.ids)
+    # rewriting replaces the data file; a single-file IVF index maps with IO_FLAG_MMAP
+    write_faiss_ivf_ondisk(part, moved / "ivf.faiss")
+    assert len(list(moved.glob("ivf.faiss.*.ivfdata"))) == 1
+    faiss.write_index(part.to_faiss(ivf=True), str(tmp_path / "single.faiss"))
+    single = load_faiss_index(tmp_path / "single.faiss", mmap=True)
+    faiss.extract_index_ivf(single).nprobe = 3
+    np.testing.assert_array_equal(single.search(queries, 12)[1], f_ids)
+    with pytest.raises(FileNotFoundError):
+        load_faiss_index(tmp_path / "absent.faiss")
+    (tmp_path / "bad.faiss").write_bytes(b"not faiss")
+    with pytest.raises(IndexFileError, match="bad.faiss is not a readable faiss index"):
+        load_faiss_index(tmp_path / "bad.faiss")
+
+
+# ------------------------------------------------------------------ memory-mapped files
+
+
+def backed_by_a_map(arr) -> bool:
+    """Whether an array's memory is a np.memmap (somewhere down its chain of bases)."""
+    while arr is not None:
+        if isinstance(arr, np.memmap):
+            return True
+        arr = getattr(arr, "base", None)
+    return False
+
+
+def test_memory_mapped_load_searches_identically_to_an_in_memory_load(
+    tmp_path, codebooks, codes, queries
+):
+    part = build_in_chunks(codebooks, codes, 2, search_mode="ip")
+    part_labels = DPQIndex(codebooks, partition_levels=2, search_mode="ip")
+    part_labels.add(part.codes, ids=part.ids, labels=part.ids % 3)
+    path = part_labels.save(tmp_path / "mapped.npz")
+    in_memory = DPQIndex.load(path)
+    mapped = DPQIndex.load(path, mmap=True)
+    assert mapped.read_only and not in_memory.read_only
+    assert all(backed_by_a_map(mapped._rows.get(name)) for name in ("codes", "ids", "labels"))
+    assert not backed_by_a_map(in_memory._rows.get("codes"))
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(mapped, name), getattr(in_memory, name))
+    for kwargs in ({}, {"nprobe": 5}, {"num_levels": 2}, {"rerank_from": 1}, {"mode": "aqd"}):
+        for a, b in zip(
+            mapped.search(queries, 20, **kwargs),
+            in_memory.search(queries, 20, **kwargs),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(mapped.labels_of([0, 5, -1]), in_memory.labels_of([0, 5, -1]))
+    with pytest.raises(ValueError, match="memory-mapped from .*mapped.npz and read-only"):
+        mapped.add(codes[:1])
+    with pytest.raises(ValueError, match="read-only"):
+        mapped.remove([0])
+    resaved = DPQIndex.load(mapped.save(tmp_path / "copy.npz"))  # a mapped index saves
+    np.testing.assert_array_equal(resaved.codes, in_memory.codes)
+
+
+def test_index_file_arrays_are_aligned_and_checked_when_mapped(tmp_path, index):
+    path = index.save(tmp_path / "index.npz")
+    members = storage._members(path)
+    assert all(m.offset % 64 == 0 for m in members.values())
+    raw = bytearray(path.read_bytes())
+    raw[members["codes"].offset + 5] ^= 0x01  # one bit of one code, zip CRC untouched
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    for mmap in (False, True):
+        with pytest.raises(
+            IndexFileError, match=r"flipped\.npz failed its checksum \(array 'codes'\)"
+        ):
+            DPQIndex.load(tmp_path / "flipped.npz", mmap=mmap)
+    unchecked = DPQIndex.load(tmp_path / "flipped.npz", mmap=True, verify=False)
+    assert not np.array_equal(unchecked.codes, index.codes)  # verify=False trusts the bytes
+
+
+def test_block_digest_is_independent_of_how_the_bytes_arrive(monkeypatch):
+    monkeypatch.setattr(storage, "HASH_BLOCK", 1000)
+    arr = np.arange(5000, dtype=np.int64)  # 40 blocks
+    whole = storage.array_digest("ids", arr)
+    hasher = storage.BlockHasher(storage._member_prefix("ids", arr.dtype, arr.shape))
+    for piece in np.array_split(arr, 7):
+        hasher.update(memoryview(piece.view(np.uint8)))
+    assert hasher.hexdigest() == whole
+    assert storage.array_digest("ids", arr + (arr == 4321)) != whole
+
+
+# ------------------------------------------------------------------ appending and merging files
+
+
+@pytest.mark.parametrize("partition_levels", [0, 2])
+def test_appending_to_a_file_equals_adding_to_the_index(
+    tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
+):
+    monkeypatch.setattr(files, "_BLOCK_ITEMS", 40)  # stream in many blocks
+    labels = np.arange(N) % 7
+    whole = DPQIndex(codebooks, partition_levels=partition_levels)
+    whole.add(codes, labels=labels)
+    start = DPQIndex(codebooks, partition_levels=partition_levels)
+    start.add(codes[:100], labels=labels[:100])
+    path = start.save(tmp_path / "grow.npz")
+    assert append_to_index_file(path, codes[100:250], labels=labels[100:250]).tolist() == list(
+        range(100, 250)
+    )
+    append_to_index_file(path, codes[250:], labels=labels[250:])
+    grown = DPQIndex.load(path)
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name))
+    nprobe = 3 if partition_levels else None
+    for a, b in zip(
+        grown.search(queries, 10, nprobe=nprobe),
+        whole.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert grown.next_id == N
+    with pytest.raises(ValueError, match="already in"):
+        append_to_index_file(path, codes[:2], ids=[5, 10_000], labels=[0, 0])
+    with pytest.raises(ValueError, match="has labels"):
+        append_to_index_file(path, codes[:2])
+    with pytest.raises(ValueError, match="codes out of range"):
+        append_to_index_file(path, codes[:2] + K, labels=[0, 0])
+    assert DPQIndex.load(path).ntotal == N  # failed appends leave the file as it was
+
+
+def test_appending_to_a_version1_file_writes_version2(tmp_path, codebooks, codes):
+    old = DPQIndex(codebooks)
+    old.add(codes[:50])
+    path = write_version1_file(old, tmp_path / "v1.npz")
+    append_to_index_file(path, codes[50:60])
+    grown = DPQIndex.load(path, mmap=True)
+    assert grown.ntotal == 60 and grown.read_only
+    np.testing.assert_array_equal(grown.codes, codes[:60])
+
+
+@pytest.mark.parametrize("partition_levels", [0, 1, 2])
+def test_merging_files_equals_one_index_built_from_all_items(
+    tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
+):
+    monkeypatch.setattr(files, "_BLOCK_ITEMS", 50)
+    labels = np.arange(N) % 3
+    whole = DPQIndex(codebooks, partition_levels=partition_levels, metadata={"m": 1})
+    whole.add(codes, labels=labels)
+    paths = []
+    for i, part in enumerate(np.array_split(np.arange(N), 3)):
+        piece = DPQIndex(codebooks, partition_levels=partition_levels, metadata={"m": 1})
+        piece.add(codes[part], labels=labels[part])  # each slice numbered from 0
+        paths.append(piece.save(tmp_path / f"slice{i}.npz"))
+    merged = DPQIndex.load(merge_index_files(paths, tmp_path / "all.npz", renumber_ids=True))
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    nprobe = 4 if partition_levels else None
+    for a, b in zip(
+        merged.search(queries, 10, nprobe=nprobe),
+        whole.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert merged.next_id == N and merged.metadata["merged_from"] == [str(p) for p in paths]
+    with pytest.raises(ValueError, match="appear in more than one input"):
+        merge_index_files(paths, tmp_path / "clash.npz")  # the same ids 0.. in each slice
+
+
+def test_merging_files_of_different_codebooks_or_settings_is_refused(tmp_path, codebooks, codes):
+    first = DPQIndex(codebooks)
+    first.add(codes[:10])
+    other_books = DPQIndex(codebooks * 2)
+    other_books.add(codes[10:20], ids=np.arange(10, 20))
+    other_mode = DPQIndex(codebooks, search_mode="ip")
+    other_mode.add(codes[10:20], ids=np.arange(10, 20))
+    a = first.save(tmp_path / "a.npz")
+    for name, other, message in (
+        ("books", other_books, "other codebooks"),
+        ("mode", other_mode, "search_mode='ip'"),
+    ):
+        b = other.save(tmp_path / f"{name}.npz")
+        with pytest.raises(ValueError, match=message):
+            merge_index_files([a, b], tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
 
 
 # ------------------------------------------------------------------ bad input

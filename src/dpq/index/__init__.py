@@ -13,6 +13,8 @@ from dpq.index.dpq_index import (
     format_search_results,
     greedy_residual_encode,
 )
+from dpq.index.faiss_interop import load_faiss_index, write_faiss_ivf_ondisk
+from dpq.index.files import append_to_index_file, merge_index_files
 from dpq.index.storage import IndexFileError
 
 __all__ = [
@@ -20,6 +22,10 @@ __all__ = [
     "FORMAT_VERSION",
     "IndexFileError",
     "MAX_K",
+    "append_to_index_file",
     "format_search_results",
     "greedy_residual_encode",
+    "load_faiss_index",
+    "merge_index_files",
+    "write_faiss_ivf_ondisk",
 ]

@@ -924,10 +924,11 @@ class DPQIndex:
         :attr:`search_mode`. rerank_from=l0 shortlists
         ``rerank_candidates`` items (default max(10 k, 100)) with the first l0 levels, then
         re-ranks them with ``num_levels`` levels. nprobe (a partitioned index only): scan
-        only the items of the nprobe cells nearest the query (cells of the first
+        only the items of the nprobe non-empty cells nearest the query (cells of the first
         min(partition_levels, l) codes, l the prefix being scanned: rerank_from for the
-        shortlist); None scans every item; nprobe >= the number of cells gives exactly the
-        results of a full scan.
+        shortlist; faiss IVF counts empty lists too, so :meth:`to_faiss` with ivf=True
+        agrees where no cell is empty); None scans every item; nprobe >= the number of
+        cells gives exactly the results of a full scan.
 
         k: 1..MAX_K. Returns distances float32 (nq, w) ascending and ids int64 (nq, w) with
         w = min(k, ntotal); where fewer than w items are reachable (nprobe) the rest is

@@ -239,22 +239,47 @@ def write_faiss_ivf_ondisk(
     return target
 
 
+def _has_ondisk_lists(source: Path) -> bool:
+    """Whether a faiss index file keeps its inverted lists in a separate on-disk file.
+
+    Reads the file with IO_FLAG_SKIP_IVF_DATA, which reads no list data: faiss accepts that
+    for on-disk lists (and for indexes without lists) but refuses in-file array lists."""
+    import faiss
+
+    try:
+        faiss.read_index(str(source), faiss.IO_FLAG_SKIP_IVF_DATA)
+    except RuntimeError as exc:
+        if "ArrayInvertedLists" in str(exc):
+            return False
+        raise
+    return True
+
+
 def load_faiss_index(path: str | os.PathLike[str], mmap: bool = True):
-    """Read a faiss index file; mmap=True maps its arrays (``IO_FLAG_MMAP``) instead of
-    reading them. On-disk inverted lists are looked up beside the file
-    (``IO_FLAG_ONDISK_SAME_DIR``), so the pair can be moved together. Raises
+    """Read a faiss index file, its inverted lists memory-mapped when mmap=True.
+
+    The two layouts clip-retrieval serves: on-disk inverted lists (a ``.ivfdata`` file, as
+    :func:`write_faiss_ivf_ondisk` or ``merge_ondisk`` write them) are looked up beside the
+    index file (``IO_FLAG_ONDISK_SAME_DIR``, so the pair can be moved together) and faiss
+    maps them; lists inside the index file are mapped with ``IO_FLAG_MMAP |
+    IO_FLAG_READ_ONLY``. mmap=False reads in-file lists into memory. Raises
     FileNotFoundError if absent, IndexFileError (a ValueError) if faiss cannot read it."""
     import faiss
 
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"faiss index file not found: {source}")
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
     try:
+        if _has_ondisk_lists(source):
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+        else:
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         return faiss.read_index(str(source), flags)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise IndexFileError(f"{source} is not a readable faiss index: {first}") from None
+        lines = str(exc).strip().splitlines()
+        raise IndexFileError(
+            f"{source} is not a readable faiss index: {lines[-1] if lines else exc!r}"
+        ) from None
 
 
 # ------------------------------------------------------------------ back to DPQ
