@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -458,6 +459,37 @@ def test_adding_in_chunks_grows_storage_geometrically(codebooks, rng):
     built.add(rng.integers(0, K, size=(10_000, L)))
     assert built._rows._data["codes"].__array_interface__["data"][0] == address
     assert_grouped(built)
+
+
+def test_reserve_on_an_empty_index_allocates_once(codebooks, rng):
+    built = DPQIndex(codebooks, partition_levels=2)
+    built.reserve(1000)
+    built.add(rng.integers(0, K, size=(10, L)))
+    address = built._rows._data["codes"].__array_interface__["data"][0]
+    for _ in range(99):
+        built.add(rng.integers(0, K, size=(10, L)))
+    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert built.ntotal == 1000 and built._rows._data["codes"].shape[0] == 1000
+    assert_grouped(built)
+
+
+def test_concurrent_searches_of_an_index_with_waiting_items_agree(codebooks, codes, queries):
+    """Searches run on several threads (as in a service); the first ones merge the items
+    added since the last read into their cells, one at a time."""
+    reference = build_in_chunks(codebooks, codes, 2)
+    expected = reference.search(queries, 10, nprobe=6)
+    for _ in range(3):
+        part = DPQIndex(codebooks, partition_levels=2)
+        part.add(codes, ids=np.arange(N))  # waiting to be grouped
+
+        def search(_, part=part):
+            return part.search(queries, 10, nprobe=6)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(search, range(12)))
+        for dist, ids in results:
+            np.testing.assert_array_equal(ids, expected[1])
+            np.testing.assert_array_equal(dist, expected[0])
 
 
 def test_version1_file_still_loads_and_searches_identically(tmp_path, codebooks, codes, queries):

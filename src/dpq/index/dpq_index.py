@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -175,6 +176,7 @@ class _Rows:
     def __init__(self) -> None:
         self._data: dict[str, np.ndarray] = {}
         self.size = 0
+        self.capacity_hint = 0  # rows to allocate at the first append (reserve on no columns)
 
     def __contains__(self, name: str) -> bool:
         return name in self._data
@@ -197,11 +199,15 @@ class _Rows:
         """Add or replace one column of exactly ``size`` rows (e.g. a cached norm)."""
         self._data[name] = values
 
-    def drop(self, name: str) -> None:
-        self._data.pop(name, None)
+    def clear(self) -> None:
+        """Drop every column (the capacity hint stays)."""
+        self._data = {}
+        self.size = 0
 
     def reserve(self, capacity: int) -> None:
-        """Make room for ``capacity`` rows in every column (never shrinks)."""
+        """Make room for ``capacity`` rows in every column (never shrinks); without columns
+        yet, the first append allocates that much."""
+        self.capacity_hint = max(self.capacity_hint, int(capacity))
         for name, arr in self._data.items():
             if arr.shape[0] < capacity:
                 grown = np.empty((capacity, *arr.shape[1:]), arr.dtype)
@@ -212,7 +218,10 @@ class _Rows:
         """Append the same number of rows to every column (names must match)."""
         n = len(next(iter(rows.values())))
         if not self._data:
-            self._data = {name: np.array(values) for name, values in rows.items()}
+            capacity = max(n, self.capacity_hint)
+            for name, values in rows.items():
+                self._data[name] = np.empty((capacity, *values.shape[1:]), values.dtype)
+                self._data[name][:n] = values
             self.size = n
             return
         needed = self.size + n
@@ -288,6 +297,9 @@ class DPQIndex:
         self._offsets = np.zeros(self._n_cells() + 1, np.int64)
         self._grouped = 0
         self._cell_tables: dict[int, tuple[np.ndarray, ...]] = {}
+        # searches may run on several threads (the kernels release the GIL): the lazy steps
+        # they share (grouping, cached norms and cell tables) run one at a time
+        self._lazy_lock = threading.RLock()
 
     # ---- properties ------------------------------------------------------------------------
 
@@ -445,6 +457,12 @@ class DPQIndex:
 
     def _group(self) -> None:
         """Merge the items added since the last read into their cells (one O(N) pass)."""
+        if self._grouped == self.ntotal:
+            return
+        with self._lazy_lock:
+            self._group_locked()
+
+    def _group_locked(self) -> None:
         n = self.ntotal
         if self._grouped == n:
             return
@@ -478,15 +496,19 @@ class DPQIndex:
         """Non-empty cells of the first ``levels`` <= p codes: row starts, row stops (int64
         (C,)), their codes int64 (C, levels) and prefix-reconstruction squared norms float32
         (C,). Cached until the items change."""
-        if levels not in self._cell_tables:
-            offsets = cell_math.coarser_offsets(
-                self._offsets, self.codebook_size, self._partition_levels, levels
-            )
-            cells = np.flatnonzero(np.diff(offsets))
-            codes = cell_math.cell_codes(cells, levels, self.codebook_size)
-            norms = kernels.compute_prefix_norms(codes, self._codebooks, [levels])[0]
-            self._cell_tables[levels] = (offsets[cells], offsets[cells + 1], codes, norms)
-        return self._cell_tables[levels]
+        with self._lazy_lock:
+            if levels not in self._cell_tables:
+                self._cell_tables[levels] = self._make_cell_table(levels)
+            return self._cell_tables[levels]
+
+    def _make_cell_table(self, levels: int) -> tuple[np.ndarray, ...]:
+        offsets = cell_math.coarser_offsets(
+            self._offsets, self.codebook_size, self._partition_levels, levels
+        )
+        cells = np.flatnonzero(np.diff(offsets))
+        codes = cell_math.cell_codes(cells, levels, self.codebook_size)
+        norms = kernels.compute_prefix_norms(codes, self._codebooks, [levels])[0]
+        return offsets[cells], offsets[cells + 1], codes, norms
 
     # ---- adding and removing ----------------------------------------------------------------
 
@@ -569,8 +591,7 @@ class DPQIndex:
         """Make room for ``ntotal`` items so adds up to that size never copy the arrays
         (optional: without it capacity grows by 1.5x when needed)."""
         self._check_writable()
-        if "codes" in self._rows:
-            self._rows.reserve(int(ntotal))
+        self._rows.reserve(int(ntotal))
 
     def add(self, codes: Any, ids: Any = None, labels: Any = None) -> np.ndarray:
         """Append coded items; amortised O(items added), memory grows geometrically.
@@ -585,7 +606,7 @@ class DPQIndex:
         new_ids = self._check_new_ids(ids, n)
         new_labels = self._check_new_labels(labels, n)
         if self.ntotal == 0:  # an empty index takes the new items' labelling
-            self._rows = _Rows()
+            self._rows.clear()
             self._has_labels = new_labels is not None
             self._grouped = 0
             self._offsets = np.zeros(self._n_cells() + 1, np.int64)
@@ -751,10 +772,11 @@ class DPQIndex:
     def _norms_for(self, num_levels: int) -> np.ndarray:
         """float32 (N,) squared reconstruction norms at this prefix (computed once, cached)."""
         name = self._norm_column(num_levels)
-        if name not in self._rows:
-            norms = kernels.compute_prefix_norms(self._codes, self._codebooks, [num_levels])[0]
-            self._rows.set_column(name, norms)
-        return self._rows.get(name)
+        with self._lazy_lock:
+            if name not in self._rows:
+                norms = kernels.compute_prefix_norms(self._codes, self._codebooks, [num_levels])
+                self._rows.set_column(name, norms[0])
+            return self._rows.get(name)
 
     def _lookup_tables(self, queries: np.ndarray, num_levels: int, mode: str) -> np.ndarray:
         """float32 (nq, num_levels * K): per-level additive terms of the ranking score.
@@ -1163,8 +1185,10 @@ class DPQIndex:
             ):
                 raise ValueError("cell offsets are missing or inconsistent with the items")
             self._offsets = np.array(offsets, np.int64)
-        if not mapped:
-            columns = {name: np.array(arr) for name, arr in columns.items()}  # writable
+        if not mapped:  # arrays read into memory are writable already: no second copy
+            columns = {
+                name: arr if arr.flags.writeable else np.array(arr) for name, arr in columns.items()
+            }
         self._rows.attach(columns, n)
         self._grouped = n
         if not self._partition_levels:

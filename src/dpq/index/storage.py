@@ -275,19 +275,20 @@ def _read_member(source: Path, member: _Member, mmap: bool) -> np.ndarray:
         with open(source, "rb") as handle:
             handle.seek(member.offset)
             arr = np.fromfile(handle, member.dtype, count).reshape(member.shape, order=order)
-    if not mmap and member.fortran_order:
+    if mmap:
+        arr.flags.writeable = False
+    elif member.fortran_order:
         arr = np.array(arr, order="C")
-    arr.flags.writeable = False
     return arr
 
 
 def read_index_file(
     path: str | os.PathLike[str], mmap: bool = False, verify: bool = True
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(header, arrays) of an index file of version 1 or 2, arrays read-only.
+    """(header, arrays) of an index file of version 1 or 2.
 
-    mmap: map the arrays from the file instead of reading them (pages are read on first
-    use). verify: check every array against its digest (reads the whole file once);
+    mmap: map the arrays (read-only) from the file instead of reading them into memory
+    (pages are read on first use). verify: check every array against its digest (reads the whole file once);
     without it only the header's own checksum and the array sizes are checked.
     Raises FileNotFoundError if absent, IndexFileError (a ValueError) naming the file if it
     is truncated, tampered with, or of another format.
