@@ -24,7 +24,9 @@ synthetic  --n items (default 10,000,000), D = 300, L = 4, K = 256. Features: a 
            against the exact top-100 of the float features (what a user sees; computed in
            chunks with faiss IndexFlatL2 and ResultHeap).
 codes      --codes-n synthetic codes (default 100,000,000; first two codes drawn from the
-           synthetic part's cells, so cells are as uneven): memory per item, grouping time,
+           synthetic part's cells, so cells are as uneven, the other two uniform; run alone,
+           the codebooks are trained again and 2^20 items encoded for their cells): memory
+           per item, grouping time,
            queries/s of the exhaustive and partitioned scans; then the file path: save,
            memory-mapped load with and without the checksum, a merge of two copies into
            one file of 2 x --codes-n items, each in a child process whose peak memory is
@@ -543,6 +545,28 @@ def _run_child(op: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _synthetic_codes_sample(args, shared: dict, count: int = _CHUNK) -> None:
+    """The synthetic part's codebooks (same training draws) and the first two codes of
+    ``count`` of its items, for a codes-only run without the synthetic part."""
+    import faiss
+    import numpy as np
+
+    from dpq.index import greedy_residual_encode
+
+    gen = ClusteredFeatures(300, args.seed)
+    rq = faiss.ResidualQuantizer(300, 4, 8)
+    rq.train_type = faiss.ResidualQuantizer.Train_default
+    rq.max_beam_size = 1
+    rq.train(gen.draw(_RQ_TRAIN_STREAM, 131_072))
+    shared["codebooks"] = faiss.vector_to_array(rq.codebooks).reshape(4, 256, 300)
+    pieces = [  # drawn in pieces: 2^18 x 300 floats at a time
+        greedy_residual_encode(gen.draw(i, 1 << 18), shared["codebooks"], num_levels=2)
+        for i in range(max(1, count >> 18))
+    ]
+    shared["synthetic_cells"] = np.concatenate(pieces)
+    shared["queries"] = gen.draw(_QUERY_STREAM, args.nq)
+
+
 def run_codes(args, shared: dict) -> None:
     import numpy as np
 
@@ -550,16 +574,10 @@ def run_codes(args, shared: dict) -> None:
 
     n, nq = args.codes_n, min(args.nq, 200)
     rng = np.random.default_rng(args.seed + 7)
-    codebooks = shared.get("codebooks")
-    if codebooks is None:
-        codebooks = (rng.standard_normal((4, 256, 300), dtype=np.float32) * 0.1).astype(np.float32)
-    queries = shared.get("queries")
-    queries = (
-        ClusteredFeatures(300, args.seed).draw(_QUERY_STREAM, nq)
-        if queries is None
-        else queries[:nq]
-    )
-    cells = shared.get("synthetic_cells")
+    if "codebooks" not in shared:  # run alone: the synthetic part's codebooks and cells
+        _synthetic_codes_sample(args, shared)
+    codebooks, cells = shared["codebooks"], shared["synthetic_cells"]
+    queries = shared["queries"][:nq]
     print(f"\n## codes only: {n:,} items, {nq} queries", flush=True)
     table = Table(f"codes only, {n:,} synthetic items (L=4, K=256), {nq} queries, k=100", nq)
     notes = []
