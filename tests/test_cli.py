@@ -427,3 +427,56 @@ def test_a_missing_weights_file_is_said_before_anything_is_written(tmp_path, cap
     err = capsys.readouterr().err
     assert "absent.safetensors does not exist" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- index files
+
+
+def test_encode_partitioned_append_merge_info_and_nprobe_search(tmp_path, capsys):
+    from dpq.index import DPQIndex
+
+    rng = np.random.default_rng(5)
+    books = rng.normal(size=(2, 16, 6)).astype(np.float32)
+    np.save(tmp_path / "books.npy", books)
+    for part, count in (("a", 300), ("b", 200)):
+        np.save(tmp_path / f"{part}.npy", rng.normal(size=(count, 6)))
+    encode = ["encode", "--codebooks", str(tmp_path / "books.npy"), "--quiet"]
+    out = tmp_path / "index.npz"
+    args = ["--features", str(tmp_path / "a.npy"), "--partition-levels", "1", "--out", str(out)]
+    assert main([*encode, *args]) == 0
+    assert (
+        main([*encode, "--features", str(tmp_path / "b.npy"), "--out", str(out), "--append"]) == 0
+    )
+    assert "appended 200 items" in capsys.readouterr().out
+    grown = DPQIndex.load(out)
+    assert grown.ntotal == 500 and grown.partition_levels == 1
+    np.testing.assert_array_equal(np.sort(grown.ids), np.arange(500))
+    whole = DPQIndex(books, partition_levels=1)
+    whole.add_features(np.concatenate([np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")]))
+    queries = rng.normal(size=(4, 6)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    search = ["search", "--index", str(out), "--features", str(tmp_path / "q.npy"), "--k", "5"]
+    assert main([*search, "--nprobe", "16"]) == 0  # all 16 cells: the exhaustive answer
+    found = [row["ids"] for row in json.loads(capsys.readouterr().out)["results"]]
+    assert found == whole.search(queries, 5)[1].tolist()
+    # two files encoded separately, merged, equal the file that holds both
+    second = tmp_path / "second.npz"
+    assert main([*encode, "--features", str(tmp_path / "b.npy"), "--partition-levels", "1",
+                 "--out", str(second)]) == 0  # fmt: skip
+    first = tmp_path / "first.npz"
+    assert main([*encode, "--features", str(tmp_path / "a.npy"), "--partition-levels", "1",
+                 "--out", str(first)]) == 0  # fmt: skip
+    merged = tmp_path / "merged.npz"
+    capsys.readouterr()
+    merge = ["index", "merge", str(first), str(second), "--out", str(merged)]
+    assert main(merge) == 2  # both files hold ids 0..n-1
+    assert "--renumber-ids" in capsys.readouterr().err
+    assert main([*merge, "--renumber-ids"]) == 0
+    np.testing.assert_array_equal(DPQIndex.load(merged).codes, grown.codes)
+    assert main(["index", "info", str(merged)]) == 0
+    info = capsys.readouterr().out
+    assert "500 items" in info and "codes of 4, 8 bits" in info and "partition levels 1" in info
+    np.save(tmp_path / "other.npy", rng.normal(size=(2, 16, 6)).astype(np.float32))
+    other = ["encode", "--codebooks", str(tmp_path / "other.npy"), "--features",
+             str(tmp_path / "b.npy"), "--out", str(out), "--append", "--quiet"]  # fmt: skip
+    assert main(other) == 2 and "codebooks differ" in capsys.readouterr().err

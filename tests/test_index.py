@@ -3,19 +3,33 @@ persistence, faiss interop, bad input, and the `dpq encode` / `dpq search` comma
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-import dpq.index as index_module
 from dpq.cli import main
-from dpq.index import DPQIndex, IndexFileError, greedy_residual_encode
+from dpq.index import (
+    DPQIndex,
+    IndexFileError,
+    append_to_index_file,
+    faiss_interop,
+    files,
+    greedy_residual_encode,
+    kernels,
+    load_faiss_index,
+    merge_index_files,
+    storage,
+    write_faiss_ivf_ondisk,
+)
 
 L, K, D, N = 4, 16, 8, 300
 
@@ -69,16 +83,27 @@ def brute_force(queries, database, k, mode="aqd"):
 
 
 def assert_same_ranking(dist, ids, ref_dist, ref_ids, tol=1e-4):
-    """Distances equal to float tolerance; ids equal except where the reference has ties."""
-    scale = max(1.0, float(np.abs(ref_dist).max()))
-    np.testing.assert_allclose(dist, ref_dist, rtol=0, atol=tol * scale)
+    """Distances equal to float tolerance; ids equal except where the reference has ties;
+    padding (-1, inf) exactly where the reference has it."""
+    pad = ref_ids < 0
+    np.testing.assert_array_equal(ids < 0, pad)
+    np.testing.assert_array_equal(np.isinf(dist), pad)
+    if pad.all():
+        return
+    scale = max(1.0, float(np.abs(ref_dist[~pad]).max()))
+    np.testing.assert_allclose(dist[~pad], ref_dist[~pad], rtol=0, atol=tol * scale)
     differ = ids != ref_ids
-    if differ.any():  # allowed only between (near-)equal distances
-        np.testing.assert_allclose(dist[differ], ref_dist[differ], rtol=0, atol=tol * scale)
-        for q in np.flatnonzero(differ.any(axis=1)):
-            assert set(ids[q]) ^ set(ref_ids[q]) <= set(
-                ref_ids[q][np.abs(ref_dist[q] - ref_dist[q, -1]) <= tol * scale]
-            ) | set(ids[q][np.abs(dist[q] - dist[q, -1]) <= tol * scale])
+    for q in np.flatnonzero(differ.any(axis=1)):  # allowed only between (near-)equal distances
+        found = ~pad[q]
+        last, ref_last = dist[q][found][-1], ref_dist[q][found][-1]
+        assert set(ids[q][found]) ^ set(ref_ids[q][found]) <= set(
+            ref_ids[q][found][np.abs(ref_dist[q][found] - ref_last) <= tol * scale]
+        ) | set(ids[q][found][np.abs(dist[q][found] - last) <= tol * scale])
+
+
+def ids_of(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """ids[rows], keeping -1 (padding) as -1."""
+    return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
 
 # ------------------------------------------------------------------ search against references
@@ -149,8 +174,8 @@ def test_equal_distances_are_ordered_by_position_in_index(codebooks, rng):
 
 def test_database_sharded_search_for_few_queries_equals_single_thread(index, queries, monkeypatch):
     serial = index.search(queries[:1], k=40)
-    monkeypatch.setattr(index_module, "_PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(index_module.numba, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)
     sharded = index.search(queries[:1], k=40)
     split_queries = index.search(queries, k=40)
     np.testing.assert_array_equal(sharded[1], serial[1])
@@ -158,14 +183,28 @@ def test_database_sharded_search_for_few_queries_equals_single_thread(index, que
     np.testing.assert_array_equal(split_queries[1][:1], serial[1])
 
 
-def test_padding_with_minus_one_and_inf_when_k_exceeds_ntotal(codebooks, codes, queries):
+def test_results_have_min_k_ntotal_columns(codebooks, codes, queries):
     small = DPQIndex(codebooks)
     small.add(codes[:5])
     dist, ids = small.search(queries, k=8)
-    assert np.all(ids[:, 5:] == -1) and np.all(np.isinf(dist[:, 5:]))
-    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in ids[:, :5])
+    assert ids.shape == dist.shape == (len(queries), 5)  # no column can hold an item
+    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in ids)
+    assert np.isfinite(dist).all()
     empty_dist, empty_ids = DPQIndex(codebooks).search(queries, k=3)
-    assert np.all(empty_ids == -1) and np.all(np.isinf(empty_dist))
+    assert empty_ids.shape == empty_dist.shape == (len(queries), 0)
+
+
+def test_huge_k_on_a_small_index_allocates_no_queries_times_k_arrays(codebooks, codes, queries):
+    """issue 12, finding 6: k=10_000_000 on 100 items used to allocate (nq, k) results."""
+    small = DPQIndex(codebooks)
+    small.add(codes[:100])
+    dist, ids = small.search(queries[:2], k=10_000_000)
+    assert ids.shape == (2, 100) and dist.nbytes + ids.nbytes == 2 * 100 * 12
+    ref = small.search(queries[:2], k=100)
+    np.testing.assert_array_equal(ids, ref[1])
+    np.testing.assert_array_equal(dist, ref[0])
+    huge_rerank = small.search(queries[:2], k=10_000_000, rerank_from=1)
+    np.testing.assert_array_equal(huge_rerank[1], ref[1])
 
 
 def test_rerank_from_equals_brute_force_rerank_of_prefix_shortlist(
@@ -211,6 +250,260 @@ def test_more_than_four_levels_use_several_code_words(rng):
     dist, ids = built.search(q, k=10)
     ref_dist, ref_ids = brute_force(q, reconstruct(books, many), 10)
     assert_same_ranking(dist, ids, ref_dist, ref_ids)
+
+
+# ------------------------------------------------------------------ partitioned index
+
+
+def cells_reference(codes: np.ndarray, levels: int) -> np.ndarray:
+    """Cell of each row: its first ``levels`` codes as one number, first most significant."""
+    cells = np.zeros(len(codes), np.int64)
+    for level in range(levels):
+        cells = cells * K + codes[:, level]
+    return cells
+
+
+def probe_reference(queries, codebooks, codes, k, nprobe, cell_levels, levels, mode="aqd"):
+    """Brute force restricted to the items of the nprobe cells whose prefix reconstruction
+    is nearest (float64; ties among cells by cell number, among items by position)."""
+    cells = cells_reference(codes, cell_levels)
+    present = np.unique(cells)
+    centroids = reconstruct(
+        codebooks,
+        np.stack([present // K ** (cell_levels - 1 - i) % K for i in range(cell_levels)], axis=1),
+    )
+    _, best_cells = brute_force(queries, centroids, min(nprobe, len(present)), mode)
+    database = reconstruct(codebooks, codes[:, :levels])
+    out_d, out_i = [], []
+    for q in range(len(queries)):
+        rows = np.flatnonzero(np.isin(cells, present[best_cells[q]]))
+        dist, order = brute_force(queries[q : q + 1], database[rows], min(k, len(rows)), mode)
+        pad = k - order.shape[1]
+        out_d.append(np.concatenate([dist[0], np.full(pad, np.inf)]))
+        out_i.append(np.concatenate([rows[order[0]], np.full(pad, -1)]))
+    return np.array(out_d), np.array(out_i)
+
+
+def build_in_chunks(codebooks, codes, partition_levels, chunks=4, **kwargs) -> DPQIndex:
+    built = DPQIndex(codebooks, partition_levels=partition_levels, **kwargs)
+    for part in np.array_split(np.arange(len(codes)), chunks):
+        built.add(codes[part], ids=part)
+    return built
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_nprobe_over_all_cells_returns_exactly_the_exhaustive_results(
+    codebooks, codes, queries, partition_levels, mode
+):
+    flat = DPQIndex(codebooks)
+    flat.add(codes)
+    part = build_in_chunks(codebooks, codes, partition_levels)
+    for levels in range(1, L + 1):
+        exhaustive = part.search(queries, 25, num_levels=levels, mode=mode)
+        all_cells = part.search(queries, 25, num_levels=levels, mode=mode, nprobe=K**2)
+        np.testing.assert_array_equal(all_cells[1], exhaustive[1])
+        np.testing.assert_array_equal(all_cells[0], exhaustive[0])
+        # the same scores as the unpartitioned index, bit for bit; ids up to tie order
+        unpartitioned = flat.search(queries, 25, num_levels=levels, mode=mode)
+        np.testing.assert_array_equal(exhaustive[0], unpartitioned[0])
+        assert_same_ranking(*exhaustive, *unpartitioned, tol=0)
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_nprobe_scans_exactly_the_nearest_cells(codebooks, codes, queries, partition_levels, mode):
+    part = build_in_chunks(codebooks, codes, partition_levels)
+    for nprobe in (1, 3):
+        dist, ids = part.search(queries, 12, mode=mode, nprobe=nprobe)
+        ref_d, ref_i = probe_reference(
+            queries, codebooks, codes, 12, nprobe, partition_levels, L, mode
+        )
+        assert_same_ranking(dist, ids, ref_d, ref_i)
+        assert np.array_equal(ids < 0, np.isinf(dist))
+
+
+def test_recall_of_the_exhaustive_top_k_grows_with_nprobe(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    exact = part.search(queries, 20)[1]
+    recall = []
+    for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        found = part.search(queries, 20, nprobe=nprobe)[1]
+        recall.append(
+            np.mean([len(set(a) & set(b)) / 20 for a, b in zip(found, exact, strict=True)])
+        )
+    assert recall[0] < 0.5 and recall[-1] == 1.0
+    assert all(b >= a for a, b in itertools.pairwise(recall)), recall
+
+
+def test_cells_fewer_items_than_k_are_padded(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    dist, ids = part.search(queries, 50, nprobe=1)  # a cell of 16^2 holds ~1 item here
+    assert ids.shape == (len(queries), 50)
+    assert np.all((ids < 0) == np.isinf(dist)) and (ids < 0).any()
+    assert all(np.all(np.diff(np.flatnonzero(row >= 0)) == 1) for row in ids)  # padding last
+
+
+def assert_grouped(index: DPQIndex) -> None:
+    """Items contiguous per cell, offsets matching, insertion (id) order inside each cell."""
+    cells = cells_reference(index.codes, index.partition_levels)
+    assert np.all(np.diff(cells) >= 0)
+    counts = np.bincount(cells, minlength=K**index.partition_levels)
+    np.testing.assert_array_equal(np.diff(index.cell_offsets), counts)
+    for cell in np.unique(cells):
+        assert np.all(np.diff(index.ids[cells == cell]) > 0)
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+def test_grouping_survives_add_remove_save_load(
+    tmp_path, codebooks, codes, queries, partition_levels
+):
+    part = build_in_chunks(codebooks, codes[:200], partition_levels, chunks=3)
+    assert_grouped(part)
+    part.remove(np.arange(0, 200, 3))
+    assert_grouped(part)
+    part.add(codes[200:], ids=np.arange(200, N))
+    part.remove([201, 299])
+    assert_grouped(part)
+    kept = np.setdiff1d(np.arange(N), np.concatenate([np.arange(0, 200, 3), [201, 299]]))
+    assert sorted(part.ids) == kept.tolist()
+    before = part.search(queries, 15, nprobe=3)
+    loaded = DPQIndex.load(part.save(tmp_path / "part.npz"))
+    assert loaded.partition_levels == partition_levels
+    assert_grouped(loaded)
+    np.testing.assert_array_equal(loaded.cell_offsets, part.cell_offsets)
+    after = loaded.search(queries, 15, nprobe=3)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    ref_d, ref_i = probe_reference(queries, codebooks, codes[kept], 15, 3, partition_levels, L)
+    assert_same_ranking(*after, ref_d, ids_of(ref_i, kept))
+    loaded.add(codes[:5], ids=np.arange(1000, 1005))  # a loaded index keeps growing grouped
+    assert_grouped(loaded)
+
+
+def test_prefix_search_and_rerank_with_nprobe(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 2)
+    # a prefix shorter than the partition: cells of the first num_levels codes
+    dist, ids = part.search(queries, 10, num_levels=1, nprobe=2)
+    ref = probe_reference(queries, codebooks, codes, 10, 2, 1, 1)
+    assert_same_ranking(dist, ids, *ref)
+    dist, ids = part.search(queries, 10, num_levels=3, nprobe=5)
+    ref = probe_reference(queries, codebooks, codes, 10, 5, 2, 3)
+    assert_same_ranking(dist, ids, *ref)
+    # rerank: the shortlist comes from the probed cells, then full codes decide
+    dist, ids = part.search(queries, 10, rerank_from=2, rerank_candidates=40, nprobe=8)
+    _, short = part.search(queries, 40, num_levels=2, nprobe=8)
+    full = reconstruct(codebooks, codes)
+    for q in range(len(queries)):
+        candidates = short[q][short[q] >= 0]
+        rows = np.sort(np.flatnonzero(np.isin(part.ids, candidates)))  # index order
+        ref_d, order = brute_force(queries[q : q + 1], full[part.ids[rows]], 10)
+        np.testing.assert_array_equal(ids[q], part.ids[rows][order[0]])
+
+
+def test_cell_search_split_over_threads_equals_single_thread(
+    codebooks, codes, queries, monkeypatch
+):
+    part = build_in_chunks(codebooks, codes, 1)
+    serial = part.search(queries[:1], 30, nprobe=5)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)
+    sharded = part.search(queries[:1], 30, nprobe=5)  # one query: cells split over threads
+    by_queries = part.search(queries, 30, nprobe=5)
+    np.testing.assert_array_equal(sharded[1], serial[1])
+    np.testing.assert_array_equal(sharded[0], serial[0])
+    np.testing.assert_array_equal(by_queries[1][:1], serial[1])
+
+
+def test_repartition_regroups_and_keeps_results(codebooks, codes, queries):
+    flat = build_in_chunks(codebooks, codes, 0)
+    before = flat.search(queries, 20)
+    flat.repartition(2)
+    assert_grouped(flat)
+    after = flat.search(queries, 20)
+    assert_same_ranking(*after, *before, tol=0)
+    flat.repartition(0)  # one cell again (the items keep their current order)
+    assert flat.cell_offsets.tolist() == [0, N]
+    assert_same_ranking(*flat.search(queries, 20), *before, tol=0)
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        flat.search(queries, 20, nprobe=1)
+
+
+def test_partition_and_nprobe_are_checked(codebooks, queries, index):
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        index.search(queries, 3, nprobe=4)
+    part = DPQIndex(codebooks, partition_levels=1)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="nprobe must be"):
+            part.search(queries, 3, nprobe=bad)
+    for bad in (3, -1, 1.0):
+        with pytest.raises(ValueError, match="partition_levels must be"):
+            DPQIndex(codebooks, partition_levels=bad)
+    with pytest.raises(ValueError, match="at most num_levels=1"):
+        DPQIndex(codebooks[:1], partition_levels=2)
+    big = np.zeros((2, 65536, 2), np.float32)
+    with pytest.raises(ValueError, match="use partition_levels=1"):
+        DPQIndex(big, partition_levels=2)
+
+
+def test_adding_in_chunks_grows_storage_geometrically(codebooks, rng):
+    """Appending m items costs O(m): the arrays are reallocated O(log N) times, not per add."""
+    built = DPQIndex(codebooks, partition_levels=1)
+    addresses = set()
+    for _ in range(400):
+        built.add(rng.integers(0, K, size=(25, L)))
+        addresses.add(built._rows._data["codes"].__array_interface__["data"][0])
+    assert built.ntotal == 10_000 and len(addresses) <= 10
+    built.reserve(20_000)
+    address = built._rows._data["codes"].__array_interface__["data"][0]
+    built.add(rng.integers(0, K, size=(10_000, L)))
+    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert_grouped(built)
+
+
+def test_reserve_on_an_empty_index_allocates_once(codebooks, rng):
+    built = DPQIndex(codebooks, partition_levels=2)
+    built.reserve(1000)
+    built.add(rng.integers(0, K, size=(10, L)))
+    address = built._rows._data["codes"].__array_interface__["data"][0]
+    for _ in range(99):
+        built.add(rng.integers(0, K, size=(10, L)))
+    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert built.ntotal == 1000 and built._rows._data["codes"].shape[0] == 1000
+    assert_grouped(built)
+
+
+def test_concurrent_searches_of_an_index_with_waiting_items_agree(codebooks, codes, queries):
+    """Searches run on several threads (as in a service); the first ones merge the items
+    added since the last read into their cells, one at a time."""
+    reference = build_in_chunks(codebooks, codes, 2)
+    expected = reference.search(queries, 10, nprobe=6)
+    for _ in range(3):
+        part = DPQIndex(codebooks, partition_levels=2)
+        part.add(codes, ids=np.arange(N))  # waiting to be grouped
+
+        def search(_, part=part):
+            return part.search(queries, 10, nprobe=6)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(search, range(12)))
+        for dist, ids in results:
+            np.testing.assert_array_equal(ids, expected[1])
+            np.testing.assert_array_equal(dist, expected[0])
+
+
+def test_version1_file_still_loads_and_searches_identically(tmp_path, codebooks, codes, queries):
+    built = DPQIndex(codebooks, metadata={"model": "m"}, search_mode="ip")
+    built.add(codes, ids=np.arange(N) * 2 + 1, labels=np.arange(N) % 4)
+    path = write_version1_file(built, tmp_path / "v1.npz")
+    for mmap in (False, True):
+        loaded = DPQIndex.load(path, mmap=mmap)
+        assert loaded.search_mode == "ip" and loaded.metadata == {"model": "m"}
+        np.testing.assert_array_equal(loaded.labels, built.labels)
+        for a, b in zip(loaded.search(queries, 10), built.search(queries, 10), strict=True):
+            np.testing.assert_array_equal(a, b)
+    resaved = DPQIndex.load(loaded.save(tmp_path / "v2.npz"))
+    np.testing.assert_array_equal(resaved.ids, built.ids)
 
 
 # ------------------------------------------------------------------ encoding, add, remove
@@ -294,6 +587,42 @@ def test_save_load_round_trip_keeps_everything_and_search_results(
     assert loaded.add(codes[:1], labels=[0]).tolist() == [N + 1000]
 
 
+def write_version1_file(index: DPQIndex, path: Path, drop: tuple[str, ...] = ()) -> Path:
+    """An index file as DPQIndex.save wrote it in format version 1 (before partitioning):
+    np.savez of codebooks, codes (N, L), ids, labels and a header whose checksum is one
+    sha256 over the header text and every array in name order. ``drop``: header keys that
+    older version-1 files lacked."""
+    arrays = {"codebooks": index.codebooks, "codes": np.ascontiguousarray(index.codes)}
+    arrays["ids"] = np.ascontiguousarray(index.ids)
+    if index.labels is not None:
+        arrays["labels"] = index.labels
+    header = {
+        "format": "dpq-index",
+        "format_version": 1,
+        "num_levels": index.num_levels,
+        "codebook_size": index.codebook_size,
+        "dim": index.dim,
+        "ntotal": index.ntotal,
+        "assignment": index.assignment,
+        "search_mode": index.search_mode,
+        "codebook_sha256": index.codebook_sha256,
+        "next_id": index.next_id,
+        "has_labels": index.labels is not None,
+        "metadata": index.metadata,
+    }
+    for key in drop:
+        del header[key]
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes())
+    header["checksum_sha256"] = digest.hexdigest()
+    arrays["header"] = np.array(json.dumps(header, sort_keys=True))
+    np.savez(path, **arrays)
+    return path
+
+
 def _rewrite_npz(source: Path, target: Path, change) -> None:
     with np.load(source, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
@@ -355,7 +684,7 @@ def test_other_format_version_is_a_clear_error(tmp_path, index):
 
     _rewrite_npz(path, tmp_path / "v99.npz", bump)
     with pytest.raises(
-        IndexFileError, match=r"v99\.npz has index format version 99.*reads version 1"
+        IndexFileError, match=r"v99\.npz has index format version 99.*reads versions \[1, 2\]"
     ):
         DPQIndex.load(tmp_path / "v99.npz")
 
@@ -404,6 +733,246 @@ def test_from_faiss_reads_a_trained_residual_quantizer(rng):
         DPQIndex.from_faiss(faiss.IndexFlatL2(8))
 
 
+def faiss_as_dpq(dist: np.ndarray, ids: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """faiss results in DPQ's convention: negated inner products, (inf, -1) padding."""
+    out = np.where(ids < 0, np.inf, -dist if mode == "ip" else dist).astype(np.float32)
+    return out, ids
+
+
+@pytest.mark.parametrize("partition_levels", [1, 2])
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_faiss_ivf_export_returns_the_partitioned_results_for_the_same_nprobe(
+    codebooks, queries, partition_levels, mode
+):
+    """nprobe counts non-empty cells, faiss counts lists: equal when no cell is empty."""
+    many = np.random.default_rng(5).integers(0, K, size=(3000, L))  # ~12 per cell of 16^2
+    part = build_in_chunks(codebooks, many, partition_levels, search_mode=mode)
+    assert np.all(np.diff(part.cell_offsets) > 0)
+    ivf = part.to_faiss(ivf=True)
+    assert isinstance(ivf, faiss.IndexIVFResidualQuantizer)
+    assert ivf.nlist == K**partition_levels and ivf.ntotal == len(many)
+    for nprobe in (1, 4, K**partition_levels):
+        ivf.nprobe = nprobe
+        f_dist, f_ids = faiss_as_dpq(*ivf.search(queries, 15), mode)
+        dist, ids = part.search(queries, 15, nprobe=nprobe)
+        assert_same_ranking(dist, ids, f_dist, f_ids)
+    back = DPQIndex.from_faiss(ivf)  # no re-encoding either way
+    assert back.partition_levels == partition_levels and back.search_mode == mode
+    np.testing.assert_array_equal(back.codebooks, part.codebooks)
+    np.testing.assert_array_equal(back.codes, part.codes)
+    np.testing.assert_array_equal(back.ids, part.ids)
+
+
+def test_faiss_ivf_export_of_an_unpartitioned_index_uses_the_first_level(index, queries):
+    ivf = index.to_faiss(ivf=True)
+    assert ivf.nlist == K and ivf.rq.M == L - 1
+    ivf.nprobe = 2
+    part = DPQIndex(index.codebooks, partition_levels=1)
+    part.add(index.codes)
+    assert_same_ranking(*part.search(queries, 10, nprobe=2), *ivf.search(queries, 10))
+    with pytest.raises(ValueError, match="at least one level after"):
+        DPQIndex(index.codebooks[:2], partition_levels=2).to_faiss(ivf=True)
+
+
+@pytest.mark.parametrize("mode", ["aqd", "ip"])
+def test_faiss_ivf_on_disk_lists_load_memory_mapped(
+    tmp_path, codebooks, codes, queries, monkeypatch, mode
+):
+    monkeypatch.setattr(faiss_interop, "_ONDISK_SHARD_ITEMS", 70)  # several shards merged
+    part = build_in_chunks(codebooks, codes, 1, search_mode=mode)
+    path = write_faiss_ivf_ondisk(part, tmp_path / "ivf.faiss")
+    data_files = list(tmp_path.glob("ivf.faiss.*.ivfdata"))
+    assert len(data_files) == 1
+    moved = tmp_path / "moved"  # the pair is found wherever it goes
+    moved.mkdir()
+    for file in (path, data_files[0]):
+        file.rename(moved / file.name)
+    loaded = load_faiss_index(moved / "ivf.faiss")
+    invlists = faiss.extract_index_ivf(loaded).invlists
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(invlists)).__name__
+    faiss.extract_index_ivf(loaded).nprobe = 3
+    f_dist, f_ids = faiss_as_dpq(*loaded.search(queries, 12), mode)
+    assert_same_ranking(*part.search(queries, 12, nprobe=3), f_dist, f_ids)
+    back = DPQIndex.from_faiss(loaded)
+    np.testing.assert_array_equal(back.codes, part.codes)
+    np.testing.assert_array_equal(back.ids, part.ids)
+    # rewriting replaces the data file; a single-file IVF index maps with IO_FLAG_MMAP
+    write_faiss_ivf_ondisk(part, moved / "ivf.faiss")
+    assert len(list(moved.glob("ivf.faiss.*.ivfdata"))) == 1
+    faiss.write_index(part.to_faiss(ivf=True), str(tmp_path / "single.faiss"))
+    single = load_faiss_index(tmp_path / "single.faiss", mmap=True)
+    faiss.extract_index_ivf(single).nprobe = 3
+    np.testing.assert_array_equal(single.search(queries, 12)[1], f_ids)
+    with pytest.raises(FileNotFoundError):
+        load_faiss_index(tmp_path / "absent.faiss")
+    (tmp_path / "bad.faiss").write_bytes(b"not faiss")
+    with pytest.raises(IndexFileError, match="bad.faiss is not a readable faiss index"):
+        load_faiss_index(tmp_path / "bad.faiss")
+
+
+# ------------------------------------------------------------------ memory-mapped files
+
+
+def backed_by_a_map(arr) -> bool:
+    """Whether an array's memory is a np.memmap (somewhere down its chain of bases)."""
+    while arr is not None:
+        if isinstance(arr, np.memmap):
+            return True
+        arr = getattr(arr, "base", None)
+    return False
+
+
+def test_memory_mapped_load_searches_identically_to_an_in_memory_load(
+    tmp_path, codebooks, codes, queries
+):
+    part = build_in_chunks(codebooks, codes, 2, search_mode="ip")
+    part_labels = DPQIndex(codebooks, partition_levels=2, search_mode="ip")
+    part_labels.add(part.codes, ids=part.ids, labels=part.ids % 3)
+    path = part_labels.save(tmp_path / "mapped.npz")
+    in_memory = DPQIndex.load(path)
+    mapped = DPQIndex.load(path, mmap=True)
+    assert mapped.read_only and not in_memory.read_only
+    assert all(backed_by_a_map(mapped._rows.get(name)) for name in ("codes", "ids", "labels"))
+    assert not backed_by_a_map(in_memory._rows.get("codes"))
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(mapped, name), getattr(in_memory, name))
+    for kwargs in ({}, {"nprobe": 5}, {"num_levels": 2}, {"rerank_from": 1}, {"mode": "aqd"}):
+        for a, b in zip(
+            mapped.search(queries, 20, **kwargs),
+            in_memory.search(queries, 20, **kwargs),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(mapped.labels_of([0, 5, -1]), in_memory.labels_of([0, 5, -1]))
+    with pytest.raises(ValueError, match="memory-mapped from .*mapped.npz and read-only"):
+        mapped.add(codes[:1])
+    with pytest.raises(ValueError, match="read-only"):
+        mapped.remove([0])
+    resaved = DPQIndex.load(mapped.save(tmp_path / "copy.npz"))  # a mapped index saves
+    np.testing.assert_array_equal(resaved.codes, in_memory.codes)
+
+
+def test_index_file_arrays_are_aligned_and_checked_when_mapped(tmp_path, index):
+    path = index.save(tmp_path / "index.npz")
+    members = storage._members(path)
+    assert all(m.offset % 64 == 0 for m in members.values())
+    raw = bytearray(path.read_bytes())
+    raw[members["codes"].offset + 5] ^= 0x01  # one bit of one code, zip CRC untouched
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    for mmap in (False, True):
+        with pytest.raises(
+            IndexFileError, match=r"flipped\.npz failed its checksum \(array 'codes'\)"
+        ):
+            DPQIndex.load(tmp_path / "flipped.npz", mmap=mmap)
+    unchecked = DPQIndex.load(tmp_path / "flipped.npz", mmap=True, verify=False)
+    assert not np.array_equal(unchecked.codes, index.codes)  # verify=False trusts the bytes
+
+
+def test_block_digest_is_independent_of_how_the_bytes_arrive(monkeypatch):
+    monkeypatch.setattr(storage, "HASH_BLOCK", 1000)
+    arr = np.arange(5000, dtype=np.int64)  # 40 blocks
+    whole = storage.array_digest("ids", arr)
+    hasher = storage.BlockHasher(storage._member_prefix("ids", arr.dtype, arr.shape))
+    for piece in np.array_split(arr, 7):
+        hasher.update(memoryview(piece.view(np.uint8)))
+    assert hasher.hexdigest() == whole
+    assert storage.array_digest("ids", arr + (arr == 4321)) != whole
+
+
+# ------------------------------------------------------------------ appending and merging files
+
+
+@pytest.mark.parametrize("partition_levels", [0, 2])
+def test_appending_to_a_file_equals_adding_to_the_index(
+    tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
+):
+    monkeypatch.setattr(files, "_BLOCK_ITEMS", 40)  # stream in many blocks
+    labels = np.arange(N) % 7
+    whole = DPQIndex(codebooks, partition_levels=partition_levels)
+    whole.add(codes, labels=labels)
+    start = DPQIndex(codebooks, partition_levels=partition_levels)
+    start.add(codes[:100], labels=labels[:100])
+    path = start.save(tmp_path / "grow.npz")
+    assert append_to_index_file(path, codes[100:250], labels=labels[100:250]).tolist() == list(
+        range(100, 250)
+    )
+    append_to_index_file(path, codes[250:], labels=labels[250:])
+    grown = DPQIndex.load(path)
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name))
+    nprobe = 3 if partition_levels else None
+    for a, b in zip(
+        grown.search(queries, 10, nprobe=nprobe),
+        whole.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert grown.next_id == N
+    with pytest.raises(ValueError, match="already in"):
+        append_to_index_file(path, codes[:2], ids=[5, 10_000], labels=[0, 0])
+    with pytest.raises(ValueError, match="has labels"):
+        append_to_index_file(path, codes[:2])
+    with pytest.raises(ValueError, match="codes out of range"):
+        append_to_index_file(path, codes[:2] + K, labels=[0, 0])
+    assert DPQIndex.load(path).ntotal == N  # failed appends leave the file as it was
+
+
+def test_appending_to_a_version1_file_writes_version2(tmp_path, codebooks, codes):
+    old = DPQIndex(codebooks)
+    old.add(codes[:50])
+    path = write_version1_file(old, tmp_path / "v1.npz")
+    append_to_index_file(path, codes[50:60])
+    grown = DPQIndex.load(path, mmap=True)
+    assert grown.ntotal == 60 and grown.read_only
+    np.testing.assert_array_equal(grown.codes, codes[:60])
+
+
+@pytest.mark.parametrize("partition_levels", [0, 1, 2])
+def test_merging_files_equals_one_index_built_from_all_items(
+    tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
+):
+    monkeypatch.setattr(files, "_BLOCK_ITEMS", 50)
+    labels = np.arange(N) % 3
+    whole = DPQIndex(codebooks, partition_levels=partition_levels, metadata={"m": 1})
+    whole.add(codes, labels=labels)
+    paths = []
+    for i, part in enumerate(np.array_split(np.arange(N), 3)):
+        piece = DPQIndex(codebooks, partition_levels=partition_levels, metadata={"m": 1})
+        piece.add(codes[part], labels=labels[part])  # each slice numbered from 0
+        paths.append(piece.save(tmp_path / f"slice{i}.npz"))
+    merged = DPQIndex.load(merge_index_files(paths, tmp_path / "all.npz", renumber_ids=True))
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    nprobe = 4 if partition_levels else None
+    for a, b in zip(
+        merged.search(queries, 10, nprobe=nprobe),
+        whole.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert merged.next_id == N and merged.metadata["merged_from"] == [str(p) for p in paths]
+    with pytest.raises(ValueError, match="appear in more than one input"):
+        merge_index_files(paths, tmp_path / "clash.npz")  # the same ids 0.. in each slice
+
+
+def test_merging_files_of_different_codebooks_or_settings_is_refused(tmp_path, codebooks, codes):
+    first = DPQIndex(codebooks)
+    first.add(codes[:10])
+    other_books = DPQIndex(codebooks * 2)
+    other_books.add(codes[10:20], ids=np.arange(10, 20))
+    other_mode = DPQIndex(codebooks, search_mode="ip")
+    other_mode.add(codes[10:20], ids=np.arange(10, 20))
+    a = first.save(tmp_path / "a.npz")
+    for name, other, message in (
+        ("books", other_books, "other codebooks"),
+        ("mode", other_mode, "search_mode='ip'"),
+    ):
+        b = other.save(tmp_path / f"{name}.npz")
+        with pytest.raises(ValueError, match=message):
+            merge_index_files([a, b], tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -424,9 +993,15 @@ def test_nan_or_inf_in_queries_is_rejected(index, queries):
         index.search(bad, 3)
 
 
-@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "10", None])
 def test_k_must_be_a_positive_integer(index, queries, k):
     with pytest.raises(ValueError, match="k must be"):
+        index.search(queries, k)
+
+
+@pytest.mark.parametrize("k", [2**31, 10**30, np.int64(2**40)])
+def test_k_beyond_the_documented_bound_is_a_clear_error(index, queries, k):
+    with pytest.raises(ValueError, match=r"k=\d+ is beyond the largest accepted value 2147483647"):
         index.search(queries, k)
 
 
@@ -690,8 +1265,6 @@ def test_an_index_file_without_a_search_mode_loads_as_aqd(tmp_path, codebooks, c
     """Files written before search_mode existed have no such header key."""
     built = DPQIndex(codebooks)
     built.add(codes)
-    header = built._header()
-    del header["search_mode"]
-    built._header = lambda: header  # write the older header
-    loaded = DPQIndex.load(built.save(tmp_path / "old.npz"))
+    path = write_version1_file(built, tmp_path / "old.npz", drop=("search_mode",))
+    loaded = DPQIndex.load(path)
     assert loaded.search_mode == "aqd" and loaded.ntotal == len(codes)

@@ -237,7 +237,7 @@ def test_metrics_histograms_per_endpoint_and_stage(service):
         ({"id": 1, "rerank": 32}, 422, "rerank must be shorter"),
         ({"id": 1, "vector": [0.0] * 16}, 422, "exactly one query"),
         ({}, 422, "exactly one query"),
-        ({"id": 1, "nprobe": 4}, 422, "does not take the search option 'nprobe'"),
+        ({"id": 1, "nprobe": 4}, 422, "nprobe needs a partitioned index"),
         ({"image": "not base64!"}, 422, "not valid base64"),
         ({"image": base64.b64encode(b"just text").decode()}, 415, "not an image"),
         ({"id": 1, "colour": "red"}, 422, "Extra inputs are not permitted"),

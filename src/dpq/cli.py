@@ -943,7 +943,22 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     _add_source_options(encode)
     _add_device_options(encode)
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    encode.add_argument(
+        "--partition-levels",
+        type=int,
+        choices=[0, 1, 2],
+        default=0,
+        help="group the items by their first 1 or 2 codes (K or K^2 cells), so that `dpq "
+        "search --nprobe N` scans only the N nearest cells (default 0: one cell; see "
+        "docs/scaling.md)",
+    )
     encode.add_argument("--out", required=True, help="the index file to write (.npz)")
+    encode.add_argument(
+        "--append",
+        action="store_true",
+        help="add the items to the existing index file --out (same model; its codebooks are "
+        "checked) instead of writing a new one",
+    )
     _quiet_flag(encode)
     encode.set_defaults(func=_cmd_encode)
 
@@ -1002,6 +1017,14 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "reported as its negative (default: the index's search mode, set when it was built)",
     )
     search.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a partitioned index (`dpq encode --partition-levels`): scan only the N cells "
+        "nearest to each query (default: every item)",
+    )
+    search.add_argument(
         "--rerank-from",
         type=int,
         default=None,
@@ -1057,6 +1080,13 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from dpq.index import DPQIndex
 
     check_writable_file(args.out, "--out")
+    existing = None
+    if args.append:
+        existing = DPQIndex.load(args.out, mmap=True)  # FileNotFoundError names it
+        if args.search_mode is not None or args.partition_levels:
+            raise ValueError(
+                "--search-mode and --partition-levels are the existing index's with --append."
+            )
     inputs, labels, ids, source = _items(args, args.subset)
     if args.labels is not None:
         from dpq.data.features import read_labels
@@ -1078,6 +1108,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             raise ValueError("--assignment applies to --codebooks; a model encodes with its rule.")
         model = _load_model(args, args.model)
         metadata["model"] = str(args.model)
+        if existing is not None:
+            existing.check_compatible(model.codebooks(), source=f"model {args.model}")
         index = build_index(
             model,
             inputs,
@@ -1088,15 +1120,22 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             search_mode=args.search_mode,
             workers=args.workers,
+            partition_levels=args.partition_levels,
         )
     else:
         metadata["codebooks"] = str(args.codebooks)
         features = np.asarray(inputs)
+        codebooks = _read_array(args.codebooks, "--codebooks")
+        if existing is not None:
+            existing.check_compatible(codebooks, source=f"--codebooks {args.codebooks}")
         index = DPQIndex(
-            _read_array(args.codebooks, "--codebooks"),
-            assignment=args.assignment or "euclidean",
+            codebooks,
+            assignment=(args.assignment or "euclidean")
+            if existing is None
+            else existing.assignment,
             metadata=metadata,
             search_mode=args.search_mode or "aqd",
+            partition_levels=args.partition_levels,
         )
         for name, values in (("--labels", labels), ("--ids", ids)):
             if values is not None and len(values) != len(features):
@@ -1106,6 +1145,18 @@ def _cmd_encode(args: argparse.Namespace) -> int:
                 )
         index.add_features(features, ids=ids, labels=labels)
     seconds = time.perf_counter() - began
+    if existing is not None:
+        from dpq.index import append_to_index_file
+
+        added = append_to_index_file(
+            args.out, index.codes, ids=ids if ids is not None else None, labels=index.labels
+        )
+        print(
+            f"appended {len(added):,} items to {args.out} (ids {int(added.min())}.."
+            f"{int(added.max())}): {existing.ntotal + len(added):,} items now; encoded in "
+            f"{seconds:.1f} s ({len(added) / max(seconds, 1e-9):,.0f} items/s)"
+        )
+        return 0
     path = index.save(args.out)
     bits = index.num_levels * int(np.log2(index.codebook_size))
     print(
@@ -1119,7 +1170,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from dpq.index import DPQIndex, format_search_results
+    from dpq.index import DPQIndex
+    from dpq.report import format_search_results
 
     if args.out is not None:
         from dpq.atomic import check_writable_file
@@ -1143,6 +1195,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         mode=args.mode,
         rerank_from=args.rerank_from,
         rerank_candidates=args.rerank_candidates,
+        nprobe=args.nprobe,
     )
     text = format_search_results(index, distances, ids, args.format, query_ids=query_ids)
     if args.out is None:
@@ -1238,6 +1291,60 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- main
 
 
+def _add_index_file_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="inspect and merge index files")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
+    info = index_sub.add_parser(
+        "info", help="what an index file holds: items, code lengths, bytes per item, cells"
+    )
+    info.add_argument("index", help="an index file written by `dpq encode`")
+    info.set_defaults(func=_cmd_index_info)
+    merge = index_sub.add_parser(
+        "merge",
+        help="merge index files encoded separately with the same model into one",
+        description="Merge index files encoded with the same codebooks (checked) into one file, "
+        "written atomically: the items of the first file, then the second's, ... (in every "
+        "cell). Ids must be disjoint, or pass --renumber-ids to shift each file's ids by the "
+        "items of the files before it (slices encoded with default ids 0..n-1).",
+    )
+    merge.add_argument("inputs", nargs="+", metavar="INDEX", help="index files to merge")
+    merge.add_argument("--out", required=True, help="the merged index file (.npz)")
+    merge.add_argument(
+        "--renumber-ids", action="store_true", help="shift each file's ids after the earlier ones"
+    )
+    merge.set_defaults(func=_cmd_index_merge)
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dpq.index import DPQIndex
+
+    index = DPQIndex.load(args.index, mmap=True)
+    bits = int(round(np.log2(index.codebook_size))) if index.codebook_size > 1 else 0
+    lengths = ", ".join(str(level * bits) for level in range(1, index.num_levels + 1))
+    print(
+        f"{args.index}: {index.ntotal:,} items; {index.num_levels} levels x "
+        f"{index.codebook_size} codewords, dim {index.dim}: codes of {lengths} bits; "
+        f"{index.bytes_per_item()} bytes per item (+ 8 of id); search {index.search_mode}, "
+        f"assignment {index.assignment}; partition levels {index.partition_levels}; labels "
+        f"{'yes' if index.labels is not None else 'no'}; codebooks {index.codebook_sha256[:12]}"
+    )
+    return 0
+
+
+def _cmd_index_merge(args: argparse.Namespace) -> int:
+    from dpq.atomic import check_writable_file
+    from dpq.index import DPQIndex, merge_index_files
+
+    check_writable_file(args.out, "--out")
+    path = merge_index_files(args.inputs, args.out, renumber_ids=args.renumber_ids)
+    print(
+        f"wrote {path}: {DPQIndex.load(path, mmap=True).ntotal:,} items from {len(args.inputs)} files"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dpq import __version__
 
@@ -1254,6 +1361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_model_commands(sub)
     _add_index_commands(sub)
+    _add_index_file_commands(sub)
     _add_serve_command(sub)
     return parser
 

@@ -25,15 +25,20 @@ CHUNK_ITEMS = 8192
 
 
 def empty_index(
-    model: DPQModel, metadata: Mapping[str, Any] | None = None, search_mode: str | None = None
+    model: DPQModel,
+    metadata: Mapping[str, Any] | None = None,
+    search_mode: str | None = None,
+    partition_levels: int = 0,
 ) -> DPQIndex:
     """An index with the model's codebooks and assignment rule, and no items; searched by
-    ``search_mode`` (default the model's: "ip" for class posteriors, else "aqd")."""
+    ``search_mode`` (default the model's: "ip" for class posteriors, else "aqd"), its items
+    grouped by their first ``partition_levels`` codes (0: one cell)."""
     return DPQIndex(
         model.codebooks(),
         assignment=model.config.quantizer.assignment,
         metadata=metadata,
         search_mode=search_mode or model.config.model.search_mode,
+        partition_levels=partition_levels,
     )
 
 
@@ -71,6 +76,7 @@ def build_index(
     search_mode: str | None = None,
     workers: int | None = None,
     precision: str = "fp32",
+    partition_levels: int = 0,
 ) -> DPQIndex:
     """Encode ``inputs`` with ``model`` into an index (a new one, or ``index`` grown).
 
@@ -89,6 +95,8 @@ def build_index(
             8; 0: this process); in-memory arrays are read in this process.
         precision: arithmetic of the network ("fp32", "bf16", "fp16"; see
             :meth:`dpq.model.DPQModel.extract_features`).
+        partition_levels: a new index's cells: items grouped by their first 0, 1 or 2 codes
+            (searched with ``nprobe``; see :class:`dpq.index.DPQIndex`).
 
     Returns:
         The index (``index`` itself when given).
@@ -97,7 +105,7 @@ def build_index(
     _check_rows("ids", ids, n)
     _check_rows("labels", labels, n)
     if index is None:
-        index = empty_index(model, metadata, search_mode)
+        index = empty_index(model, metadata, search_mode, partition_levels)
     else:
         index.check_compatible(model.codebooks(), source="the model")
     pending: list[np.ndarray] = []

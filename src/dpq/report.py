@@ -1,4 +1,5 @@
-"""Tables and figures from metric results, and the report folder (markdown + JSON + PNG).
+"""Tables and figures from metric results, the report folder (markdown + JSON + PNG), and
+the text of results (a model's mAP table, search results as JSON or CSV).
 
 Figures use matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg), so no
 display and no global backend switch are needed. Every file is written atomically: a
@@ -18,11 +19,13 @@ Typical use (what ``dpq reproduce`` does)::
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -369,3 +372,62 @@ def _relative(path: Path, base: Path) -> str:
         return str(path.resolve().relative_to(base.resolve()))
     except ValueError:
         return str(path)
+
+
+# ---------------------------------------------------------------------- search results
+
+
+def _label_values(labels: np.ndarray) -> list[Any]:
+    """JSON-ready labels: ints for single labels, lists of positive columns for multi-hot."""
+    if labels.ndim == 1:
+        return [int(value) for value in labels]
+    return [np.flatnonzero(row).tolist() for row in labels]
+
+
+def format_search_results(
+    index: Any,
+    distances: np.ndarray,
+    ids: np.ndarray,
+    fmt: Literal["json", "csv"] = "json",
+    query_ids: np.ndarray | None = None,
+) -> str:
+    """Text of search results (nq, k): JSON (one object per query with ids, distances and,
+    when the index has labels, labels) or CSV (query,rank,id,distance[,label]); padding
+    (-1) is left out. Multi-hot labels are lists of label indices ("1 5" in CSV).
+    ``query_ids`` (nq,) names the queries (default 0..nq-1)."""
+    if fmt not in ("json", "csv"):
+        raise ValueError(f"format must be 'json' or 'csv'; got {fmt!r}.")
+    names = np.arange(len(ids)) if query_ids is None else np.asarray(query_ids)
+    labels = index.labels_of(ids) if index.labels is not None else None
+    classes = index.metadata.get("classes")
+    rows: list[dict[str, Any]] = []
+    for q in range(len(ids)):
+        keep = ids[q] >= 0
+        row: dict[str, Any] = {
+            "query": int(names[q]),
+            "ids": ids[q][keep].tolist(),
+            "distances": [float(f"{d:.7g}") for d in distances[q][keep]],
+        }
+        if labels is not None:
+            row["labels"] = _label_values(labels[q][keep])
+            if isinstance(classes, list):
+                row["label_names"] = [
+                    [str(classes[i]) for i in value]
+                    if isinstance(value, list)
+                    else str(classes[value])
+                    for value in row["labels"]
+                ]
+        rows.append(row)
+    if fmt == "json":
+        return json.dumps({"results": rows}, indent=1) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["query", "rank", "id", "distance"] + (["label"] if labels is not None else []))
+    for row in rows:
+        for rank, (item, dist) in enumerate(zip(row["ids"], row["distances"], strict=True)):
+            line: list[Any] = [row["query"], rank + 1, item, dist]
+            if labels is not None:
+                value = row["labels"][rank]
+                line.append(" ".join(map(str, value)) if isinstance(value, list) else value)
+            writer.writerow(line)
+    return buffer.getvalue()
