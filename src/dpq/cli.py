@@ -832,6 +832,7 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     encode.add_argument("--out", required=True, help="the index file to write (.npz)")
     _quiet_flag(encode)
+    _add_ray_options(encode)
     encode.set_defaults(func=_cmd_encode)
 
     search = sub.add_parser(
@@ -936,12 +937,79 @@ def _items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None,
     return inputs, labels, np.asarray(rows, np.int64), source
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """`dpq encode --engine ray`: the flags of dpq.distributed.ray_encode (issue 16)."""
+    group = parser.add_argument_group("encoding on a Ray cluster (pip install 'dpq[distributed]')")
+    group.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: shards encoded by Ray Data actors, one model "
+        "each, then merged into --out (re-running encodes only missing shards)",
+    )
+    group.add_argument(
+        "--address",
+        help="a running Ray cluster (`ray start --head` prints it; 'auto': the local one); "
+        "default: start a local cluster for this command",
+    )
+    group.add_argument("--shards", type=int, help="code shards (default 8)")
+    group.add_argument("--actors", type=int, help="encoder actors (default: one per CPU)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor")
+    group.add_argument("--shard-dir", help="folder of the plan and the shards (default OUT.shards)")
+
+
+def _cmd_encode_ray(args: argparse.Namespace) -> int:
+    from dpq.distributed.ray_encode import SourceSpec, encode_on_ray
+
+    if args.model is None:
+        raise ValueError("--engine ray needs --model (a checkpoint every node can read).")
+    inputs = {"features": args.features} if args.features else {"images": args.images}
+    source = SourceSpec(
+        **inputs,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        strip_prefix=args.strip_prefix,
+        skip_corrupt=args.skip_corrupt,
+    )
+    rows = None
+    if args.split is not None:
+        from dpq.data import Split
+
+        rows = getattr(Split.load(args.split), args.subset)  # checked against the source
+    result = encode_on_ray(
+        args.model,
+        source,
+        args.out,
+        shards=8 if args.shards is None else args.shards,
+        rows=rows,
+        ids=None if args.ids is None else _read_array(args.ids, "--ids"),
+        labels=None if args.labels is None else _read_array(args.labels, "--labels"),
+        address=args.address,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        shard_dir=args.shard_dir,
+        batch_size=args.batch_size,
+        metadata={"model": str(args.model)},
+        search_mode=args.search_mode,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dpq.atomic import check_writable_file
     from dpq.index import DPQIndex
 
+    if args.engine == "ray":
+        return _cmd_encode_ray(args)
+    ray_flags = ("address", "shards", "actors", "shard_dir")
+    if any(getattr(args, name) is not None for name in ray_flags) or args.gpus_per_actor:
+        raise ValueError(
+            "--address, --shards, --actors, --gpus-per-actor and --shard-dir apply to --engine ray."
+        )
     check_writable_file(args.out, "--out")
     inputs, labels, ids, source = _items(args, args.subset)
     if args.labels is not None:
@@ -1072,6 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 success, 2 user error, 3 diverged,
     130 interrupted)."""
     from dpq.checkpoint import RunInProgressError
+    from dpq.distributed.ray_encode import ShardEncodingError
     from dpq.trainer import TrainingDiverged
 
     parser = build_parser()
@@ -1084,7 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"dpq: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError, RunInProgressError) as exc:
+    except (ValueError, FileNotFoundError, RunInProgressError, ShardEncodingError) as exc:
         print(f"dpq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
