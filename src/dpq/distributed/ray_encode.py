@@ -387,14 +387,18 @@ class ShardEncoder:
     """The Ray Data callable class: one model and one opened source per actor.
 
     Called with batches ``{"shard": int64 (b,)}``, it encodes and writes those shards and
-    returns one row per shard: ``shard``, ``items``, ``seconds``, ``host`` and ``error``
-    ("" on success, else the exception as text: a failing shard does not stop the others).
+    returns one row per shard: ``shard``, ``items``, ``seconds`` (wall), ``cpu_seconds``
+    (this process's CPU time, all threads), ``host``, ``pid``, ``setup_cpu_seconds`` (CPU the
+    actor spent before its first shard: worker start, imports, model and source) and
+    ``error`` ("" on success, else the exception as text: a failing shard does not stop the
+    others).
     """
 
     def __init__(self, folder: str, device: str = "cpu") -> None:
         self.folder = Path(folder)
         self.host = socket.gethostname()
         self.setup_error = ""
+        self.setup_cpu_seconds = 0.0
         try:
             from dpq.checkpoint import read_checkpoint_config
             from dpq.model import DPQModel
@@ -416,29 +420,45 @@ class ShardEncoder:
                 )
         except Exception as exc:  # reported with each shard instead of failing the actor
             self.setup_error = f"{type(exc).__name__}: {exc}"
+        self.setup_cpu_seconds = time.process_time()
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows: dict[str, list[Any]] = {k: [] for k in ("shard", "items", "seconds", "host", "error")}
+        rows: dict[str, list[Any]] = {name: [] for name in _RESULT_COLUMNS}
         for shard in np.asarray(batch["shard"]).tolist():
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             items, error = 0, self.setup_error
             if not error:
                 try:
                     items = encode_shard(self.model, self.inputs, self.plan, shard, self.folder)
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
-            rows["shard"].append(shard)
-            rows["items"].append(items)
-            rows["seconds"].append(time.perf_counter() - began)
-            rows["host"].append(self.host)
-            rows["error"].append(error)
+            done = {
+                "shard": shard,
+                "items": items,
+                "seconds": time.perf_counter() - began,
+                "cpu_seconds": time.process_time() - began_cpu,
+                "host": self.host,
+                "pid": os.getpid(),
+                "setup_cpu_seconds": self.setup_cpu_seconds,
+                "error": error,
+            }
+            for name, value in done.items():
+                rows[name].append(value)
         return {
-            "shard": np.asarray(rows["shard"], np.int64),
-            "items": np.asarray(rows["items"], np.int64),
-            "seconds": np.asarray(rows["seconds"], np.float64),
-            "host": np.asarray(rows["host"], dtype=object).astype(str),
-            "error": np.asarray(rows["error"], dtype=object).astype(str),
+            name: np.asarray(values, dtype=_RESULT_COLUMNS[name]) for name, values in rows.items()
         }
+
+
+_RESULT_COLUMNS: dict[str, Any] = {
+    "shard": np.int64,
+    "items": np.int64,
+    "seconds": np.float64,
+    "cpu_seconds": np.float64,
+    "host": np.str_,
+    "pid": np.int64,
+    "setup_cpu_seconds": np.float64,
+    "error": np.str_,
+}
 
 
 # ---------------------------------------------------------------------------- merging
@@ -478,7 +498,9 @@ class RayEncodeResult:
         hosts: the machines that encoded shards in this call.
         seconds: wall time of the call; startup_seconds: connecting to / starting Ray;
             encode_seconds: the Ray Data stage (actor start, model load, encoding);
-            shard_seconds: encoding time summed over shards (inside the actors);
+            shard_seconds: encoding wall time summed over shards (inside the actors);
+            shard_cpu_seconds: their CPU time; setup_cpu_seconds: CPU time the actors spent
+            before their first shard (worker start, imports, model, source), summed;
             merge_seconds: merging the shards and saving the index.
     """
 
@@ -494,6 +516,8 @@ class RayEncodeResult:
     encode_seconds: float
     shard_seconds: float
     merge_seconds: float
+    shard_cpu_seconds: float = 0.0
+    setup_cpu_seconds: float = 0.0
 
     def summary(self) -> str:
         index = self.index
@@ -686,23 +710,26 @@ def encode_on_ray(
         f"{plan.num_items:,} items in {plan.num_shards} shards ({folder}): {len(missing)} to "
         f"encode, {len(reused)} already done"
     )
-    startup = encode_seconds = shard_seconds = 0.0
-    pool, hosts, failures = 0, set(), []
+    startup = encode_seconds = 0.0
+    pool, stage = 0, _StageResult()
     if missing:
         started_here = False
-        stage = time.perf_counter()
+        connecting = time.perf_counter()
         try:
             started_here = connect(ray, address, num_cpus)
-            startup = time.perf_counter() - stage
+            startup = time.perf_counter() - connecting
             pool = actors or _cluster_actors(ray, cpus_per_actor, gpus_per_actor)
             pool = min(pool, len(missing))
-            failures, hosts, shard_seconds, encode_seconds = _run_shards(
+            running = time.perf_counter()
+            stage = _run_shards(
                 ray, folder, missing, pool, cpus_per_actor, gpus_per_actor, progress, say
             )
+            encode_seconds = time.perf_counter() - running
         finally:
             if started_here:
                 ray.shutdown()
-    if failures:
+    if stage.failures:
+        failures = sorted(stage.failures)
         shown = "; ".join(f"shard {s}: {error}" for s, error in failures[:3])
         raise ShardEncodingError(
             f"{len(failures)} of {plan.num_shards} shards failed ({shown}); the other "
@@ -729,13 +756,27 @@ def encode_on_ray(
         encoded=missing,
         reused=reused,
         actors=pool,
-        hosts=sorted(hosts),
+        hosts=sorted(stage.hosts),
         seconds=time.perf_counter() - began,
         startup_seconds=startup,
         encode_seconds=encode_seconds,
-        shard_seconds=shard_seconds,
+        shard_seconds=stage.seconds,
         merge_seconds=merge_seconds,
+        shard_cpu_seconds=stage.cpu_seconds,
+        setup_cpu_seconds=sum(stage.setup_cpu.values()),
     )
+
+
+@dataclass
+class _StageResult:
+    """What the actors reported: failures [(shard, error)], hosts, summed shard wall and
+    CPU seconds, and each actor's setup CPU seconds ({(host, pid): seconds})."""
+
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    hosts: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    setup_cpu: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 def _run_shards(
@@ -747,16 +788,14 @@ def _run_shards(
     gpus_per_actor: float,
     progress: bool,
     say: Callable[[str], None],
-) -> tuple[list[tuple[int, str]], set[str], float, float]:
-    """Encode ``shards`` with a pool of ``actors`` ShardEncoders (Ray Data); returns
-    (failures [(shard, error)], hosts, summed shard seconds, stage wall seconds)."""
+) -> _StageResult:
+    """Encode ``shards`` with a pool of ``actors`` ShardEncoders (Ray Data)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     if not progress:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    began = time.perf_counter()
     items = [{"shard": int(s)} for s in shards]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardEncoder,
@@ -769,16 +808,16 @@ def _run_shards(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
     )
-    failures: list[tuple[int, str]] = []
-    hosts: set[str] = set()
-    seconds = 0.0
+    stage = _StageResult()
     for row in dataset.iter_rows():
-        shard, error = int(row["shard"]), str(row["error"])
-        seconds += float(row["seconds"])
-        hosts.add(str(row["host"]))
+        shard, error, host = int(row["shard"]), str(row["error"]), str(row["host"])
+        stage.seconds += float(row["seconds"])
+        stage.cpu_seconds += float(row["cpu_seconds"])
+        stage.hosts.add(host)
+        stage.setup_cpu[(host, int(row["pid"]))] = float(row["setup_cpu_seconds"])
         if error:
-            failures.append((shard, error))
-            say(f"shard {shard} failed on {row['host']}: {error}")
+            stage.failures.append((shard, error))
+            say(f"shard {shard} failed on {host}: {error}")
         else:
             say(f"shard {shard}: {int(row['items']):,} items in {float(row['seconds']):.1f} s")
-    return sorted(failures), hosts, seconds, time.perf_counter() - began
+    return stage
