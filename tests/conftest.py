@@ -199,3 +199,26 @@ def model():
 
     torch.manual_seed(0)
     return DPQModel(small_config())
+
+
+# --------------------------------------------------------------------------- no network
+
+
+class NetworkCallAttempted(AssertionError):
+    """A test marked ``no_network`` tried to open a connection."""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to reach the network (sockets or urllib)."""
+    import socket
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise NetworkCallAttempted(f"a network call was attempted: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return NetworkCallAttempted

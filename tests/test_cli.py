@@ -292,3 +292,107 @@ def test_train_skips_a_corrupt_image_and_says_how_many(tmp_path, capsys):
     assert "model saved to" in captured.out
     trained = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert trained["model"]["num_classes"] == 2
+
+
+# ---------------------------------------------------------------------------- devices, streaming
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("command", ["train", "encode", "evaluate", "search"])
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys, command):
+    if command == "train":
+        argv = train_digits_argv(tmp_path / "run") + ["--device", "cuda"]
+    else:
+        model = tmp_path / "model"
+        DPQModel(_small_folder_config()).save_checkpoint(model)
+        folder = tmp_path / "set"
+        make_image_folder(folder, {"a": 2, "b": 2})
+        argv = {
+            "encode": ["encode", "--images", str(folder), "--out", str(tmp_path / "i.npz")],
+            "evaluate": ["evaluate", "--images", str(folder), "--split", str(tmp_path / "s.json")],
+            "search": ["search", "--index", str(tmp_path / "i.npz"), "--images", str(folder)],
+        }[command] + ["--model", str(model), "--device", "cuda:1"]
+        if command == "search":  # an index to search, encoded on the CPU
+            encode = ["encode", "--images", str(folder), "--model", str(model), "--quiet"]
+            assert main([*encode, "--out", str(tmp_path / "i.npz"), "--device", "cpu"]) == 0
+        if command == "evaluate":
+            split = split_per_class(np.array([0, 0, 1, 1]), 1, 1, classes=["a", "b"])
+            split.save(tmp_path / "s.json")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpq: error: --device cuda") and err.count("\n") == 1
+    assert "use --device cpu" in err and "Traceback" not in err
+
+
+def _small_folder_config():
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+
+    return DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=2),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=4, dim=4),
+    )
+
+
+def test_train_and_encode_a_folder_read_on_demand(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    make_image_folder(folder, {"cats": 10, "dogs": 10}, size=20)
+    common = ["--image-size", "16", "--loading", "stream", "--workers", "2", "--device", "cpu"]
+    argv = [
+        "train",
+        str(folder),
+        "--backbone",
+        "small_cnn",
+        "--width",
+        "0.25",
+        "--dim",
+        "8",
+        "--codebook-size",
+        "8",
+        "--num-levels",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--word-vectors",
+        "orthogonal",
+        "--out",
+        str(tmp_path / "run"),
+        *common,
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "reading 20 training images on demand with 2 worker process(es)" in err
+    model = tmp_path / "run" / "model"
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                str(model),
+                "--images",
+                str(folder),
+                "--out",
+                str(tmp_path / "db.npz"),
+                "--quiet",
+                *common,
+            ]
+        )
+        == 0
+    )
+    from dpq.index import DPQIndex
+
+    streamed = DPQIndex.load(tmp_path / "db.npz")
+    in_memory = DPQModel.from_checkpoint(model).encode(load_source(folder, image_size=16).inputs)
+    np.testing.assert_array_equal(streamed.codes, in_memory)
+    np.testing.assert_array_equal(streamed.labels, np.repeat([0, 1], 10))
+
+
+def test_a_missing_weights_file_is_said_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_digits_argv(out) + ["--weights", str(tmp_path / "absent.safetensors")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "absent.safetensors does not exist" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -130,7 +130,7 @@ def test_recipes_by_name_or_file_and_the_same_on_every_machine(tmp_path, monkeyp
 
     assert load_recipe("default") == DPQConfig()
     recipe = load_recipe("cifar10")
-    assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10"}
+    assert recipe == cifar10_recipe() and set(RECIPES) == {"default", "cifar10", "paper"}
     assert recipe.model.normalize_features and recipe.train.time_budget_minutes == 30.0
     assert recipe.model.feature == "class_posterior" and recipe.train.precision == "auto"
     # what the CPU can do is decided when training starts, not when the recipe is built
@@ -141,3 +141,51 @@ def test_recipes_by_name_or_file_and_the_same_on_every_machine(tmp_path, monkeyp
     assert load_recipe(path) == recipe
     with pytest.raises(ValueError, match="neither a recipe name"):
         load_recipe("cifar100")
+
+
+def test_the_paper_recipe_holds_the_papers_values_and_says_where_each_comes_from():
+    from dpq.config import OUR_PAPER_CHOICES, PAPER_SETTINGS, load_recipe, paper_recipe
+
+    recipe = load_recipe("paper")
+    assert recipe == paper_recipe()
+    data = recipe.to_dict()
+    stated = {
+        "model.backbone": "alexnet",
+        "model.classifier_input": "backbone",
+        "model.feature": "semantic",
+        "quantizer.dim": 300,
+        "quantizer.num_levels": 4,
+        "quantizer.codebook_size": 256,
+        "quantizer.similarity": "cosine",
+        "quantizer.assignment": "euclidean",
+        "loss.lambda_cls": 0.1,
+        "loss.tau": 1.0,
+        "loss.mu": 1.0,
+        "loss.nu": 0.1,
+        "loss.semantic_reduction": "sum",
+        "train.epochs": 64,
+        "train.batch_size": 16,
+        "train.optimizer": "adam",
+        "train.weight_decay": 0.0,
+        "train.schedule": "end_to_end",
+        "train.quantization_start": 0.0,
+        "train.backbone_weights": None,  # the file comes with --weights
+    }
+    assert set(stated) == set(PAPER_SETTINGS)
+    for key, value in stated.items():
+        section, name = key.split(".")
+        assert data[section][name] == value, key
+        assert PAPER_SETTINGS[key].startswith("paper ")  # a section of the paper
+    # every value that is not a default is either cited or listed as our choice
+    defaults = DPQConfig().to_dict()
+    changed = {
+        f"{section}.{name}"
+        for section, fields in data.items()
+        for name, value in fields.items()
+        if value != defaults[section][name]
+    }
+    assert changed <= set(PAPER_SETTINGS) | set(OUR_PAPER_CHOICES)
+    for key in OUR_PAPER_CHOICES:
+        section, name = key.split(".")
+        assert name in data[section], key
+    assert recipe.model.image_size == 227 and recipe.train.backbone_lr_scale == 0.1

@@ -1,5 +1,12 @@
 """dpq.encoding.build_index: the one way a model and items become an index."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +16,7 @@ from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.data import ImageFileReader
 from dpq.data.decode import ImageStore
 from dpq.encoding import build_index
+from dpq.index import DPQIndex
 from dpq.model import DPQModel
 
 
@@ -52,7 +60,7 @@ def test_build_index_grows_an_index_and_checks_its_codebooks(model, images):
         build_index(model, images, labels=np.zeros(2, np.int64))
 
 
-def test_build_index_reads_an_on_demand_reader_chunk_by_chunk(model, tmp_path, monkeypatch):
+def test_build_index_streams_an_on_demand_reader(model, tmp_path, monkeypatch):
     from PIL import Image
 
     monkeypatch.setattr(encoding, "CHUNK_ITEMS", 4)
@@ -60,11 +68,79 @@ def test_build_index_reads_an_on_demand_reader_chunk_by_chunk(model, tmp_path, m
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     reader = ImageFileReader(ImageStore(str(tmp_path)), [f"{i}.png" for i in range(9)], (8, 8))
-    read = []
+    read, added = [], []
     original = ImageFileReader.__getitem__
     monkeypatch.setattr(
         ImageFileReader, "__getitem__", lambda self, key: read.append(key) or original(self, key)
     )
-    index = build_index(model, reader)
-    assert [k for k in read if isinstance(k, slice)] == [slice(0, 4), slice(4, 8), slice(8, 9)]
+    add = encoding.add_features
+    monkeypatch.setattr(
+        encoding,
+        "add_features",
+        lambda index, model, features, **rows: (
+            added.append(len(features)) or add(index, model, features, **rows)
+        ),
+    )
+    index = build_index(model, reader, batch_size=2, workers=0)
+    assert read == list(range(9))  # one image at a time, each once: never all at once
+    assert added == [4, 4, 1]  # codes added a chunk at a time
     np.testing.assert_array_equal(index.codes, model.encode(pixels))
+    # decoded by two worker processes: the same codes, in the same order
+    in_workers = build_index(model, reader, batch_size=2, workers=2)
+    np.testing.assert_array_equal(in_workers.codes, index.codes)
+
+
+def _encode_peak_rss(model_dir, folder, out):
+    """Peak RSS (MiB) of a fresh `dpq encode --loading stream --workers 2` process over
+    ``folder`` at 224 px, and of its largest DataLoader worker."""
+    script = textwrap.dedent(
+        f"""
+        import json, resource
+        from dpq.cli import main
+        code = main(["encode", "--model", {str(model_dir)!r}, "--images", {str(folder)!r},
+                     "--image-size", "224", "--loading", "stream", "--workers", "2",
+                     "--batch-size", "32", "--device", "cpu", "--quiet", "--out", {str(out)!r}])
+        print(json.dumps({{"code": code,
+                          "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(encoding.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_streamed_encoding_memory_does_not_grow_with_the_collection(tmp_path):
+    """224 px JPEGs encoded on demand by two workers: peak RSS at 800 images is that at 200
+    (decoded up front, the 600 more images alone would take 86 MiB). The two-size
+    measurement at 3,000 and 12,000 images is benchmarks/stream_memory.py."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for count in (200, 800):
+        for i in range(count):
+            folder = tmp_path / f"images-{count}" / f"class{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, size=(14, 14, 3), dtype=np.uint8)
+            image = Image.fromarray(coarse).resize((224, 224), Image.Resampling.BICUBIC)
+            image.save(folder / f"{i:05d}.jpg", quality=90)
+    torch.manual_seed(0)
+    config = DPQConfig(  # a small network reading the 224 px images shrunk to 32 px
+        model=ModelConfig(
+            backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=4, image_size=32
+        ),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=16, dim=8),
+    )
+    DPQModel(config).save_checkpoint(tmp_path / "model")
+    small, large = (
+        _encode_peak_rss(tmp_path / "model", tmp_path / f"images-{n}", tmp_path / f"{n}.npz")
+        for n in (200, 800)
+    )
+    assert small["code"] == large["code"] == 0
+    assert DPQIndex.load(tmp_path / "800.npz").ntotal == 800
+    decoded_extra = 600 * 224 * 224 * 3 / 2**20
+    assert large["main"] - small["main"] < 0.3 * decoded_extra, (small, large)
+    assert large["workers"] - small["workers"] < 0.3 * decoded_extra, (small, large)

@@ -75,11 +75,11 @@ def test_the_demo_scores_its_own_codes(tmp_path):
     )
 
 
-def _small_cifar(tmp_path: Path) -> Path:
+def _small_cifar(tmp_path: Path, train: int = 10, test: int = 5) -> Path:
     small = tmp_path / "cifar-small.zip"
     with zipfile.ZipFile(CIFAR_ZIP) as full, zipfile.ZipFile(small, "w") as out:
         names = full.namelist()
-        for split, count in (("train", 10), ("test", 5)):
+        for split, count in (("train", train), ("test", test)):
             for name in CIFAR10_CLASSES:
                 members = sorted(n for n in names if n.startswith(f"{split}/{name}/"))
                 for member in [m for m in members if m.endswith(".jpg")][:count]:
@@ -139,3 +139,36 @@ def test_reproduce_cifar10_reports_what_its_model_and_split_give(tmp_path, monke
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "paper DPQ" in report and (tmp_path / "run" / "report" / "pr_16bits.png").is_file()
     assert "split seed 4" in (tmp_path / "run" / "results.md").read_text()
+
+
+@pytest.mark.skipif(
+    not CIFAR_ZIP.is_file(), reason=f"the offline CIFAR-10 copy is not at {CIFAR_ZIP}"
+)
+def test_the_paper_recipe_runs_end_to_end_on_a_cpu(tmp_path, monkeypatch, no_network):
+    """`--config paper` on 40 real CIFAR-10 images: a (random) AlexNet's fc7, 32 px images
+    read at 227 px inside the model, every loss end to end from the first step. Only K (8,
+    for 20 training images), the epochs and, to keep the test small, frozen conv1..fc6
+    differ from the recipe (weights files: tests/test_trainer.py, tests/test_backbones.py)."""
+    from dpq.config import paper_recipe
+
+    monkeypatch.setenv("DPQ_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = paper_recipe().replace(
+        quantizer={"codebook_size": 8}, train={"freeze_stages": 6, "keep_checkpoints": 1}
+    )
+    result = reproduce_cifar10(
+        tmp_path / "run",
+        data=_small_cifar(tmp_path, train=3, test=1),
+        base_config=recipe,
+        epochs=1,
+        word_vectors=WORDVEC / "cifar10.txt",
+        train_per_class=2,
+        query_per_class=1,
+        device="cpu",
+        **QUIET,
+    )
+    config = result.train.model.config
+    assert config.model.image_size == 227 and config.model.backbone == "alexnet"
+    assert set(result.evaluation.map_by_bits) == {3, 6, 9, 12}
+    assert result.evaluation.num_database == 10
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["config"]["train"]["schedule"] == "end_to_end"

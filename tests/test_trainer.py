@@ -298,3 +298,149 @@ def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
 
 
 # ------------------------------------------------------------------------------ commands
+
+
+# ------------------------------------------------------------------------------ streaming,
+# devices, precision, pretrained backbones
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """4 classes x 12 random 16 x 16 PNGs (48 images)."""
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("tiny-folder")
+    make_image_folder(root, {name: 12 for name in "abcd"}, size=16, seed=5)
+    return root
+
+
+def _folder_config(**train):
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
+
+    options = {"epochs": 2, "batch_size": 16, "lr": 0.05, "quantization_start": 0.5, **train}
+    return DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=4),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=8, dim=8),
+        train=TrainConfig(**options),
+    )
+
+
+def test_streamed_and_in_memory_training_see_the_same_batches(tmp_path, tiny_folder, monkeypatch):
+    from dpq.data import load_source
+
+    seen: dict[str, list[torch.Tensor]] = {"memory": [], "stream": []}
+    original = Trainer._batch
+    current = []
+
+    def spy(self, raw, index, rng, augment):
+        x, targets = original(self, raw, index, rng, augment)
+        seen[current[-1]].append(x.detach().clone())
+        return x, targets
+
+    monkeypatch.setattr(Trainer, "_batch", spy)
+    histories = {}
+    for mode, in_memory, workers in (("memory", True, None), ("stream", False, 2)):
+        current.append(mode)
+        source = load_source(tiny_folder, image_size=16, in_memory=in_memory)
+        assert isinstance(source.inputs, np.ndarray) == in_memory
+        result = train_model(
+            _folder_config(),
+            ArrayDataset(source.inputs, source.labels),
+            orthogonal(4, 8),
+            tmp_path / mode,
+            workers=workers,
+            **QUIET,
+        )
+        histories[mode] = result.history
+    assert len(seen["memory"]) == len(seen["stream"]) == 2 * 3  # 2 epochs of 48 // 16 steps
+    for a, b in zip(seen["memory"], seen["stream"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(histories["memory"], histories["stream"], strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_the_model_encodes_in_float32(tmp_path, digits):
+    vectors = orthogonal(10, 12)
+    result = train_model(
+        digits_config(epochs=2, precision="fp16"), digits, vectors, tmp_path, **QUIET
+    )
+    assert result.precision == "fp16"
+    assert all(np.isfinite(record["total"]) for record in result.history)
+    state = json.loads((tmp_path / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    loaded = DPQModel.from_checkpoint(tmp_path / "model", device="cpu")
+    features = loaded.extract_features(digits.images[:6])
+    assert features.dtype == np.float32 and np.isfinite(features).all()
+    np.testing.assert_allclose(features, result.model.extract_features(digits.images[:6]))
+
+
+def test_a_bf16_checkpoint_loads_and_encodes_in_float32(tmp_path, digits):
+    result = train_model(
+        digits_config(epochs=1, precision="bf16"), digits, orthogonal(10, 12), tmp_path, **QUIET
+    )
+    assert result.precision == "bf16"
+    loaded = DPQModel.from_checkpoint(tmp_path / "model")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    codes = loaded.encode(digits.images[:6])
+    np.testing.assert_array_equal(codes, result.model.encode(digits.images[:6]))
+
+
+def test_the_device_is_checked_before_training(tmp_path, digits):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ValueError, match="--device cuda: .*no CUDA device here"):
+        train_model(digits_config(), digits, orthogonal(10, 12), tmp_path, device="cuda", **QUIET)
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
+    """A weights file the test makes (a random ResNet-18 in torchvision's layout, with its
+    ImageNet classifier ``fc``): loaded before training, the frozen stages keep it (weights
+    and BatchNorm statistics), the rest learns at lr * backbone_lr_scale, and nothing
+    reaches for the network."""
+    from safetensors.torch import save_file
+
+    from dpq.backbones import create_backbone
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
+    from dpq.data import load_source
+
+    torch.manual_seed(7)
+    state = {k: v.contiguous() for k, v in create_backbone("resnet18").state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    save_file(state, str(tmp_path / "resnet18.safetensors"))
+    config = DPQConfig(
+        model=ModelConfig(backbone="resnet18", num_classes=4, image_size=16),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=8, dim=8),
+        train=TrainConfig(
+            epochs=1,
+            batch_size=16,
+            lr=0.05,
+            lr_schedule="constant",
+            backbone_weights=str(tmp_path / "resnet18.safetensors"),
+            backbone_lr_scale=0.1,
+            freeze_stages=4,  # the stem and layer1..layer3 kept
+        ),
+    )
+    source = load_source(tiny_folder, image_size=16)
+    trainer = Trainer(
+        config,
+        DPQModel(config),
+        ArrayDataset(source.inputs, source.labels),
+        orthogonal(4, 8),
+        tmp_path / "run",
+        **QUIET,
+    )
+    assert sorted({g["lr_scale"] for g in trainer._network_parameters()}) == [0.1, 1.0]
+    result = trainer.train()
+    trained = result.model.backbone.state_dict()
+    for name in ("conv1.weight", "bn1.running_mean", "layer3.1.bn2.running_var"):
+        torch.testing.assert_close(trained[name], state[name], rtol=0, atol=0)
+    for name in ("layer4.0.conv1.weight", "layer4.1.bn2.running_mean"):
+        assert not torch.equal(trained[name], state[name])
+    loaded = DPQModel.from_checkpoint(tmp_path / "run" / "model")
+    assert loaded.config.train.backbone_weights.endswith("resnet18.safetensors")
+    assert loaded.extract_features(source.inputs[:3]).shape == (3, 8)

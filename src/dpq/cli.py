@@ -55,6 +55,14 @@ def _add_source_options(parser: argparse.ArgumentParser, cache: bool = False) ->
         help="leave out images that cannot be decoded (counted in a warning) instead of "
         "stopping at the first one",
     )
+    group.add_argument(
+        "--loading",
+        choices=["auto", "memory", "stream"],
+        default="auto",
+        help="folders, zips and list files: decode every image up front (memory), or read "
+        "them on demand in --workers processes, memory bounded whatever the collection's "
+        "size (stream); auto: memory when the decoded images fit a quarter of RAM",
+    )
     if cache:
         group.add_argument(
             "--cache-dir",
@@ -65,7 +73,9 @@ def _add_source_options(parser: argparse.ArgumentParser, cache: bool = False) ->
 
 def _load_source(args: argparse.Namespace, spec: Any = None, **extra: Any):  # -> Source
     from dpq.data import load_source
+    from dpq.data.sources import loading_mode
 
+    extra.setdefault("in_memory", loading_mode(args.loading))
     return load_source(
         spec,
         image_root=args.image_root,
@@ -75,6 +85,32 @@ def _load_source(args: argparse.Namespace, spec: Any = None, **extra: Any):  # -
         cache_dir=getattr(args, "cache_dir", None),
         **extra,
     )
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    """Where a model runs and how many processes read its images (issue 14)."""
+    group = parser.add_argument_group("hardware")
+    group.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="auto (a CUDA GPU where there is one, else the CPU), cpu, cuda, cuda:N or mps; "
+        "a model trained on one device runs on any other",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes decoding images read on demand (default: one per core, up to 8; 0: "
+        "the main process)",
+    )
+
+
+def _load_model(args: argparse.Namespace, path: str):  # -> DPQModel on --device
+    from dpq.devices import resolve_device
+    from dpq.model import DPQModel
+
+    return DPQModel.from_checkpoint(path, device=resolve_device(args.device))
 
 
 def _image_flags_given(args: argparse.Namespace) -> list[str]:
@@ -228,7 +264,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument(
         "--config",
         metavar="RECIPE",
-        help="a recipe name (default, cifar10) or a DPQ config JSON file (sections "
+        help="a recipe name (default, cifar10, paper) or a DPQ config JSON file (sections "
         "model/quantizer/loss/train; missing keys take the defaults), e.g. the config.json of "
         "a checkpoint. `train` starts from 'default', `reproduce` from 'cifar10'",
     )
@@ -323,6 +359,26 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--channels-last", action="store_true", default=None, help="channels-last convolutions"
     )
+    train.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="pretrained backbone weights from a local file (safetensors, or a state dict "
+        "saved by torch.save), e.g. torchvision's ImageNet AlexNet for --backbone alexnet; "
+        "nothing is downloaded",
+    )
+    train.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        metavar="X",
+        help="the backbone learns at lr * X (below 1 fine-tunes pretrained layers gently)",
+    )
+    train.add_argument(
+        "--freeze-stages",
+        type=int,
+        metavar="N",
+        help="do not train the first N stages of the backbone (alexnet: conv1..fc7; "
+        "resnets: stem, layer1..layer4)",
+    )
     train.add_argument("--seed", type=int, help="seed of init, shuffling and augmentation")
     parser.add_argument(
         "--word-vectors",
@@ -334,6 +390,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in --out"
     )
+    _add_device_options(parser)
     _quiet_flag(parser, "progress or log lines")
 
 
@@ -370,6 +427,9 @@ def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # ->
         ("train", "precision"): args.precision,
         ("train", "channels_last"): args.channels_last,
         ("train", "seed"): args.seed,
+        ("train", "backbone_weights"): args.weights,
+        ("train", "backbone_lr_scale"): args.backbone_lr_scale,
+        ("train", "freeze_stages"): args.freeze_stages,
     }
     for (section, name), value in flags.items():
         if value is not None:
@@ -463,6 +523,12 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     reproduce.set_defaults(func=_cmd_reproduce)
 
 
+def _loading(args: argparse.Namespace):  # -> bool | str
+    from dpq.data.sources import loading_mode
+
+    return loading_mode(args.loading)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from dpq.experiments import train_from_source
 
@@ -484,6 +550,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         log=_log_for(args),
+        device=args.device,
+        workers=args.workers,
+        in_memory=_loading(args),
     )
     last = result.history[-1] if result.history else {}
     print(
@@ -546,6 +615,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         command="dpq " + " ".join(shlex.quote(a) for a in argv),
         baselines=_parse_methods(args.baselines),
         split_seed=args.split_seed,
+        device=args.device,
+        workers=args.workers,
     )
     print(
         format_results_table(
@@ -646,6 +717,7 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
         "and the training rows the baselines are fitted on",
     )
     _add_source_options(evaluate)
+    _add_device_options(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -719,7 +791,6 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     from dpq.atomic import write_json_atomic
     from dpq.data import Split
     from dpq.experiments import evaluate_split
-    from dpq.model import DPQModel
     from dpq.report import format_map_table, format_results_table
 
     missing = _missing_flags(args, "model", "images", "split")
@@ -741,7 +812,7 @@ def _evaluate_model(args: argparse.Namespace) -> int:
 
         check_writable_file(args.out, "--out")
     baselines = _parse_methods(args.baselines)
-    model = DPQModel.from_checkpoint(args.model)
+    model = _load_model(args, args.model)
     split = Split.load(args.split)
     source = _load_source(args, args.images)
     if args.bits != "8,16,24,32":
@@ -752,7 +823,14 @@ def _evaluate_model(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     evaluation = evaluate_split(
-        model, source, split, baselines=baselines, r=args.r, curves=True, progress=not args.quiet
+        model,
+        source,
+        split,
+        baselines=baselines,
+        r=args.r,
+        curves=True,
+        progress=not args.quiet,
+        workers=args.workers,
     )
     print(
         format_results_table(
@@ -829,6 +907,7 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "the model's, ip for class-posterior features; aqd with --codebooks)",
     )
     _add_source_options(encode)
+    _add_device_options(encode)
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     encode.add_argument("--out", required=True, help="the index file to write (.npz)")
     _quiet_flag(encode)
@@ -867,6 +946,7 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         help="which part of --split to search with (default: query)",
     )
     _add_source_options(search)
+    _add_device_options(search)
     search.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     search.add_argument(
         "--k",
@@ -1025,11 +1105,10 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     if args.model is not None:
         from dpq.encoding import build_index
-        from dpq.model import DPQModel
 
         if args.assignment is not None:
             raise ValueError("--assignment applies to --codebooks; a model encodes with its rule.")
-        model = DPQModel.from_checkpoint(args.model)
+        model = _load_model(args, args.model)
         metadata["model"] = str(args.model)
         index = build_index(
             model,
@@ -1040,6 +1119,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             metadata=metadata,
             progress=not args.quiet,
             search_mode=args.search_mode,
+            workers=args.workers,
         )
     else:
         metadata["codebooks"] = str(args.codebooks)
@@ -1080,13 +1160,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     index = DPQIndex.load(args.index)
     queries, _, query_ids, _ = _items(args, args.subset)
     if args.model is not None:
-        from dpq.model import DPQModel
-
-        model = DPQModel.from_checkpoint(args.model)
+        model = _load_model(args, args.model)
         index.check_compatible(model.codebooks(), source=f"model {args.model}")
         began = time.perf_counter()
         queries = model.extract_features(
-            queries, batch_size=args.batch_size, progress=not args.quiet
+            queries, batch_size=args.batch_size, progress=not args.quiet, workers=args.workers
         )
         seconds = time.perf_counter() - began
         _say(args, f"features of {len(queries):,} queries in {seconds:.1f} s")

@@ -1,11 +1,12 @@
 """From a trained model and a collection to a searchable :class:`~dpq.index.DPQIndex`.
 
 :func:`build_index` is the one way items become an index: ``dpq encode``, the evaluation
-of a trained model and the search service all call it. It reads the inputs a chunk at a
-time (so an on-demand image reader never has to fit in memory), extracts the searched
-features (:meth:`dpq.model.DPQModel.searched_features`), encodes them with the model's
-quantizer and adds the codes, with the item ids and labels, to an index that carries the
-model's codebooks, assignment rule and search mode.
+of a trained model and the search service all call it. It streams the inputs through the
+model (:meth:`dpq.model.DPQModel.iter_searched_features`: an on-demand image reader is
+decoded by DataLoader worker processes a few batches ahead, so neither the images nor their
+features ever have to fit in memory), encodes :data:`CHUNK_ITEMS` features at a time with
+the model's quantizer and adds the codes, with the item ids and labels, to an index that
+carries the model's codebooks, assignment rule and search mode.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dpq.model import DPQModel
 from dpq.progress import progress_bar
 
 CHUNK_ITEMS = 8192
-"""Items read, featurised and encoded at a time by :func:`build_index`."""
+"""Features collected before :func:`build_index` encodes them and adds them to the index."""
 
 
 def empty_index(
@@ -68,6 +69,8 @@ def build_index(
     progress: bool = False,
     index: DPQIndex | None = None,
     search_mode: str | None = None,
+    workers: int | None = None,
+    precision: str = "fp32",
 ) -> DPQIndex:
     """Encode ``inputs`` with ``model`` into an index (a new one, or ``index`` grown).
 
@@ -82,6 +85,10 @@ def build_index(
         progress: report progress (images/s) on stderr.
         index: an existing index of this model's codebooks to add the items to.
         search_mode: how a new index is searched (default: the model's).
+        workers: decoding processes for an on-demand reader (default: one per core, up to
+            8; 0: this process); in-memory arrays are read in this process.
+        precision: arithmetic of the network ("fp32", "bf16", "fp16"; see
+            :meth:`dpq.model.DPQModel.extract_features`).
 
     Returns:
         The index (``index`` itself when given).
@@ -93,17 +100,31 @@ def build_index(
         index = empty_index(model, metadata, search_mode)
     else:
         index.check_compatible(model.codebooks(), source="the model")
+    pending: list[np.ndarray] = []
+    pending_start = 0
+
+    def flush(stop: int) -> None:
+        nonlocal pending_start
+        if not pending:
+            return
+        add_features(
+            index,
+            model,
+            np.concatenate(pending),
+            ids=None if ids is None else ids[pending_start:stop],
+            labels=None if labels is None else labels[pending_start:stop],
+        )
+        pending.clear()
+        pending_start = stop
+
     with progress_bar(n, "encode", "img", enabled=progress) as bar:
-        for start in range(0, n, CHUNK_ITEMS):
-            stop = min(start + CHUNK_ITEMS, n)
-            chunk = np.asarray(inputs[start:stop])
-            features = model.extract_features(chunk, batch_size=batch_size)
-            add_features(
-                index,
-                model,
-                features,
-                ids=None if ids is None else ids[start:stop],
-                labels=None if labels is None else labels[start:stop],
-            )
-            bar.update(stop - start)
+        for start, features, _logits in model.iter_searched_features(
+            inputs, batch_size=batch_size, precision=precision, workers=workers
+        ):
+            pending.append(features)
+            stop = start + len(features)
+            if stop - pending_start >= CHUNK_ITEMS:
+                flush(stop)
+            bar.update(len(features))
+        flush(n)
     return index

@@ -714,6 +714,7 @@ def evaluate_retrieval(
     train_labels: np.ndarray | None = None,
     curves: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> RetrievalEvaluation:
     """A trained model on a query set and a database: features, codes at every prefix,
     exact float search and optional baselines, scored with mAP@R.
@@ -728,18 +729,20 @@ def evaluate_retrieval(
         train_inputs, train_labels: the training set, for fitting the baselines.
         curves: compute PR and precision@R curves at the longest code.
         progress: report progress on stderr.
+        workers: decoding processes for images read on demand (see
+            :meth:`dpq.model.DPQModel.extract_features`).
     """
     from dpq.encoding import add_features, empty_index
 
     seconds: dict[str, float] = {}
     begin = time.perf_counter()
-    query_features, query_logits = model.extract_features_and_logits(query_inputs)
+    query_features, query_logits = model.extract_features_and_logits(query_inputs, workers=workers)
     database_features, database_logits = model.extract_features_and_logits(
-        database_inputs, progress=progress
+        database_inputs, progress=progress, workers=workers
     )
     train_features = None
     if baselines and train_inputs is not None:
-        train_features = model.extract_features(train_inputs, progress=progress)
+        train_features = model.extract_features(train_inputs, progress=progress, workers=workers)
     seconds["features"] = time.perf_counter() - begin
 
     begin = time.perf_counter()

@@ -36,10 +36,12 @@ def complete_config(config: DPQConfig, source: Source, train_inputs: Any) -> DPQ
     """Fill the data-dependent fields of ``config``.
 
     Sets ``model.num_classes`` and ``model.multilabel`` from the source's labels; for
-    images, the per-channel mean/std of the training images when the config still has the
-    generic defaults; for features (float (N, F)), the identity backbone with
-    ``in_features = F``.
+    images, when the config still has the generic mean/std: the backbone's (ImageNet's for
+    the ImageNet networks, :func:`dpq.backbones.input_defaults`) or else the per-channel
+    mean/std of the training images; ``model.image_size`` from the backbone when unset;
+    for features (float (N, F)), the identity backbone with ``in_features = F``.
     """
+    from dpq.backbones import input_defaults
     from dpq.config import ModelConfig
     from dpq.model import image_statistics
 
@@ -51,13 +53,42 @@ def complete_config(config: DPQConfig, source: Source, train_inputs: Any) -> DPQ
     if source.kind == "features":
         updates["backbone"] = "identity"
         updates["backbone_kwargs"] = {"in_features": int(train_inputs.shape[1])}
-    elif (
-        config.model.image_mean == defaults.image_mean
-        and config.model.image_std == defaults.image_std
-    ):
-        mean, std = image_statistics(np.asarray(train_inputs))
-        updates["image_mean"], updates["image_std"] = mean, std
+    else:
+        expected = input_defaults(config.model.backbone)
+        generic = (
+            config.model.image_mean == defaults.image_mean
+            and config.model.image_std == defaults.image_std
+        )
+        if generic and expected is not None:
+            updates["image_mean"], updates["image_std"] = expected.mean, expected.std
+        elif generic:
+            mean, std = image_statistics(train_inputs)
+            updates["image_mean"], updates["image_std"] = mean, std
+        if expected is not None and config.model.image_size is None:
+            updates["image_size"] = expected.image_size
     return config.replace(model=updates)
+
+
+def check_backbone_weights(config: DPQConfig) -> None:
+    """FileNotFoundError, before any loading or writing, when ``train.backbone_weights``
+    names a file that does not exist."""
+    path = config.train.backbone_weights
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(
+            f"weights file {path} does not exist; pass a local .safetensors or .pth file "
+            "(nothing is downloaded)."
+        )
+
+
+def model_image_size(config: DPQConfig) -> int | None:
+    """The side the config's network reads (``model.image_size``, else its backbone's), the
+    size to decode a collection of differently sized images at; None where it has none."""
+    from dpq.backbones import input_defaults
+
+    if config.model.image_size is not None:
+        return config.model.image_size
+    expected = input_defaults(config.model.backbone)
+    return expected.image_size if expected is not None else None
 
 
 @dataclass
@@ -115,7 +146,8 @@ def prepare_run(
         train_inputs, train_labels = source.inputs, source.labels
     else:
         train_inputs, train_labels = source.rows(chosen.rows("train", len(source), source.name))
-    train_inputs = np.asarray(train_inputs)
+    if isinstance(train_inputs, list):
+        train_inputs = np.asarray(train_inputs)
     config = complete_config(config, source, train_inputs)
     if config.loss.use_semantic and word_vectors is None:
         raise ValueError(
@@ -139,12 +171,18 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
 ) -> TrainResult:
-    """Train a prepared run into ``out_dir``: lock the folder, check it, write the split
-    (``split.json``), train. Nothing is written before the checks pass."""
+    """Train a prepared run into ``out_dir`` on ``device`` (:func:`dpq.devices.resolve_device`)
+    with ``workers`` data-loading processes for images read on demand: lock the folder,
+    check it, write the split (``split.json``), train. Nothing is written before the checks
+    pass."""
     run_dir = RunDirectory(out_dir)
     with run_dir.lock():
         run_dir.check_can_start(resume)
+        if not resume:
+            check_backbone_weights(prepared.config)
         split_path = run_dir.path / SPLIT_FILE
         if prepared.split is not None:
             if resume and split_path.is_file() and Split.load(split_path) != prepared.split:
@@ -162,6 +200,8 @@ def train_run(
             resume=resume,
             progress=progress,
             log=log,
+            device=device,
+            workers=workers,
         )
 
 
@@ -182,12 +222,24 @@ def train_from_source(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
+    in_memory: bool | str = True,
 ) -> TrainResult:
     """Load a source, split it, complete the config from the data and train (``dpq train``).
 
     Arguments as in :func:`dpq.data.load_source`, :func:`prepare_run` and :func:`train_run`.
+    Without ``image_size``, a folder read on demand is decoded at the size its network reads
+    (:func:`model_image_size`).
     """
+    from dpq.devices import resolve_device
+
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    resolve_device(device)  # a missing GPU is said before the minutes of loading
+    if not resume:
+        check_backbone_weights(config)
+    if image_size is None and source is not None and in_memory is not True:
+        image_size = model_image_size(config)
     loaded = load_source(
         source,
         features=features,
@@ -195,13 +247,16 @@ def train_from_source(
         image_root=image_root,
         image_size=image_size,
         skip_corrupt=skip_corrupt,
+        in_memory=in_memory,
     )
     if loaded.skipped:
         say(f"training without the {loaded.skipped:,} images that could not be decoded")
     prepared = prepare_run(
         config, loaded, split, train_per_class, query_per_class, split_seed, word_vectors
     )
-    return train_run(prepared, out_dir, resume=resume, progress=progress, log=log)
+    return train_run(
+        prepared, out_dir, resume=resume, progress=progress, log=log, device=device, workers=workers
+    )
 
 
 def evaluate_split(
@@ -212,9 +267,11 @@ def evaluate_split(
     r: int | None = None,
     curves: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> RetrievalEvaluation:
     """A trained model on a split of a source: its query rows searched in its database
-    rows (:func:`dpq.evaluation.evaluate_retrieval`), baselines fitted on its training rows."""
+    rows (:func:`dpq.evaluation.evaluate_retrieval`), baselines fitted on its training rows;
+    images read on demand are decoded by ``workers`` processes."""
     rows = {name: split.rows(name, len(source), source.name) for name in ("query", "database")}
     query_inputs, query_labels = source.rows(rows["query"])
     database_inputs, database_labels = source.rows(rows["database"])
@@ -233,6 +290,7 @@ def evaluate_split(
         train_labels=train_labels,
         curves=curves,
         progress=progress,
+        workers=workers,
     )
 
 
@@ -411,6 +469,8 @@ def reproduce_cifar10(
     train_per_class: int = 500,
     query_per_class: int = 100,
     split_seed: int = 0,
+    device: str = "cpu",
+    workers: int | None = None,
 ) -> ReproduceResult:
     """The CIFAR-10 protocol of the paper with one model: merge the 60,000 images, draw 500
     training and 100 query images per class (seed ``split_seed``), train on the 5,000, encode
@@ -436,8 +496,14 @@ def reproduce_cifar10(
         train_per_class, query_per_class: the protocol's 500 and 100; smaller values make a
             quick smoke run, not the benchmark.
         split_seed: seed of the per-class split (the paper's protocol draws one at random).
+        device: where to train and encode ("auto", "cpu", "cuda", "cuda:N", "mps").
+        workers: processes decoding images read on demand (none here: this flow holds
+            CIFAR-10's 32 px images in memory, where batches are cut in this process).
     """
     from dpq.config import ablation_config, cifar10_recipe
+    from dpq.devices import resolve_device
+
+    resolve_device(device)  # a missing GPU is said before anything else
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if minutes is not None and epochs is not None:
@@ -458,6 +524,8 @@ def reproduce_cifar10(
                 "ablation without it (E, E+LC)."
             )
     RunDirectory(out).check_can_start(resume)  # before the minutes of loading
+    if not resume:
+        check_backbone_weights(config)
     begin = time.perf_counter()
     source = load_source(data) if data is not None else _download_cifar10_source()
     if source.kind != "cifar10":
@@ -472,10 +540,18 @@ def reproduce_cifar10(
         f"{query_per_class} (seed {split_seed}): "
         f"{len(split.train)} train, {len(split.query)} query, {len(split.database)} database"
     )
-    result = train_run(prepared, out, resume=resume, progress=progress, log=say)
+    result = train_run(
+        prepared, out, resume=resume, progress=progress, log=say, device=device, workers=workers
+    )
     say(f"encoding {len(split.database)} database images and searching {len(split.query)} queries")
     evaluation = evaluate_split(
-        result.model, source, split, baselines=baselines, curves=True, progress=progress
+        result.model,
+        source,
+        split,
+        baselines=baselines,
+        curves=True,
+        progress=progress,
+        workers=workers,
     )
     search = "AQD" if result.model.config.model.search_mode == "aqd" else "inner-product search"
     reproduced = ReproduceResult(

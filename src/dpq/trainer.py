@@ -17,6 +17,15 @@ When the quantization phase starts, the codebooks are initialised by residual k-
 training features (``quantizer.init == "kmeans"``). The network has its own optimizer and
 learning-rate schedule; the codebooks always use Adam at ``train.codebook_lr``.
 
+Batches are read by a :class:`dpq.data.loading.BatchReader`: indexed in this process for
+in-memory arrays, decoded by DataLoader worker processes for an on-demand image reader
+(``workers``), with the same batches either way: the epoch order and every augmentation
+are drawn here from ``np.random.default_rng([seed, epoch])``. The model trains on
+``device`` (any of :func:`dpq.devices.resolve_device`); float16 autocast trains with a
+gradient scaler (:func:`dpq.devices.gradient_scaler`). Pretrained backbone weights
+(``train.backbone_weights``) are loaded when a fresh run starts; the backbone then learns
+at ``lr * train.backbone_lr_scale`` and its first ``train.freeze_stages`` stages not at all.
+
 Every epoch ends with a checkpoint (:class:`dpq.checkpoint.CheckpointStore`), so
 ``train(resume=True)`` continues from the newest one after the process was killed, with
 bit-identical results. The run folder is locked for the whole run
@@ -32,7 +41,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import random
 import sys
 import time
@@ -46,10 +54,20 @@ import torch
 from torch import nn
 
 from dpq.augment import crop_flip, cutout, mixup, rand_augment
+from dpq.backbones import load_backbone_weights
 from dpq.budget import TimeBudget
 from dpq.checkpoint import RunDirectory, architecture
 from dpq.config import DPQConfig, config_differences
-from dpq.devices import autocast, full_precision, resolve_precision
+from dpq.data.loading import BatchReader
+from dpq.devices import (
+    autocast,
+    available_cores,
+    describe_device,
+    full_precision,
+    gradient_scaler,
+    resolve_device,
+    resolve_precision,
+)
 from dpq.losses import DPQLoss, LossOutput
 from dpq.model import DPQModel
 from dpq.progress import is_terminal, progress_bar
@@ -60,7 +78,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class LabelledInputs(Protocol):
-    """Anything with ``images`` (uint8 (N, H, W, 3) or float (N, F)) and ``labels``."""
+    """Anything with ``images`` (uint8 (N, H, W, 3) or float (N, F): an array, or an
+    on-demand reader such as :class:`dpq.data.ImageFileReader`) and ``labels``."""
 
     images: Any
     labels: np.ndarray
@@ -71,11 +90,12 @@ class ArrayDataset:
     """Inputs and labels held in memory.
 
     Attributes:
-        images: uint8 (N, H, W, 3) images, or float32 (N, F) features.
+        images: uint8 (N, H, W, 3) images, or float32 (N, F) features (or an on-demand
+            image reader with the same indexing, read through worker processes).
         labels: int64 (N,) class ids or multi-hot (N, C).
     """
 
-    images: np.ndarray
+    images: Any
     labels: np.ndarray
 
 
@@ -102,19 +122,6 @@ class TrainResult:
     resumed_from_epoch: int = 0
     planned: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
-
-
-def available_cores() -> int:
-    """CPU cores this process may use: its affinity mask, capped by ``OMP_NUM_THREADS``
-    when that is set (e.g. to keep a test or a second job on one core)."""
-    try:
-        cores = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = max(1, os.cpu_count() or 1)
-    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if limit.isdigit() and int(limit) > 0:
-        cores = min(cores, int(limit))
-    return cores
 
 
 def seed_everything(seed: int) -> None:
@@ -216,6 +223,10 @@ class Trainer:
         progress: show progress (a bar on a terminal, one line per epoch elsewhere).
         log: function receiving one-line messages (default: print to stderr).
         clock: seconds as a float (default ``time.perf_counter``; tests inject a fake one).
+        device: where to train ("auto", "cpu", "cuda", "cuda:N", "mps", a torch.device);
+            None: where the model is. The model is moved there.
+        workers: data-loading processes for an on-demand image reader (None: one per core,
+            up to 8); in-memory arrays are always read in this process.
     """
 
     def __init__(
@@ -228,6 +239,8 @@ class Trainer:
         progress: bool = True,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        device: str | torch.device | None = None,
+        workers: int | None = None,
     ) -> None:
         if architecture(model.config) != architecture(config):
             diffs = config_differences(architecture(model.config), architecture(config))
@@ -236,10 +249,15 @@ class Trainer:
                 f"the Trainer (model vs trainer): {'; '.join(diffs)}; build it from this config."
             )
         self.config = config
+        if device is not None:
+            model.to(resolve_device(device))
         self.model = model
         if config.train.channels_last:
             model.set_channels_last(True)
+        if config.train.freeze_stages:
+            model.freeze_backbone_stages(config.train.freeze_stages)
         self.device = model.device
+        self.workers = workers
         self.inputs = dataset.images
         self.labels = np.asarray(dataset.labels)
         self._check_dataset()
@@ -259,6 +277,8 @@ class Trainer:
         self.clock = clock
         self.fingerprint = dataset_fingerprint(self.inputs, self.labels)
         self.precision = resolve_precision(config.train.precision, self.device)
+        self.scaler = gradient_scaler(self.device, self.precision)
+        self.reader = BatchReader(self.inputs, workers=workers, device=self.device)
 
     @property
     def out_dir(self) -> Path:
@@ -271,15 +291,9 @@ class Trainer:
         n = len(self.labels)
         if len(self.inputs) != n:
             raise ValueError(f"{len(self.inputs)} inputs but {n} labels; give one label per input.")
-        if isinstance(self.inputs, np.ndarray):
-            self.model.check_inputs(self.inputs)
-            if self.model.input_kind == "features" and not np.isfinite(self.inputs).all():
-                raise ValueError("the training features contain NaN or inf; clean them first.")
-        elif self.model.input_kind == "images":
-            raise ValueError(
-                "training images must be an in-memory uint8 (N, H, W, 3) array; load the "
-                "dataset into memory (e.g. np.asarray(dataset.images))."
-            )
+        self.model.check_inputs(self.inputs)
+        if self.model.input_kind == "features" and not np.isfinite(self.inputs).all():
+            raise ValueError("the training features contain NaN or inf; clean them first.")
         classes = cfg.model.num_classes
         if cfg.model.multilabel:
             if self.labels.ndim != 2 or self.labels.shape[1] != classes:
@@ -337,13 +351,25 @@ class Trainer:
     # -------------------------------------------------------------- optimisers
 
     def _network_parameters(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+        """Parameter groups of the network optimizer: weights with weight decay, biases and
+        BatchNorm without; the backbone's at ``lr_scale = train.backbone_lr_scale``, the new
+        layers' at 1. Frozen parameters are left out."""
+        cfg = self.config.train
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
-            if name == "quantizer.codebooks":
+            if name == "quantizer.codebooks" or not param.requires_grad:
                 continue
-            (decay if param.ndim > 1 else no_decay).append(param)
-        wd = self.config.train.weight_decay
-        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = cfg.backbone_lr_scale if name.startswith("backbone.") else 1.0
+            groups.setdefault((scale, param.ndim > 1), []).append(param)
+        order = sorted(groups, key=lambda key: (-key[0], not key[1]))
+        return [
+            {
+                "params": groups[key],
+                "weight_decay": cfg.weight_decay if key[1] else 0.0,
+                "lr_scale": key[0],
+            }
+            for key in order
+        ]
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.config.train
@@ -368,11 +394,17 @@ class Trainer:
         return labels.float() if self.config.model.multilabel else labels.long()
 
     def _batch(
-        self, index: np.ndarray, rng: np.random.Generator, augment: bool
+        self, raw: torch.Tensor, index: np.ndarray, rng: np.random.Generator, augment: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepared network inputs and targets (int64 ids or float (B, C)) of one batch."""
+        """Prepared network inputs and targets (int64 ids or float (B, C)) of one batch.
+
+        Args:
+            raw: the batch's raw inputs (uint8 (B, H, W, 3) or float (B, F)), on any device.
+            index: int64 (B,) their rows (for the labels).
+            rng: the epoch's generator (augmentations).
+        """
         cfg = self.config.train
-        raw = torch.from_numpy(np.ascontiguousarray(self.inputs[index])).to(self.device)
+        raw = raw.to(self.device, non_blocking=True)
         targets = self._targets(index)
         images = self.model.input_kind == "images"
         if augment and images:
@@ -446,9 +478,10 @@ class Trainer:
     def _training_features(self) -> np.ndarray:
         """Eval-mode features of the (unaugmented) training set: float32 (N, D)."""
         return self.model.extract_features(
-            np.asarray(self.inputs),
+            self.inputs,
             batch_size=max(256, self.config.train.batch_size),
             tta_flip=False,
+            workers=self.workers,
         )
 
     @torch.no_grad()
@@ -465,11 +498,10 @@ class Trainer:
         out = np.empty((len(self.labels), self.config.quantizer.dim), dtype=np.float32)
         try:
             with autocast(self.device, self.precision):
-                for start in range(0, len(self.labels), batch_size):
-                    index = np.arange(start, min(start + batch_size, len(self.labels)))
-                    raw = torch.from_numpy(np.ascontiguousarray(self.inputs[index]))
-                    x = model.prepare_inputs(raw.to(self.device))
-                    out[index] = model(x, quantize=False).features.float().cpu().numpy()
+                for start, raw in self.reader.sequential(batch_size):
+                    x = model.prepare_inputs(raw.to(self.device, non_blocking=True))
+                    features = model(x, quantize=False).features.float().cpu().numpy()
+                    out[start : start + len(features)] = features
         finally:
             for name, buffer in model.named_buffers():
                 buffer.copy_(saved[name])
@@ -501,18 +533,22 @@ class Trainer:
             order, rng = self._epoch_order(10**6)
             steps = min(len(order), max_steps + warmup_steps)
             quantize = self.config.loss.uses_quantization
+            scaler = gradient_scaler(self.device, self.precision)
             times = []
-            for step in range(steps):
-                begin = self.clock()
-                x, targets = self._batch(order[step % len(order)], rng, augment=True)
+            batches = self.reader.read(order[step % len(order)] for step in range(steps))
+            begin = self.clock()
+            for step, raw in enumerate(batches):
+                x, targets = self._batch(raw, order[step % len(order)], rng, augment=True)
                 loss, _ = self._forward_loss(x, targets, quantize, detach=False)
                 for optimizer in optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
                 if loss.total.requires_grad:
-                    loss.total.backward()
+                    scaler.scale(loss.total).backward()
                 for optimizer in optimizers.values():
-                    optimizer.step()
+                    scaler.step(optimizer)
+                scaler.update()
                 times.append(self.clock() - begin)
+                begin = self.clock()
             measured = times[warmup_steps:] or times
             return float(np.median(measured)) * 1.05
         finally:
@@ -573,7 +609,10 @@ class Trainer:
             TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         """
         with self.run_dir.lock():
-            return self._train_locked(resume)
+            try:
+                return self._train_locked(resume)
+            finally:
+                self.reader.close()
 
     def _train_locked(self, resume: bool) -> TrainResult:
         started = self.clock()
@@ -581,6 +620,16 @@ class Trainer:
         torch.set_num_threads(cfg.num_threads or available_cores())
         self.run_dir.check_can_start(resume)
         self.checkpoints.remove_temporaries()
+        if cfg.backbone_weights is not None and not resume:
+            loaded = load_backbone_weights(self.model.backbone, cfg.backbone_weights)
+            self.log(
+                f"backbone weights from {cfg.backbone_weights}: {loaded['loaded']} tensors"
+                + (
+                    f" ({loaded['ignored']} classifier tensors left out)"
+                    if loaded["ignored"]
+                    else ""
+                )
+            )
         optimizers = self._make_optimizers()
         ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         budget = None
@@ -593,8 +642,15 @@ class Trainer:
         else:
             epochs, plan = self._plan_epochs(budget)
             run = _Run(epochs=epochs, plan=plan, quant_epoch=self.quantization_start_epoch(epochs))
-        if self.precision != "fp32":
-            self.log(f"training in {self.precision} autocast on {self.device}")
+        if self.precision != "fp32" or self.device.type != "cpu":
+            arithmetic = "float32" if self.precision == "fp32" else f"{self.precision} autocast"
+            scaled = " with a gradient scaler" if self.scaler.is_enabled() else ""
+            self.log(f"training on {describe_device(self.device)} in {arithmetic}{scaled}")
+        if self.reader.streams:
+            self.log(
+                f"reading {len(self.labels):,} training images on demand with "
+                f"{self.reader.workers} worker process(es)"
+            )
         steps = self.steps_per_epoch()
         bar = None
         if self.progress and is_terminal():
@@ -636,6 +692,7 @@ class Trainer:
         """The JSON-ready trainer state written with every checkpoint."""
         return {
             "ema_updates": ema.updates if ema is not None else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "config": self.config.to_dict(),
             "epochs": run.epochs,
             "plan": run.plan,
@@ -668,6 +725,8 @@ class Trainer:
         self.checkpoints.restore(path, self.model, optimizers, ema.state if ema else None)
         if ema is not None:
             ema.updates = int(state.get("ema_updates") or 0)
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         epochs, epoch = int(state["epochs"]), int(state["epoch"])
         run = _Run(
             epochs=epochs,
@@ -737,14 +796,15 @@ class Trainer:
         sums: dict[str, float] = {}
         correct = seen = 0
         lr = 0.0
+        scaler = self.scaler
         self.model.train()
-        for step, index in enumerate(order):
+        for step, (index, raw) in enumerate(zip(order, self.reader.read(order), strict=True)):
             lr = learning_rate(
                 run.epoch * steps + step, total_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction
             )
             for group in network_opt.param_groups:
-                group["lr"] = lr
-            x, targets = self._batch(index, rng, augment=True)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            x, targets = self._batch(raw, index, rng, augment=True)
             loss, logits = self._forward_loss(
                 x, targets, quantize, detach=(cfg.schedule == "two_phase")
             )
@@ -752,14 +812,16 @@ class Trainer:
             network_opt.zero_grad(set_to_none=True)
             codebook_opt.zero_grad(set_to_none=True)
             if loss.total.requires_grad:
-                loss.total.backward()
+                scaler.scale(loss.total).backward()
                 if cfg.grad_clip > 0:
+                    scaler.unscale_(network_opt)
                     torch.nn.utils.clip_grad_norm_(
                         [p for g in network_opt.param_groups for p in g["params"]], cfg.grad_clip
                     )
-                network_opt.step()
+                scaler.step(network_opt)
                 if quantize:
-                    codebook_opt.step()
+                    scaler.step(codebook_opt)
+                scaler.update()
             if ema is not None:
                 ema.update(self.model)
             for name, value in loss.parts.items():
@@ -849,13 +911,28 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    device: str | torch.device | None = "cpu",
+    workers: int | None = None,
 ) -> TrainResult:
-    """Build a model from ``config`` (seeded by ``train.seed``) and train it.
+    """Build a model from ``config`` (seeded by ``train.seed``) and train it on ``device``
+    (``"auto"``: CUDA where there is a GPU), reading on-demand images with ``workers``
+    processes.
 
     On ``resume`` the model is rebuilt from the same config and then loaded from the newest
     checkpoint in ``out_dir``.
     """
+    target = resolve_device(device)  # a clear error before anything is built
     seed_everything(config.train.seed)
     model = DPQModel(config)
-    trainer = Trainer(config, model, dataset, word_vectors, out_dir, progress=progress, log=log)
+    trainer = Trainer(
+        config,
+        model,
+        dataset,
+        word_vectors,
+        out_dir,
+        progress=progress,
+        log=log,
+        device=target,
+        workers=workers,
+    )
     return trainer.train(resume=resume)

@@ -48,7 +48,7 @@ from dpq.data.cache import (
     save_arrays,
     tree_fingerprint,
 )
-from dpq.data.dataset import ImageDataset
+from dpq.data.dataset import ImageDataset, ImageFileReader
 from dpq.data.decode import (
     CorruptImageError,
     ImageStore,
@@ -305,7 +305,35 @@ def _read_folder(
     path: Path, skip_corrupt: bool, workers: int | None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     store = ImageStore(str(path))
+    names, labels = _folder_listing(store)
+    decoded = decode_many(
+        store, names, skip_corrupt=skip_corrupt, workers=workers, desc="decoding CIFAR-10"
+    )
+    label_array = np.asarray(labels, dtype=np.int64)[decoded.kept]
+    return decoded.images, label_array, decoded.skipped
+
+
+def cifar10_reader(
+    source: str | os.PathLike[str], image_size: tuple[int, int] = (32, 32)
+) -> ImageDataset:
+    """CIFAR-10 from a folder or zip of ``<train|test>/<class>/<image>``, read on demand:
+    an :class:`~dpq.data.ImageFileReader` (each image decoded, and resized to
+    ``image_size``, when it is read) in the order of :func:`load_cifar10`."""
+    store = ImageStore(os.fspath(source))
+    names, labels = _folder_listing(store)
+    return ImageDataset(
+        ImageFileReader(store, names, image_size),
+        np.asarray(labels, dtype=np.int64),
+        list(CIFAR10_CLASSES),
+        store.path,
+    )
+
+
+def _folder_listing(store: ImageStore) -> tuple[list[str], list[int]]:
+    """The image names of a CIFAR-10 folder/zip, train then test, classes in CIFAR order,
+    files by name; and their labels."""
     prefix = _split_prefix(store)
+    path = store.path
     if prefix is None:
         raise ValueError(f"{path} has no train/ and test/ folders; not a CIFAR-10 folder/zip")
     files, folders = store.entries()
@@ -334,11 +362,7 @@ def _read_folder(
                 )
             names.extend(sorted(class_files))
             labels.extend([class_index] * len(class_files))
-    decoded = decode_many(
-        store, names, skip_corrupt=skip_corrupt, workers=workers, desc="decoding CIFAR-10"
-    )
-    label_array = np.asarray(labels, dtype=np.int64)[decoded.kept]
-    return decoded.images, label_array, decoded.skipped
+    return names, labels
 
 
 # --------------------------------------------------------------------------- safe batch parsing

@@ -88,6 +88,9 @@ def normalize_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | 
 
 # Open zip files of this process, by (path, size, mtime): a replaced file is opened anew.
 _open_zips: dict[tuple[str, int, int], zipfile.ZipFile] = {}
+# A forked child (a DataLoader worker) opens its own handles: an inherited one shares its
+# file offset with the parent, and concurrent seek + read would mix up their bytes.
+os.register_at_fork(after_in_child=_open_zips.clear)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpq.data.dataset import ImageDataset
+from dpq.data.dataset import ImageDataset, ImageFileReader
 from dpq.data.decode import ImageStore, decode_many, is_image_name, normalize_size
 
 
@@ -57,8 +57,10 @@ def load_image_folder(
     image_size: int | Sequence[int] | None = None,
     skip_corrupt: bool = False,
     workers: int | None = None,
+    in_memory: bool = True,
 ) -> ImageDataset:
-    """Load a folder or zip of ``<class>/<image>`` into an in-memory ``ImageDataset``.
+    """Load a folder or zip of ``<class>/<image>`` into an in-memory ``ImageDataset``
+    (``in_memory=False``: an ``ImageFileReader`` that decodes each image when it is read).
 
     Args:
         path: a folder, or a zip file with the same layout.
@@ -78,6 +80,15 @@ def load_image_folder(
     for class_index, name in enumerate(classes):
         names.extend(sorted(members[name]))
         labels.extend([class_index] * len(members[name]))
+    if not in_memory:
+        size = normalize_size(image_size)
+        if size is None:
+            raise ValueError(
+                f"reading {store.path} on demand needs an image size (CLI: --image-size), "
+                "the side every image is resized to"
+            )
+        reader = ImageFileReader(store, names, size)
+        return ImageDataset(reader, np.asarray(labels, dtype=np.int64), classes, store.path)
     decoded = decode_many(
         store,
         names,

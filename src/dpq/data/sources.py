@@ -13,6 +13,12 @@ one of them accepts, all of them accept. A source is:
   (kind ``"image-folder"``);
 - precomputed features: ``load_source(features="x.npy", labels="y.npy")`` (kind
   ``"features"``).
+
+Images of folders, zips and list files are decoded into memory up front
+(``in_memory=True``), or read on demand (``in_memory=False``: ``inputs`` is an
+:class:`~dpq.data.ImageFileReader`, decoded by the DataLoader workers of
+:mod:`dpq.data.loading` while a model reads them), or either by size (``"auto"``: in
+memory when the decoded images take at most :func:`memory_budget` bytes).
 """
 
 from __future__ import annotations
@@ -27,15 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from dpq.data.cifar10 import detect_cifar10_layout, load_cifar10
+from dpq.data.cifar10 import cifar10_reader, detect_cifar10_layout, load_cifar10
 from dpq.data.dataset import ImageFileReader
-from dpq.data.decode import SkippedImagesWarning
+from dpq.data.decode import SkippedImagesWarning, normalize_size
 from dpq.data.digits import load_digits
 from dpq.data.features import load_features
 from dpq.data.folders import load_image_folder
 from dpq.data.lists import load_list_file, read_list_file
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+LOADING_CHOICES = ("auto", "memory", "stream")
 DIGITS = "digits"
 SOURCE_KINDS = ("digits", "cifar10", "list-file", "image-folder", "features")
 
@@ -109,6 +116,31 @@ class Source:
         return inputs[indices], self.labels[indices]
 
 
+def memory_budget() -> int:
+    """Bytes of decoded images that ``in_memory="auto"`` keeps in memory: a quarter of the
+    machine's physical memory, at most 8 GiB (``$DPQ_MEMORY_BUDGET_MB`` overrides it)."""
+    override = os.environ.get("DPQ_MEMORY_BUDGET_MB", "").strip()
+    if override.isdigit():
+        return int(override) << 20
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        total = 8 << 30
+    return int(min(total // 4, 8 << 30))
+
+
+def loading_mode(loading: str) -> bool | str:
+    """``--loading auto|memory|stream`` -> the ``in_memory`` argument of :func:`load_source`."""
+    if loading not in LOADING_CHOICES:
+        raise ValueError(f"--loading must be one of {', '.join(LOADING_CHOICES)}; got {loading!r}.")
+    return {"auto": "auto", "memory": True, "stream": False}[loading]
+
+
+def _fits_in_memory(reader: ImageFileReader) -> bool:
+    height, width = reader.image_size
+    return len(reader) * height * width * 3 <= memory_budget()
+
+
 def load_source(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -120,7 +152,7 @@ def load_source(
     skip_corrupt: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     labels_only: bool = False,
-    in_memory: bool = True,
+    in_memory: bool | str = True,
 ) -> Source:
     """Load any labelled collection (see the module doc).
 
@@ -137,7 +169,11 @@ def load_source(
         cache_dir: where decoded CIFAR-10 arrays are cached.
         labels_only: only the labels are needed (``inputs`` is None where that saves work:
             a list file is parsed, its images are not read).
-        in_memory: decode every image now (True) or read images on demand (list files).
+        in_memory: decode every image now (True), read images on demand (False: folders,
+            zips and list files, which then need ``image_size``, and a CIFAR-10 folder or
+            zip, at 32 px unless ``image_size`` says otherwise; the official CIFAR-10
+            batches and digits stay in memory), or "auto": in memory when the decoded
+            images fit :func:`memory_budget` (CIFAR-10's 180 MB always do), else on demand.
 
     Raises:
         ValueError: conflicting arguments (a source and ``features``), a list file without
@@ -163,6 +199,8 @@ def load_source(
         )
     if spec is None:
         raise ValueError("give a data source (a path, or 'digits') or --features with --labels.")
+    if in_memory not in (True, False, "auto"):
+        raise ValueError(f"in_memory must be True, False or 'auto'; got {in_memory!r}.")
     kind = detect_source_kind(spec)
     if kind != "list-file" and (image_root is not None or strip_prefix is not None):
         raise ValueError(
@@ -178,25 +216,59 @@ def load_source(
             raise ValueError(
                 f"{spec} is a list file; pass --image-root, the folder or zip holding its images."
             )
-        loader = lambda: load_list_file(  # noqa: E731
-            spec,
-            image_root,
-            image_size=image_size or 256,
-            strip_prefix=strip_prefix,
-            in_memory=in_memory and not labels_only,
-            skip_corrupt=skip_corrupt,
-        )
+
+        def loader(decode: bool) -> Any:
+            return load_list_file(
+                spec,
+                image_root,
+                image_size=image_size or 256,
+                strip_prefix=strip_prefix,
+                in_memory=decode and not labels_only,
+                skip_corrupt=skip_corrupt,
+            )
+
     elif kind == "cifar10":
+        if in_memory is False and detect_cifar10_layout(spec) == "folder" and not labels_only:
+            if skip_corrupt:
+                raise ValueError(
+                    "--skip-corrupt decodes every image up front; it cannot read CIFAR-10 on "
+                    "demand (--loading stream). Use --loading memory."
+                )
+            read = cifar10_reader(spec, normalize_size(image_size or 32))  # type: ignore[arg-type]
+            return Source(read.images, read.labels, list(read.classes), kind, str(spec))
         if image_size is not None:
-            raise ValueError("CIFAR-10 images are 32 x 32; --image-size applies to other sources.")
-        loader = lambda: load_cifar10(spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt)  # noqa: E731
+            raise ValueError(
+                "CIFAR-10 images are 32 x 32 in memory; --image-size applies to other sources "
+                "and to a CIFAR-10 folder or zip read on demand (--loading stream)."
+            )
+
+        def loader(decode: bool) -> Any:  # 32 px arrays, cached: always in memory
+            return load_cifar10(spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
     else:
-        loader = lambda: load_image_folder(  # noqa: E731
-            spec, image_size=image_size, skip_corrupt=skip_corrupt
-        )
+
+        def loader(decode: bool) -> Any:
+            return load_image_folder(
+                spec, image_size=image_size, skip_corrupt=skip_corrupt, in_memory=decode
+            )
+
+    if kind in ("list-file", "image-folder") and in_memory is not True and not labels_only:
+        if skip_corrupt and in_memory is False:
+            raise ValueError(
+                "--skip-corrupt decodes every image up front to find the unreadable ones, so it "
+                "cannot read images on demand (--loading stream); there, a corrupt image stops "
+                "the run and names the file. Remove the unreadable files, or load into memory "
+                "(--loading memory)."
+            )
+        if in_memory == "auto" and kind == "image-folder" and image_size is None:
+            in_memory = True  # images of one size, read as they are: decoded up front
+        if in_memory == "auto":
+            lazy = loader(False)
+            in_memory = skip_corrupt or _fits_in_memory(lazy.images)
+            if not in_memory:
+                return Source(lazy.images, lazy.labels, list(lazy.classes), kind, str(spec))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedImagesWarning)
-        dataset = loader()
+        dataset = loader(bool(in_memory))
     skipped = 0
     notes = []
     for warning in caught:  # ours are counted and said once, in the caller's name

@@ -1,0 +1,251 @@
+"""Encoding throughput on this machine's CPU: dpq's feature extraction, with the images in
+memory and read on demand through DataLoader workers, beside plain inference of the same
+backbone measured in the same run.
+
+Rows for each backbone (images/s, higher is better):
+
+- ``bare, tensors``: the backbone alone in eval mode under ``torch.inference_mode`` on float
+  tensors that are already normalised and in memory: torchvision's own module where
+  torchvision imports, else dpq's module of the same layout (the same state dict and the
+  same arithmetic; tests/test_backbones.py) -- the ceiling.
+- ``dpq, in memory``: ``DPQModel.extract_features`` on a uint8 array (normalisation, the
+  network, the semantic head and the classifier); its overhead is against ``bare, tensors``.
+- ``bare, DataLoader``: a plain torchvision-style loop: ``workers`` processes open, decode,
+  resize and normalise each image (PIL + numpy, as ``transforms.Resize/ToTensor/Normalize``
+  do), the network reads the batches.
+- ``dpq, streaming``: ``DPQModel.extract_features`` on an ``ImageFileReader`` with the same
+  worker count; its overhead is against ``bare, DataLoader``.
+
+Backbones: the CIFAR-10 recipe's ResNet-9 (half width) at 32 px on real CIFAR-10 JPEGs
+(``--model32``: a trained checkpoint, default a random one), ResNet-18 and AlexNet at 224 px
+on the same images upscaled to 256 px JPEGs and resized to 224 while reading. Test-time
+flipping is off in every row (it doubles every row alike). Channels-last memory throughout.
+
+    flock /tmp/dpq-heavy.lock python benchmarks/encode_speed.py \
+        --model32 /work/scratch/after-repro2/model --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dpq.backbones import create_backbone
+from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, cifar10_recipe
+from dpq.data import load_source
+from dpq.devices import available_cores
+from dpq.model import DPQModel
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
+
+
+def extract_cifar(zip_path: Path, out: Path, count: int, side: int | None) -> Path:
+    """The first ``count`` training JPEGs of the CIFAR-10 zip as ``<class>/<file>`` (resized
+    to ``side`` and saved as JPEG quality 90 when given)."""
+    if out.exists():
+        return out
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(
+            n for n in archive.namelist() if n.startswith("train/") and n.endswith(".jpg")
+        )
+        step = max(1, len(names) // count)
+        for name in names[::step][:count]:
+            _, label, base = name.split("/")
+            (out / label).mkdir(parents=True, exist_ok=True)
+            data = archive.read(name)
+            if side is None:
+                (out / label / base).write_bytes(data)
+            else:
+                with Image.open(__import__("io").BytesIO(data)) as image:
+                    big = image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+                    big.save(out / label / base, quality=90)
+    return out
+
+
+class PlainFolder(Dataset):
+    """What a torchvision-style inference script does per image: open, decode, RGB, resize
+    (bilinear), to float CHW in 0..1, normalise."""
+
+    def __init__(self, reader, mean, std):
+        self.paths = [Path(reader.store.path) / name for name in reader.names]
+        self.size = reader.image_size
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        with Image.open(self.paths[index]) as image:
+            rgb = image.convert("RGB")
+            if rgb.size != (self.size[1], self.size[0]):
+                rgb = rgb.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+            x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((x - self.mean) / self.std)
+
+
+def bare_network(name: str, kwargs: dict) -> tuple[torch.nn.Module, str]:
+    """torchvision's module when torchvision imports here, else dpq's of the same layout."""
+    if name in ("alexnet", "resnet18"):
+        try:
+            import torchvision.models as models
+
+            net = getattr(models, name)(weights=None)
+            if name == "alexnet":
+                net.classifier[6] = torch.nn.Identity()
+            else:
+                net.fc = torch.nn.Identity()
+            return net.eval(), "torchvision"
+        except Exception:
+            pass
+    return create_backbone(name, **kwargs).eval(), "dpq (same layout)"
+
+
+def rate(count: int, run) -> float:
+    began = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - began)
+
+
+def bench_backbone(label, model, images, reader, workers, batch_size, repeats, compile_=False):
+    """images/s of the four rows for one backbone (and, with ``compile_``, of the in-memory
+    path with ``torch.compile`` on the backbone, compile time reported apart)."""
+    cfg = model.config.model
+    bare, where = bare_network(cfg.backbone, cfg.backbone_kwargs)
+    bare = bare.to(memory_format=torch.channels_last)
+    model.set_channels_last(True)
+    n = len(images)
+    x = model.prepare_inputs(torch.from_numpy(images)).contiguous(memory_format=torch.channels_last)
+
+    def bare_tensors():
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                bare(x[start : start + batch_size])
+
+    loader = DataLoader(
+        PlainFolder(reader, cfg.image_mean, cfg.image_std),
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+
+    def bare_loader():
+        with torch.inference_mode():
+            for batch in loader:
+                bare(batch.contiguous(memory_format=torch.channels_last))
+
+    def dpq_memory():
+        model.extract_features(images, batch_size=batch_size, tta_flip=False, workers=0)
+
+    def dpq_stream():
+        model.extract_features(reader, batch_size=batch_size, tta_flip=False, workers=workers)
+
+    rows = {}
+    for name, run in (
+        ("bare, tensors", bare_tensors),
+        ("dpq, in memory", dpq_memory),
+        ("bare, DataLoader", bare_loader),
+        ("dpq, streaming", dpq_stream),
+    ):
+        run()  # warm-up (worker start, oneDNN primitives)
+        rows[name] = max(rate(n, run) for _ in range(repeats))
+    if compile_:
+        eager = model.backbone
+        model.backbone = torch.compile(eager)
+        began = time.perf_counter()
+        dpq_memory()  # compiles
+        print(f"torch.compile of {label}: {time.perf_counter() - began:.1f} s (first pass)")
+        rows["dpq, in memory, torch.compile"] = max(rate(n, dpq_memory) for _ in range(repeats))
+        model.backbone = eager
+    print(f"\n### {label} (bare network: {where}; {n} images, batch {batch_size})")
+    print("| path | images/s | overhead vs bare |")
+    print("|---|---:|---:|")
+    for name, value in rows.items():
+        base = rows["bare, tensors"] if "in memory" in name else rows["bare, DataLoader"]
+        overhead = "" if name.startswith("bare") else f"{(base / value - 1) * 100:+.1f} %"
+        print(f"| {name} | {value:,.0f} | {overhead} |")
+    return rows
+
+
+def random_model(backbone: str, kwargs: dict | None = None) -> DPQModel:
+    torch.manual_seed(0)
+    config = DPQConfig(
+        model=ModelConfig(
+            backbone=backbone,
+            backbone_kwargs=kwargs or {},
+            image_mean=(0.485, 0.456, 0.406),
+            image_std=(0.229, 0.224, 0.225),
+        ),
+        quantizer=QuantizerConfig(num_levels=4, codebook_size=256, dim=300),
+    )
+    return DPQModel(config).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(SHARED), help="the CIFAR-10 JPEG zip")
+    parser.add_argument("--model32", help="a trained 32 px checkpoint (default: random)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--count32", type=int, default=4096)
+    parser.add_argument("--count224", type=int, default=384)
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes, best kept")
+    parser.add_argument("--batch32", type=int, default=256)
+    parser.add_argument("--batch224", type=int, default=64)
+    parser.add_argument("--workdir", help="keep the extracted images here")
+    parser.add_argument("--only", nargs="+", default=["resnet9", "resnet18", "alexnet"])
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile on the backbone"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(available_cores())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, workers {args.workers}")
+    with tempfile.TemporaryDirectory(prefix="dpq-encode-speed-") as scratch:
+        work = Path(args.workdir or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        if "resnet9" in args.only:
+            folder = extract_cifar(Path(args.data), work / "cifar32", args.count32, None)
+            images = load_source(folder).inputs
+            reader = load_source(folder, image_size=32, in_memory=False).inputs
+            if args.model32:
+                model = DPQModel.from_checkpoint(args.model32)
+            else:
+                torch.manual_seed(0)
+                model = DPQModel(cifar10_recipe())
+            bench_backbone(
+                "resnet9 (half width) at 32 px",
+                model,
+                images,
+                reader,
+                args.workers,
+                args.batch32,
+                args.repeats,
+                args.compile,
+            )
+        big = [name for name in ("resnet18", "alexnet") if name in args.only]
+        if big:
+            folder = extract_cifar(Path(args.data), work / "cifar256", args.count224, 256)
+            images = load_source(folder, image_size=224).inputs
+            reader = load_source(folder, image_size=224, in_memory=False).inputs
+            for name in big:
+                bench_backbone(
+                    f"{name} at 224 px (256 px JPEGs resized while reading)",
+                    random_model(name),
+                    images,
+                    reader,
+                    args.workers,
+                    args.batch224,
+                    args.repeats,
+                    args.compile,
+                )
+
+
+if __name__ == "__main__":
+    main()
