@@ -554,6 +554,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         in_memory=_loading(args),
     )
+    if not result.is_main:  # under torchrun, rank 0 reports
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.epochs} epochs in {result.wall_seconds:.1f} s; final loss "
@@ -618,6 +620,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
     )
+    if result is None:  # a torchrun rank other than 0: rank 0 evaluates and reports
+        return 0
     print(
         format_results_table(
             result.evaluation,
@@ -1223,6 +1227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0" and hasattr(args, "quiet"):
+        args.quiet = True  # torchrun: progress and messages from rank 0 only (errors from all)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     previous = warnings.showwarning
     warnings.showwarning = _show_warning

@@ -77,9 +77,10 @@ class DistributedContext:
         return torch.device("cpu")
 
     def device_for(self, requested: str | torch.device) -> torch.device:
-        """The device this rank trains on: "cuda" means this rank's GPU (``LOCAL_RANK``)."""
+        """The device this rank trains on: any CUDA device means this rank's GPU
+        (``LOCAL_RANK``: one process per GPU), anything else is kept."""
         device = torch.device(requested)
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cuda":
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -217,13 +218,16 @@ def broadcast_json(value: Any, context: DistributedContext, what: str = "a broad
 
 
 def rank0_decides(
-    context: DistributedContext | None, decide: Callable[[], T], what: str = "a decision"
+    context: DistributedContext | None,
+    decide: Callable[[], T],
+    what: str = "a decision",
+    kinds: tuple[type[Exception], ...] = (ValueError, FileNotFoundError),
 ) -> T:
     """Run ``decide`` on rank 0 only and give its JSON-ready result to every rank.
 
-    An exception on rank 0 is re-raised there, and every other rank raises the same kind of
-    error (ValueError, FileNotFoundError or RuntimeError) with the same message, so all
-    ranks stop together. Without a context ``decide`` simply runs.
+    An exception on rank 0 is re-raised there, and every other rank raises an exception of
+    the first of ``kinds`` it is an instance of (else RuntimeError) with the same message,
+    so all ranks stop together with the same words. Without a context ``decide`` simply runs.
     """
     if context is None:
         return decide()
@@ -234,16 +238,14 @@ def rank0_decides(
             outcome = {"value": decide()}
         except Exception as exc:  # told to the other ranks, then re-raised here
             error = exc
-            kind = next(
-                (k for k in (ValueError, FileNotFoundError) if isinstance(exc, k)), RuntimeError
-            )
+            kind = next((k for k in kinds if isinstance(exc, k)), RuntimeError)
             outcome = {"error": str(exc), "kind": kind.__name__}
     outcome = broadcast_json(outcome, context, what)
     if error is not None:
         raise error
     if "error" in outcome:
-        kinds = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
-        raise kinds.get(outcome["kind"], RuntimeError)(outcome["error"])
+        by_name = {kind.__name__: kind for kind in kinds}
+        raise by_name.get(outcome["kind"], RuntimeError)(outcome["error"])
     return outcome["value"]
 
 
@@ -323,8 +325,9 @@ def state_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def check_in_sync(module: torch.nn.Module, context: DistributedContext, what: str) -> None:
-    """RuntimeError naming the ranks whose parameters and buffers differ from rank 0's."""
+def check_in_sync(module: torch.nn.Module, context: DistributedContext, what: str) -> str:
+    """The SHA-256 of the module's state (parameters and buffers), checked to be the same on
+    every rank: RuntimeError naming the ranks whose state differs from rank 0's."""
     local = state_digest(module.state_dict().items())
     digests = all_gather_rows(
         np.frombuffer(bytes.fromhex(local), dtype=np.uint8)[None], context, what
@@ -332,6 +335,7 @@ def check_in_sync(module: torch.nn.Module, context: DistributedContext, what: st
     differing = [r for r in range(context.world_size) if not np.array_equal(digests[r], digests[0])]
     if differing:
         raise RuntimeError(f"{what}: the model on rank(s) {differing} differs from rank 0's.")
+    return local
 
 
 # ---------------------------------------------------------------------------- batches
