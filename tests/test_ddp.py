@@ -190,6 +190,18 @@ def _state(model) -> dict:
     return {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
 
 
+class TickingClock:
+    """A clock that moves ``tick`` seconds every time it is read (a deterministic, fast or
+    slow machine for the time planner)."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def _train_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(torchrun_environment(rank, 2, port))
     from dpq.trainer import ArrayDataset, train_model
@@ -209,8 +221,27 @@ def _train_rank(rank: int, port: int, out: str) -> None:
         "codebooks": result.model.codebooks().tolist(),
         "model_dir": str(result.model_dir),
     }
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     np.savez(Path(out, f"state{rank}.npz"), **_state(result.model))
+
+    # a time budget, with clocks that disagree: rank 1's says every read costs 5 s (alone,
+    # it would plan a single epoch), rank 0's 0.02 s
+    from dpq.model import DPQModel
+    from dpq.trainer import Trainer, seed_everything
+
+    config = _blob_config(epochs=1, time_budget_minutes=0.2)
+    seed_everything(config.train.seed)
+    budgeted = Trainer(
+        config,
+        DPQModel(config),
+        ArrayDataset(features, labels),
+        None,
+        Path(out) / "budget",
+        progress=False,
+        log=lambda message: None,
+        clock=TickingClock(0.02 if rank == 0 else 5.0),
+    ).train()
+    report["budget"] = {"plan": budgeted.planned, "history": budgeted.history}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     ddp.shutdown()
 
 
@@ -218,7 +249,8 @@ def test_two_ranks_of_batch_32_stay_identical_and_train_like_one_process_of_batc
     """2 x 32 with DDP against 1 x 64: the same model on both ranks after every epoch
     (parameters, BatchNorm-free here, and the codebooks, k-means-initialised at epoch 3 and
     trained after), and the loss curve and final weights of the one process, within a
-    relative 1e-5 per epoch mean (observed: about 1e-7) and 1e-5 per weight."""
+    relative 1e-5 per epoch mean (observed: about 1e-7) and 1e-5 per weight. Then a time
+    budget with clocks that disagree across the ranks: both train rank 0's plan."""
     from dpq.trainer import ArrayDataset, train_model
 
     mp.start_processes(_train_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -250,6 +282,13 @@ def test_two_ranks_of_batch_32_stay_identical_and_train_like_one_process_of_batc
     with np.load(tmp_path / "state0.npz") as saved:
         for name, value in _state(single.model).items():
             np.testing.assert_allclose(saved[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+    # the time plan (and every revision of it) is rank 0's on both ranks
+    budgets = [r["budget"] for r in ranks]
+    assert budgets[0]["plan"]["source"] == "time_budget" and len(budgets[0]["history"]) > 1
+    assert budgets[1]["plan"] == budgets[0]["plan"]
+    digests = [[record["state_sha256"] for record in b["history"]] for b in budgets]
+    assert digests[0] == digests[1]
 
 
 def _torchrun(args: list[str], processes: int = 2) -> list[str]:

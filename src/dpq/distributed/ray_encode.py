@@ -352,10 +352,14 @@ def shard_is_done(folder: Path, plan: EncodePlan, shard: int) -> bool:
     )
 
 
-def encode_shard(model: Any, inputs: Any, plan: EncodePlan, shard: int, folder: Path) -> int:
+def encode_shard(
+    model: Any, inputs: Any, plan: EncodePlan, shard: int, folder: Path, workers: int = 0
+) -> int:
     """Encode shard ``shard`` of ``plan`` with ``model`` into its file; returns its items.
 
-    The one-process path: :func:`dpq.encoding.build_index` over the shard's rows."""
+    The one-process path: :func:`dpq.encoding.build_index` over the shard's rows, images
+    read on demand decoded by ``workers`` processes (0: the actor itself, which Ray gave
+    one CPU)."""
     from dpq.encoding import build_index
 
     start, stop = plan.bounds[shard]
@@ -363,7 +367,12 @@ def encode_shard(model: Any, inputs: Any, plan: EncodePlan, shard: int, folder: 
     ids = np.asarray(plan.ids[start:stop])
     labels = None if plan.labels is None else np.asarray(plan.labels[start:stop])
     index = build_index(
-        model, _take_rows(inputs, rows), ids=ids, labels=labels, batch_size=plan.batch_size
+        model,
+        _take_rows(inputs, rows),
+        ids=ids,
+        labels=labels,
+        batch_size=plan.batch_size,
+        workers=workers,
     )
     codes = index.codes
     reconstruction = index.decode(codes)
@@ -394,8 +403,9 @@ class ShardEncoder:
     others).
     """
 
-    def __init__(self, folder: str, device: str = "cpu") -> None:
+    def __init__(self, folder: str, device: str = "cpu", workers: int = 0) -> None:
         self.folder = Path(folder)
+        self.workers = workers
         self.host = socket.gethostname()
         self.setup_error = ""
         self.setup_cpu_seconds = 0.0
@@ -429,7 +439,9 @@ class ShardEncoder:
             items, error = 0, self.setup_error
             if not error:
                 try:
-                    items = encode_shard(self.model, self.inputs, self.plan, shard, self.folder)
+                    items = encode_shard(
+                        self.model, self.inputs, self.plan, shard, self.folder, self.workers
+                    )
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
             done = {
@@ -651,6 +663,7 @@ def encode_on_ray(
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    workers_per_actor: int = 0,
     num_cpus: int | None = None,
     shard_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 256,
@@ -675,6 +688,8 @@ def encode_on_ray(
         actors: encoder actors (default: as many as the cluster's CPUs, or GPUs with
             ``gpus_per_actor``, allow, at most one per shard left).
         cpus_per_actor, gpus_per_actor: resources per actor (a GPU actor encodes on "cuda").
+        workers_per_actor: processes decoding images read on demand inside each actor (0:
+            the actor decodes; give a GPU actor a few, and the CPUs for them).
         num_cpus: CPUs of a local cluster (default: all).
         shard_dir: the plan and shard folder (default ``<out>.shards``).
         batch_size: inputs per forward pass.
@@ -721,9 +736,8 @@ def encode_on_ray(
             pool = actors or _cluster_actors(ray, cpus_per_actor, gpus_per_actor)
             pool = min(pool, len(missing))
             running = time.perf_counter()
-            stage = _run_shards(
-                ray, folder, missing, pool, cpus_per_actor, gpus_per_actor, progress, say
-            )
+            resources = (cpus_per_actor, gpus_per_actor, workers_per_actor)
+            stage = _run_shards(ray, folder, missing, pool, resources, progress, say)
             encode_seconds = time.perf_counter() - running
         finally:
             if started_here:
@@ -784,14 +798,15 @@ def _run_shards(
     folder: Path,
     shards: Sequence[int],
     actors: int,
-    cpus_per_actor: float,
-    gpus_per_actor: float,
+    resources: tuple[float, float, int],
     progress: bool,
     say: Callable[[str], None],
 ) -> _StageResult:
-    """Encode ``shards`` with a pool of ``actors`` ShardEncoders (Ray Data)."""
+    """Encode ``shards`` with a pool of ``actors`` ShardEncoders (Ray Data); ``resources``:
+    (CPUs, GPUs, decoding workers) per actor."""
     import ray.data
 
+    cpus_per_actor, gpus_per_actor, workers = resources
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     if not progress:
@@ -803,6 +818,7 @@ def _run_shards(
         fn_constructor_kwargs={
             "folder": str(folder.resolve()),
             "device": "cuda" if gpus_per_actor else "cpu",
+            "workers": workers,
         },
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus_per_actor,
