@@ -588,6 +588,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         in_memory=_loading(args),
     )
+    if not result.is_main:  # under torchrun, rank 0 reports
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.epochs} epochs in {result.wall_seconds:.1f} s; final loss "
@@ -652,6 +654,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
     )
+    if result is None:  # a torchrun rank other than 0: rank 0 evaluates and reports
+        return 0
     print(
         format_results_table(
             result.evaluation,
@@ -960,6 +964,7 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         "checked) instead of writing a new one",
     )
     _quiet_flag(encode)
+    _add_ray_options(encode)
     encode.set_defaults(func=_cmd_encode)
 
     search = sub.add_parser(
@@ -1073,12 +1078,85 @@ def _items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None,
     return inputs, labels, np.asarray(rows, np.int64), source
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """`dpq encode --engine ray`: the flags of dpq.distributed.ray_encode (issue 16)."""
+    group = parser.add_argument_group("encoding on a Ray cluster (pip install 'dpq[distributed]')")
+    group.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: shards encoded by Ray Data actors, one model "
+        "each, then merged into --out (re-running encodes only missing shards)",
+    )
+    group.add_argument(
+        "--address",
+        help="a running Ray cluster (`ray start --head` prints it; 'auto': the local one); "
+        "default: start a local cluster for this command",
+    )
+    group.add_argument("--shards", type=int, help="code shards (default 8)")
+    group.add_argument("--actors", type=int, help="encoder actors (default: one per CPU)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor")
+    group.add_argument("--shard-dir", help="folder of the plan and the shards (default OUT.shards)")
+
+
+def _cmd_encode_ray(args: argparse.Namespace) -> int:
+    from dpq.distributed.ray_encode import SourceSpec, encode_on_ray
+
+    if args.model is None:
+        raise ValueError("--engine ray needs --model (a checkpoint every node can read).")
+    if args.append:
+        raise ValueError(
+            "--append applies to --engine local; with --engine ray, encode into a new file "
+            "and join the two with `dpq index merge OLD NEW --out MERGED`."
+        )
+    inputs = {"features": args.features} if args.features else {"images": args.images}
+    source = SourceSpec(
+        **inputs,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        strip_prefix=args.strip_prefix,
+        skip_corrupt=args.skip_corrupt,
+    )
+    rows = None
+    if args.split is not None:
+        from dpq.data import Split
+
+        rows = getattr(Split.load(args.split), args.subset)  # checked against the source
+    result = encode_on_ray(
+        args.model,
+        source,
+        args.out,
+        shards=8 if args.shards is None else args.shards,
+        rows=rows,
+        ids=None if args.ids is None else _read_array(args.ids, "--ids"),
+        labels=None if args.labels is None else _read_array(args.labels, "--labels"),
+        address=args.address,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        shard_dir=args.shard_dir,
+        batch_size=args.batch_size,
+        metadata={"model": str(args.model)},
+        search_mode=args.search_mode,
+        partition_levels=args.partition_levels,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dpq.atomic import check_writable_file
     from dpq.index import DPQIndex
 
+    if args.engine == "ray":
+        return _cmd_encode_ray(args)
+    ray_flags = ("address", "shards", "actors", "shard_dir")
+    if any(getattr(args, name) is not None for name in ray_flags) or args.gpus_per_actor:
+        raise ValueError(
+            "--address, --shards, --actors, --gpus-per-actor and --shard-dir apply to --engine ray."
+        )
     check_writable_file(args.out, "--out")
     existing = None
     if args.append:
@@ -1375,10 +1453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 success, 2 user error, 3 diverged,
     130 interrupted)."""
     from dpq.checkpoint import RunInProgressError
+    from dpq.distributed.ray_encode import ShardEncodingError
     from dpq.trainer import TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0" and hasattr(args, "quiet"):
+        args.quiet = True  # torchrun: progress and messages from rank 0 only (errors from all)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
@@ -1387,7 +1468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"dpq: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError, RunInProgressError) as exc:
+    except (ValueError, FileNotFoundError, RunInProgressError, ShardEncodingError) as exc:
         print(f"dpq: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:

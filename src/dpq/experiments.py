@@ -12,6 +12,7 @@ and train.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dpq.atomic import write_json_atomic, write_text_atomic
-from dpq.checkpoint import RunDirectory
+from dpq.checkpoint import RunDirectory, RunInProgressError
 from dpq.config import DPQConfig
 from dpq.data import (
     Source,
@@ -32,6 +33,7 @@ from dpq.data import (
     resolve_word_vectors,
     split_per_class,
 )
+from dpq.distributed import ddp
 from dpq.evaluation import RetrievalEvaluation, evaluate_retrieval
 from dpq.trainer import ArrayDataset, TrainResult, train_model
 
@@ -185,20 +187,30 @@ def train_run(
     with ``workers`` data-loading processes for images read on demand: lock the folder,
     check it, write the split (``split.json``), train. Nothing is written before the checks
     pass."""
+    from dpq.devices import resolve_device
+
+    # under torchrun: rank 0 locks, checks and writes the folder; every rank trains
+    distributed = ddp.init_from_environment(resolve_device(device).type)
     run_dir = RunDirectory(out_dir)
-    with run_dir.lock():
-        run_dir.check_can_start(resume)
-        if not resume:
-            check_backbone_weights(prepared.config)
-        split_path = run_dir.path / SPLIT_FILE
-        if prepared.split is not None:
-            if resume and split_path.is_file() and Split.load(split_path) != prepared.split:
-                raise ValueError(
-                    f"cannot resume: {split_path} holds another split than this run's (other "
-                    "--split-seed or per-class counts, or another source); resume with the "
-                    "same split settings."
-                )
-            prepared.split.save(split_path)
+    with contextlib.ExitStack() as stack:
+
+        def claim_folder() -> None:
+            stack.enter_context(run_dir.lock())
+            run_dir.check_can_start(resume)
+            if not resume:
+                check_backbone_weights(prepared.config)
+            split_path = run_dir.path / SPLIT_FILE
+            if prepared.split is not None:
+                if resume and split_path.is_file() and Split.load(split_path) != prepared.split:
+                    raise ValueError(
+                        f"cannot resume: {split_path} holds another split than this run's "
+                        "(other --split-seed or per-class counts, or another source); resume "
+                        "with the same split settings."
+                    )
+                prepared.split.save(split_path)
+
+        kinds = (RunInProgressError, ValueError, FileNotFoundError)
+        ddp.rank0_decides(distributed, claim_folder, "checking the run folder", kinds=kinds)
         return train_model(
             prepared.config,
             prepared.train_data,
@@ -209,6 +221,7 @@ def train_run(
             log=log,
             device=device,
             workers=workers,
+            distributed=distributed,
         )
 
 
@@ -482,7 +495,7 @@ def reproduce_cifar10(
     split_seed: int = 0,
     device: str = "cpu",
     workers: int | None = None,
-) -> ReproduceResult:
+) -> ReproduceResult | None:
     """The CIFAR-10 protocol of the paper with one model: merge the 60,000 images, draw 500
     training and 100 query images per class (seed ``split_seed``), train on the 5,000, encode
     the other 54,000 as the database, search it for all 1,000 queries and report mAP@54000 at
@@ -510,6 +523,9 @@ def reproduce_cifar10(
         device: where to train and encode ("auto", "cpu", "cuda", "cuda:N", "mps").
         workers: processes decoding images read on demand (none here: this flow holds
             CIFAR-10's 32 px images in memory, where batches are cut in this process).
+
+    Under torchrun every process trains (:class:`dpq.trainer.Trainer`); rank 0 then
+    evaluates and writes the results, and the other ranks return None.
     """
     from dpq.config import ablation_config, cifar10_recipe
     from dpq.devices import resolve_device
@@ -559,6 +575,8 @@ def reproduce_cifar10(
     result = train_run(
         prepared, out, resume=resume, progress=progress, log=say, device=device, workers=workers
     )
+    if not result.is_main:  # under torchrun: rank 0 evaluates and writes the results
+        return None
     say(f"encoding {len(split.database)} database images and searching {len(split.query)} queries")
     evaluation = evaluate_split(
         result.model,

@@ -34,10 +34,20 @@ bit-identical results. The run folder is locked for the whole run
 With a time budget (:class:`dpq.budget.TimeBudget`), a few steps are first timed on a copy
 of the model (the copy is thrown away), the epochs that fit are planned, and the plan is
 revised after every epoch.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs in every process with
+DistributedDataParallel (:mod:`dpq.distributed.ddp`): each step's global batch of
+``train.batch_size`` items is split across the ranks, every gradient (codebooks included) is
+all-reduced, the logged losses are means over the ranks, k-means runs on rank 0 over the
+features of all ranks and its codebooks are broadcast, BatchNorm statistics are averaged
+after every epoch (and the ranks checked to hold the same model), and rank 0 alone takes the
+run lock, decides the time plan and the checkpoint to resume from, and writes checkpoints,
+the log and the final model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -56,7 +66,7 @@ from torch import nn
 from dpq.augment import crop_flip, cutout, mixup, rand_augment
 from dpq.backbones import load_backbone_weights
 from dpq.budget import TimeBudget
-from dpq.checkpoint import RunDirectory, architecture
+from dpq.checkpoint import RunDirectory, RunInProgressError, architecture
 from dpq.config import DPQConfig, config_differences
 from dpq.data.loading import BatchReader
 from dpq.devices import (
@@ -68,6 +78,8 @@ from dpq.devices import (
     resolve_device,
     resolve_precision,
 )
+from dpq.distributed import ddp
+from dpq.distributed.ddp import DistributedContext
 from dpq.losses import DPQLoss, LossOutput
 from dpq.model import DPQModel
 from dpq.progress import is_terminal, progress_bar
@@ -121,6 +133,8 @@ class TrainResult:
         resumed_from_epoch: epochs already done when this call started (0 for a fresh run).
         planned: how the epoch count was chosen (time-budget measurements), for the log.
         precision: the arithmetic the network trained in ("fp32", "bf16", "fp16").
+        rank, world_size: this process in a multi-process run (0 and 1 otherwise); rank 0
+            wrote the checkpoints and the model.
     """
 
     model: DPQModel
@@ -131,6 +145,13 @@ class TrainResult:
     resumed_from_epoch: int = 0
     planned: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True in a single process and on rank 0 (the process that wrote the run)."""
+        return self.rank == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -204,6 +225,42 @@ def _running_losses(sums: dict[str, float], steps: int) -> str:
     return ", ".join(f"{label} {sums[key] / steps:.3g}" for key, label in shown if key in sums)
 
 
+def model_and_loss(
+    model: DPQModel,
+    loss_fn: DPQLoss,
+    precision: str,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    quantize: bool,
+    detach: bool,
+) -> tuple[LossOutput, torch.Tensor]:
+    """One training forward pass: (the loss of the batch, the logits (B, C))."""
+    with autocast(model.device, precision):
+        out = model(x, quantize=quantize, detach_quantizer_input=detach)
+    loss = loss_fn(out.semantic, out.logits.float(), targets, out.quantized, out.quantizer_input)
+    return loss, out.logits
+
+
+class _ModelAndLoss(nn.Module):
+    """:func:`model_and_loss` as a module, for DistributedDataParallel: it returns the loss
+    tensor, the logits detached and the float parts, so DDP finds the used parameters by
+    following the graph of the loss alone."""
+
+    def __init__(self, model: DPQModel, loss_fn: DPQLoss, precision: str) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.precision = precision
+
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor, quantize: bool, detach: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        loss, logits = model_and_loss(
+            self.model, self.loss_fn, self.precision, x, targets, quantize, detach
+        )
+        return loss.total, logits.detach(), loss.parts
+
+
 @dataclass
 class _Run:
     """The state of a run between epochs (what a checkpoint restores)."""
@@ -236,6 +293,9 @@ class Trainer:
             None: where the model is. The model is moved there.
         workers: data-loading processes for an on-demand image reader (None: one per core,
             up to 8); in-memory arrays are always read in this process.
+        distributed: the multi-process run this process belongs to; "auto" (the default)
+            joins the one torchrun describes (:func:`dpq.distributed.ddp.init_from_environment`),
+            None trains alone. On CUDA each rank trains on its ``LOCAL_RANK`` GPU.
     """
 
     def __init__(
@@ -250,6 +310,7 @@ class Trainer:
         clock: Callable[[], float] = time.perf_counter,
         device: str | torch.device | None = None,
         workers: int | None = None,
+        distributed: DistributedContext | None | str = "auto",
     ) -> None:
         if architecture(model.config) != architecture(config):
             diffs = config_differences(architecture(model.config), architecture(config))
@@ -258,9 +319,17 @@ class Trainer:
                 f"the Trainer (model vs trainer): {'; '.join(diffs)}; build it from this config."
             )
         self.config = config
-        if device is not None:
-            model.to(resolve_device(device))
+        target = resolve_device(device) if device is not None else model.device
+        if distributed == "auto":
+            distributed = ddp.init_from_environment(target.type)
+        self.dist: DistributedContext | None = distributed  # type: ignore[assignment]
+        self.is_main = self.dist is None or self.dist.is_main
+        if self.dist is not None:
+            target = self.dist.device_for(target)
+        if device is not None or target != model.device:
+            model.to(target)
         self.model = model
+        self._net: nn.Module | None = None  # the DistributedDataParallel wrapper, when training
         if config.train.channels_last:
             model.set_channels_last(True)
         if config.train.freeze_stages:
@@ -281,8 +350,10 @@ class Trainer:
         self.run_dir = out_dir if isinstance(out_dir, RunDirectory) else RunDirectory(out_dir)
         self.checkpoints = self.run_dir.checkpoints
         self.checkpoints.keep = config.train.keep_checkpoints
-        self.progress = progress
+        self.progress = progress and self.is_main
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        if not self.is_main:
+            self.log = lambda message: None
         self.clock = clock
         self.fingerprint = dataset_fingerprint(self.inputs, self.labels)
         self.precision = resolve_precision(config.train.precision, self.device)
@@ -336,6 +407,13 @@ class Trainer:
             )
         if n < 2:
             raise ValueError(f"training needs at least 2 items; got {n}.")
+        world = self.dist.world_size if self.dist is not None else 1
+        if cfg.train.batch_size % world:
+            raise ValueError(
+                f"the batch size {cfg.train.batch_size} does not split evenly across {world} "
+                f"processes; use a multiple of {world} (--batch-size is the global batch, "
+                "shared by all processes)."
+            )
 
     # -------------------------------------------------------------- plan
 
@@ -431,23 +509,37 @@ class Trainer:
         return x, targets
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+        """The epoch's index batches int64 (steps, B) and its augmentation generator; in a
+        multi-process run this rank's share (steps, B / N) of the same global batches, with
+        augmentations of its own."""
         rng = np.random.default_rng([self.config.train.seed, epoch])
         order = rng.permutation(len(self.labels))
         steps = self.steps_per_epoch()
         size = min(self.config.train.batch_size, len(order))
-        return order[: steps * size].reshape(steps, size), rng
+        order = order[: steps * size].reshape(steps, size)
+        if self.dist is not None:
+            order = ddp.rank_batches(order, self.dist)
+            rng = np.random.default_rng([self.config.train.seed, epoch, 1 + self.dist.rank])
+        return order, rng
 
     # -------------------------------------------------------------- one step
 
     def _forward_loss(
         self, x: torch.Tensor, targets: torch.Tensor, quantize: bool, detach: bool
     ) -> tuple[LossOutput, torch.Tensor]:
-        with autocast(self.device, self.precision):
-            out = self.model(x, quantize=quantize, detach_quantizer_input=detach)
-        loss = self.loss_fn(
-            out.semantic, out.logits.float(), targets, out.quantized, out.quantizer_input
+        if self._net is not None:  # DistributedDataParallel around _ModelAndLoss
+            total, logits, parts = self._net(x, targets, quantize=quantize, detach=detach)
+            return LossOutput(total, parts), logits
+        return model_and_loss(
+            self.model, self.loss_fn, self.precision, x, targets, quantize, detach
         )
-        return loss, out.logits
+
+    def _agreed(self, loss: LossOutput) -> LossOutput:
+        """The loss with its logged parts averaged over the ranks (the global batch's means,
+        so every rank sees the same values and stops together on a non-finite one)."""
+        if self.dist is None:
+            return loss
+        return LossOutput(loss.total, ddp.mean_over_ranks(loss.parts, self.dist))
 
     def _check_finite(self, loss: LossOutput, epoch: int, step: int, lr: float) -> None:
         if math.isfinite(loss.parts["total"]):
@@ -485,7 +577,10 @@ class Trainer:
     # -------------------------------------------------------------- k-means
 
     def _training_features(self) -> np.ndarray:
-        """Eval-mode features of the (unaugmented) training set: float32 (N, D)."""
+        """Eval-mode features of the (unaugmented) training set: float32 (N, D) (in a
+        multi-process run each rank computes its share and all ranks get all of them)."""
+        if self.dist is not None:
+            return self._gathered(self._rank_training_features)
         return self.model.extract_features(
             self.inputs,
             batch_size=max(256, self.config.train.batch_size),
@@ -493,21 +588,53 @@ class Trainer:
             workers=self.workers,
         )
 
+    def _rank_training_features(self, rows: np.ndarray) -> np.ndarray:
+        subset = getattr(self.inputs, "subset", None)
+        inputs = subset(rows) if callable(subset) else self.inputs[rows]
+        return self.model.extract_features(
+            inputs,
+            batch_size=max(256, self.config.train.batch_size),
+            tta_flip=False,
+            workers=self.workers,
+        )
+
+    def _gathered(self, features_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """float32 (N, D) features of every training row, computed by the ranks in turns of
+        rows (``features_of(rows)`` on this rank's share) and gathered on all ranks."""
+        assert self.dist is not None
+        rows = ddp.rank_rows(len(self.labels), self.dist)
+        local = features_of(rows)
+        every_row = ddp.all_gather_rows(rows, self.dist, "gathering the k-means features")
+        gathered = ddp.all_gather_rows(local, self.dist, "gathering the k-means features")
+        out = np.empty_like(gathered)
+        out[every_row] = gathered
+        return out
+
     @torch.no_grad()
-    def _features_as_trained(self) -> np.ndarray:
-        """Features of the unaugmented training set as the training loss sees them (BatchNorm
-        on batch statistics), float32 (N, D); BatchNorm running statistics are left as they
-        were. Early in training the running statistics are far from the batch statistics, so
-        eval-mode features would put the codebooks where the training features are not."""
+    def _features_as_trained(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features of the unaugmented training set (or of ``rows``) as the training loss
+        sees them (BatchNorm on batch statistics), float32 (N, D); BatchNorm running
+        statistics are left as they were. Early in training the running statistics are far
+        from the batch statistics, so eval-mode features would put the codebooks where the
+        training features are not."""
+        if rows is None and self.dist is not None:
+            return self._gathered(self._features_as_trained)
         model = self.model
         saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
         was_training = model.training
         model.train()
         batch_size = max(256, self.config.train.batch_size)
-        out = np.empty((len(self.labels), self.config.quantizer.dim), dtype=np.float32)
+        count = len(self.labels) if rows is None else len(rows)
+        out = np.empty((count, self.config.quantizer.dim), dtype=np.float32)
+        if rows is None:
+            batches = self.reader.sequential(batch_size)
+        else:
+            parts = [rows[start : start + batch_size] for start in range(0, count, batch_size)]
+            starts = range(0, count, batch_size)
+            batches = zip(starts, self.reader.read(parts), strict=True)
         try:
             with autocast(self.device, self.precision):
-                for start, raw in self.reader.sequential(batch_size):
+                for start, raw in batches:
                     x = model.prepare_inputs(raw.to(self.device, non_blocking=True))
                     features = model(x, quantize=False).features.float().cpu().numpy()
                     out[start : start + len(features)] = features
@@ -518,16 +645,28 @@ class Trainer:
         return out
 
     def _kmeans_init(self, eval_mode: bool = False) -> np.ndarray:
+        """Residual k-means codebooks on the training features; in a multi-process run on
+        rank 0, over the features of all ranks, then broadcast: every rank starts from the
+        same codebooks."""
         features = self._training_features() if eval_mode else self._features_as_trained()
-        errors = self.model.quantizer.init_kmeans(
-            features, iterations=self.config.train.kmeans_iterations, seed=self.config.train.seed
-        )
+        quantizer = self.model.quantizer
+
+        def kmeans() -> list[float]:
+            return quantizer.init_kmeans(
+                features,
+                iterations=self.config.train.kmeans_iterations,
+                seed=self.config.train.seed,
+            ).tolist()
+
+        errors = ddp.rank0_decides(self.dist, kmeans, "k-means on rank 0")
+        if self.dist is not None:
+            ddp.broadcast_tensors_([quantizer.codebooks], self.dist, "broadcasting the codebooks")
         self.log(
             "k-means codebook init on "
             f"{len(features)} training features: mean squared error per level "
             + " ".join(f"{e:.4g}" for e in errors)
         )
-        return errors
+        return np.asarray(errors)
 
     # -------------------------------------------------------------- time budget
 
@@ -565,9 +704,17 @@ class Trainer:
             torch.set_rng_state(rng_state)
 
     def _plan_epochs(self, budget: TimeBudget | None) -> tuple[int, dict[str, Any]]:
+        """The first plan; in a multi-process run rank 0 times its steps and decides."""
         cfg = self.config.train
         if budget is None:
             return cfg.epochs, {"epochs": cfg.epochs, "source": "config"}
+        epochs, plan = ddp.rank0_decides(
+            self.dist, lambda: self._measured_plan(budget), "the time plan"
+        )
+        return int(epochs), plan
+
+    def _measured_plan(self, budget: TimeBudget) -> tuple[int, dict[str, Any]]:
+        cfg = self.config.train
         seconds_per_step = self._time_steps()
         epochs, plan = budget.plan(seconds_per_step)
         self.log(
@@ -602,6 +749,20 @@ class Trainer:
             if self.config.loss.uses_quantization:
                 run.quant_epoch = min(run.quant_epoch, revised - 1)
 
+    def _agree_on_plan(
+        self, run: _Run, budget: TimeBudget, epoch_wall: float, record: dict
+    ) -> None:
+        """:meth:`_revise_plan`, decided by rank 0 in a multi-process run (its wall time
+        and budget), the result applied on every rank."""
+
+        def revise() -> dict[str, Any]:
+            self._revise_plan(run, budget, epoch_wall, record)
+            return {"epochs": run.epochs, "plan": run.plan, "quant_epoch": run.quant_epoch}
+
+        decided = ddp.rank0_decides(self.dist, revise, "revising the time plan")
+        run.epochs, run.plan = int(decided["epochs"]), decided["plan"]
+        run.quant_epoch = int(decided["quant_epoch"])
+
     # -------------------------------------------------------------- the loop
 
     def train(self, resume: bool = False) -> TrainResult:
@@ -617,18 +778,71 @@ class Trainer:
             dpq.checkpoint.RunInProgressError: another process is training into ``out_dir``.
             TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         """
-        with self.run_dir.lock():
+        with contextlib.ExitStack() as stack:
+
+            def claim_folder() -> bool:
+                stack.enter_context(self.run_dir.lock())
+                self.run_dir.check_can_start(resume)
+                self.checkpoints.remove_temporaries()
+                return True
+
+            ddp.rank0_decides(
+                self.dist,
+                claim_folder,
+                "checking the run folder",
+                kinds=(RunInProgressError, ValueError, FileNotFoundError),
+            )
             try:
                 return self._train_locked(resume)
             finally:
                 self.reader.close()
+                self._net = None
+
+    def _wrap(self) -> None:
+        """DistributedDataParallel around the model and its loss (its constructor makes
+        every rank start from rank 0's weights). It follows the graph from the loss, so a
+        parameter a phase leaves out (the codebooks before the quantization phase, a head
+        whose loss is off) counts as unused instead of being waited for. Buffers are not
+        broadcast every step (that would discard the other ranks' BatchNorm statistics);
+        they are averaged per epoch."""
+        if self.dist is None:
+            return
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers synced from rank 0 once, at the start, not before every forward pass
+        options = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}  # torch before forward_sync_buffers
+        )
+        with ddp.collective_guard(self.dist, "starting DistributedDataParallel"):
+            self._net = DistributedDataParallel(
+                _ModelAndLoss(self.model, self.loss_fn, self.precision),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+                **options,
+            )
+
+    def _end_epoch_in_sync(self, ema: WeightAverage | None, record: dict[str, Any]) -> None:
+        """Average BatchNorm statistics (and their EMA) over the ranks, then check that
+        every rank holds the same model; the model's digest goes into the epoch record."""
+        if self.dist is None:
+            return
+        ddp.average_buffers_(self.model, self.dist)
+        if ema is not None:
+            buffers = {name for name, _ in self.model.named_buffers()}
+            averaged = [v for k, v in ema.state.items() if k in buffers and v.is_floating_point()]
+            ddp.all_reduce_mean_(averaged, self.dist, "averaging the EMA's BatchNorm")
+        record["state_sha256"] = ddp.check_in_sync(
+            self.model, self.dist, f"after epoch {record['epoch']}"
+        )
 
     def _train_locked(self, resume: bool) -> TrainResult:
         started = self.clock()
         cfg = self.config.train
         torch.set_num_threads(cfg.num_threads or available_cores())
-        self.run_dir.check_can_start(resume)
-        self.checkpoints.remove_temporaries()
         if cfg.backbone_weights is not None and not resume:
             loaded = load_backbone_weights(self.model.backbone, cfg.backbone_weights)
             self.log(
@@ -651,6 +865,13 @@ class Trainer:
         else:
             epochs, plan = self._plan_epochs(budget)
             run = _Run(epochs=epochs, plan=plan, quant_epoch=self.quantization_start_epoch(epochs))
+        self._wrap()
+        if self.dist is not None:
+            per_rank = self.config.train.batch_size // self.dist.world_size
+            self.log(
+                f"DistributedDataParallel: {self.dist.world_size} processes ({self.dist.backend}), "
+                f"global batch {self.config.train.batch_size} = {per_rank} per process"
+            )
         if self.precision != "fp32" or self.device.type != "cpu":
             arithmetic = "float32" if self.precision == "fp32" else f"{self.precision} autocast"
             scaled = " with a gradient scaler" if self.scaler.is_enabled() else ""
@@ -672,23 +893,25 @@ class Trainer:
                 if run.epoch == run.quant_epoch:
                     optimizers["codebooks"] = self._start_quantization(ema)
                 record = self._run_epoch(run, optimizers, ema, bar)
+                self._end_epoch_in_sync(ema, record)
                 record["seconds"] = round(self.clock() - epoch_start, 3)
                 self._check_weights(run.epoch)
                 run.history.append(record)
-                self.run_dir.append_log(record)
                 run.epoch += 1
-                self.checkpoints.save(
-                    run.epoch,
-                    self.model,
-                    self.config,
-                    self._state(run, ema),
-                    optimizers,
-                    ema.state if ema is not None else None,
-                )
+                if self.is_main:
+                    self.run_dir.append_log(record)
+                    self.checkpoints.save(
+                        run.epoch,
+                        self.model,
+                        self.config,
+                        self._state(run, ema),
+                        optimizers,
+                        ema.state if ema is not None else None,
+                    )
                 if self.progress and bar is None:
                     self.log(self._epoch_line(run, record))
                 if budget is not None and run.resumed_from == 0 and run.epoch < run.epochs:
-                    self._revise_plan(run, budget, self.clock() - epoch_start, record)
+                    self._agree_on_plan(run, budget, self.clock() - epoch_start, record)
                     if bar is not None:
                         bar.total = run.epochs * steps
                         bar.refresh()
@@ -713,8 +936,15 @@ class Trainer:
     def _resume(
         self, optimizers: dict[str, torch.optim.Optimizer], ema: WeightAverage | None
     ) -> _Run:
-        path = self.checkpoints.latest()
-        assert path is not None  # check_can_start guarantees it
+        latest = ddp.rank0_decides(
+            self.dist, lambda: str(self.checkpoints.latest()), "choosing the checkpoint"
+        )
+        path = Path(latest)  # check_can_start guarantees there is one
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{path} (the checkpoint rank 0 resumes from) is not on this machine; keep the "
+                "run folder on storage every machine shares."
+            )
         state = self.checkpoints.read_state(path)
         saved = DPQConfig.from_dict(state["config"])
         if saved != self.config:
@@ -823,6 +1053,7 @@ class Trainer:
             loss, logits = self._forward_loss(
                 x, targets, quantize, detach=(cfg.schedule == "two_phase")
             )
+            loss = self._agreed(loss)
             self._check_finite(loss, run.epoch, step, lr)
             network_opt.zero_grad(set_to_none=True)
             codebook_opt.zero_grad(set_to_none=True)
@@ -850,6 +1081,9 @@ class Trainer:
                     bar.set_postfix_str(
                         f"epoch {run.epoch + 1}/{run.epochs}, {_running_losses(sums, step + 1)}"
                     )
+        if self.dist is not None:
+            counted = ddp.mean_over_ranks({"correct": correct, "seen": seen}, self.dist)
+            correct, seen = counted["correct"], counted["seen"]  # means: the ratio is the same
         return sums, lr, (correct / seen if seen else None)
 
     def _codebook_epoch(
@@ -865,9 +1099,15 @@ class Trainer:
                 energy, terms = self.loss_fn.energy(x, quantizer(x))
             parts = {name: float(value.detach()) for name, value in terms.items()}
             parts["total"] = parts["E"]
-            self._check_finite(LossOutput(energy, parts), run.epoch, step, 0.0)
+            loss = self._agreed(LossOutput(energy, parts))
+            parts = loss.parts
+            self._check_finite(loss, run.epoch, step, 0.0)
             optimizer.zero_grad(set_to_none=True)
             (self.config.loss.tau * energy).backward()
+            if self.dist is not None:  # not through DDP: the codebooks' gradient by hand
+                ddp.all_reduce_mean_(
+                    [quantizer.codebooks.grad], self.dist, "all-reducing codebook gradients"
+                )
             optimizer.step()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -895,16 +1135,22 @@ class Trainer:
             self._kmeans_init(eval_mode=True)
         self.model.eval()
         wall = self.clock() - started
-        model_dir = self.model.save_checkpoint(
-            self.run_dir.model_dir,
-            extra={
-                "epochs": run.epochs,
-                "plan": run.plan,
-                "history": run.history,
-                "precision": self.precision,
-            },
-            config=self.config,
-        )
+
+        def save() -> str:
+            return str(
+                self.model.save_checkpoint(
+                    self.run_dir.model_dir,
+                    extra={
+                        "epochs": run.epochs,
+                        "plan": run.plan,
+                        "history": run.history,
+                        "precision": self.precision,
+                    },
+                    config=self.config,
+                )
+            )
+
+        model_dir = Path(ddp.rank0_decides(self.dist, save, "saving the final model"))
         self.log(f"saved the model to {model_dir} ({run.epochs} epochs, {wall:.1f} s in this call)")
         return TrainResult(
             model=self.model,
@@ -915,6 +1161,8 @@ class Trainer:
             resumed_from_epoch=run.resumed_from,
             planned=run.plan,
             precision=self.precision,
+            rank=self.dist.rank if self.dist is not None else 0,
+            world_size=self.dist.world_size if self.dist is not None else 1,
         )
 
 
@@ -928,10 +1176,12 @@ def train_model(
     log: Callable[[str], None] | None = None,
     device: str | torch.device | None = "cpu",
     workers: int | None = None,
+    distributed: DistributedContext | None | str = "auto",
 ) -> TrainResult:
     """Build a model from ``config`` (seeded by ``train.seed``) and train it on ``device``
     (``"auto"``: CUDA where there is a GPU), reading on-demand images with ``workers``
-    processes.
+    processes; under torchrun with DistributedDataParallel (``distributed``, see
+    :class:`Trainer`).
 
     On ``resume`` the model is rebuilt from the same config and then loaded from the newest
     checkpoint in ``out_dir``.
@@ -949,5 +1199,6 @@ def train_model(
         log=log,
         device=target,
         workers=workers,
+        distributed=distributed,
     )
     return trainer.train(resume=resume)
