@@ -222,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         "--summarize", metavar="RESULTS", help="only rewrite the tables of this results file"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue runs whose folders hold checkpoints of an interrupted run",
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         rows = json.loads(Path(args.summarize).read_text())
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     command=command,
                     baselines=[b for b in args.baselines.split(",") if b],
                     split_seed=seed,
+                    resume=args.resume and (run_dir / "checkpoints").is_dir(),
                 )
                 row = _row(result, name, feature, args.minutes, args.recipe)
                 # read just before writing: another run may have appended meanwhile
