@@ -84,8 +84,28 @@ class ImageFileReader:
         return f"ImageFileReader({len(self)} images from {self.store.path}, size={self.image_size})"
 
 
+class LabelledItems:
+    """What every labelled collection answers: its size, class count and label kind.
+
+    Needs ``labels`` (int64 (N,) class ids or multi-hot uint8 (N, C)) and ``classes``."""
+
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+
 @dataclass(frozen=True)
-class ImageDataset:
+class ImageDataset(LabelledItems):
     """A labelled image collection.
 
     Attributes:
@@ -144,17 +164,6 @@ class ImageDataset:
             )
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "classes", classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def is_multilabel(self) -> bool:
-        return self.labels.ndim == 2
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

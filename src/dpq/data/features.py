@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dpq.data.dataset import LabelledItems
+
 
 @dataclass(frozen=True)
-class FeatureDataset:
+class FeatureDataset(LabelledItems):
     """Features with their labels.
 
     Attributes:
@@ -23,17 +25,6 @@ class FeatureDataset:
     labels: np.ndarray
     classes: list[str]
     source: str = field(default="", compare=False)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def is_multilabel(self) -> bool:
-        return self.labels.ndim == 2
 
     @property
     def dim(self) -> int:
