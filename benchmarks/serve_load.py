@@ -19,6 +19,7 @@ beside what saving the whole index atomically (the alternative) takes at this si
     python benchmarks/serve_load.py --scenario images --index db.index.npz \
         --model runs/m/model --images cifar10-jpeg.zip --split split.json
     python benchmarks/serve_load.py --scenario vectors --n 100000 --seconds 5  # quick check
+    python benchmarks/serve_load.py --scenario vectors --partition-levels 2 --nprobe 64
 
 Loopback only, bounded in time (each phase stops after --seconds), never run by CI.
 """
@@ -59,6 +60,16 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=None, help="code length (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="server search threads")
     parser.add_argument(
+        "--partition-levels",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="vectors: group the synthetic index by its first 0, 1 or 2 codes",
+    )
+    parser.add_argument(
+        "--nprobe", type=int, default=None, help="vectors: cells scanned per query (partitioned)"
+    )
+    parser.add_argument(
         "--model-threads", type=int, default=None, help="images: the server's torch threads"
     )
     parser.add_argument("--queries", type=int, default=500, help="distinct queries")
@@ -73,7 +84,7 @@ def _parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 
 
-def synthetic_index(n: int, dim: int, seed: int):
+def synthetic_index(n: int, dim: int, seed: int, partition_levels: int = 0):
     """DPQIndex of n random codes over residual-style codebooks (scale halves per level), and
     float32 queries (decoded items plus noise), as benchmarks/search_speed.py builds them."""
     from dpq.index import DPQIndex
@@ -81,7 +92,7 @@ def synthetic_index(n: int, dim: int, seed: int):
     rng = np.random.default_rng(seed)
     levels, k = 4, 256
     books = np.stack([rng.normal(scale=0.5**level, size=(k, dim)) for level in range(levels)])
-    index = DPQIndex(books.astype(np.float32))
+    index = DPQIndex(books.astype(np.float32), partition_levels=partition_levels)
     index.add(rng.integers(0, k, size=(n, levels)))
     return index
 
@@ -319,7 +330,7 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpq-serve-load-"))
     path = workdir / f"synthetic-{args.n}.index.npz"
     started = time.perf_counter()
-    index = synthetic_index(args.n, args.dim, args.seed)
+    index = synthetic_index(args.n, args.dim, args.seed, args.partition_levels)
     queries = vector_queries(index, args.queries, args.seed)
     save_started = time.perf_counter()
     index.save(path)
@@ -330,14 +341,22 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
         flush=True,
     )
     levels = None if args.bits is None else args.bits // 8
-    index.search(queries[:1], args.k, num_levels=levels)
+    probe = {} if args.nprobe is None else {"nprobe": args.nprobe}
+    index.search(queries[:1], args.k, num_levels=levels, **probe)
     rate = in_process_rate(
-        lambda i: index.search(queries[i : i + 1], args.k, num_levels=levels),
+        lambda i: index.search(queries[i : i + 1], args.k, num_levels=levels, **probe),
         len(queries),
         args.baseline_seconds,
     )
     print(f"  in-process DPQIndex.search, one query per call: {rate:,.0f} queries/s", flush=True)
-    extra = {} if args.bits is None else {"bits": args.bits}
+    if probe:
+        _, probed = index.search(queries, args.k, num_levels=levels, **probe)
+        _, exhaustive = index.search(queries, args.k, num_levels=levels)
+        found = np.mean(
+            [len(np.intersect1d(a, b)) / args.k for a, b in zip(probed, exhaustive, strict=True)]
+        )
+        print(f"  nprobe={args.nprobe}: recall@{args.k} of the exhaustive scan {found:.4f}")
+    extra = ({} if args.bits is None else {"bits": args.bits}) | probe
     searches = [
         json_request("/search", {"vector": q.tolist(), "k": args.k, **extra}) for q in queries
     ]
@@ -444,7 +463,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print()
     print(
         f"{args.clients} clients x {args.seconds:g} s per phase, k={args.k}, "
-        f"bits={args.bits or 'all'}, server threads {args.threads}, model threads "
+        f"bits={args.bits or 'all'}, partition levels {args.partition_levels}, nprobe "
+        f"{args.nprobe or 'all cells'}, server threads {args.threads}, model threads "
         f"{args.model_threads or 'torch default'}, {os.cpu_count()} CPUs"
     )
     print(

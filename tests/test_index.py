@@ -1268,3 +1268,36 @@ def test_an_index_file_without_a_search_mode_loads_as_aqd(tmp_path, codebooks, c
     path = write_version1_file(built, tmp_path / "old.npz", drop=("search_mode",))
     loaded = DPQIndex.load(path)
     assert loaded.search_mode == "aqd" and loaded.ntotal == len(codes)
+
+
+def test_adds_between_searches_wait_in_a_scanned_tail_until_it_outgrows_one_64th(
+    codebooks, queries
+):
+    """A service adds between searches: the new items are scanned in full beside the probed
+    cells (no O(N) regrouping per add), found at once, and grouped when the tail exceeds
+    N/64; nprobe over all cells still equals the exhaustive scan."""
+    codes = np.random.default_rng(5).integers(0, K, size=(900, L))
+    part = build_in_chunks(codebooks, codes[:700], 2, chunks=1)
+    part.search(queries, 5, nprobe=1)
+    assert part.ungrouped == 0
+    new = np.arange(700, 705)
+    part.add(codes[new], ids=new)  # 5 <= 705 // 64: kept in the tail
+    _, ids = part.search(reconstruct(codebooks, codes[new]), 1, nprobe=1)
+    assert part.ungrouped == 5
+    np.testing.assert_array_equal(ids[:, 0], new)  # found although not grouped yet
+    exhaustive = part.search(queries, 25)
+    np.testing.assert_array_equal(part.search(queries, 25, nprobe=K**2)[1], exhaustive[1])
+    # the two nearest cells of the grouped items, and every item of the tail
+    dist, found = part.search(queries, 12, nprobe=2)
+    ref_d, ref_i = probe_reference(queries, codebooks, codes[:700], 12, 2, 2, L)
+    tail = reconstruct(codebooks, codes[new])
+    for q in range(len(queries)):
+        reached = ref_i[q] >= 0
+        scores = np.concatenate([ref_d[q][reached], ((queries[q] - tail) ** 2).sum(1)])
+        rows = np.concatenate([ref_i[q][reached], new])
+        best = rows[np.argsort(scores, kind="stable")[:12]]
+        assert set(found[q][found[q] >= 0]) == set(best)
+    part.add(codes[705:900], ids=np.arange(705, 900))  # 200 > 900 // 64: regrouped
+    part.search(queries, 5, nprobe=1)
+    assert part.ungrouped == 0
+    assert_grouped(part)

@@ -57,6 +57,10 @@ MAX_K = 2**31 - 1
 
 # Upper bound on lookup-table memory per search batch.
 _MAX_LUT_BYTES = 64 * 2**20
+# A search leaves items added since the last grouping in a tail (scanned in full beside the
+# probed cells) while the tail holds at most N / _TAIL_FRACTION items: a service that adds
+# between searches then pays O(tail) per search, not an O(N) regrouping per add.
+_TAIL_FRACTION = 64
 # Rows encoded per batch by greedy_residual_encode.
 _ENCODE_BATCH = 4096
 # uint8 codes are stored with rows padded to whole 32-bit words: one load reads 4 codes.
@@ -375,6 +379,18 @@ class DPQIndex:
         self._sorted_id_order = None
         self._cell_tables = {}
 
+    @property
+    def ungrouped(self) -> int:
+        """Items added since the cells were last regrouped (a partitioned index's tail, which
+        a search with nprobe scans in full); 0 for an unpartitioned index."""
+        return self.ntotal - self._grouped
+
+    def _group_if_tail_large(self) -> None:
+        """Group before a search only when the tail has outgrown what a full scan of it costs
+        beside the probed cells (see _TAIL_FRACTION)."""
+        if self.ntotal - self._grouped > self.ntotal // _TAIL_FRACTION:
+            self._group()
+
     def _group(self) -> None:
         """Merge the items added since the last read into their cells (one O(N) pass)."""
         if self._grouped == self.ntotal:
@@ -546,7 +562,11 @@ class DPQIndex:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         if self._partition_levels == 0:
             self._group()
-        self._layout_changed()
+            self._layout_changed()
+        elif self._grouped == 0:
+            self._layout_changed()
+        else:  # the grouped rows and their cells stand; the new rows wait in the tail
+            self._sorted_id_order = None
         return new_ids
 
     def encode(self, features: Any, num_levels: int | None = None) -> np.ndarray:
@@ -782,7 +802,31 @@ class DPQIndex:
         self, luts: np.ndarray, num_levels: int, mode: str, k: int, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows over the nprobe cells nearest each query (cells of the first
-        min(num_levels, p) codes), scored exactly as :meth:`_scan` scores them."""
+        min(num_levels, p) codes) and every item of the ungrouped tail, scored exactly as
+        :meth:`_scan` scores them."""
+        cell_d, cell_r = self._scan_grouped_cells(luts, num_levels, mode, k, nprobe)
+        first, stop = self._grouped, self.ntotal
+        if first == stop:
+            return cell_d, cell_r
+        has_norm = mode == "aqd" and num_levels > 1
+        norms = self._norms_for(num_levels) if has_norm else np.empty(0, np.float32)
+        codes, stride = self._scan_layout()
+        scan = kernels.scan_kernel(num_levels, stride, self._packed)
+        width = min(k, stop - first)
+        tail_d = np.empty((len(luts), width), np.float32)
+        tail_r = np.empty((len(luts), width), np.int64)
+        scan(codes, first, stop, self.codebook_size, norms, luts, width, tail_d, tail_r)
+        padded_d = np.full((2, len(luts), k), np.inf, np.float32)
+        padded_r = np.full((2, len(luts), k), -1, np.int64)
+        padded_d[0], padded_r[0] = cell_d, cell_r
+        padded_d[1, :, :width], padded_r[1, :, :width] = tail_d, tail_r
+        return kernels.merge_shards(padded_d, padded_r, k)
+
+    def _scan_grouped_cells(
+        self, luts: np.ndarray, num_levels: int, mode: str, k: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows over the nprobe cells nearest each query among the grouped rows
+        [0, _grouped)."""
         cell_levels = min(num_levels, self._partition_levels)
         starts, stops, cell_codes, cell_norms = self._cell_table(cell_levels)
         nq, n_cells = len(luts), len(starts)
@@ -869,8 +913,10 @@ class DPQIndex:
         only the items of the nprobe non-empty cells nearest the query (cells of the first
         min(partition_levels, l) codes, l the prefix being scanned: rerank_from for the
         shortlist; faiss IVF counts empty lists too, so :meth:`to_faiss` with ivf=True
-        agrees where no cell is empty); None scans every item; nprobe >= the number of
-        cells gives exactly the results of a full scan.
+        agrees where no cell is empty), plus the items added since the cells were last
+        regrouped, while they are at most 1/64 of the index (so that adding between searches
+        costs no O(N) regrouping; see :attr:`ungrouped`); None scans every item; nprobe >=
+        the number of cells gives exactly the results of a full scan.
 
         k: 1..MAX_K. Returns distances float32 (nq, w) ascending and ids int64 (nq, w) with
         w = min(k, ntotal); where fewer than w items are reachable (nprobe) the rest is
@@ -894,7 +940,7 @@ class DPQIndex:
             rerank_candidates = _check_k(rerank_candidates, "rerank_candidates")
         nprobe = self._check_nprobe(nprobe)
         q = self._check_queries(queries)
-        self._group()
+        self._group_if_tail_large()
         nq, width = len(q), min(k, self.ntotal)
         out_d = np.full((nq, width), np.inf, np.float32)
         out_i = np.full((nq, width), -1, np.int64)
