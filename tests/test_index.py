@@ -1301,3 +1301,22 @@ def test_adds_between_searches_wait_in_a_scanned_tail_until_it_outgrows_one_64th
     part.search(queries, 5, nprobe=1)
     assert part.ungrouped == 0
     assert_grouped(part)
+
+
+@pytest.mark.parametrize("partition_levels", [0, 2])
+def test_id_lookups_after_adds_in_and_out_of_id_order(codebooks, codes, partition_levels):
+    """Ids after the existing ones extend the id index without sorting it again; others
+    rebuild it; either way duplicates are refused and removes find their rows."""
+    index = DPQIndex(codebooks, partition_levels=partition_levels)
+    index.add(codes[:100], ids=10 * np.arange(100))  # 0, 10, ..., 990
+    index.search(np.zeros((1, codebooks.shape[2]), np.float32), 1)  # groups the cells
+    index.add(codes[100:102], ids=[2000, 1500])  # after every existing id
+    index.add(codes[102:103], ids=[55])  # among them
+    for taken in (1500, 990, 55):
+        with pytest.raises(ValueError, match="already in the index"):
+            index.add(codes[103:104], ids=[taken])
+    assert index.remove([1500, 55, 10, 11]) == 3
+    expected = set(10 * np.arange(100)) - {10} | {2000}
+    assert set(index.ids.tolist()) == expected
+    rows = {int(i): r for r, i in enumerate(index.ids)}
+    np.testing.assert_array_equal(index.codes[rows[2000]], codes[100])

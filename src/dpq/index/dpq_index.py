@@ -557,6 +557,7 @@ class DPQIndex:
         appended.update({self._norm_column(lv): new_norms[j] for j, lv in enumerate(cached)})
         if new_labels is not None:
             appended["labels"] = new_labels
+        previous_order, previous_n = self._sorted_id_order, self.ntotal
         self._rows.append(appended)
         if n:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -565,9 +566,21 @@ class DPQIndex:
             self._layout_changed()
         elif self._grouped == 0:
             self._layout_changed()
-        else:  # the grouped rows and their cells stand; the new rows wait in the tail
-            self._sorted_id_order = None
+        # else: the grouped rows and their cells stand; the new rows wait in the tail
+        self._sorted_id_order = self._extended_id_order(previous_order, previous_n, new_ids)
         return new_ids
+
+    def _extended_id_order(
+        self, previous: np.ndarray | None, previous_n: int, new_ids: np.ndarray
+    ) -> np.ndarray | None:
+        """The id-sorted row order after appending ``new_ids`` at rows previous_n.., without
+        sorting again when they all come after the existing ids (a counter, as a service
+        adds); None (rebuilt at the next lookup) otherwise."""
+        if previous is None or len(previous) != previous_n:
+            return None
+        if previous_n and len(new_ids) and new_ids.min() <= self._ids[previous[-1]]:
+            return None
+        return np.concatenate([previous, previous_n + np.argsort(new_ids, kind="stable")])
 
     def encode(self, features: Any, num_levels: int | None = None) -> np.ndarray:
         """Codes (N, num_levels) of float (N, D) features with this index's assignment rule."""
