@@ -1320,3 +1320,27 @@ def test_id_lookups_after_adds_in_and_out_of_id_order(codebooks, codes, partitio
     assert set(index.ids.tolist()) == expected
     rows = {int(i): r for r, i in enumerate(index.ids)}
     np.testing.assert_array_equal(index.codes[rows[2000]], codes[100])
+
+
+def test_reads_by_id_leave_the_tail_ungrouped(codebooks, codes):
+    """contains, codes_of, labels_of and label_shape answer by id without regrouping, so
+    a service's reads never reorder the index under concurrent searches."""
+    index = DPQIndex(codebooks, partition_levels=2)
+    index.add(codes[:200], ids=np.arange(200), labels=np.arange(200) % 3)
+    index.group_added()
+    index.add(codes[200:202], ids=[900, 901], labels=[1, 2])
+    assert index.ungrouped == 2
+    np.testing.assert_array_equal(
+        index.contains([[900, 5], [7, 902]]), [[True, True], [True, False]]
+    )
+    np.testing.assert_array_equal(index.codes_of([901, 3]), codes[[201, 3]])
+    np.testing.assert_array_equal(index.labels_of([900, 4, 5000]), [1, 1, -1])
+    assert index.label_shape == () and DPQIndex(codebooks).label_shape is None
+    with pytest.raises(ValueError, match="id 5000 is not in the index"):
+        index.codes_of([3, 5000])
+    assert index.ungrouped == 2
+    index.group_added(only_if_large=True)  # 2 <= 202 // 64
+    assert index.ungrouped == 2
+    index.group_added()
+    assert index.ungrouped == 0
+    assert_grouped(index)

@@ -385,10 +385,14 @@ class DPQIndex:
         a search with nprobe scans in full); 0 for an unpartitioned index."""
         return self.ntotal - self._grouped
 
-    def _group_if_tail_large(self) -> None:
-        """Group before a search only when the tail has outgrown what a full scan of it costs
-        beside the probed cells (see _TAIL_FRACTION)."""
-        if self.ntotal - self._grouped > self.ntotal // _TAIL_FRACTION:
+    def group_added(self, only_if_large: bool = False) -> None:
+        """Merge the items added since the last grouping into their cells (one O(N) pass;
+        every read that needs index order does it too). ``only_if_large``: only when they
+        have outgrown what a search scans beside the probed cells (N/64), as a search does.
+
+        Reads never change the index otherwise, so a program that searches from several
+        threads while another adds calls this after each write, under its write lock."""
+        if not only_if_large or self.ntotal - self._grouped > self.ntotal // _TAIL_FRACTION:
             self._group()
 
     def _group(self) -> None:
@@ -649,6 +653,26 @@ class DPQIndex:
         self._layout_changed()
         return int(rows.size)
 
+    def contains(self, ids: Any) -> np.ndarray:
+        """bool array of the shape of ``ids``: which ids are in the index."""
+        arr = np.asarray(ids, dtype=np.int64)
+        return self._rows_of(arr.ravel())[1].reshape(arr.shape)
+
+    def codes_of(self, ids: Any) -> np.ndarray:
+        """Codes (n, L) of the items with these n ids, in that order; ValueError naming the
+        first id that is not in the index."""
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows, found = self._rows_of(arr)
+        if not found.all():
+            raise ValueError(f"id {int(arr[~found][0])} is not in the index.")
+        return self._codes[rows, : self.num_levels].copy()
+
+    @property
+    def label_shape(self) -> tuple[int, ...] | None:
+        """Shape of one item's label: () for class ids, (C,) for multi-hot; None without."""
+        labels = self._labels
+        return None if labels is None else tuple(labels.shape[1:])
+
     def labels_of(self, ids: Any) -> np.ndarray:
         """Labels of items by id, any shape of ids (e.g. search results (nq, k)).
 
@@ -657,8 +681,7 @@ class DPQIndex:
         """
         if not self._has_labels:
             raise ValueError("this index has no labels; build it with labels to look them up.")
-        self._group()
-        stored = self._labels
+        stored = self._labels  # rows in storage order, as _rows_of gives them: no grouping
         arr = np.asarray(ids, dtype=np.int64)
         rows, found = self._rows_of(arr.ravel())
         if self.ntotal:
@@ -953,7 +976,7 @@ class DPQIndex:
             rerank_candidates = _check_k(rerank_candidates, "rerank_candidates")
         nprobe = self._check_nprobe(nprobe)
         q = self._check_queries(queries)
-        self._group_if_tail_large()
+        self.group_added(only_if_large=True)
         nq, width = len(q), min(k, self.ntotal)
         out_d = np.full((nq, width), np.inf, np.float32)
         out_i = np.full((nq, width), -1, np.int64)

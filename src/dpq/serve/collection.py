@@ -243,8 +243,6 @@ class Collection:
         self._model = model
         self._lock = ReadWriteLock()
         self._write_mutex = threading.Lock()
-        self._version = 0
-        self._row_cache: tuple[int, np.ndarray, np.ndarray | None] | None = None
         self._next_id = int(next_id)
         self._added = _Added(dict(added or {}))
         self._bits_per_level = max(1, (index.codebook_size - 1).bit_length())
@@ -289,36 +287,14 @@ class Collection:
 
     # ---- rows, labels, images -------------------------------------------------------------------
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of ids in the index (-1 for unknown ids); call under the read or write lock."""
-        cache = self._row_cache
-        if cache is None or cache[0] != self._version:
-            all_ids = self.index.ids
-            ascending = bool(np.all(all_ids[1:] > all_ids[:-1])) if len(all_ids) > 1 else True
-            if ascending:  # ids in index order already: no sort needed (the common case)
-                cache = (self._version, np.asarray(all_ids), None)
-            else:
-                order = np.argsort(all_ids, kind="stable")
-                cache = (self._version, np.asarray(all_ids)[order], order)
-            self._row_cache = cache
-        _, sorted_ids, order = cache
-        ids = np.asarray(ids, np.int64)
-        if not len(sorted_ids):
-            return np.full(ids.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        found = sorted_ids[pos] == ids
-        rows = pos if order is None else order[pos]
-        return np.where(found, rows, -1).astype(np.int64)
-
-    def _label_values(self, rows: np.ndarray) -> list[Any] | None:
-        """JSON-ready labels of rows: class names when known, else class indices; multi-hot
+    def _label_values(self, ids: np.ndarray) -> list[Any] | None:
+        """JSON-ready labels of items: class names when known, else class indices; multi-hot
         labels as lists; None for an unlabelled item (label -1) or a label-less index."""
-        labels = self.index.labels
-        if labels is None:
+        if self.index.label_shape is None:
             return None
+        labels = self.index.labels_of(ids)
         out: list[Any] = []
-        for row in rows:
-            value = labels[row]
+        for value in labels:
             if labels.ndim == 1:
                 out.append(self._label_name(int(value)) if value >= 0 else None)
             else:
@@ -351,7 +327,7 @@ class Collection:
         """PNG bytes of the item's image as a thumbnail; None for an unknown id or an item
         without an image (an index built from features, a vector added over HTTP)."""
         with self._lock.reading():
-            if self._rows(np.array([item_id]))[0] < 0 or not self.has_image(item_id):
+            if not self.index.contains(item_id) or not self.has_image(item_id):
                 return None
             if item_id in self._added.info:
                 try:
@@ -363,10 +339,9 @@ class Collection:
     def item(self, item_id: int) -> dict[str, Any] | None:
         """JSON-ready facts of one item (id, label, metadata, has_image); None if unknown."""
         with self._lock.reading():
-            row = int(self._rows(np.array([item_id]))[0])
-            if row < 0:
+            if not self.index.contains(item_id):
                 return None
-            labels = self._label_values(np.array([row]))
+            labels = self._label_values(np.array([item_id]))
             meta: dict[str, Any]
             if item_id in self._added.info:
                 meta = {"added_over_http": True, **self._added.info[item_id]}
@@ -384,7 +359,7 @@ class Collection:
 
     def random_id(self, rng: np.random.Generator) -> int | None:
         """A uniformly drawn item id (None for an empty index)."""
-        with self._lock.reading():
+        with self._lock.writing():  # index order may group the latest adds
             ids = self.index.ids
             return int(ids[rng.integers(len(ids))]) if len(ids) else None
 
@@ -404,15 +379,14 @@ class Collection:
 
         A search "by id" searches with this vector."""
         with self._lock.reading():
-            row = int(self._rows(np.array([item_id]))[0])
-            if row < 0:
+            if not self.index.contains(item_id):
                 return None
-            return self.index.decode(self.index.codes[row : row + 1])[0]
+            return self.index.decode(self.index.codes_of([item_id]))[0]
 
     def label_of(self, item_id: int) -> Any:
         with self._lock.reading():
-            row = int(self._rows(np.array([item_id]))[0])
-            labels = self._label_values(np.array([row])) if row >= 0 else None
+            known = self.index.contains(item_id)
+            labels = self._label_values(np.array([item_id])) if known else None
             return None if labels is None else labels[0]
 
     def search(
@@ -461,7 +435,7 @@ class Collection:
             ids, distances = ids[0, offset:], distances[0, offset:]
             keep = ids >= 0
             ids, distances = ids[keep], distances[keep]
-            labels = self._label_values(self._rows(ids))
+            labels = self._label_values(ids)
             total = self.index.ntotal
         return SearchHits(ids, distances, labels, levels * self._bits_per_level, total)
 
@@ -469,20 +443,20 @@ class Collection:
 
     def _label_array(self, labels: Sequence[Any] | None, n: int) -> np.ndarray | None:
         """Index labels for n new items from ints, class names or None (unknown: -1)."""
-        have = self.index.labels
+        shape = self.index.label_shape
         if labels is None:
-            if have is None:
+            if shape is None:
                 return None
-            return np.full(n, -1, np.int64) if have.ndim == 1 else np.zeros((n, *have.shape[1:]))
+            return np.full(n, -1, np.int64) if shape == () else np.zeros((n, *shape))
         if len(labels) != n:
             raise ValueError(f"give one label per item: {n} items but {len(labels)} labels.")
-        if have is None and self.index.ntotal:
+        if shape is None and self.index.ntotal:
             raise ValueError("this index has no labels; add the items without labels.")
-        if have is not None and have.ndim == 2:
-            rows = np.zeros((n, have.shape[1]), np.uint8)
+        if shape is not None and len(shape) == 1:
+            rows = np.zeros((n, shape[0]), np.uint8)
             for i, value in enumerate(labels):
                 for one in [] if value is None else value if isinstance(value, list) else [value]:
-                    rows[i, self._label_index(one, have.shape[1])] = 1
+                    rows[i, self._label_index(one, shape[0])] = 1
             return rows
         count = len(self.classes) if self.classes is not None else None
         return np.array(
@@ -540,7 +514,7 @@ class Collection:
                     write_bytes_atomic(self._thumbnail_path(int(item_id)), thumbs[i])
             with self._lock.writing():
                 self.index.add(codes, ids=ids, labels=label_array)
-                self._version += 1
+                self.index.group_added(only_if_large=True)  # so that no search regroups
             payload = {
                 "ids": ids.tolist(),
                 "codes": codes.tolist(),
@@ -552,7 +526,6 @@ class Collection:
             except BaseException:
                 with self._lock.writing():  # not durable: take it back before anyone relies on it
                     self.index.remove(ids)
-                    self._version += 1
                 raise
             self._next_id += n
             self._added.info.update({int(i): info for i, info in zip(ids, infos, strict=True)})
@@ -563,12 +536,11 @@ class Collection:
         """Remove one item (durable once this returns True); False if the id is unknown."""
         with self._write_mutex:
             with self._lock.reading():
-                if self._rows(np.array([item_id]))[0] < 0:
+                if not self.index.contains(item_id):
                     return False
             self.journal.append("remove", {"ids": [int(item_id)]})
             with self._lock.writing():
                 self.index.remove([item_id])
-                self._version += 1
             if self._added.info.pop(int(item_id), None) is not None:
                 self._thumbnail_path(int(item_id)).unlink(missing_ok=True)
             self._maybe_compact()
@@ -592,6 +564,8 @@ class Collection:
             "next_id": self._next_id,
             "added": {str(i): info for i, info in sorted(self._added.info.items())},
         }
+        with self._lock.writing():  # saving groups the latest adds; searches see either order
+            self.index.group_added()
         self.index.save(self.index_path)
         self.journal.reset()
         self.last_compaction_seconds = time.perf_counter() - started
@@ -615,7 +589,7 @@ class Collection:
             "dim": index.dim,
             "search_mode": index.search_mode,
             "codebook_sha256": index.codebook_sha256,
-            "labels": index.labels is not None,
+            "labels": index.label_shape is not None,
             "classes": self.classes,
             "model": self.model_info,
             "accepts": ["vector", "id"] + (["image"] if self.accepts_images else []),
