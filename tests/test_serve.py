@@ -597,3 +597,33 @@ def test_cli_serve_options_and_warnings(built, tmp_path, capsys):
     assert "--api-key" in exposure_warning("0.0.0.0", None)
     assert "reachable from every network" in exposure_warning("::", "key")
     assert "--api-key" not in exposure_warning("::", "key")
+
+
+def test_a_partitioned_index_serves_adds_searches_by_id_and_deletes(built, tmp_path):
+    """Grouped by the first two codes: new items wait in the index's tail, yet a search
+    with nprobe finds them at once, and lookups by id (item, label, search by id) agree."""
+    index = DPQIndex.load(built["index"])
+    index.repartition(2)
+    index_path = index.save(tmp_path / "partitioned.index.npz")
+    app = create_app(index_path, built["model"], "digits")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        vector = np.asarray(index.decode(index.codes[5:6])[0]) + 0.25
+        added = client.post("/items", json={"vectors": [vector.tolist()], "labels": ["3"]})
+        assert added.status_code == 201, added.text
+        new_id = added.json()["ids"][0]
+        found = client.post("/search", json={"vector": vector.tolist(), "k": 3, "nprobe": 4})
+        assert found.status_code == 200, found.text
+        assert found.json()["results"][0]["id"] == new_id
+        assert found.json()["results"][0]["label"] == "3"
+        assert client.get(f"/items/{new_id}").json()["label"] == "3"
+        by_id = client.post("/search", json={"id": new_id, "k": 1, "nprobe": 4}).json()
+        assert by_id["results"][0]["id"] == new_id
+        old = int(index.ids[7])
+        assert (
+            client.get(f"/items/{old}").json()["label"]
+            == index.metadata["classes"][int(index.labels_of([old])[0])]
+        )
+        assert client.delete(f"/items/{new_id}").status_code == 200
+        assert client.get(f"/items/{new_id}").status_code == 404
+    reloaded = DPQIndex.load(index_path)
+    assert reloaded.partition_levels == 2 and reloaded.ntotal == index.ntotal
