@@ -8,7 +8,7 @@ NUS-WIDE format (``<path> <10 binary labels>``) and then go through the command 
 as a user's NUS-WIDE list would:
 
     dpq data split mosaics.txt --protocol nus-wide --n-query 2000 --n-train 5000
-    dpq train mosaics.txt --image-root DIR --split split.json --config cifar10 ...
+    dpq train mosaics.txt --image-root DIR --split split.json --config cifar10 --label-smoothing 0 ...
     dpq evaluate --model RUN/model --images mosaics.txt --image-root DIR --split split.json \\
         --r 5000 --baselines rq,pq,opq,lsq
 
@@ -71,7 +71,7 @@ def main() -> int:
                     "2000", "--n-train", "5000", "--seed", str(args.seed), "--out", str(split),
                     "--quiet"]) == 0  # fmt: skip
     run = work / f"run-{args.feature}-{args.epochs}ep-seed{args.seed}"
-    code = dpq(["train", str(listing), *images, "--split", str(split), "--config", "cifar10",
+    code = dpq(["train", str(listing), *images, "--split", str(split), "--config", "cifar10", "--label-smoothing", "0",
                 "--feature", args.feature, "--epochs", str(args.epochs), "--word-vectors",
                 words, "--out", str(run), *(["--resume"] if (run / "checkpoints").is_dir() else [])])  # fmt: skip
     if code != 0 and not (run / "model" / "config.json").is_file():

@@ -509,8 +509,9 @@ class DPQConfig:
             )
         if self.model.multilabel and self.loss.label_smoothing > 0:
             raise ValueError(
-                "loss.label_smoothing applies to single-label softmax cross-entropy only; "
-                "set it to 0 for a multi-label model."
+                "loss.label_smoothing applies to single-label softmax cross-entropy only, and "
+                "these labels are multi-label: pass --label-smoothing 0 (the cifar10 recipe "
+                "sets 0.1), or set loss.label_smoothing to 0 in the recipe."
             )
         if self.model.feature == "class_posterior" and self.quantizer.dim < self.model.num_classes:
             raise ValueError(
