@@ -33,7 +33,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -166,12 +165,6 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
 # ---------------------------------------------------------------------------- training
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _train_once(args: argparse.Namespace, workdir: Path, processes: int, threads: int) -> dict:
     """One `dpq train` command (under torchrun when processes > 1): its epochs' seconds
     (the trainer's log), wall time and CPU time (every process of the command)."""
@@ -205,22 +198,9 @@ def _train_once(args: argparse.Namespace, workdir: Path, processes: int, threads
     if processes == 1:
         launch = [sys.executable, "-m", "dpq", *command]
     else:
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            str(processes),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "dpq",
-            *command,
-        ]
+        from dpq.distributed.ddp import local_torchrun_command
+
+        launch = local_torchrun_command(command, processes)
         env["GLOO_SOCKET_IFNAME"] = "lo"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()

@@ -5,9 +5,7 @@ message instead of a hang. Two gloo processes on 127.0.0.1 (torch.multiprocessin
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +15,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dpq.distributed import ddp
-from dpq.distributed.ddp import DistributedContext
+from dpq.distributed.ddp import DistributedContext, free_loopback_port, local_torchrun_command
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = free_loopback_port
 
 
 def torchrun_environment(rank: int, world: int, port: int, timeout: float = 60.0) -> dict:
@@ -292,22 +286,7 @@ def test_two_ranks_of_batch_32_stay_identical_and_train_like_one_process_of_batc
 
 
 def _torchrun(args: list[str], processes: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(processes),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "dpq",
-        *args,
-    ]
+    return local_torchrun_command(args, processes)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -27,6 +27,8 @@ import datetime
 import hashlib
 import json
 import os
+import socket
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -364,3 +366,20 @@ def rank_rows(num_items: int, context: DistributedContext | None) -> np.ndarray:
     if context is None:
         return np.arange(num_items, dtype=np.int64)
     return np.arange(context.rank, num_items, context.world_size, dtype=np.int64)
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a one-machine rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_torchrun_command(dpq_args: list[str], processes: int) -> list[str]:
+    """argv of ``torchrun --nproc-per-node processes -m dpq ...`` on this machine only
+    (rendezvous on 127.0.0.1 at a free port), with this Python."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1",
+        "--master-port", str(free_loopback_port()), "-m", "dpq", *dpq_args,
+    ]  # fmt: skip
