@@ -1,5 +1,9 @@
 """dpq.devices: precision decided on the machine that runs, autocast contexts."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,27 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     assert devices.resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(ValueError, match="precision must be"):
         devices.resolve_precision("int8")
+
+
+@pytest.mark.parametrize("limit", [{"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}])
+def test_an_instruction_set_limit_to_avx2_means_no_native_bf16(limit):
+    """A process limited to AVX2 kernels computes as an AVX2-only CPU does: auto is fp32."""
+    code = (
+        "from dpq import devices; print(devices.native_bf16(), devices.resolve_precision('auto'))"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **limit},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "fp32"]
 
 
 def test_autocast_contexts():

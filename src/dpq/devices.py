@@ -111,10 +111,31 @@ def pin_memory(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+# oneDNN instruction-set limits (ONEDNN_MAX_CPU_ISA) under which it has no bf16 dot products.
+_ONEDNN_ISAS_WITHOUT_BF16 = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
+
+
 def native_bf16() -> bool:
     """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16
     autocast trains a ResNet about twice as fast as float32; without it bf16 is emulated and
-    far slower (20x in one measurement)."""
+    far slower (20x in one measurement).
+
+    The instruction-set limits of the process count too: with ``ONEDNN_MAX_CPU_ISA`` at an
+    ISA without bf16 (e.g. ``AVX2``) or ``ATEN_CPU_CAPABILITY`` below ``avx512``, the kernels
+    run as on an AVX2-only CPU, and so does this answer (how docs/RESULTS.md stands in for
+    such a machine)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
+    if torch.backends.cpu.get_cpu_capability() in ("NO AVX", "AVX2", "DEFAULT"):
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
