@@ -17,27 +17,40 @@ drawn from the database, mAP@5000, relevant = shares at least one label. Trainin
 sigmoid L_C and the multi-label L_S (both follow from multi-hot labels). Never run by CI.
 
     python benchmarks/multilabel_mosaics.py --cifar ../shared/data/cifar10/cifar10-jpeg.zip \\
-        --work /tmp/mosaics --epochs 30
+        --work /tmp/mosaics --epochs 30 --seed 0     # then --seed 1, --seed 2
+    python benchmarks/multilabel_mosaics.py --work /tmp/mosaics --summarize
+
+Each seed has its own mosaics and split (``WORK/seedS/``) and run. After every run, and with
+``--summarize``, the runs of WORK are tabulated: mean ± sample standard deviation over the
+seeds per method and code length, and the mAP of a random ranking (the share of relevant
+(query, database) pairs: its expected precision at every rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from dpq.cli import main as dpq
 from dpq.data import load_source
+from dpq.data.lists import read_list_file
 from dpq.data.mosaics import make_mosaics, write_list_file
+from dpq.data.splits import Split
+
+BITS = ["8", "16", "24", "32"]
 
 
-def build(cifar: str, work: Path, seed: int) -> Path:
-    listing = work / "mosaics.txt"
+def build(cifar: str, folder: Path, seed: int) -> Path:
+    """The mosaics of ``seed`` as PNG files under ``folder`` with their list file."""
+    listing = folder / "mosaics.txt"
     if listing.is_file():
-        print(f"using the mosaics already in {work}")
+        print(f"using the mosaics already in {folder}")
         return listing
     source = load_source(cifar)
     mosaics, labels = make_mosaics(np.asarray(source.inputs), source.labels, 10, seed=seed)
@@ -46,31 +59,88 @@ def build(cifar: str, work: Path, seed: int) -> Path:
         f"{len(mosaics):,} mosaics {mosaics.shape[1]}x{mosaics.shape[2]}; labels per mosaic: "
         + ", ".join(f"{k}: {int((counts == k).sum()):,}" for k in range(1, 5))
     )
-    return write_list_file(work, mosaics, labels, name="mosaics.txt")
+    return write_list_file(folder, mosaics, labels, name="mosaics.txt")
+
+
+def random_ranking_map(listing: Path, split_path: Path) -> float:
+    """The share of (query, database) pairs that share a label: a random ranking's expected
+    precision at every rank, so its expected mAP."""
+    labels = read_list_file(listing).labels.astype(np.float32)  # (N, 10) multi-hot
+    split = Split.load(split_path)
+    query, database = labels[split.query], labels[split.database]
+    relevant = (query @ database.T) > 0  # (n_query, n_database) bool
+    return float(relevant.mean())
+
+
+def summarize(work: Path) -> str:
+    """Markdown table over every evaluated run in ``work`` (one row group per feature and
+    epochs): mean ± std over the seeds per method and code length."""
+    groups: dict[str, dict[int, dict]] = defaultdict(dict)
+    for out in sorted(work.glob("seed*/run-*-seed*/evaluation.json")):
+        feature_epochs, seed = out.parent.name[len("run-") :].rsplit("-seed", 1)
+        saved = json.loads(out.read_text())
+        saved["random"] = random_ranking_map(
+            out.parent.parent / "mosaics.txt", out.parent.parent / "split.json"
+        )
+        groups[feature_epochs][int(seed)] = saved
+    if not groups:
+        return f"no evaluated runs under {work} (WORK/seedS/run-*/evaluation.json)"
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    lines = []
+    for feature_epochs, by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        lines += [
+            f"## {feature_epochs}, seeds {', '.join(map(str, sorted(by_seed)))}: mAP@5000",
+            "",
+            "| method | " + " | ".join(f"{b} bits" for b in BITS) + " |",
+            "|---|" + "---|" * len(BITS),
+        ]
+        methods = list(dict.fromkeys(m for r in runs for m in r["details"]["map"]))
+        for method in methods:
+            cells = [cell([r["details"]["map"][method][b] for r in runs]) for b in BITS]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| float (exact) | {cell([r['float_map'] for r in runs])} | | | |")
+        lines.append(f"| a random ranking | {cell([r['random'] for r in runs])} | | | |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cifar", required=True, help="CIFAR-10 source")
+    parser.add_argument("--cifar", help="CIFAR-10 source (required unless --summarize)")
     parser.add_argument("--work", required=True, help="folder for the mosaics and the runs")
     parser.add_argument("--word-vectors", help="CIFAR-10 word vectors (default: beside --cifar)")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (30)")
     parser.add_argument("--feature", default="semantic", help="semantic or class_posterior")
     parser.add_argument("--baselines", default="rq,pq,opq,lsq", help="baselines beside DPQ")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mosaics and the split")
+    parser.add_argument(
+        "--summarize", action="store_true", help="only tabulate the runs already in --work"
+    )
     args = parser.parse_args()
     work = Path(args.work)
-    listing = build(args.cifar, work, args.seed)
+    if args.summarize:
+        print(summarize(work))
+        return 0
+    if not args.cifar:
+        parser.error("--cifar is required (the CIFAR-10 archive, folder or zip)")
+    folder = work / f"seed{args.seed}"
+    listing = build(args.cifar, folder, args.seed)
     words = args.word_vectors or str(
         Path(args.cifar).resolve().parent.parent / "wordvec" / "cifar10.txt"
     )
-    split = work / f"split-seed{args.seed}.json"
-    images = ["--image-root", str(work), "--image-size", "64"]
+    split = folder / "split.json"
+    images = ["--image-root", str(folder), "--image-size", "64"]
     if not split.is_file():
         assert dpq(["data", "split", str(listing), "--protocol", "nus-wide", "--n-query",
                     "2000", "--n-train", "5000", "--seed", str(args.seed), "--out", str(split),
                     "--quiet"]) == 0  # fmt: skip
-    run = work / f"run-{args.feature}-{args.epochs}ep-seed{args.seed}"
+    run = folder / f"run-{args.feature}-{args.epochs}ep-seed{args.seed}"
     code = dpq(["train", str(listing), *images, "--split", str(split), "--config", "cifar10", "--label-smoothing", "0",
                 "--feature", args.feature, "--epochs", str(args.epochs), "--word-vectors",
                 words, "--out", str(run), *(["--resume"] if (run / "checkpoints").is_dir() else [])])  # fmt: skip
@@ -83,6 +153,7 @@ def main() -> int:
     if code == 0:
         saved = json.loads(out.read_text())
         print(json.dumps({"map": saved["details"]["map"], "float": saved["float_map"]}, indent=1))
+        print(summarize(work))
     return code
 
 
