@@ -107,6 +107,20 @@ def summarize(work: Path) -> str:
         lines.append(f"| float (exact) | {cell([r['float_map'] for r in runs])} | | | |")
         lines.append(f"| a random ranking | {cell([r['random'] for r in runs])} | | | |")
         lines.append("")
+        baselines = [m for m in methods if m != "dpq"]
+        for bits in BITS if "dpq" in methods and baselines else []:
+            best = max(
+                baselines,
+                key=lambda m: statistics.fmean(r["details"]["map"][m][bits] for r in runs),
+            )
+            diffs = [
+                r["details"]["map"]["dpq"][bits] - r["details"]["map"][best][bits] for r in runs
+            ]
+            lines.append(
+                f"- {bits} bits: DPQ - {best} (the best baseline), paired by seed: "
+                f"{cell(diffs)} (" + ", ".join(f"{d:+.4f}" for d in diffs) + ")"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
