@@ -96,6 +96,12 @@ def _row(result, config_name: str, feature: str, minutes: float | None, recipe: 
     }
 
 
+def _arithmetic(row: dict) -> str:
+    """How a row computed: rows that differ here are never averaged together."""
+    native = "native bf16" if row["native_bf16"] else "no native bf16"
+    return f"{row['precision']}, {native}"
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -143,16 +149,16 @@ def _ablation_table(rows: list[dict]) -> list[str]:
     sets: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         if "dpq" in row["map"]:
-            key = (row.get("feature", "?"), row.get("minutes"), row["epochs"])
+            key = (row.get("feature", "?"), row.get("minutes"), row["epochs"], _arithmetic(row))
             sets[key][row["config"]][row["split_seed"]] = row
     lines: list[str] = []
-    for (feature, minutes, epochs), configs in sets.items():
+    for (feature, minutes, epochs, arithmetic), configs in sets.items():
         if "full" not in configs or len(configs) < 2:
             continue
         budget = f"{minutes:g} min" if minutes else f"{epochs} epochs"
         full = configs["full"]
         lines += [
-            f"## Table 2: ablations, {feature} features, {budget}",
+            f"## Table 2: ablations, {feature} features, {budget}, {arithmetic}",
             "",
             "DPQ's mAP, mean ± std over the split seeds; Δ32 is the 32-bit difference to "
             "full, paired by seed (mean ± std, then per seed).",
@@ -189,7 +195,7 @@ def _markdown(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         key = (row["config"], row.get("feature", "?"), row.get("minutes"), row["epochs"])
-        groups[key].append(row)
+        groups[(*key, _arithmetic(row))].append(row)
     lines = [
         "# CIFAR-10, DPQ protocol: mAP@54000, mean ± standard deviation over split seeds",
         "",
@@ -203,12 +209,13 @@ def _markdown(rows: list[dict]) -> str:
         + " / ".join(f"{PAPER_ROW[b]:.3f}" for b in BITS),
         "",
     ]
-    for (config, feature, minutes, epochs), group in groups.items():
+    for (config, feature, minutes, epochs, arithmetic), group in groups.items():
         seeds = sorted(row["split_seed"] for row in group)
         first = group[0]
         budget = f"{minutes:g} min" if minutes else f"{epochs} epochs"
         lines += [
-            f"## {config}, {feature} features, {budget} (seeds {', '.join(map(str, seeds))})",
+            f"## {config}, {feature} features, {budget}, {arithmetic} "
+            f"(seeds {', '.join(map(str, seeds))})",
             "",
             f"{epochs} epochs at {statistics.fmean(r['seconds_per_step'] for r in group):.3f} "
             f"s/step, precision {first['precision']}, native bf16: {first['native_bf16']} "
@@ -270,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="training arithmetic instead of the recipe's (auto: bf16 where native)",
+    )
+    parser.add_argument(
         "--runs", default=str(REPO / "runs" / "cifar10_table1"), help="where runs are written"
     )
     parser.add_argument(
@@ -308,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         base = load_recipe(args.recipe).replace(model={"feature": feature})
         if args.threads:
             base = base.replace(train={"num_threads": args.threads})
+        if args.precision:
+            base = base.replace(train={"precision": args.precision})
         for name in names:
             for seed in seeds:
-                run_dir = Path(args.runs) / f"{name}-{feature}-{budget}-seed{seed}"
+                arithmetic = f"-{args.precision}" if args.precision else ""
+                run_dir = Path(args.runs) / f"{name}-{feature}-{budget}{arithmetic}-seed{seed}"
                 result = reproduce_cifar10(
                     run_dir,
                     data=args.data,
