@@ -35,8 +35,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from dpq.atomic import write_json_atomic, write_text_atomic
-from dpq.config import ABLATIONS, load_recipe
+from dpq.config import ABLATIONS, PRECISIONS, load_recipe
 from dpq.experiments import reproduce_cifar10
+from dpq.report import format_mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROW = {"8": 0.814, "16": 0.833, "24": 0.834, "32": 0.831}
@@ -106,11 +107,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _cell(values: list[float]) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
-
-
 def _verdicts(group: list[dict]) -> list[str]:
     """Per code length: DPQ against the best baseline (by mean), judged by the paired
     per-seed differences d_s = dpq_s - baseline_s (both on the same seed's features):
@@ -170,7 +166,7 @@ def _ablation_table(rows: list[dict]) -> list[str]:
         ]
         for name, by_seed in configs.items():
             group = [by_seed[s] for s in sorted(by_seed)]
-            cells = [_cell([r["map"]["dpq"][b] for r in group]) for b in BITS]
+            cells = [format_mean_std([r["map"]["dpq"][b] for r in group]) for b in BITS]
             accuracy = [r["query_accuracy"] for r in group if r["query_accuracy"] is not None]
             shared = sorted(set(by_seed) & set(full))
             delta = ""
@@ -185,7 +181,7 @@ def _ablation_table(rows: list[dict]) -> list[str]:
             lines.append(
                 f"| {name} | {seeds} | "
                 + " | ".join(cells)
-                + f" | {_cell(accuracy) if accuracy else ''} | {delta} | {paper} |"
+                + f" | {format_mean_std(accuracy) if accuracy else ''} | {delta} | {paper} |"
             )
         lines.append("")
     return lines
@@ -230,14 +226,14 @@ def _markdown(rows: list[dict]) -> str:
             cells = []
             for bits in BITS:
                 values = [row["map"][method][bits] for row in group if bits in row["map"][method]]
-                cells.append(_cell(values) if len(values) == len(group) else "")
+                cells.append(format_mean_std(values) if len(values) == len(group) else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         floats = [row["float_map"] for row in group if row["float_map"] is not None]
         if floats:
-            lines.append(f"| float (exact) | {_cell(floats)} | | | |")
+            lines.append(f"| float (exact) | {format_mean_std(floats)} | | | |")
         accuracy = [row["query_accuracy"] for row in group if row["query_accuracy"] is not None]
         if accuracy:
-            lines.append(f"| query accuracy | {_cell(accuracy)} | | | |")
+            lines.append(f"| query accuracy | {format_mean_std(accuracy)} | | | |")
         lines += [""]
         dpq = [row["map"]["dpq"] for row in group if "dpq" in row["map"]]
         if dpq and all("8" in d and "32" in d for d in dpq):
@@ -278,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="training arithmetic instead of the recipe's (auto: bf16 where native)",
     )
     parser.add_argument(

@@ -42,6 +42,8 @@ from dpq.data import load_source
 from dpq.data.lists import read_list_file
 from dpq.data.mosaics import make_mosaics, write_list_file
 from dpq.data.splits import Split
+from dpq.metrics import relevant_share
+from dpq.report import format_mean_std
 
 BITS = ["8", "16", "24", "32"]
 
@@ -63,13 +65,11 @@ def build(cifar: str, folder: Path, seed: int) -> Path:
 
 
 def random_ranking_map(listing: Path, split_path: Path) -> float:
-    """The share of (query, database) pairs that share a label: a random ranking's expected
-    precision at every rank, so its expected mAP."""
-    labels = read_list_file(listing).labels.astype(np.float32)  # (N, 10) multi-hot
+    """A random ranking's expected mAP: the mean share of the database that shares a label
+    with each query."""
+    labels = read_list_file(listing).labels  # uint8 (N, 10) multi-hot
     split = Split.load(split_path)
-    query, database = labels[split.query], labels[split.database]
-    relevant = (query @ database.T) > 0  # (n_query, n_database) bool
-    return float(relevant.mean())
+    return float(relevant_share(labels[split.query], labels[split.database]).mean())
 
 
 def summarize(work: Path) -> str:
@@ -86,11 +86,6 @@ def summarize(work: Path) -> str:
     if not groups:
         return f"no evaluated runs under {work} (WORK/seedS/run-*/evaluation.json)"
 
-    def cell(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.4f}"
-        return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
-
     lines = []
     for feature_epochs, by_seed in groups.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
@@ -102,10 +97,10 @@ def summarize(work: Path) -> str:
         ]
         methods = list(dict.fromkeys(m for r in runs for m in r["details"]["map"]))
         for method in methods:
-            cells = [cell([r["details"]["map"][method][b] for r in runs]) for b in BITS]
+            cells = [format_mean_std([r["details"]["map"][method][b] for r in runs]) for b in BITS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append(f"| float (exact) | {cell([r['float_map'] for r in runs])} | | | |")
-        lines.append(f"| a random ranking | {cell([r['random'] for r in runs])} | | | |")
+        lines.append(f"| float (exact) | {format_mean_std([r['float_map'] for r in runs])} | | | |")
+        lines.append(f"| a random ranking | {format_mean_std([r['random'] for r in runs])} | | | |")
         lines.append("")
         baselines = [m for m in methods if m != "dpq"]
         for bits in BITS if "dpq" in methods and baselines else []:
@@ -118,7 +113,7 @@ def summarize(work: Path) -> str:
             ]
             lines.append(
                 f"- {bits} bits: DPQ - {best} (the best baseline), paired by seed: "
-                f"{cell(diffs)} (" + ", ".join(f"{d:+.4f}" for d in diffs) + ")"
+                f"{format_mean_std(diffs)} (" + ", ".join(f"{d:+.4f}" for d in diffs) + ")"
             )
         lines.append("")
     return "\n".join(lines)

@@ -210,3 +210,24 @@ def test_bad_curve_cutoffs_and_distances():
         rank_by_distance(np.array([[0.0, np.nan]]))
     with pytest.raises(ValueError, match="2-D"):
         rank_by_distance(np.zeros(3))
+
+
+def test_relevant_share_counts_same_class_or_any_shared_label():
+    # Single-label: query 0 (class 0) has 3 of 5, query 1 has 2 of 5, query 2 none.
+    share = metrics.relevant_share(SINGLE_QUERIES, SINGLE_DB)
+    np.testing.assert_allclose(share, [3 / 5, 2 / 5, 0.0])
+    # Multi-label: relevant when at least one label is shared.
+    database = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.uint8)
+    queries = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], dtype=np.uint8)
+    np.testing.assert_allclose(metrics.relevant_share(queries, database), [2 / 4, 3 / 4, 0.0])
+
+
+def test_relevant_share_is_what_a_random_ranking_scores_on_average():
+    rng = np.random.default_rng(0)
+    database = (rng.random((300, 5)) < 0.3).astype(np.uint8)
+    queries = (rng.random((40, 5)) < 0.3).astype(np.uint8)
+    rankings = [np.stack([rng.permutation(300) for _ in range(40)]) for _ in range(20)]
+    random_map = np.mean([map_at_r(r, queries, database) for r in rankings])
+    expected = metrics.relevant_share(queries, database)
+    # a query with no relevant item scores 0 under either; the others average their share
+    assert abs(random_map - expected.mean()) < 0.02

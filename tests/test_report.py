@@ -12,6 +12,7 @@ from dpq.evaluation import RetrievalEvaluation
 from dpq.metrics import PRCurve, pr_curve, precision_at
 from dpq.report import (
     format_map_table,
+    format_mean_std,
     format_results_table,
     margin_summary,
     plot_pr_curves,
@@ -130,3 +131,8 @@ def test_a_models_results_as_text_and_as_a_markdown_row():
     ).splitlines()
     assert header.count("|") == separator.count("|") == row.count("|")
     assert row == "| full | 3 | 2.0 | 5.0 | 0.7100 | 0.7250 | 0.7300 | 0.8000 |  | 0.6000 |"
+
+
+def test_format_mean_std_gives_the_sample_spread_and_one_value_alone():
+    assert format_mean_std([0.5, 0.7]) == "0.6000 ± 0.1414"
+    assert format_mean_std([0.61234]) == "0.6123"

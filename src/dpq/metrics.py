@@ -241,6 +241,17 @@ def pr_curve(
     )
 
 
+def relevant_share(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    """The share of the database relevant to each query (same class, or at least one shared
+    label): a random ranking's expected precision at every rank, and so its expected AP.
+
+    Returns:
+        float64 (n_query,) in [0, 1].
+    """
+    labels = _Labels.build(query_labels, db_labels)
+    return labels.relevant_in_database() / labels.n_database
+
+
 def default_cutoffs(n: int, num_points: int = 50) -> np.ndarray:
     """About ``num_points`` cutoffs in [1, n] for a PR curve, int64 increasing: half spaced
     geometrically (detail at the top of the ranking, where precision is high), half evenly

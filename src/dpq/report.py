@@ -95,6 +95,13 @@ def timing_table(timings: Mapping[str, Mapping[str, float | None]], markdown: bo
     return _table(["", *columns], rows, markdown)
 
 
+def format_mean_std(values: Sequence[float]) -> str:
+    """ "mean ± sample standard deviation" to 4 decimals; one value alone, as it is."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{float(np.mean(values)):.4f} ± {float(np.std(values, ddof=1)):.4f}"
+
+
 def _number(value: float) -> str:
     value = float(value)
     if value == 0 or 0.01 <= abs(value) < 10000:
