@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def test_a_single_process_has_no_context_and_bad_environments_are_named():
         ddp.environment_context({**env, "RANK": "2"})
     with pytest.raises(ValueError, match="must be a positive number"):
         ddp.collective_timeout({ddp.TIMEOUT_ENV: "soon"})
+
+
+def test_a_group_dpq_joins_is_left_before_the_process_exits():
+    """The group init_from_environment makes is destroyed at exit (atexit), before the
+    interpreter tears it down; a probe registered earlier runs after that and sees none."""
+    code = (
+        "import atexit, sys, torch.distributed as dist\n"
+        "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
+        "from dpq.distributed import ddp\n"
+        "context = ddp.init_from_environment('cpu')\n"
+        "print('ranks:', ddp.broadcast_json(context.world_size, context), flush=True)\n"
+    )
+    port = free_port()
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **torchrun_environment(rank, 2, port, timeout=30)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for job in jobs:
+        out, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err[-2000:]
+        assert out.splitlines() == ["ranks: 2", "group at exit: False"]
 
 
 def test_rank_batches_split_each_global_batch_across_the_ranks():

@@ -22,6 +22,7 @@ instead of a hang. The trainer then:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -143,7 +144,8 @@ def environment_context(
 
 
 def init_from_environment(device_type: str = "cpu") -> DistributedContext | None:
-    """Join the process group torchrun describes (None for a single process).
+    """Join the process group torchrun describes (None for a single process); a group made
+    here is destroyed when the process exits (:func:`shutdown`, registered with atexit).
 
     gloo for CPU training, NCCL for CUDA (and the rank's GPU becomes the current one);
     collectives time out after :func:`collective_timeout` seconds. A group that is already
@@ -171,6 +173,10 @@ def init_from_environment(device_type: str = "cpu") -> DistributedContext | None
         world_size=context.world_size,
         timeout=datetime.timedelta(seconds=context.timeout_seconds),
     )
+    # The group dpq made is left before the interpreter tears down: a gloo group still alive
+    # at exit can abort the process ("terminate called without an active exception", seen
+    # once in tests/test_ddp.py after a resumed run had saved its model).
+    atexit.register(shutdown)
     return context
 
 
