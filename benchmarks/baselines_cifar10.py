@@ -28,8 +28,16 @@ from pathlib import Path
 import numpy as np
 
 from dpq.atomic import write_json_atomic
-from dpq.baselines import BASELINES
-from dpq.evaluation import (
+from dpq.evaluate.baselines import BASELINES
+from dpq.evaluate.report import (
+    format_map_table,
+    margin_summary,
+    plot_pr_curves,
+    plot_precision_at_r,
+    timing_table,
+    write_report,
+)
+from dpq.evaluate.retrieval import (
     FEATURE_FILES,
     Evaluation,
     FeatureSet,
@@ -39,14 +47,6 @@ from dpq.evaluation import (
     float_method,
 )
 from dpq.index import DPQIndex
-from dpq.report import (
-    format_map_table,
-    margin_summary,
-    plot_pr_curves,
-    plot_precision_at_r,
-    timing_table,
-    write_report,
-)
 
 
 def make_pixel_features(cifar: str, out: str, dim: int, seed: int, cache_dir: str | None) -> None:

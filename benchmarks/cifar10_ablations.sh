@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p runs
 recipe=runs/ablation-recipe.json
 [ -f "$recipe" ] || "$PYTHON" -c "
-from dpq.config import cifar10_recipe
+from dpq.recipes import cifar10_recipe
 open('$recipe', 'w').write(cifar10_recipe().replace(model={'tta_flip': False}).to_json())"
 for name in "$@"; do
   OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 "$PYTHON" benchmarks/cifar10_table1.py \

@@ -2,7 +2,7 @@
 
 Each invocation trains and evaluates the named configurations (``--config``: one, a comma
 list, or ``all`` of the Table 2 ablations) for each split seed (``--seeds 0,1,2``) and each
-feature (``--features semantic,class_posterior``), with ``dpq.experiments.reproduce_cifar10``
+feature (``--features semantic,class_posterior``), with ``dpq.training.experiments.reproduce_cifar10``
 (the code of ``dpq reproduce cifar10``), the baselines (``--baselines rq,pq,opq,lsq``) fitted
 on the same 5,000 training features, and exact float search. Every run appends one row to a
 JSON results file; the markdown tables beside it are rewritten from all rows: per
@@ -35,9 +35,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from dpq.atomic import write_json_atomic, write_text_atomic
-from dpq.config import ABLATIONS, PRECISIONS, load_recipe
-from dpq.experiments import reproduce_cifar10
-from dpq.report import format_mean_std
+from dpq.config import PRECISIONS
+from dpq.evaluate.report import format_mean_std
+from dpq.recipes import ABLATIONS, load_recipe
+from dpq.training.experiments import reproduce_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROW = {"8": 0.814, "16": 0.833, "24": 0.834, "32": 0.831}

@@ -73,12 +73,12 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
     import numpy as np
     import torch
 
-    from dpq.config import cifar10_recipe
     from dpq.data import load_source
-    from dpq.distributed import ray_encode
-    from dpq.distributed.ray_encode import SourceSpec, encode_on_ray
-    from dpq.encoding import build_index
-    from dpq.model import DPQModel
+    from dpq.encode import ray as ray_encode
+    from dpq.encode.build import build_index
+    from dpq.encode.ray import SourceSpec, encode_on_ray
+    from dpq.model.network import DPQModel
+    from dpq.recipes import cifar10_recipe
 
     torch.manual_seed(0)
     model_dir = workdir / "encode-model"
@@ -198,7 +198,7 @@ def _train_once(args: argparse.Namespace, workdir: Path, processes: int, threads
     if processes == 1:
         launch = [sys.executable, "-m", "dpq", *command]
     else:
-        from dpq.distributed.ddp import local_torchrun_command
+        from dpq.training.ddp import local_torchrun_command
 
         launch = local_torchrun_command(command, processes)
         env["GLOO_SOCKET_IFNAME"] = "lo"

@@ -38,11 +38,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dpq.backbones import create_backbone
-from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, cifar10_recipe
+from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.data import load_source
 from dpq.devices import available_cores
-from dpq.model import DPQModel
+from dpq.model.backbones import create_backbone
+from dpq.model.network import DPQModel
+from dpq.recipes import cifar10_recipe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
 

@@ -54,7 +54,7 @@ step "paper recipe, random AlexNet weights, $PAPER_EPOCHS epoch(s) on $DEVICE"
 "$PY" - "$OUT/alexnet-random.safetensors" <<'EOF'
 import sys, torch
 from safetensors.torch import save_file
-from dpq.backbones import create_backbone
+from dpq.model.backbones import create_backbone
 torch.manual_seed(0)
 state = {k: v.contiguous() for k, v in create_backbone("alexnet").state_dict().items()}
 state["classifier.6.weight"] = torch.randn(1000, 4096) * 0.01  # as torchvision's file holds it
@@ -73,7 +73,7 @@ step "the GPU-trained paper model encodes the 54,000-image database on $DEVICE a
 import sys, time
 from dpq.data import Split, load_source
 from dpq.index import DPQIndex
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
 out = sys.argv[1]
 source = load_source(sys.argv[2])
 split = Split.load(f"{out}/paper/split.json")

@@ -1,4 +1,4 @@
-"""Time dpq.metrics.map_at_r on a CIFAR-10-sized ranking (1,000 queries x 54,000 items).
+"""Time dpq.evaluate.metrics.map_at_r on a CIFAR-10-sized ranking (1,000 queries x 54,000 items).
 
 Target (issue 3): under 2 s. Run: ``OMP_NUM_THREADS=1 python benchmarks/metrics_speed.py``.
 The ranking is a random permutation per query (a worst case for the gather: no locality);
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from dpq.metrics import map_at_r, pr_curve, precision_at
+from dpq.evaluate.metrics import map_at_r, pr_curve, precision_at
 
 
 def _time(label: str, function, repeats: int) -> None:

@@ -42,8 +42,8 @@ from dpq.data import load_source
 from dpq.data.lists import read_list_file
 from dpq.data.mosaics import make_mosaics, write_list_file
 from dpq.data.splits import Split
-from dpq.metrics import relevant_share
-from dpq.report import format_mean_std
+from dpq.evaluate.metrics import relevant_share
+from dpq.evaluate.report import format_mean_std
 
 BITS = ["8", "16", "24", "32"]
 

@@ -675,7 +675,7 @@ def _cifar10_features(args):
 
     from dpq.data import load_cifar10
     from dpq.data.splits import Split
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     model = DPQModel.from_checkpoint(args.model)
     cache = args.work_dir / "cifar10-features.npz"
@@ -693,10 +693,10 @@ def _cifar10_features(args):
 
 
 def _map_at(ids, query_labels, db_labels, r: int) -> float:
-    """mAP@r (dpq.metrics, 'retrieved' convention) with padding counted as not relevant."""
+    """mAP@r (dpq.evaluate.metrics, 'retrieved' convention) with padding counted as not relevant."""
     import numpy as np
 
-    from dpq.metrics import map_at_r
+    from dpq.evaluate.metrics import map_at_r
 
     padded = np.where(ids < 0, len(db_labels), ids)
     labels = np.concatenate([db_labels, [-1]])  # the padding's label matches no query

@@ -382,7 +382,7 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
 
 def scenario_images(args: argparse.Namespace) -> list[dict]:
     from dpq.index import DPQIndex
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
     from dpq.serve.images import decode_upload, model_input
 
     missing = [

@@ -44,7 +44,7 @@ def save_tiny_model(path: Path) -> None:
     import torch
 
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     torch.manual_seed(0)
     config = DPQConfig(

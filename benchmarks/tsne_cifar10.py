@@ -17,9 +17,9 @@ import numpy as np
 
 from dpq.data import load_cifar10
 from dpq.data.splits import Split
+from dpq.evaluate.report import plot_tsne
 from dpq.index import DPQIndex
-from dpq.model import DPQModel
-from dpq.report import plot_tsne
+from dpq.model.network import DPQModel
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ QUIET = {"progress": False, "log": lambda message: None}
 
 def feature_data(n: int = 120, dim: int = 12, classes: int = 3, seed: int = 0):
     """Gaussian blobs as an ArrayDataset: one direction per class plus noise, float32 (n, dim)."""
-    from dpq.trainer import ArrayDataset
+    from dpq.training.loop import ArrayDataset
 
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % classes
@@ -65,7 +65,7 @@ def orthogonal(classes: int, dim: int) -> np.ndarray:
 def digits():
     """24 digits per class (240 images, uint8 (240, 8, 8, 3)) as an ArrayDataset."""
     from dpq.data import load_digits
-    from dpq.trainer import ArrayDataset
+    from dpq.training.loop import ArrayDataset
 
     dataset = load_digits()
     keep = np.concatenate([np.flatnonzero(dataset.labels == c)[:24] for c in range(10)])
@@ -195,7 +195,7 @@ def model():
     """A seeded, untrained DPQModel of small_config()."""
     import torch
 
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     torch.manual_seed(0)
     return DPQModel(small_config())

@@ -1,10 +1,10 @@
-"""Batched RandAugment (dpq.augment) on small synthetic image batches."""
+"""Batched RandAugment (dpq.training.augment) on small synthetic image batches."""
 
 import numpy as np
 import pytest
 import torch
 
-from dpq.augment import RANDAUGMENT_OPS, _apply, crop_flip, cutout, mixup, rand_augment
+from dpq.training.augment import RANDAUGMENT_OPS, _apply, crop_flip, cutout, mixup, rand_augment
 
 
 def images(batch=6, size=16, seed=0):

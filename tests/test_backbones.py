@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpq.backbones import (
+from dpq.model.backbones import (
     IMAGENET_MEAN,
     available_backbones,
     backbone_stages,

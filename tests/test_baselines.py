@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpq.baselines import BASELINES, ITQ, ITQCCA, PQ, FaissQuantizer, make_baseline
-from dpq.baselines.hashing import hamming_distances, itq_rotation, pack_signs
-from dpq.metrics import map_at_r
+from dpq.evaluate.baselines import BASELINES, ITQ, ITQCCA, PQ, FaissQuantizer, make_baseline
+from dpq.evaluate.baselines.hashing import hamming_distances, itq_rotation, pack_signs
+from dpq.evaluate.metrics import map_at_r
 
 # Fewer optimisation rounds than the defaults so the slow quantizers stay quick here.
 FAST_OPTIONS = {

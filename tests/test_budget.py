@@ -1,10 +1,10 @@
-"""dpq.budget.TimeBudget with a fake clock: the first plan, shrinking, growing while warming
+"""dpq.training.budget.TimeBudget with a fake clock: the first plan, shrinking, growing while warming
 up, and growing back to the longest plan after a passing slowdown."""
 
 import pytest
 
 from conftest import FakeClock
-from dpq.budget import TimeBudget
+from dpq.training.budget import TimeBudget
 
 
 def test_the_first_plan_fits_the_budget_after_the_fixed_costs():

@@ -1,4 +1,4 @@
-"""dpq.checkpoint: model checkpoints (round trip, mismatch, corruption), the run folder (what
+"""dpq.training.checkpoints: model checkpoints (round trip, mismatch, corruption), the run folder (what
 counts as a run, the lock held for a whole run) and the epoch checkpoint store."""
 
 import json
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import QUIET, feature_config, feature_data, small_config
-from dpq.checkpoint import CheckpointStore, RunDirectory, RunInProgressError
 from dpq.config import TrainConfig
-from dpq.model import DPQModel
-from dpq.trainer import train_model
+from dpq.model.network import DPQModel
+from dpq.training.checkpoints import CheckpointStore, RunDirectory, RunInProgressError
+from dpq.training.loop import train_model
 
 
 def test_checkpoint_round_trip(tmp_path, model, images):
@@ -92,7 +92,7 @@ def test_the_lock_refuses_a_second_process_and_names_the_first(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from dpq.checkpoint import RunDirectory
+        from dpq.training.checkpoints import RunDirectory
         with RunDirectory({str(run.path)!r}).lock():
             print("locked", flush=True)
             time.sleep(60)
@@ -113,7 +113,7 @@ def test_the_lock_refuses_a_second_process_and_names_the_first(tmp_path):
 
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     run = RunDirectory(tmp_path / "run")
-    script = f"from dpq.checkpoint import RunDirectory\nRunDirectory({str(run.path)!r}).lock().__enter__()\nimport os; os._exit(9)"
+    script = f"from dpq.training.checkpoints import RunDirectory\nRunDirectory({str(run.path)!r}).lock().__enter__()\nimport os; os._exit(9)"
     assert subprocess.run([sys.executable, "-c", script]).returncode == 9
     with run.lock():
         pass

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_image_folder, needs_cifar_zip, truncated_jpeg
 from dpq.cli import _parse_bits, _parse_methods, main
 from dpq.data import Split, load_source, split_per_class
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
 
 # ---------------------------------------------------------------------------- data
 

@@ -292,7 +292,7 @@ def test_a_huge_label_value_is_a_class_name_not_a_billion_classes(tmp_path, caps
     features = ["train", "--features", str(tmp_path / "x.npy")]
     argv = [*features, "--labels", str(tmp_path / "y.npy"), *settings]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     assert DPQModel.from_checkpoint(tmp_path / "run" / "model").config.model.num_classes == 3
     np.save(tmp_path / "ids.npy", np.arange(200_000))
@@ -307,7 +307,7 @@ def test_a_labels_text_file_is_read_by_encode_too(files, tmp_path, capsys):
     labels.write_text("\n".join(str(i % 4) for i in range(40)))
     index = tmp_path / "index.npz"
     argv = ["encode", "--codebooks", str(tmp_path / "books.npy"), "--features", files["features"]]
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     np.save(tmp_path / "books.npy", DPQModel.from_checkpoint(files["model"]).codebooks())
     assert main([*argv, "--labels", str(labels), "--out", str(index), "--quiet"]) == 0

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from dpq.config import (
-    ABLATIONS,
     DPQConfig,
     LossConfig,
     ModelConfig,
     QuantizerConfig,
     TrainConfig,
-    ablation_config,
 )
+from dpq.recipes import ABLATIONS, ablation_config
 
 
 def test_config_json_round_trip(tmp_path):
@@ -75,8 +74,8 @@ def test_config_validation(data, message):
 
 def _loss_terms(config: DPQConfig) -> set[str]:
     """The loss terms one forward/loss pass of a model built from ``config`` computes."""
-    from dpq.losses import DPQLoss
-    from dpq.model import DPQModel
+    from dpq.methods.losses import DPQLoss
+    from dpq.model.network import DPQModel
 
     torch.manual_seed(0)
     model = DPQModel(config)
@@ -113,7 +112,7 @@ def test_each_ablation_changes_what_the_loss_computes(name, terms, schedule):
 
 
 def test_ablations_of_a_class_posterior_recipe_without_a_classifier_fall_back():
-    from dpq.config import cifar10_recipe
+    from dpq.recipes import cifar10_recipe
 
     recipe = cifar10_recipe()
     assert ablation_config("E+LC", recipe).model == recipe.model
@@ -126,7 +125,7 @@ def test_ablations_of_a_class_posterior_recipe_without_a_classifier_fall_back():
 
 def test_recipes_by_name_or_file_and_the_same_on_every_machine(tmp_path, monkeypatch):
     from dpq import devices
-    from dpq.config import RECIPES, cifar10_recipe, load_recipe
+    from dpq.recipes import RECIPES, cifar10_recipe, load_recipe
 
     assert load_recipe("default") == DPQConfig()
     recipe = load_recipe("cifar10")
@@ -144,7 +143,7 @@ def test_recipes_by_name_or_file_and_the_same_on_every_machine(tmp_path, monkeyp
 
 
 def test_the_paper_recipe_holds_the_papers_values_and_says_where_each_comes_from():
-    from dpq.config import OUR_PAPER_CHOICES, PAPER_SETTINGS, load_recipe, paper_recipe
+    from dpq.recipes import OUR_PAPER_CHOICES, PAPER_SETTINGS, load_recipe, paper_recipe
 
     recipe = load_recipe("paper")
     assert recipe == paper_recipe()

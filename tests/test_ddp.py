@@ -1,4 +1,4 @@
-"""dpq.distributed.ddp: process groups from torchrun's environment, rank-0 decisions,
+"""dpq.training.ddp: process groups from torchrun's environment, rank-0 decisions,
 gathered rows, averaged buffers, per-rank batches, and a dead rank that fails with a clear
 message instead of a hang. Two gloo processes on 127.0.0.1 (torch.multiprocessing)."""
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpq.distributed import ddp
-from dpq.distributed.ddp import DistributedContext, free_loopback_port, local_torchrun_command
+from dpq.training import ddp
+from dpq.training.ddp import DistributedContext, free_loopback_port, local_torchrun_command
 
 free_port = free_loopback_port
 
@@ -61,7 +61,7 @@ def test_a_group_dpq_joins_is_left_before_the_process_exits():
     code = (
         "import atexit, sys, torch.distributed as dist\n"
         "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
-        "from dpq.distributed import ddp\n"
+        "from dpq.training import ddp\n"
         "context = ddp.init_from_environment('cpu')\n"
         "print('ranks:', ddp.broadcast_json(context.world_size, context), flush=True)\n"
     )
@@ -226,7 +226,7 @@ class TickingClock:
 
 def _train_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(torchrun_environment(rank, 2, port))
-    from dpq.trainer import ArrayDataset, train_model
+    from dpq.training.loop import ArrayDataset, train_model
 
     features, labels = _blobs()
     result = train_model(
@@ -247,8 +247,8 @@ def _train_rank(rank: int, port: int, out: str) -> None:
 
     # a time budget, with clocks that disagree: rank 1's says every read costs 5 s (alone,
     # it would plan a single epoch), rank 0's 0.02 s
-    from dpq.model import DPQModel
-    from dpq.trainer import Trainer, seed_everything
+    from dpq.model.network import DPQModel
+    from dpq.training.loop import Trainer, seed_everything
 
     config = _blob_config(epochs=1, time_budget_minutes=0.2)
     seed_everything(config.train.seed)
@@ -273,7 +273,7 @@ def test_two_ranks_of_batch_32_stay_identical_and_train_like_one_process_of_batc
     trained after), and the loss curve and final weights of the one process, within a
     relative 1e-5 per epoch mean (observed: about 1e-7) and 1e-5 per weight. Then a time
     budget with clocks that disagree across the ranks: both train rank 0's plan."""
-    from dpq.trainer import ArrayDataset, train_model
+    from dpq.training.loop import ArrayDataset, train_model
 
     mp.start_processes(_train_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -334,7 +334,7 @@ def test_a_killed_torchrun_run_resumes_under_torchrun(tmp_path):
     """`torchrun -m dpq train` killed (SIGKILL to the launcher and its workers) after its second epoch's
     checkpoint, then the same command with --resume: it continues from the newest checkpoint
     and ends with the model of an uninterrupted one-process run (within 1e-5)."""
-    from dpq.trainer import ArrayDataset, train_model
+    from dpq.training.loop import ArrayDataset, train_model
 
     features, labels = _blobs(n=2048)
     np.save(tmp_path / "x.npy", features)
@@ -379,7 +379,7 @@ def test_a_killed_torchrun_run_resumes_under_torchrun(tmp_path):
         log=lambda message: None,
         distributed=None,
     )
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     continued = DPQModel.from_checkpoint(run / "model")
     for name, value in _state(single.model).items():
@@ -390,7 +390,7 @@ def _reproduce_rank(rank: int, port: int, out: str, data: str, word_vectors: str
     os.environ.update(torchrun_environment(rank, 2, port))
     os.environ["DPQ_CACHE_DIR"] = str(Path(out) / f"cache{rank}")
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
-    from dpq.experiments import reproduce_cifar10
+    from dpq.training.experiments import reproduce_cifar10
 
     recipe = DPQConfig(
         model=ModelConfig(backbone_kwargs={"width": 0.125}),
@@ -421,8 +421,8 @@ def test_reproduce_under_two_ranks_trains_on_both_and_reports_from_rank_0(
     writes the results; its mAP is that of the saved model (recomputed here)."""
     from conftest import WORDVEC
     from dpq.data import Split, load_source
-    from dpq.experiments import evaluate_split
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
+    from dpq.training.experiments import evaluate_split
 
     args = (free_port(), str(tmp_path), str(small_cifar_zip), str(WORDVEC / "cifar10.txt"))
     mp.start_processes(_reproduce_rank, args=args, nprocs=2, join=True)

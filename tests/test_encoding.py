@@ -1,4 +1,4 @@
-"""dpq.encoding.build_index: the one way a model and items become an index."""
+"""dpq.encode.build.build_index: the one way a model and items become an index."""
 
 import json
 import os
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpq import encoding
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.data import ImageFileReader
 from dpq.data.decode import ImageStore
-from dpq.encoding import build_index
+from dpq.encode import build as encoding
+from dpq.encode.build import build_index
 from dpq.index import DPQIndex
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
 
 
 @pytest.fixture(scope="module")

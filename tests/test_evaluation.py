@@ -1,4 +1,4 @@
-"""dpq.evaluation: every method a searcher scored the same way, against direct computation;
+"""dpq.evaluate.retrieval: every method a searcher scored the same way, against direct computation;
 features checked; the class-probability diagnostic."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from dpq import evaluation as evaluation_module
-from dpq.baselines import make_baseline
-from dpq.evaluation import (
+from dpq.evaluate import retrieval as evaluation_module
+from dpq.evaluate.baselines import make_baseline
+from dpq.evaluate.metrics import map_at_r, pr_curve, precision_at
+from dpq.evaluate.retrieval import (
     ExactSearcher,
     FeatureSet,
     baseline_methods,
@@ -20,7 +21,6 @@ from dpq.evaluation import (
     float_method,
 )
 from dpq.index import DPQIndex
-from dpq.metrics import map_at_r, pr_curve, precision_at
 
 
 def test_evaluate_methods_matches_direct_computation(feature_dir, monkeypatch):

@@ -1,4 +1,4 @@
-"""dpq.experiments: prepare_run, train_run (checks before writes), the demo and the CIFAR-10
+"""dpq.training.experiments: prepare_run, train_run (checks before writes), the demo and the CIFAR-10
 reproduction, checked against an independent recomputation of their numbers."""
 
 import json
@@ -11,10 +11,10 @@ import pytest
 from conftest import CIFAR_ZIP, QUIET, WORDVEC, digits_config
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
 from dpq.data import CIFAR10_CLASSES, Split, load_source
-from dpq.experiments import prepare_run, reproduce_cifar10, run_demo, train_run
+from dpq.evaluate.metrics import map_at_r
 from dpq.index import DPQIndex
-from dpq.metrics import map_at_r
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
+from dpq.training.experiments import prepare_run, reproduce_cifar10, run_demo, train_run
 
 
 def test_prepare_run_splits_completes_the_config_and_resolves_word_vectors():
@@ -149,7 +149,7 @@ def test_the_paper_recipe_runs_end_to_end_on_a_cpu(tmp_path, monkeypatch, no_net
     read at 227 px inside the model, every loss end to end from the first step. Only K (8,
     for 20 training images), the epochs and, to keep the test small, frozen conv1..fc6
     differ from the recipe (weights files: tests/test_trainer.py, tests/test_backbones.py)."""
-    from dpq.config import paper_recipe
+    from dpq.recipes import paper_recipe
 
     monkeypatch.setenv("DPQ_CACHE_DIR", str(tmp_path / "cache"))
     recipe = paper_recipe().replace(

@@ -1165,7 +1165,7 @@ def test_cli_encode_and_search_images_with_a_model_checkpoint(tmp_path, capsys):
     from PIL import Image
 
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     torch.manual_seed(0)
     config = DPQConfig(

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from dpq.config import LossConfig
-from dpq.losses import (
+from dpq.methods.losses import (
     DPQLoss,
     adaptive_margins,
     classification_loss,
     quantization_losses,
     semantic_loss,
 )
-from dpq.quantizer import QuantizerOutput
+from dpq.model.quantizer import QuantizerOutput
 
 N, C, D, L = 7, 5, 6, 3
 

@@ -1,4 +1,4 @@
-"""dpq.metrics against hand-computed tables and a slow per-query loop reference."""
+"""dpq.evaluate.metrics against hand-computed tables and a slow per-query loop reference."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import warnings
 import numpy as np
 import pytest
 
-from dpq import metrics
-from dpq.metrics import average_precision_at_r, map_at_r, pr_curve, precision_at, rank_by_distance
+from dpq.evaluate import metrics
+from dpq.evaluate.metrics import (
+    average_precision_at_r,
+    map_at_r,
+    pr_curve,
+    precision_at,
+    rank_by_distance,
+)
 
 # Single-label table: database classes, and for each query its class and its ranking.
 # Query 0 (class 0): relevance along its ranking 1 0 1 0 1.

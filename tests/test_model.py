@@ -6,13 +6,12 @@ import torch
 
 from conftest import small_config
 from dpq.config import (
-    ABLATIONS,
     DPQConfig,
     ModelConfig,
     QuantizerConfig,
-    ablation_config,
 )
-from dpq.model import DPQModel, image_statistics
+from dpq.model.network import DPQModel, image_statistics
+from dpq.recipes import ABLATIONS, ablation_config
 
 
 def test_forward_shapes(model, images):

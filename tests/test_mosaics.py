@@ -58,7 +58,7 @@ def test_the_multilabel_path_end_to_end_through_a_list_file(tmp_path, capsys):
     # the reported 8-bit (2 x 4 bits) mAP@100 with "shares a label" relevance, by hand
     from dpq.data import Split
     from dpq.index import DPQIndex
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     model = DPQModel.from_checkpoint(run / "model")
     items = load_source(listing, image_root=tmp_path / "mosaics", image_size=16)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpq.config import QuantizerConfig
-from dpq.quantizer import ProgressiveQuantizer, QuantizerOutput
+from dpq.model.quantizer import ProgressiveQuantizer, QuantizerOutput
 
 
 def numpy_greedy_encode(x: np.ndarray, codebooks: np.ndarray, rule: str) -> np.ndarray:

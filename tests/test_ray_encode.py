@@ -1,4 +1,4 @@
-"""dpq.distributed.ray_encode: sharded encoding on a local 2-CPU Ray cluster gives the codes of
+"""dpq.encode.ray: sharded encoding on a local 2-CPU Ray cluster gives the codes of
 one-process `dpq encode`; a failed shard is encoded again on re-run and the others are not.
 
 The shard format and the merge are checked without Ray; the Ray tests start one local
@@ -17,8 +17,9 @@ from conftest import make_image_folder, truncated_jpeg
 from dpq.cli import main
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.data import load_source
-from dpq.distributed import ray_encode
-from dpq.distributed.ray_encode import (
+from dpq.encode import ray as ray_encode
+from dpq.encode.build import build_index, empty_index
+from dpq.encode.ray import (
     EncodePlan,
     ShardEncodingError,
     SourceSpec,
@@ -30,9 +31,8 @@ from dpq.distributed.ray_encode import (
     shard_is_done,
     shard_path,
 )
-from dpq.encoding import build_index, empty_index
 from dpq.index import DPQIndex
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""dpq.report: tables, figures, the report folder and the text of a model's results."""
+"""dpq.evaluate.report: tables, figures, the report folder and the text of a model's results."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpq.evaluation import RetrievalEvaluation
-from dpq.metrics import PRCurve, pr_curve, precision_at
-from dpq.report import (
+from dpq.evaluate.metrics import PRCurve, pr_curve, precision_at
+from dpq.evaluate.report import (
     format_map_table,
     format_mean_std,
     format_results_table,
@@ -22,6 +21,7 @@ from dpq.report import (
     timing_table,
     write_report,
 )
+from dpq.evaluate.retrieval import RetrievalEvaluation
 
 MAP_TABLE = {"dpq": {8: 0.81, 32: 0.83}, "pq": {8: 0.52, 16: 0.60, 32: 0.85}}
 

@@ -57,7 +57,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
     from dpq.data import load_digits
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_search_by_vector_offset_and_rerank(service, built):
 
 
 def test_search_by_image_upload_and_base64(service, built):
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
     from dpq.serve.images import decode_upload, model_input
 
     client, _ = service

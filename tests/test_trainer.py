@@ -1,4 +1,4 @@
-"""dpq.trainer: the training loop (phases, checkpoints, resume, NaN, time budget with a fake
+"""dpq.training.loop: the training loop (phases, checkpoints, resume, NaN, time budget with a fake
 clock), on tiny data."""
 
 import json
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import QUIET, FakeClock, digits_config, feature_config, feature_data, orthogonal
-from dpq.model import DPQModel
-from dpq.trainer import ArrayDataset, Trainer, TrainingDiverged, learning_rate, train_model
+from dpq.model.network import DPQModel
+from dpq.training.loop import ArrayDataset, Trainer, TrainingDiverged, learning_rate, train_model
 
 
 def test_learning_rate_schedules():
@@ -124,7 +124,7 @@ def test_resume_after_the_process_is_killed(tmp_path):
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import feature_config, feature_data
-        from dpq.trainer import train_model
+        from dpq.training.loop import train_model
         train_model(feature_config(epochs=100), feature_data(), None, {str(tmp_path)!r},
                     progress=False, log=lambda m: None)
         """
@@ -301,7 +301,7 @@ def test_missing_classes_and_word_vector_mismatch(tmp_path, digits):
 
 
 def test_resuming_with_other_data_says_the_training_set_differs(tmp_path, digits):
-    from dpq.experiments import complete_config
+    from dpq.training.experiments import complete_config
 
     vectors = orthogonal(10, 12)
     run = train_model(digits_config(epochs=2), digits, vectors, tmp_path, **QUIET)
@@ -421,9 +421,9 @@ def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
     reaches for the network."""
     from safetensors.torch import save_file
 
-    from dpq.backbones import create_backbone
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
     from dpq.data import load_source
+    from dpq.model.backbones import create_backbone
 
     torch.manual_seed(7)
     state = {k: v.contiguous() for k, v in create_backbone("resnet18").state_dict().items()}

@@ -28,25 +28,26 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DPQConfig": "dpq.config",
     "DPQIndex": "dpq.index",
-    "DPQModel": "dpq.model",
+    "DPQModel": "dpq.model.network",
     "Source": "dpq.data",
-    "build_index": "dpq.encoding",
-    "evaluate_retrieval": "dpq.evaluation",
-    "load_recipe": "dpq.config",
+    "build_index": "dpq.encode.build",
+    "evaluate_retrieval": "dpq.evaluate.retrieval",
+    "load_recipe": "dpq.recipes",
     "load_source": "dpq.data",
-    "map_at_r": "dpq.metrics",
-    "train": "dpq.trainer",
+    "map_at_r": "dpq.evaluate.metrics",
+    "train": "dpq.training.loop",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dpq.config import DPQConfig, load_recipe
+    from dpq.config import DPQConfig
     from dpq.data import Source, load_source
-    from dpq.encoding import build_index
-    from dpq.evaluation import evaluate_retrieval
+    from dpq.encode.build import build_index
+    from dpq.evaluate.metrics import map_at_r
+    from dpq.evaluate.retrieval import evaluate_retrieval
     from dpq.index import DPQIndex
-    from dpq.metrics import map_at_r
-    from dpq.model import DPQModel
-    from dpq.trainer import train_model as train
+    from dpq.model.network import DPQModel
+    from dpq.recipes import load_recipe
+    from dpq.training.loop import train_model as train
 
 __all__ = [  # noqa: F822 - the names are loaded lazily by __getattr__
     "DPQConfig",

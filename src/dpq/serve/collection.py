@@ -724,7 +724,7 @@ def open_collection(
     size = None
     if model_path is not None:
         from dpq.devices import resolve_device
-        from dpq.model import DPQModel
+        from dpq.model.network import DPQModel
 
         model = DPQModel.from_checkpoint(model_path, device=resolve_device(device))
         if model_threads is not None:

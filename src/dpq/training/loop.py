@@ -1,8 +1,8 @@
 """The training loop of a DPQ model, read as a loop over phases and epochs.
 
-:class:`Trainer` trains a :class:`~dpq.model.DPQModel` on labelled inputs (uint8 images
+:class:`Trainer` trains a :class:`~dpq.model.network.DPQModel` on labelled inputs (uint8 images
 (N, H, W, 3), or float32 features (N, F) for the identity backbone) with the losses of
-:class:`~dpq.losses.DPQLoss`, following ``config.train.schedule``:
+:class:`~dpq.methods.losses.DPQLoss`, following ``config.train.schedule``:
 
 - "end_to_end" (the paper): before ``quantization_start`` the network learns with
   L_S + lambda L_C; from then on with L_S + lambda L_C + tau E, E reaching the network.
@@ -26,17 +26,17 @@ gradient scaler (:func:`dpq.devices.gradient_scaler`). Pretrained backbone weigh
 (``train.backbone_weights``) are loaded when a fresh run starts; the backbone then learns
 at ``lr * train.backbone_lr_scale`` and its first ``train.freeze_stages`` stages not at all.
 
-Every epoch ends with a checkpoint (:class:`dpq.checkpoint.CheckpointStore`), so
+Every epoch ends with a checkpoint (:class:`dpq.training.checkpoints.CheckpointStore`), so
 ``train(resume=True)`` continues from the newest one after the process was killed, with
 bit-identical results. The run folder is locked for the whole run
-(:class:`dpq.checkpoint.RunDirectory`). The final model goes to ``out_dir/model/``.
+(:class:`dpq.training.checkpoints.RunDirectory`). The final model goes to ``out_dir/model/``.
 
-With a time budget (:class:`dpq.budget.TimeBudget`), a few steps are first timed on a copy
+With a time budget (:class:`dpq.training.budget.TimeBudget`), a few steps are first timed on a copy
 of the model (the copy is thrown away), the epochs that fit are planned, and the plan is
 revised after every epoch.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs in every process with
-DistributedDataParallel (:mod:`dpq.distributed.ddp`): each step's global batch of
+DistributedDataParallel (:mod:`dpq.training.ddp`): each step's global batch of
 ``train.batch_size`` items is split across the ranks, every gradient (codebooks included) is
 all-reduced, the logged losses are means over the ranks, k-means runs on rank 0 over the
 features of all ranks and its codebooks are broadcast, BatchNorm statistics are averaged
@@ -63,10 +63,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpq.augment import crop_flip, cutout, mixup, rand_augment
-from dpq.backbones import load_backbone_weights
-from dpq.budget import TimeBudget
-from dpq.checkpoint import RunDirectory, RunInProgressError, architecture
 from dpq.config import DPQConfig, config_differences
 from dpq.data.loading import BatchReader
 from dpq.devices import (
@@ -78,11 +74,16 @@ from dpq.devices import (
     resolve_device,
     resolve_precision,
 )
-from dpq.distributed import ddp
-from dpq.distributed.ddp import DistributedContext
-from dpq.losses import DPQLoss, LossOutput
-from dpq.model import DPQModel
+from dpq.methods.losses import DPQLoss, LossOutput
+from dpq.model.backbones import load_backbone_weights
+from dpq.model.files import architecture
+from dpq.model.network import DPQModel
 from dpq.progress import is_terminal, progress_bar
+from dpq.training import ddp
+from dpq.training.augment import crop_flip, cutout, mixup, rand_augment
+from dpq.training.budget import TimeBudget
+from dpq.training.checkpoints import RunDirectory, RunInProgressError
+from dpq.training.ddp import DistributedContext
 
 DATA_DERIVED_FIELDS = (
     "model.image_mean",
@@ -91,7 +92,7 @@ DATA_DERIVED_FIELDS = (
     "model.multilabel",
     "model.backbone_kwargs.in_features",
 )
-"""Config fields filled from the training data (:func:`dpq.experiments.complete_config`)."""
+"""Config fields filled from the training data (:func:`dpq.training.experiments.complete_config`)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -285,7 +286,7 @@ class Trainer:
             :class:`ArrayDataset`.
         word_vectors: float (C, D) label word vectors (needed by the semantic loss).
         out_dir: where checkpoints, the log and the final model go (a path or a
-            :class:`~dpq.checkpoint.RunDirectory`).
+            :class:`~dpq.training.checkpoints.RunDirectory`).
         progress: show progress (a bar on a terminal, one line per epoch elsewhere).
         log: function receiving one-line messages (default: print to stderr).
         clock: seconds as a float (default ``time.perf_counter``; tests inject a fake one).
@@ -294,7 +295,7 @@ class Trainer:
         workers: data-loading processes for an on-demand image reader (None: one per core,
             up to 8); in-memory arrays are always read in this process.
         distributed: the multi-process run this process belongs to; "auto" (the default)
-            joins the one torchrun describes (:func:`dpq.distributed.ddp.init_from_environment`),
+            joins the one torchrun describes (:func:`dpq.training.ddp.init_from_environment`),
             None trains alone. On CUDA each rank trains on its ``LOCAL_RANK`` GPU.
     """
 
@@ -775,7 +776,7 @@ class Trainer:
         Raises:
             ValueError: ``out_dir`` already holds a run and ``resume`` is false; no
                 checkpoint to resume from; a config or data mismatch on resume.
-            dpq.checkpoint.RunInProgressError: another process is training into ``out_dir``.
+            dpq.training.checkpoints.RunInProgressError: another process is training into ``out_dir``.
             TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         """
         with contextlib.ExitStack() as stack:

@@ -2,15 +2,15 @@
 
 A searcher is anything with ``search(queries, k) -> (distances, ids)`` (float32 (nq, k),
 int64 (nq, k), ascending, ``-1`` for missing): a :class:`~dpq.index.DPQIndex` at a prefix
-length, exact float search, every baseline of :mod:`dpq.baselines`. A :class:`Method` names
+length, exact float search, every baseline of :mod:`dpq.evaluate.baselines`. A :class:`Method` names
 one row of a results table (a name and a code length) and knows how to build its searcher
 (fitting and encoding, timed). :func:`evaluate_methods` runs a list of methods over one
 :class:`FeatureSet`: each searches the same queries in the same database with k = R, and
-the rankings go to :func:`dpq.metrics.average_precision_at_r` in query batches, so a
+the rankings go to :func:`dpq.evaluate.metrics.average_precision_at_r` in query batches, so a
 1,000 x 54,000 evaluation needs a few hundred MB, not gigabytes.
 
 :func:`evaluate_retrieval` is the evaluation of a trained model: its features, its codes at
-every prefix (built with :func:`dpq.encoding.add_features`), the float features, optional
+every prefix (built with :func:`dpq.encode.build.add_features`), the float features, optional
 baselines fitted on the training features, and the classifier's accuracy.
 """
 
@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dpq.baselines import make_baseline
-from dpq.metrics import (
+from dpq.evaluate.baselines import make_baseline
+from dpq.evaluate.metrics import (
     PRCurve,
     average_precision_at_r,
     default_cutoffs,
@@ -227,7 +227,7 @@ class ExactSearcher:
         self.index.add(np.ascontiguousarray(database, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from dpq.baselines.base import order_ties_by_id
+        from dpq.evaluate.baselines.base import order_ties_by_id
 
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         distances = -scores if self.metric == "ip" else scores
@@ -337,7 +337,7 @@ def baseline_methods(
     seed: int = 0,
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Method]:
-    """Rows of baselines (:data:`dpq.baselines.BASELINES` names), one per name and length,
+    """Rows of baselines (:data:`dpq.evaluate.baselines.BASELINES` names), one per name and length,
     fitted on ``features.fitting_data()`` and encoding its database.
 
     With ``features.metric == "ip"``, quantizers rank by the inner product with their
@@ -395,7 +395,7 @@ class MethodResult:
     Attributes:
         method: the method's name.
         bits: code length (exact float search: 32 * D).
-        map: mAP@R (DVSQ convention, :func:`dpq.metrics.map_at_r`).
+        map: mAP@R (DVSQ convention, :func:`dpq.evaluate.metrics.map_at_r`).
         fit_seconds: fitting time (None when not fitted here).
         encode_seconds: encoding the database (None when not measured).
         search_seconds: searching all queries at k = R, ranking included.
@@ -608,7 +608,7 @@ def evaluate_methods(
             notes.append(
                 "No training features given: baselines were fitted on the database features."
             )
-        from dpq.baselines.quantizers import CODEWORDS, FAISS_POINTS_PER_CENTROID
+        from dpq.evaluate.baselines.quantizers import CODEWORDS, FAISS_POINTS_PER_CENTROID
 
         suggested = CODEWORDS * FAISS_POINTS_PER_CENTROID
         if len(fit_features) < suggested:
@@ -729,19 +729,19 @@ def evaluate_retrieval(
     exact float search and optional baselines, scored with mAP@R.
 
     Args:
-        model: a trained :class:`~dpq.model.DPQModel`.
+        model: a trained :class:`~dpq.model.network.DPQModel`.
         query_inputs, database_inputs: uint8 (N, H, W, 3) images or float (N, F) features.
         query_labels, database_labels: int64 (N,) or multi-hot (N, C).
         r: R of mAP@R (default: the whole database).
         float_baseline: also score exact search over the float features.
-        baselines: names of :data:`dpq.baselines.BASELINES` fitted on the training features.
+        baselines: names of :data:`dpq.evaluate.baselines.BASELINES` fitted on the training features.
         train_inputs, train_labels: the training set, for fitting the baselines.
         curves: compute PR and precision@R curves at the longest code.
         progress: report progress on stderr.
         workers: decoding processes for images read on demand (see
-            :meth:`dpq.model.DPQModel.extract_features`).
+            :meth:`dpq.model.network.DPQModel.extract_features`).
     """
-    from dpq.encoding import add_features, empty_index
+    from dpq.encode.build import add_features, empty_index
 
     seconds: dict[str, float] = {}
     begin = time.perf_counter()

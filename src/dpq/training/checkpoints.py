@@ -1,10 +1,6 @@
-"""Everything a training run keeps on disk: model checkpoints, epoch checkpoints, the run folder.
+"""What a training run keeps on disk: epoch checkpoints and the run folder (a model
+checkpoint itself is :mod:`dpq.model.files`).
 
-- A **model checkpoint** is a directory with ``model.safetensors`` (the weights) and
-  ``config.json`` (the :class:`~dpq.config.DPQConfig`, plus a ``checkpoint`` record holding
-  the format, version and the weights' SHA-256). :func:`save_model` writes the weights
-  first and the config last, each atomically, so a half-written pair is detected by
-  :func:`load_model`. Nothing is unpickled: safetensors and JSON only.
 - A :class:`CheckpointStore` keeps the epoch checkpoints of a run,
   ``<run>/checkpoints/epoch-NNNN/`` (a model checkpoint plus ``optimizer.safetensors`` and
   ``trainer_state.json``), each written to a temporary folder and renamed, so an epoch
@@ -21,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -32,16 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dpq.atomic import write_bytes_atomic, write_json_atomic
-from dpq.config import DPQConfig, config_differences
+from dpq.atomic import write_json_atomic
+from dpq.config import DPQConfig
+from dpq.model.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_architecture,
+    load_weights,
+    read_checkpoint_config,
+    save_model,
+    save_tensors,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dpq.model import DPQModel
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-CHECKPOINT_FORMAT = "dpq-model"
-CHECKPOINT_VERSION = 1
+    from dpq.model.network import DPQModel
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_MODEL_DIR = "model"
@@ -52,148 +51,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FORMAT = "dpq-trainer-state"
 STATE_VERSION = 1
 _TEMPORARY = re.compile(r"^\.epoch-\d+\.tmp-\d+$")
-
-
-# ------------------------------------------------------------------------- model checkpoints
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content (read in 1 MiB blocks)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save a flat dict of tensors as safetensors (moved to the CPU), atomically."""
-    from safetensors.torch import save
-
-    write_bytes_atomic(
-        path, save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-    )
-
-
-def architecture(config: DPQConfig) -> dict[str, Any]:
-    """The config sections that decide the weights' shapes and meaning (model, quantizer)."""
-    data = config.to_dict()
-    return {"model": data["model"], "quantizer": data["quantizer"]}
-
-
-def save_model(
-    model: DPQModel,
-    path: str | Path,
-    config: DPQConfig | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``model.safetensors`` and then ``config.json`` into the directory ``path``.
-
-    Args:
-        model: the model whose weights are saved.
-        path: directory (created if missing).
-        config: the config recorded with the weights (default ``model.config``); a trainer
-            passes its own, so the checkpoint also says how the model was trained. Its
-            model and quantizer sections must be the model's.
-        extra: JSON-ready bookkeeping stored under ``config.json["checkpoint"]``.
-    """
-    config = model.config if config is None else config
-    if architecture(config) != architecture(model.config):
-        raise ValueError("the config saved with a model must have the model's architecture.")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_tensors(path / WEIGHTS_FILE, dict(model.state_dict()))
-    record = config.to_dict()
-    record["checkpoint"] = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "weights_sha256": file_sha256(path / WEIGHTS_FILE),
-        **(extra or {}),
-    }
-    write_json_atomic(path / CONFIG_FILE, record, sort_keys=True)
-    return path
-
-
-def read_checkpoint_config(path: str | Path) -> tuple[DPQConfig, dict[str, Any]]:
-    """(config, checkpoint record) of a model checkpoint directory, checked for format."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"{path} is not a DPQ checkpoint: {name} is missing (expected "
-                f"{WEIGHTS_FILE} and {CONFIG_FILE})."
-            )
-    try:
-        record = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {exc}.") from None
-    if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), dict):
-        raise ValueError(f"{path / CONFIG_FILE} has no 'checkpoint' record; not a DPQ model.")
-    meta = record.pop("checkpoint")
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path} holds format {meta.get('format')!r} version {meta.get('version')!r}; "
-            f"this dpq reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}."
-        )
-    return DPQConfig.from_dict(record), meta
-
-
-def load_model(
-    path: str | Path,
-    config: DPQConfig | None = None,
-    device: str | torch.device = "cpu",
-    channels_last: bool | None = None,
-) -> DPQModel:
-    """Load a model saved by :func:`save_model` onto ``device`` (in eval mode).
-
-    Args:
-        path: the checkpoint directory.
-        config: the model you expect; when given, its model and quantizer sections must
-            equal the checkpoint's (else ``ValueError`` listing the differences).
-        device: where the weights go; a checkpoint saved on any device loads on any other.
-        channels_last: channels-last convolutions (a speed setting: 1.3x the images per
-            second of the CIFAR-10 recipe's network on this project's CPU); None: as the
-            checkpoint was trained.
-
-    Raises:
-        FileNotFoundError: missing directory or files.
-        ValueError: a corrupted, mismatched or foreign checkpoint.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from dpq.model import DPQModel
-
-    path = Path(path)
-    saved_config, meta = read_checkpoint_config(path)
-    if config is not None:
-        diffs = config_differences(architecture(saved_config), architecture(config))
-        if diffs:
-            raise ValueError(
-                f"checkpoint {path} does not match the requested model (checkpoint vs "
-                "requested): "
-                + "; ".join(diffs)
-                + ". Load it without a config, or request the checkpoint's settings."
-            )
-    if file_sha256(path / WEIGHTS_FILE) != meta.get("weights_sha256"):
-        raise ValueError(
-            f"{path / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE}; the "
-            f"checkpoint is corrupted or was half-written. Use an earlier checkpoint."
-        )
-    try:
-        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
-    except SafetensorError as exc:
-        raise ValueError(
-            f"{path / WEIGHTS_FILE} is not a readable safetensors file: {exc}"
-        ) from None
-    model = DPQModel(saved_config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {path} do not fit the model of its config: {exc}") from None
-    model.set_channels_last(
-        saved_config.train.channels_last if channels_last is None else channels_last
-    )
-    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------- optimizer state
@@ -476,8 +333,9 @@ class CheckpointStore:
         from safetensors.torch import load_file
 
         state = self.read_state(path)
-        loaded = load_model(path, config=model.config)
-        model.load_state_dict(loaded.state_dict())
+        saved, meta = read_checkpoint_config(path)
+        check_architecture(path, saved, model.config)
+        load_weights(model, path, meta)
         tensors = load_file(str(path / OPTIMIZER_FILE), device=str(model.device))
         for name, optimizer in optimizers.items():
             restore_optimizer(optimizer, tensors, state["optimizers"][name], name)

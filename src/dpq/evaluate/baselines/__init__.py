@@ -4,22 +4,22 @@ Quantizers (faiss, asymmetric distance: float query vs codes): ``pq``, ``opq``, 
 ``lsq``. Binary hashing (numpy / scikit-learn, Hamming ranking): ``itq``, ``itq-cca``
 (supervised), ``lsh``. Every one takes a code length in bits (8, 16, 24, 32, ...)::
 
-    from dpq.baselines import make_baseline
+    from dpq.evaluate.baselines import make_baseline
     pq = make_baseline("pq", bits=32, seed=0).fit(train_features)
     pq.add(db_features)
     distances, ids = pq.search(query_features, k=100)  # float32 (nq, 100), int64 (nq, 100)
 
-:mod:`dpq.evaluation` runs them (and a DPQ index) on one feature set and scores mAP@R
-with :mod:`dpq.metrics`.
+:mod:`dpq.evaluate.retrieval` runs them (and a DPQ index) on one feature set and scores mAP@R
+with :mod:`dpq.evaluate.metrics`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dpq.baselines.base import Baseline
-from dpq.baselines.hashing import ITQ, ITQCCA, LSH, BinaryHash, hamming_distances
-from dpq.baselines.quantizers import LSQ, OPQ, PQ, RQ, FaissQuantizer
+from dpq.evaluate.baselines.base import Baseline
+from dpq.evaluate.baselines.hashing import ITQ, ITQCCA, LSH, BinaryHash, hamming_distances
+from dpq.evaluate.baselines.quantizers import LSQ, OPQ, PQ, RQ, FaissQuantizer
 
 BASELINES: dict[str, type[Baseline]] = {
     cls.name: cls for cls in (PQ, OPQ, RQ, LSQ, ITQ, ITQCCA, LSH)

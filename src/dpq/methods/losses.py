@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpq.config import LossConfig
-from dpq.quantizer import QuantizerOutput
+from dpq.model.quantizer import QuantizerOutput
 
 
 def classification_loss(

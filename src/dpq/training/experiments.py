@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from dpq.atomic import write_json_atomic, write_text_atomic
-from dpq.checkpoint import RunDirectory, RunInProgressError
 from dpq.config import DPQConfig
 from dpq.data import (
     Source,
@@ -33,9 +32,10 @@ from dpq.data import (
     resolve_word_vectors,
     split_per_class,
 )
-from dpq.distributed import ddp
-from dpq.evaluation import RetrievalEvaluation, evaluate_retrieval
-from dpq.trainer import ArrayDataset, TrainResult, train_model
+from dpq.evaluate.retrieval import RetrievalEvaluation, evaluate_retrieval
+from dpq.training import ddp
+from dpq.training.checkpoints import RunDirectory, RunInProgressError
+from dpq.training.loop import ArrayDataset, TrainResult, train_model
 
 SPLIT_FILE = "split.json"
 SPLIT_CHOICES = ("auto", "all", "per-class")
@@ -46,13 +46,13 @@ def complete_config(config: DPQConfig, source: Source, train_inputs: Any) -> DPQ
 
     Sets ``model.num_classes`` and ``model.multilabel`` from the source's labels; for
     images, when the config still has the generic mean/std: the backbone's (ImageNet's for
-    the ImageNet networks, :func:`dpq.backbones.input_defaults`) or else the per-channel
+    the ImageNet networks, :func:`dpq.model.backbones.input_defaults`) or else the per-channel
     mean/std of the training images; ``model.image_size`` from the backbone when unset;
     for features (float (N, F)), the identity backbone with ``in_features = F``.
     """
-    from dpq.backbones import input_defaults
     from dpq.config import ModelConfig
-    from dpq.model import image_statistics
+    from dpq.model.backbones import input_defaults
+    from dpq.model.network import image_statistics
 
     updates: dict[str, Any] = {
         "num_classes": source.num_classes,
@@ -92,7 +92,7 @@ def check_backbone_weights(config: DPQConfig) -> None:
 def model_image_size(config: DPQConfig) -> int | None:
     """The side the config's network reads (``model.image_size``, else its backbone's), the
     size to decode a collection of differently sized images at; None where it has none."""
-    from dpq.backbones import input_defaults
+    from dpq.model.backbones import input_defaults
 
     if config.model.image_size is not None:
         return config.model.image_size
@@ -294,7 +294,7 @@ def evaluate_split(
     workers: int | None = None,
 ) -> RetrievalEvaluation:
     """A trained model on a split of a source: its query rows searched in its database
-    rows (:func:`dpq.evaluation.evaluate_retrieval`), baselines fitted on its training rows;
+    rows (:func:`dpq.evaluate.retrieval.evaluate_retrieval`), baselines fitted on its training rows;
     images read on demand are decoded by ``workers`` processes."""
     rows = {name: split.rows(name, len(source), source.name) for name in ("query", "database")}
     query_inputs, query_labels = source.rows(rows["query"])
@@ -507,15 +507,15 @@ def reproduce_cifar10(
     Args:
         out_dir: output directory.
         data: CIFAR-10 source for :func:`dpq.data.load_cifar10` (None: download / cache).
-        ablation: a name from :data:`dpq.config.ABLATIONS`.
-        base_config: the recipe (default :func:`dpq.config.cifar10_recipe`); the ablation
+        ablation: a name from :data:`dpq.recipes.ABLATIONS`.
+        base_config: the recipe (default :func:`dpq.recipes.cifar10_recipe`); the ablation
             modifies it.
         minutes: training time budget (overrides the recipe's epochs).
         epochs: fixed number of epochs (overrides the recipe).
         word_vectors: the CIFAR-10 word-vector file (default: found beside the data).
         resume: continue an interrupted run in ``out_dir``.
         command: the command line, recorded in the results.
-        baselines: names of :data:`dpq.baselines.BASELINES` evaluated on the same features
+        baselines: names of :data:`dpq.evaluate.baselines.BASELINES` evaluated on the same features
             (fitted on the training features) beside DPQ in the report.
         train_per_class, query_per_class: the protocol's 500 and 100; smaller values make a
             quick smoke run, not the benchmark.
@@ -524,11 +524,11 @@ def reproduce_cifar10(
         workers: processes decoding images read on demand (none here: this flow holds
             CIFAR-10's 32 px images in memory, where batches are cut in this process).
 
-    Under torchrun every process trains (:class:`dpq.trainer.Trainer`); rank 0 then
+    Under torchrun every process trains (:class:`dpq.training.loop.Trainer`); rank 0 then
     evaluates and writes the results, and the other ranks return None.
     """
-    from dpq.config import ablation_config, cifar10_recipe
     from dpq.devices import resolve_device
+    from dpq.recipes import ablation_config, cifar10_recipe
 
     resolve_device(device)  # a missing GPU is said before anything else
 
@@ -618,7 +618,7 @@ def _download_cifar10() -> Path:
 
 
 def _results_markdown(result: ReproduceResult) -> str:
-    from dpq.report import results_row_markdown
+    from dpq.evaluate.report import results_row_markdown
 
     evaluation = result.evaluation
     return "\n".join(
@@ -639,8 +639,8 @@ def _results_markdown(result: ReproduceResult) -> str:
 
 
 def _write_cifar10_report(folder: Path, result: ReproduceResult) -> None:
-    """report.md + results.json + PR / precision@R figures via :func:`dpq.report.write_report`."""
-    from dpq import report
+    """report.md + results.json + PR / precision@R figures via :func:`dpq.evaluate.report.write_report`."""
+    from dpq.evaluate import report
 
     evaluation = result.evaluation
     details = evaluation.details

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from dpq.baselines.base import Baseline, check_k
+from dpq.evaluate.baselines.base import Baseline, check_k
 
 # Elements of the (queries x database) distance block computed at once.
 _BLOCK_ELEMENTS = 1 << 24

@@ -2,7 +2,7 @@
 
 :func:`build_index` is the one way items become an index: ``dpq encode``, the evaluation
 of a trained model and the search service all call it. It streams the inputs through the
-model (:meth:`dpq.model.DPQModel.iter_searched_features`: an on-demand image reader is
+model (:meth:`dpq.model.network.DPQModel.iter_searched_features`: an on-demand image reader is
 decoded by DataLoader worker processes a few batches ahead, so neither the images nor their
 features ever have to fit in memory), encodes :data:`CHUNK_ITEMS` features at a time with
 the model's quantizer and adds the codes, with the item ids and labels, to an index that
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpq.index import DPQIndex
-from dpq.model import DPQModel
+from dpq.model.network import DPQModel
 from dpq.progress import progress_bar
 
 CHUNK_ITEMS = 8192
@@ -94,7 +94,7 @@ def build_index(
         workers: decoding processes for an on-demand reader (default: one per core, up to
             8; 0: this process); in-memory arrays are read in this process.
         precision: arithmetic of the network ("fp32", "bf16", "fp16"; see
-            :meth:`dpq.model.DPQModel.extract_features`).
+            :meth:`dpq.model.network.DPQModel.extract_features`).
         partition_levels: a new index's cells: items grouped by their first 0, 1 or 2 codes
             (searched with ``nprobe``; see :class:`dpq.index.DPQIndex`).
 

@@ -472,7 +472,7 @@ def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
 def freeze_stages(backbone: nn.Module, count: int) -> list[nn.Module]:
     """Freeze the first ``count`` stages of ``backbone`` (:func:`backbone_stages`): their
     parameters stop requiring gradients and the stages are put in eval mode (BatchNorm
-    keeps its statistics; :class:`dpq.model.DPQModel` keeps them there in training mode).
+    keeps its statistics; :class:`dpq.model.network.DPQModel` keeps them there in training mode).
 
     Returns the frozen stages. Raises ValueError when ``count`` exceeds the stages.
     """

@@ -109,7 +109,7 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace, path: str):  # -> DPQModel on --device
     from dpq.devices import resolve_device
-    from dpq.model import DPQModel
+    from dpq.model.network import DPQModel
 
     return DPQModel.from_checkpoint(path, device=resolve_device(args.device))
 
@@ -141,7 +141,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 def _parse_methods(text: str | None) -> list[str]:
     """``"all"`` -> every baseline; ``"pq,opq"`` -> ["pq", "opq"]; None/"" -> []."""
-    from dpq.baselines import BASELINES
+    from dpq.evaluate.baselines import BASELINES
 
     if not text:
         return []
@@ -282,7 +282,8 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `reproduce`: a recipe file, an ablation, and overrides."""
-    from dpq.config import ABLATIONS, PRECISIONS, SCHEDULES
+    from dpq.config import PRECISIONS, SCHEDULES
+    from dpq.recipes import ABLATIONS
 
     recipe = parser.add_argument_group("recipe (a JSON config, then an ablation, then flags)")
     recipe.add_argument(
@@ -420,7 +421,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 
 def _recipe_from_args(args: argparse.Namespace, default: str = "default"):  # -> DPQConfig
     """The recipe (``--config``, else ``default``) with the flags that were given on top."""
-    from dpq.config import ablation_config, load_recipe
+    from dpq.recipes import ablation_config, load_recipe
 
     base = load_recipe(args.config or default)
     sections: dict[str, dict[str, object]] = {"model": {}, "quantizer": {}, "loss": {}, "train": {}}
@@ -555,7 +556,7 @@ def _loading(args: argparse.Namespace):  # -> bool | str
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dpq.experiments import train_from_source
+    from dpq.training.experiments import train_from_source
 
     config = _recipe_from_args(args)
     split = args.split
@@ -601,8 +602,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from dpq.experiments import run_demo
-    from dpq.report import format_results_table
+    from dpq.evaluate.report import format_results_table
+    from dpq.training.experiments import run_demo
 
     result = run_demo(
         out_dir=args.out,
@@ -635,8 +636,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from dpq.experiments import reproduce_cifar10
-    from dpq.report import format_results_table
+    from dpq.evaluate.report import format_results_table
+    from dpq.training.experiments import reproduce_cifar10
 
     argv = getattr(args, "argv", None) or sys.argv[1:]
     result = reproduce_cifar10(
@@ -767,9 +768,9 @@ def _missing_flags(args: argparse.Namespace, *names: str) -> list[str]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model is not None or args.images is not None or args.split is not None:
         return _evaluate_model(args)
-    from dpq import evaluation as ev
     from dpq.atomic import write_json_atomic
-    from dpq.report import format_map_table
+    from dpq.evaluate import retrieval as ev
+    from dpq.evaluate.report import format_map_table
 
     missing = _missing_flags(args, "query_features", "query_labels", "db_labels")
     if missing:
@@ -828,8 +829,8 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     """`dpq evaluate --model --images --split`: features, codes, float search, baselines."""
     from dpq.atomic import write_json_atomic
     from dpq.data import Split
-    from dpq.experiments import evaluate_split
-    from dpq.report import format_map_table, format_results_table
+    from dpq.evaluate.report import format_map_table, format_results_table
+    from dpq.training.experiments import evaluate_split
 
     missing = _missing_flags(args, "model", "images", "split")
     if missing:
@@ -1079,7 +1080,7 @@ def _items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None,
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
-    """`dpq encode --engine ray`: the flags of dpq.distributed.ray_encode (issue 16)."""
+    """`dpq encode --engine ray`: the flags of dpq.encode.ray (issue 16)."""
     group = parser.add_argument_group("encoding on a Ray cluster (pip install 'dpq[distributed]')")
     group.add_argument(
         "--engine",
@@ -1100,7 +1101,7 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_encode_ray(args: argparse.Namespace) -> int:
-    from dpq.distributed.ray_encode import SourceSpec, encode_on_ray
+    from dpq.encode.ray import SourceSpec, encode_on_ray
 
     if args.model is None:
         raise ValueError("--engine ray needs --model (a checkpoint every node can read).")
@@ -1180,7 +1181,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         metadata["classes"] = source.classes
     began = time.perf_counter()
     if args.model is not None:
-        from dpq.encoding import build_index
+        from dpq.encode.build import build_index
 
         if args.assignment is not None:
             raise ValueError("--assignment applies to --codebooks; a model encodes with its rule.")
@@ -1248,8 +1249,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from dpq.evaluate.report import format_search_results
     from dpq.index import DPQIndex
-    from dpq.report import format_search_results
 
     if args.out is not None:
         from dpq.atomic import check_writable_file
@@ -1452,9 +1453,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 success, 2 user error, 3 diverged,
     130 interrupted)."""
-    from dpq.checkpoint import RunInProgressError
-    from dpq.distributed.ray_encode import ShardEncodingError
-    from dpq.trainer import TrainingDiverged
+    from dpq.encode.ray import ShardEncodingError
+    from dpq.training.checkpoints import RunInProgressError
+    from dpq.training.loop import TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)

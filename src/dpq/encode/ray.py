@@ -5,7 +5,7 @@ encodes them with Ray Data: a dataset of shard numbers mapped by :class:`ShardEn
 callable class of which Ray keeps a fixed pool of actors
 (``map_batches(ShardEncoder, compute=ActorPoolStrategy(size=actors))``), each loading the
 model and opening the source once. Inside an actor a shard goes through the one-process
-path (:func:`dpq.encoding.build_index`), so its codes are those of ``dpq encode``.
+path (:func:`dpq.encode.build.build_index`), so its codes are those of ``dpq encode``.
 
 On disk, in the shard folder (default ``<out>.shards/``):
 
@@ -357,10 +357,10 @@ def encode_shard(
 ) -> int:
     """Encode shard ``shard`` of ``plan`` with ``model`` into its file; returns its items.
 
-    The one-process path: :func:`dpq.encoding.build_index` over the shard's rows, images
+    The one-process path: :func:`dpq.encode.build.build_index` over the shard's rows, images
     read on demand decoded by ``workers`` processes (0: the actor itself, which Ray gave
     one CPU)."""
-    from dpq.encoding import build_index
+    from dpq.encode.build import build_index
 
     start, stop = plan.bounds[shard]
     rows = np.asarray(plan.rows[start:stop])
@@ -410,8 +410,8 @@ class ShardEncoder:
         self.setup_error = ""
         self.setup_cpu_seconds = 0.0
         try:
-            from dpq.checkpoint import read_checkpoint_config
-            from dpq.model import DPQModel
+            from dpq.model.files import read_checkpoint_config
+            from dpq.model.network import DPQModel
 
             self.plan = EncodePlan.load(self.folder)
             _config, record = read_checkpoint_config(self.plan.model)
@@ -585,7 +585,7 @@ def _make_plan(
     labels: np.ndarray | None,
     batch_size: int,
 ) -> tuple[EncodePlan, list[str] | None]:
-    from dpq.checkpoint import read_checkpoint_config
+    from dpq.model.files import read_checkpoint_config
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"the batch size must be a positive integer; got {batch_size!r}.")
@@ -705,8 +705,8 @@ def encode_on_ray(
         ShardEncodingError: shards that failed (the others stay on disk for the re-run).
     """
     from dpq.atomic import check_writable_file
-    from dpq.encoding import empty_index
-    from dpq.model import DPQModel
+    from dpq.encode.build import empty_index
+    from dpq.model.network import DPQModel
 
     began = time.perf_counter()
     say = log or (

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Self
 import faiss
 import numpy as np
 
-from dpq.baselines.base import Baseline, check_k, order_ties_by_id
+from dpq.evaluate.baselines.base import Baseline, check_k, order_ties_by_id
 
 CODEWORD_BITS = 8
 CODEWORDS = 2**CODEWORD_BITS

@@ -1,0 +1,3 @@
+"""How well a method retrieves: every method a searcher scored on one feature set
+(:mod:`.retrieval`), the metrics (:mod:`.metrics`), tables and figures (:mod:`.report`), and
+the classic baselines (:mod:`.baselines`)."""
