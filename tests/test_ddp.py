@@ -82,6 +82,64 @@ def test_a_group_dpq_joins_is_left_before_the_process_exits():
         assert out.splitlines() == ["ranks: 2", "group at exit: False"]
 
 
+def _leaving_rank(rank: int, port: int, out: str) -> None:
+    """Train a DistributedDataParallel model a few steps, leave it in a reference cycle
+    (as a finished trainer can), and leave the group; rank 0 arrives late."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(torchrun_environment(rank, 2, port))
+    torch.set_num_threads(1)
+    ddp.init_from_environment()
+    net = DistributedDataParallel(torch.nn.Linear(4, 1))
+    for _ in range(3):
+        net(torch.randn(8, 4)).pow(2).mean().backward()
+    cycle: dict = {"net": net}
+    cycle["cycle"] = cycle
+    del net, cycle
+    if rank == 0:
+        time.sleep(1.0)
+        Path(out, "rank0-leaving").write_text("")
+    ddp.shutdown()
+    alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+    arrived = Path(out, "rank0-leaving").exists()
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"ddp_alive": len(alive), "rank0": arrived})
+    )
+
+
+def test_leaving_the_group_waits_for_every_rank_and_frees_unused_ddp_wrappers(tmp_path):
+    """ddp.shutdown: a DistributedDataParallel wrapper left in a reference cycle is freed
+    before the group is destroyed (not at interpreter teardown, where destroying the gloo
+    backend it holds aborts the process), and no rank leaves before the others arrive."""
+    mp.start_processes(_leaving_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"ddp_alive": 0, "rank0": True}, rank
+
+
+def _orphaned_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(torchrun_environment(rank, 2, port, timeout=30.0))
+    context = ddp.init_from_environment()
+    ddp.broadcast_json("started", context)
+    if rank == 1:
+        os._exit(17)  # dies without leaving the group
+    ddp.shutdown(barrier_seconds=2.0)
+    Path(out, "rank0.txt").write_text(f"left: {not torch.distributed.is_initialized()}")
+
+
+def test_leaving_the_group_after_a_rank_died_does_not_wait_for_it_forever(tmp_path):
+    context = mp.start_processes(
+        _orphaned_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False
+    )
+    for process in context.processes:
+        process.join(timeout=60)
+        assert process.exitcode is not None, "a rank was still running after 60 s"
+    assert [p.exitcode for p in context.processes] == [0, 17]
+    assert (tmp_path / "rank0.txt").read_text() == "left: True"
+
+
 def test_rank_batches_split_each_global_batch_across_the_ranks():
     order = np.random.default_rng(0).permutation(24).reshape(3, 8)
     parts = [ddp.rank_batches(order, DistributedContext(r, 2)) for r in range(2)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -180,10 +181,33 @@ def init_from_environment(device_type: str = "cpu") -> DistributedContext | None
     return context
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+SHUTDOWN_BARRIER_SECONDS = 60.0
+"""How long :func:`shutdown` waits for the other ranks before leaving anyway."""
+
+
+def shutdown(barrier_seconds: float = SHUTDOWN_BARRIER_SECONDS) -> None:
+    """Leave the process group (no-op when none is initialised), in an order that lets
+    every rank tear gloo down safely:
+
+    1. ``gc.collect()``: a DistributedDataParallel wrapper that is no longer used but sits
+       in a reference cycle still holds the group's C++ backend (its reducer). Collected
+       here, while the interpreter is whole; left to interpreter teardown, destroying a
+       gloo backend aborts the process ("terminate called without an active exception").
+    2. A barrier (bounded by ``barrier_seconds``): no rank destroys its end of the
+       connections while another is still inside, or just leaving, a collective; a rank that
+       never arrives (it died) is waited for that long at most, then the group is left.
+    3. ``destroy_process_group()``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    with contextlib.suppress(RuntimeError):  # a dead or hung peer: leave anyway
+        timeout = datetime.timedelta(seconds=barrier_seconds)
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout)
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager
