@@ -7,7 +7,7 @@ one to four of the ten labels). They are written as PNG files with a list file i
 NUS-WIDE format (``<path> <10 binary labels>``) and then go through the command line exactly
 as a user's NUS-WIDE list would:
 
-    dpq data split mosaics.txt --protocol nus-wide --n-query 2000 --n-train 5000
+    dpq data split mosaics.txt --protocol nus-wide --query-per-class 2000 --train-per-class 5000
     dpq train mosaics.txt --image-root DIR --split split.json --config cifar10 --label-smoothing 0 ...
     dpq evaluate --model RUN/model --images mosaics.txt --image-root DIR --split split.json \\
         --r 5000 --baselines rq,pq,opq,lsq
@@ -146,9 +146,9 @@ def main() -> int:
     split = folder / "split.json"
     images = ["--image-root", str(folder), "--image-size", "64"]
     if not split.is_file():
-        assert dpq(["data", "split", str(listing), "--protocol", "nus-wide", "--n-query",
-                    "2000", "--n-train", "5000", "--seed", str(args.seed), "--out", str(split),
-                    "--quiet"]) == 0  # fmt: skip
+        assert dpq(["data", "split", str(listing), "--protocol", "nus-wide",
+                    "--query-per-class", "2000", "--train-per-class", "5000",
+                    "--split-seed", str(args.seed), "--out", str(split), "--quiet"]) == 0  # fmt: skip
     run = folder / f"run-{args.feature}-{args.epochs}ep-seed{args.seed}"
     code = dpq(["train", str(listing), *images, "--split", str(split), "--config", "cifar10", "--label-smoothing", "0",
                 "--feature", args.feature, "--epochs", str(args.epochs), "--word-vectors",

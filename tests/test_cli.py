@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder, needs_cifar_zip, truncated_jpeg
-from dpq.cli import _parse_bits, _parse_methods, main
+from dpq.cli import main
 from dpq.data import Split, load_source, split_per_class
 from dpq.model.network import DPQModel
 
@@ -62,12 +62,23 @@ def test_cli_data_split_writes_the_split(tmp_path: Path, capsys) -> None:
 
     _tiny_folder(tmp_path / "set", {"a": 5, "b": 4})
     out = tmp_path / "split.json"
-    args = ["data", "split", str(tmp_path / "set"), "--n-train", "2", "--n-query", "1"]
+    args = [
+        "data",
+        "split",
+        str(tmp_path / "set"),
+        "--train-per-class",
+        "2",
+        "--query-per-class",
+        "1",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     assert "train 4 / query 2 / database 3" in capsys.readouterr().out
     labels = np.array([0] * 5 + [1] * 4)
     assert Split.load(out) == split_per_class(labels, 2, 1, seed=0)
-    assert main([*args[:3], "--n-train", "4", "--n-query", "1", "--out", str(out)]) == 2
+    assert (
+        main([*args[:3], "--train-per-class", "4", "--query-per-class", "1", "--out", str(out)])
+        == 2
+    )
     assert "class 'b' (index 1) has 4 items" in capsys.readouterr().err
 
 
@@ -163,17 +174,6 @@ def test_train_command_rejects_bad_settings(tmp_path, capsys):
     assert "word vector" in capsys.readouterr().err
 
 
-def test_parse_methods_and_bits():
-    assert _parse_methods("all") == ["pq", "opq", "rq", "lsq", "itq", "itq-cca", "lsh"]
-    assert _parse_methods("pq, itq,pq") == ["pq", "itq"]
-    assert _parse_methods(None) == []
-    assert _parse_bits("8,16") == [8, 16]
-    with pytest.raises(ValueError, match="unknown method"):
-        _parse_methods("pq,sh")
-    with pytest.raises(ValueError, match="integers"):
-        _parse_bits("8,x")
-
-
 def _cli_args(directory, *extra):
     return [
         "evaluate",
@@ -267,7 +267,17 @@ def test_cli_evaluate_bad_input_exits_2(feature_dir, capsys, extra, message):
 def test_data_split_accepts_every_source_train_does(tmp_path, capsys):
     """`dpq train digits` worked but `dpq data split digits` did not (two dispatchers)."""
     out = tmp_path / "split.json"
-    argv = ["data", "split", "digits", "--n-train", "50", "--n-query", "10", "--out", str(out)]
+    argv = [
+        "data",
+        "split",
+        "digits",
+        "--train-per-class",
+        "50",
+        "--query-per-class",
+        "10",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "train 500 / query 100 / database 1,197" in capsys.readouterr().out
     assert Split.load(out) == split_per_class(load_source("digits").labels, 50, 10, seed=0)
@@ -299,7 +309,17 @@ def test_a_split_made_with_skip_corrupt_serves_encode_and_evaluate(tmp_path, cap
     make_image_folder(folder, {"cats": 20, "dogs": 20})
     (folder / "cats" / "broken.jpg").write_bytes(truncated_jpeg(np.random.default_rng(4)))
     split = tmp_path / "split.json"
-    argv = ["data", "split", str(folder), "--n-train", "17", "--n-query", "2", "--out", str(split)]
+    argv = [
+        "data",
+        "split",
+        str(folder),
+        "--train-per-class",
+        "17",
+        "--query-per-class",
+        "2",
+        "--out",
+        str(split),
+    ]
     assert main([*argv, "--skip-corrupt", "--quiet"]) == 0
     run = tmp_path / "run"
     train = [

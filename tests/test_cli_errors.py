@@ -82,7 +82,7 @@ CASES = [
     (["data", "split", "digits", "--out", "{folder}"], "is a directory"),
     (["data", "split", "digits", "--out", "{file}/split.json"], "which is a file"),
     (
-        ["data", "split", "digits", "--n-train", "500", "--out", "{tmp}/s.json"],
+        ["data", "split", "digits", "--train-per-class", "500", "--out", "{tmp}/s.json"],
         "has 178 items but the split asks for 500 training + 100 query",
     ),
     # dpq train

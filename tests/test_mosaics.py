@@ -37,8 +37,8 @@ def test_the_multilabel_path_end_to_end_through_a_list_file(tmp_path, capsys):
     assert listing.read_text().splitlines()[0].split()[1:] == [str(v) for v in labels[0]]
     source = ["--image-root", str(tmp_path / "mosaics"), "--image-size", "16"]
     split = tmp_path / "split.json"
-    assert main(["data", "split", str(listing), "--protocol", "nus-wide", "--n-query", "40",
-                 "--n-train", "300", "--out", str(split), "--quiet"]) == 0  # fmt: skip
+    assert main(["data", "split", str(listing), "--protocol", "nus-wide", "--query-per-class", "40",
+                 "--train-per-class", "300", "--out", str(split), "--quiet"]) == 0  # fmt: skip
     assert "train 300 / query 40 / database 409" in capsys.readouterr().out
     run = tmp_path / "run"
     train = [

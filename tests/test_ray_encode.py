@@ -155,7 +155,17 @@ def test_ray_encode_gives_the_codes_of_one_process_dpq_encode(
     ray_cluster, model_dir, tmp_path, capsys
 ):
     split = tmp_path / "split.json"
-    argv = ["data", "split", "digits", "--n-train", "5", "--n-query", "5", "--out", str(split)]
+    argv = [
+        "data",
+        "split",
+        "digits",
+        "--train-per-class",
+        "5",
+        "--query-per-class",
+        "5",
+        "--out",
+        str(split),
+    ]
     assert main(argv) == 0
     common = ["encode", "--model", str(model_dir), "--images", "digits", "--split", str(split)]
     assert main([*common, "--batch-size", "64", "--out", str(tmp_path / "one.npz")]) == 0

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpq.data.splits import Split, split_imagenet100, split_nus_wide, split_per_class
+from dpq.data.sources import Source
+from dpq.data.splits import (
+    Split,
+    split_imagenet100,
+    split_nus_wide,
+    split_per_class,
+    split_source,
+)
 
 
 def _cifar_like_labels() -> np.ndarray:
@@ -101,3 +108,20 @@ def test_load_rejects_other_files(tmp_path: Path) -> None:
         Split.load(path)
     with pytest.raises(ValueError, match=".json or .npz"):
         split_nus_wide(20, 5, 5).save(tmp_path / "x.pkl")
+
+
+def test_a_source_is_split_by_its_protocol() -> None:
+    labels = np.repeat(np.arange(3, dtype=np.int64), 10)
+    source = Source(None, labels, ["a", "b", "c"], "image-folder", "photos/")
+    assert split_source(source, "per-class", 4, 2, seed=5) == split_per_class(labels, 4, 2, seed=5)
+    kept = split_source(source, n_train=4, n_query=2, train_in_database=True)
+    assert kept == split_per_class(labels, 4, 2, train_in_database=True)
+    with pytest.raises(ValueError, match="class 'a' \\(index 0\\) has 10 items"):
+        split_source(source, n_train=9, n_query=2)
+    multi_hot = np.eye(3, dtype=np.uint8)[labels] | np.eye(3, dtype=np.uint8)[(labels + 1) % 3]
+    tagged = Source(None, multi_hot, ["a", "b", "c"], "list-file", "tags.txt")
+    assert split_source(tagged, "nus-wide", 8, 5, seed=2) == split_nus_wide(30, 5, 8, seed=2)
+    with pytest.raises(ValueError, match="tags.txt is multi-label: .* --protocol nus-wide"):
+        split_source(tagged, "per-class", 2, 1)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        split_source(source, "imagenet")

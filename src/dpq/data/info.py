@@ -119,8 +119,8 @@ def describe_source(
     )
     split_sizes: dict[str, int] | None = None
     rule = (
-        "none for a custom collection; make one with `dpq data split SOURCE --n-train N "
-        "--n-query M --out split.json`"
+        "none for a custom collection; make one with `dpq data split SOURCE "
+        "--train-per-class N --query-per-class M --out split.json`"
     )
     if kind == "cifar10":
         rule = (

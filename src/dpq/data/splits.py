@@ -22,11 +22,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dpq.atomic import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from dpq.data.sources import Source
 
 SPLIT_FORMAT = "dpq-split"
 SPLIT_VERSION = 1
@@ -236,7 +239,8 @@ def split_per_class(
             raise ValueError(
                 f"{_class_name(int(class_index), classes)} has {len(members)} items but the "
                 f"split asks for {n_train} training + {n_query} query = {n_train + n_query} per "
-                "class; lower the counts per class (--n-train / --n-query) or add items to that class"
+                "class; lower the counts per class (--train-per-class / --query-per-class) or add "
+                "items to that class"
             )
         drawn = rng.permutation(members)
         query_parts.append(drawn[:n_query])
@@ -320,4 +324,47 @@ def split_imagenet100(
         protocol=f"imagenet100(n_train_per_class={n_train})",
         seed=seed,
         separate_queries=True,
+    )
+
+
+SOURCE_PROTOCOLS = ("per-class", "nus-wide")
+
+
+def split_source(
+    source: Source,
+    protocol: str = "per-class",
+    n_train: int = 500,
+    n_query: int = 100,
+    seed: int = 0,
+    *,
+    train_in_database: bool = False,
+) -> Split:
+    """A protocol split of a loaded source (``dpq data split``).
+
+    Args:
+        source: a :class:`~dpq.data.Source` (its labels are enough: ``labels_only=True``).
+        protocol: "per-class" (:func:`split_per_class`: ``n_train`` and ``n_query`` items
+            per class, single-label sources only) or "nus-wide" (:func:`split_nus_wide`:
+            ``n_query`` random queries and ``n_train`` training items in all, for
+            multi-label sources).
+        n_train, n_query: the counts of the protocol.
+        seed: seed of ``np.random.default_rng``.
+        train_in_database: per-class: keep the training items in the database.
+    """
+    if protocol == "nus-wide":
+        return split_nus_wide(len(source), n_query, n_train, seed=seed)
+    if protocol != "per-class":
+        raise ValueError(f"protocol must be one of {SOURCE_PROTOCOLS}; got {protocol!r}.")
+    if source.is_multilabel:
+        raise ValueError(
+            f"{source.name} is multi-label: a per-class split needs one class per item; use "
+            "--protocol nus-wide."
+        )
+    return split_per_class(
+        source.labels,
+        n_train,
+        n_query,
+        seed=seed,
+        classes=source.classes,
+        train_in_database=train_in_database,
     )

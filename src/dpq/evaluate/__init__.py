@@ -1,3 +1,4 @@
 """How well a method retrieves: every method a searcher scored on one feature set
-(:mod:`.retrieval`), the metrics (:mod:`.metrics`), tables and figures (:mod:`.report`), and
-the classic baselines (:mod:`.baselines`)."""
+(:mod:`.retrieval`), whole evaluations from files on disk (:mod:`.workflows`), the metrics
+(:mod:`.metrics`), tables and figures (:mod:`.report`), and the classic baselines
+(:mod:`.baselines`)."""

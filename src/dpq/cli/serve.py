@@ -1,0 +1,80 @@
+"""``dpq serve``: an index over HTTP (FastAPI + uvicorn; the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dpq.cli.options import add_command, add_device_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        subparsers,
+        "serve",
+        help="serve an index over HTTP: API, metrics, search page",
+        description="Search an index over HTTP (FastAPI + uvicorn; the `serve` extra): POST "
+        "/search by image (with --model), vector or id at any code length, add and delete "
+        "items (journalled, durable before the answer), a web page at /, API docs at /docs, "
+        "Prometheus metrics at /metrics.",
+    )
+    parser.add_argument("--index", required=True, help="an index file written by `dpq encode`")
+    parser.add_argument("--model", metavar="CKPT_DIR", help="its model: accept image queries")
+    parser.add_argument(
+        "--images",
+        metavar="SOURCE",
+        help="the source the index was encoded from (its ids are row numbers): thumbnails",
+    )
+    parser.add_argument("--image-root", help="list files: the folder or zip holding the images")
+    parser.add_argument("--image-size", type=int, metavar="N", help="the model's input size N x N")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    parser.add_argument(
+        "--api-key",
+        help="key required for writes (default: the DPQ_API_KEY environment variable; "
+        "neither: writes are open)",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="request body limit in MB"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="requests per second per client address (0: unlimited)",
+    )
+    parser.add_argument("--rate-burst", type=int, help="burst size of --rate-limit (default 2 R)")
+    parser.add_argument("--threads", type=int, help="search threads (default: CPU count)")
+    parser.add_argument(
+        "--model-threads", type=int, help="torch threads for the model (default: torch's)"
+    )
+    parser.add_argument(
+        "--max-pending", type=int, default=256, help="requests waiting beyond this get 503"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    add_device_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpq.serve import serve
+
+    serve(
+        args.index,
+        args.model,
+        args.images,
+        host=args.host,
+        port=args.port,
+        access_log=args.access_log,
+        image_root=args.image_root,
+        image_size=args.image_size,
+        api_key=args.api_key,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        threads=args.threads,
+        model_threads=args.model_threads,
+        max_pending=args.max_pending,
+        device=args.device,
+    )
+    return 0
