@@ -1344,12 +1344,12 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dpq.serve import serve
+    from dpq.serve import ServeSettings, serve
 
-    serve(
-        args.index,
-        args.model,
-        args.images,
+    settings = ServeSettings(
+        index=args.index,
+        model=args.model,
+        images=args.images,
         host=args.host,
         port=args.port,
         access_log=args.access_log,
@@ -1364,6 +1364,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         device=args.device,
     )
+    serve(settings)
     return 0
 
 
