@@ -25,8 +25,7 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("multipart")
 
 from dpq.index import DPQIndex  # noqa: E402
-from dpq.serve import create_app, running  # noqa: E402
-from dpq.serve.journal import Journal, JournalError, journal_path  # noqa: E402
+from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from dpq.serve.limits import TokenBuckets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +112,9 @@ def service(built, tmp_path_factory):
     """The digits collection with its model and images, served read-mostly for many tests."""
     folder = tmp_path_factory.mktemp("shared-service")
     index = _copy_index(built["index"], folder)
-    app = create_app(index, built["model"], "digits", api_key="s3cret", max_upload_bytes=200_000)
+    app = create_app(
+        ServeSettings(index, built["model"], "digits", api_key="s3cret", max_upload_bytes=200_000)
+    )
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client, app
 
@@ -295,7 +296,7 @@ def test_writes_need_the_api_key(service):
 def test_add_find_delete_and_restart(built, tmp_path):
     index_path = _copy_index(built["index"], tmp_path)
     key = {"Authorization": "Bearer k"}
-    app = create_app(index_path, built["model"], "digits", api_key="k")
+    app = create_app(ServeSettings(index_path, built["model"], "digits", api_key="k"))
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         data = _png((16, 16), seed=9)
         added = client.post(
@@ -335,7 +336,7 @@ def test_add_find_delete_and_restart(built, tmp_path):
         assert DPQIndex.load(index_path).ntotal == 1797
     # clean shutdown compacted: the index file has them, the journal is empty again
     assert DPQIndex.load(index_path).ntotal == 1799
-    again = create_app(index_path, built["model"], "digits")
+    again = create_app(ServeSettings(index_path, built["model"], "digits"))
     with running(again) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get(f"/items/{ids[0]}").json()["metadata"]["name"] == "mine.png"
         assert client.get(f"/items/{ids[1]}").status_code == 404
@@ -349,41 +350,18 @@ def test_journal_replay_without_clean_shutdown(built, tmp_path):
     from dpq.serve import open_collection
 
     index_path = _copy_index(built["vectors"], tmp_path)
-    collection = open_collection(index_path)
+    collection = open_collection(ServeSettings(index_path))
     rng = np.random.default_rng(0)
     new = [int(collection.add(rng.normal(size=(2, DIM)))[0]) for _ in range(3)]
     assert collection.remove(new[1]) and not collection.remove(123_456)
     collection.journal.close()  # as a crash would leave it: no compaction
     assert DPQIndex.load(index_path).ntotal == 500
-    reopened = open_collection(index_path)
+    reopened = open_collection(ServeSettings(index_path))
     ids = set(reopened.index.ids.tolist())
     assert {new[0], new[0] + 1, new[2], new[2] + 1} <= ids and new[1] not in ids
     assert reopened.index.ntotal == 505
     assert DPQIndex.load(index_path).ntotal == 505  # replay compacted into the index file
     reopened.close()
-
-
-def test_journal_torn_tail_dropped_and_damage_refused(tmp_path):
-    path = tmp_path / "x.index.npz.journal"
-    journal = Journal(path, "abc")
-    journal.reset()
-    journal.append("add", {"ids": [1], "codes": [[0]]})
-    journal.append("remove", {"ids": [1]})
-    journal.close()
-    whole = path.read_bytes()
-    path.write_bytes(whole[:-7])  # the last record cut short by a crash
-    reader = Journal(path, "abc")
-    _, records = reader.read()
-    assert [r.op for r in records] == ["add"] and reader.dropped_tail
-    lines = whole.split(b"\n")
-    lines[1] = lines[1].replace(b'"ids": [1]', b'"ids": [2]')  # tampered, with a line after it
-    path.write_bytes(b"\n".join(lines))
-    with pytest.raises(JournalError, match="line 2 is damaged"):
-        Journal(path, "abc").read()
-    with pytest.raises(JournalError, match="other codebooks"):
-        path.write_bytes(whole)
-        Journal(path, "def").read()
-    assert journal_path("a/b.npz") == Path("a/b.npz.journal")
 
 
 def _start_server(index: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -473,7 +451,7 @@ def test_search_never_sees_half_a_batch(built, tmp_path):
     single = DPQIndex(index.codebooks)
     single.add(code)
     copy_distance = float(f"{single.search(target[None], 1)[0][0, 0]:.6g}")
-    app = create_app(index_path, fsync=False)
+    app = create_app(ServeSettings(index_path, fsync=False))
     seen: list[int] = []
     adds_done = threading.Event()
     with running(app) as url:
@@ -524,7 +502,8 @@ def test_token_buckets_with_an_injected_clock():
 def test_rate_limit_answers_429(built, tmp_path):
     now = [0.0]
     app = create_app(
-        _copy_index(built["vectors"], tmp_path), rate_limit=1.0, rate_burst=2, clock=lambda: now[0]
+        ServeSettings(_copy_index(built["vectors"], tmp_path), rate_limit=1.0, rate_burst=2),
+        clock=lambda: now[0],
     )
     with running(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         codes = [client.post("/search", json={"id": 1}).status_code for _ in range(3)]
@@ -538,8 +517,8 @@ def test_rate_limit_answers_429(built, tmp_path):
 
 def test_busy_service_answers_503(built, tmp_path):
     """With max_pending=1, a search waiting for a worker makes the next request a 503."""
-    app = create_app(_copy_index(built["vectors"], tmp_path), max_pending=1)
-    collection = app.state.collection
+    app = create_app(ServeSettings(_copy_index(built["vectors"], tmp_path), max_pending=1))
+    collection = app.state.service.collection
     with running(app) as url, httpx.Client(base_url=url, timeout=20) as client:
         answers: list[int] = []
         with collection._lock.writing():  # hold off searches, as a long write would
@@ -558,7 +537,7 @@ def test_busy_service_answers_503(built, tmp_path):
 
 
 def test_vectors_only_service_refuses_images(built, tmp_path):
-    app = create_app(_copy_index(built["vectors"], tmp_path))
+    app = create_app(ServeSettings(_copy_index(built["vectors"], tmp_path)))
     with running(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         stats = client.get("/stats").json()
         assert stats["accepts"] == ["vector", "id"] and stats["labels"] is False
@@ -605,7 +584,7 @@ def test_a_partitioned_index_serves_adds_searches_by_id_and_deletes(built, tmp_p
     index = DPQIndex.load(built["index"])
     index.repartition(2)
     index_path = index.save(tmp_path / "partitioned.index.npz")
-    app = create_app(index_path, built["model"], "digits")
+    app = create_app(ServeSettings(index_path, built["model"], "digits"))
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         vector = np.asarray(index.decode(index.codes[5:6])[0]) + 0.25
         added = client.post("/items", json={"vectors": [vector.tolist()], "labels": ["3"]})

@@ -14,7 +14,7 @@ playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="the page test needs the playwright package (the dev extra)"
 )
 
-from dpq.serve import create_app, running  # noqa: E402
+from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from test_serve import _png, built  # noqa: E402, F401  (the module fixture: model + index)
 
 CHROMIUM = Path(os.environ.get("DPQ_CHROMIUM", "/usr/bin/chromium"))
@@ -57,7 +57,7 @@ def _ranked_ids(page) -> list[str]:
 def test_page_upload_bits_and_click(built, tmp_path, browser):  # noqa: F811
     index = tmp_path / "db.index.npz"
     shutil.copy(built["index"], index)
-    app = create_app(index, built["model"], "digits")
+    app = create_app(ServeSettings(index, built["model"], "digits"))
     query = tmp_path / "query.png"
     query.write_bytes(_png((24, 24), seed=11))
     with running(app) as url:

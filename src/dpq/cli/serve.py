@@ -57,12 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpq.serve import serve
+    from dpq.serve import ServeSettings, serve
 
-    serve(
-        args.index,
-        args.model,
-        args.images,
+    settings = ServeSettings(
+        index=args.index,
+        model=args.model,
+        images=args.images,
         host=args.host,
         port=args.port,
         access_log=args.access_log,
@@ -77,4 +77,5 @@ def run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         device=args.device,
     )
+    serve(settings)
     return 0

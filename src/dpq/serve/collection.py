@@ -2,21 +2,18 @@
 
 Thread safety: searches hold a read lock, writes are serialized by a mutex and change the
 index under the write lock, so a search sees a whole batch of adds or none of it. Writes are
-durable before they return (see :mod:`dpq.serve.journal`). No HTTP here: the app in
-:mod:`dpq.serve.app` is a thin layer over this class, and scripts may use it directly.
+durable before they return (see :mod:`dpq.serve.journal`). No HTTP here: the routes in
+:mod:`dpq.serve.routes` are a thin layer over this class, and scripts may use it directly
+(``open_collection(ServeSettings(index=path))``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,8 +23,18 @@ import numpy as np
 
 from dpq.atomic import write_bytes_atomic
 from dpq.index import DPQIndex
+from dpq.serve.bounds import check_search_bounds
+from dpq.serve.encoder import BatchingEncoder, load_served_model
 from dpq.serve.images import thumbnail_png
-from dpq.serve.journal import Journal, journal_path
+from dpq.serve.journal import (
+    METADATA_KEY,
+    Journal,
+    journal_path,
+    replay_journal,
+    saved_position,
+)
+from dpq.serve.labels import labels_from_json, labels_to_json
+from dpq.serve.settings import DEFAULT_COMPACT_BYTES, ServeSettings
 
 __all__ = [
     "Collection",
@@ -37,11 +44,6 @@ __all__ = [
     "load_image_source",
     "open_collection",
 ]
-
-# Compact (save the index, start a new journal) once the journal grows past this.
-DEFAULT_COMPACT_BYTES = 64 * 2**20
-# Upper bound on offset + k: ranks beyond this are not served.
-MAX_RANK = 11_000
 
 
 class ReadWriteLock:
@@ -134,61 +136,6 @@ class SearchHits:
     total: int
 
 
-class _BatchingEncoder:
-    """Runs the model on one thread, batching the images of every request waiting for it.
-
-    Concurrent requests each put their images in a queue; the thread takes what is queued
-    (up to ``max_batch`` images) and runs one forward pass for all of them, so 50 clients
-    cost a few large batches instead of 50 small ones, without any waiting window.
-    """
-
-    def __init__(self, model: Any, max_batch: int = 64) -> None:
-        self._model = model
-        self._max_batch = max_batch
-        self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="dpq-encoder", daemon=True)
-        self._thread.start()
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """float32 (n, D) features of uint8 (n, H, W, 3) images."""
-        done: Future = Future()
-        self._queue.put((images, done))
-        return done.result()
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs = [first]
-            count = len(first[0])
-            while count < self._max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(job)
-                count += len(job[0])
-            try:
-                batch = np.concatenate([images for images, _ in jobs])
-                feats = self._model.extract_features(batch, batch_size=max(len(batch), 1))
-            except BaseException as exc:  # hand the error to every waiting request
-                for _, done in jobs:
-                    done.set_exception(exc)
-                continue
-            start = 0
-            for images, done in jobs:
-                done.set_result(feats[start : start + len(images)])
-                start += len(images)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-
 @dataclass
 class _Added:
     """Bookkeeping of items added through the service: ``info`` per id (name, time)."""
@@ -239,7 +186,7 @@ class Collection:
         self.thumbnail_size = int(thumbnail_size)
         self.compact_bytes = int(compact_bytes)
         self.items_dir = self.index_path.with_name(self.index_path.name + ".items")
-        self._encoder = _BatchingEncoder(model) if model is not None else None
+        self._encoder = BatchingEncoder(model) if model is not None else None
         self._model = model
         self._lock = ReadWriteLock()
         self._write_mutex = threading.Lock()
@@ -288,23 +235,10 @@ class Collection:
     # ---- rows, labels, images -------------------------------------------------------------------
 
     def _label_values(self, ids: np.ndarray) -> list[Any] | None:
-        """JSON-ready labels of items: class names when known, else class indices; multi-hot
-        labels as lists; None for an unlabelled item (label -1) or a label-less index."""
+        """JSON-ready labels of items (:func:`labels_to_json`); None for a label-less index."""
         if self.index.label_shape is None:
             return None
-        labels = self.index.labels_of(ids)
-        out: list[Any] = []
-        for value in labels:
-            if labels.ndim == 1:
-                out.append(self._label_name(int(value)) if value >= 0 else None)
-            else:
-                out.append([self._label_name(int(i)) for i in np.flatnonzero(value)])
-        return out
-
-    def _label_name(self, label: int) -> Any:
-        if self.classes is not None and 0 <= label < len(self.classes):
-            return self.classes[label]
-        return label
+        return labels_to_json(self.index.labels_of(ids), self.classes)
 
     def _has_source_image(self, item_id: int) -> bool:
         return self.source is not None and 0 <= item_id < len(self.source.images)
@@ -409,6 +343,7 @@ class Collection:
         for name in extra:
             if name not in self._search_params:
                 raise ValueError(f"this index does not take the search option {name!r}.")
+        check_search_bounds(k, offset, rerank_candidates, extra.get("nprobe"))
         levels = self.levels_for_bits(bits)
         rerank_from = None if rerank is None else self.levels_for_bits(rerank, "rerank")
         if rerank_from is not None and rerank_from >= levels:
@@ -416,12 +351,6 @@ class Collection:
                 f"rerank must be shorter than bits={levels * self._bits_per_level} (it is the "
                 f"code length of the shortlist); got {rerank}."
             )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer; got {k!r}.")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be a non-negative integer; got {offset!r}.")
-        if offset + k > MAX_RANK:
-            raise ValueError(f"offset + k must be at most {MAX_RANK}; got {offset + k}.")
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         with self._lock.reading():
             distances, ids = self.index.search(
@@ -440,43 +369,6 @@ class Collection:
         return SearchHits(ids, distances, labels, levels * self._bits_per_level, total)
 
     # ---- writes -------------------------------------------------------------------------------
-
-    def _label_array(self, labels: Sequence[Any] | None, n: int) -> np.ndarray | None:
-        """Index labels for n new items from ints, class names or None (unknown: -1)."""
-        shape = self.index.label_shape
-        if labels is None:
-            if shape is None:
-                return None
-            return np.full(n, -1, np.int64) if shape == () else np.zeros((n, *shape))
-        if len(labels) != n:
-            raise ValueError(f"give one label per item: {n} items but {len(labels)} labels.")
-        if shape is None and self.index.ntotal:
-            raise ValueError("this index has no labels; add the items without labels.")
-        if shape is not None and len(shape) == 1:
-            rows = np.zeros((n, shape[0]), np.uint8)
-            for i, value in enumerate(labels):
-                for one in [] if value is None else value if isinstance(value, list) else [value]:
-                    rows[i, self._label_index(one, shape[0])] = 1
-            return rows
-        count = len(self.classes) if self.classes is not None else None
-        return np.array(
-            [-1 if value is None else self._label_index(value, count) for value in labels],
-            np.int64,
-        )
-
-    def _label_index(self, value: Any, count: int | None) -> int:
-        if isinstance(value, str) and not value.lstrip("-").isdigit():
-            if self.classes is None or value not in self.classes:
-                known = f"one of {self.classes}" if self.classes else "a class index"
-                raise ValueError(f"unknown label {value!r}; use {known}.")
-            return self.classes.index(value)
-        try:
-            label = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"a label must be a class name or index; got {value!r}.") from None
-        if label < 0 or (count is not None and label >= count):
-            raise ValueError(f"label {label} is out of range 0..{(count or 1) - 1}.")
-        return label
 
     def add(
         self,
@@ -502,7 +394,9 @@ class Collection:
         ]
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._write_mutex:
-            label_array = self._label_array(labels, n)
+            label_array = labels_from_json(
+                labels, n, self.index.label_shape, self.classes, has_items=bool(self.index.ntotal)
+            )
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             infos = []
             for i, item_id in enumerate(ids):
@@ -558,12 +452,9 @@ class Collection:
 
     def _compact_locked(self) -> None:
         started = time.perf_counter()
-        self.index.metadata["serve"] = {
-            "journal_id": self.journal.journal_id,
-            "journal_seq": self.journal.last_seq,
-            "next_id": self._next_id,
-            "added": {str(i): info for i, info in sorted(self._added.info.items())},
-        }
+        self.index.metadata[METADATA_KEY] = saved_position(
+            self.journal, self._next_id, self._added.info
+        )
         with self._lock.writing():  # saving groups the latest adds; searches see either order
             self.index.group_added()
         self.index.save(self.index_path)
@@ -623,148 +514,72 @@ class Collection:
             self._encoder.close()
 
 
-def _model_facts(model_path: Path) -> dict[str, Any]:
-    facts: dict[str, Any] = {"name": model_path.name}
-    try:
-        record = json.loads((model_path / "config.json").read_text())
-        facts["weights_sha256"] = record["checkpoint"]["weights_sha256"]
-        facts["backbone"] = record["model"]["backbone"]
-        facts["feature"] = record["model"].get("feature")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return facts
+def _image_source_for(
+    settings: ServeSettings, index: DPQIndex, added: dict[int, Any]
+) -> ImageSource | None:
+    """The image source of ``settings.images`` (None without one), checked to hold a row
+    for every id of the index that was not added through the service."""
+    if settings.images is None:
+        return None
+    source = load_image_source(
+        settings.images, image_root=settings.image_root, image_size=settings.image_size
+    )
+    from_source = np.setdiff1d(index.ids, np.fromiter(added, np.int64, len(added)))
+    if from_source.size and from_source.max() >= len(source.images):
+        raise ValueError(
+            f"the index has item ids up to {int(from_source.max())} but {settings.images} has "
+            f"{len(source.images)} images; ids are row numbers of the source the index was "
+            "encoded from: pass that source."
+        )
+    return source
 
 
 def open_collection(
-    index_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str] | None = None,
-    images: str | None = None,
-    image_root: str | None = None,
-    image_size: int | None = None,
-    thumbnail_size: int = 128,
-    compact_bytes: int = DEFAULT_COMPACT_BYTES,
-    fsync: bool = True,
-    model_threads: int | None = None,
-    device: str = "cpu",
-    log: Callable[[str], None] | None = None,
+    settings: ServeSettings, log: Callable[[str], None] | None = None
 ) -> Collection:
-    """Load an index, replay its journal (compacting when it held writes), and optionally
-    a model (checked against the index's codebooks) and the images it was encoded from.
+    """Load the index of ``settings.index``, replay its journal (``<index>.journal``,
+    :func:`dpq.serve.journal.replay_journal`; compacting when it held writes), and the model
+    (checked against the index's codebooks) and image source the settings name.
 
-    Args:
-        index_path: an index file (``dpq encode``); its journal is ``<index_path>.journal``.
-        model_path: a DPQ checkpoint directory: queries and adds may then be images.
-        images: the source the index was encoded from (ids are its row numbers): thumbnails.
-        image_root: list-file sources: the folder or zip of the images.
-        image_size: the square size the model reads (default: the source's image size).
-        thumbnail_size: longer side of thumbnails.
-        compact_bytes: compact once the journal grows past this.
-        fsync: fsync every journal append (keep on; off only for throw-away data).
-        model_threads: torch threads of this process (``torch.set_num_threads``); None
-            leaves torch's default. The model thread batches concurrent requests already,
-            and on a busy machine one thread per forward pass can beat several.
-        device: where the model runs ("auto", "cpu", "cuda", "cuda:N", "mps";
-            :func:`dpq.devices.resolve_device`).
-        log: where to report what was replayed (default: nowhere).
+    Uses index, model, images, image_root, image_size, device, model_threads,
+    thumbnail_size, compact_bytes and fsync of ``settings``; ``log`` gets a line about what
+    was replayed (default: nowhere).
     """
     say = log or (lambda _message: None)
-    path = Path(index_path)
-    index = DPQIndex.load(path)
-    serve_meta = (
-        index.metadata.get("serve") if isinstance(index.metadata.get("serve"), dict) else {}
-    )
-    added = {int(k): dict(v) for k, v in (serve_meta.get("added") or {}).items()}
-    next_id = int(serve_meta.get("next_id", 0))
-    journal = Journal(journal_path(path), index.codebook_sha256, fsync=fsync)
-    journal_id, records = journal.read()
-    skip = (
-        int(serve_meta.get("journal_seq", 0)) if journal_id == serve_meta.get("journal_id") else 0
-    )
-    replayed = 0
-    for record in records:
-        if record.seq <= skip:
-            continue
-        ids = np.asarray(record.payload["ids"], np.int64)
-        if record.op == "add":
-            labels = record.payload.get("labels")
-            index.add(
-                np.asarray(record.payload["codes"]).reshape(len(ids), index.num_levels),
-                ids=ids,
-                labels=None if labels is None else np.asarray(labels),
-            )
-            for item_id, info in zip(ids, record.payload.get("items") or [], strict=False):
-                added[int(item_id)] = dict(info)
-            next_id = max(next_id, int(ids.max()) + 1)
-        elif record.op == "remove":
-            index.remove(ids)
-            for item_id in ids:
-                added.pop(int(item_id), None)
-        else:
-            raise ValueError(f"{journal.path} holds an unknown operation {record.op!r}.")
-        replayed += 1
-    if journal.dropped_tail:
+    index = DPQIndex.load(settings.index)
+    journal = Journal(journal_path(settings.index), index.codebook_sha256, fsync=settings.fsync)
+    replay = replay_journal(journal, index)
+    if replay.dropped_tail:
         say(
             f"{journal.path}: dropped a last record cut short by a crash (it was never acknowledged)"
         )
-    source = None
-    if images is not None:
-        source = load_image_source(images, image_root=image_root, image_size=image_size)
-        from_source = np.setdiff1d(index.ids, np.fromiter(added, np.int64, len(added)))
-        if from_source.size and from_source.max() >= len(source.images):
-            raise ValueError(
-                f"the index has item ids up to {int(from_source.max())} but {images} has "
-                f"{len(source.images)} images; ids are row numbers of the source the index was "
-                "encoded from: pass that source."
-            )
+    source = _image_source_for(settings, index, replay.added)
+    next_id = replay.next_id
+    if source is not None:
         next_id = max(next_id, len(source.images))
     if index.ntotal:
         next_id = max(next_id, int(index.ids.max()) + 1)
-    model = None
-    model_info = None
-    size = None
-    if model_path is not None:
-        from dpq.devices import resolve_device
-        from dpq.model.network import DPQModel
-
-        model = DPQModel.from_checkpoint(model_path, device=resolve_device(device))
-        if model_threads is not None:
-            import torch
-
-            torch.set_num_threads(int(model_threads))
-        if model.input_kind != "images":
-            raise ValueError(
-                f"{model_path} reads feature vectors, not images; serve its index without "
-                "--model and query with vectors."
-            )
-        index.check_compatible(model.codebooks(), source=f"model {model_path}")
-        model_info = _model_facts(Path(model_path))
-        trained_size = model.config.model.image_size
-        if image_size is not None:
-            size = (int(image_size), int(image_size))
-        elif trained_size is not None:  # the model resizes to it anyway
-            size = (int(trained_size), int(trained_size))
-        elif source is not None:
-            size = (int(source.images.shape[1]), int(source.images.shape[2]))
-        else:
-            raise ValueError(
-                "with --model and no --images, give --image-size: the size the model was "
-                "trained on (e.g. 32 for CIFAR-10)."
-            )
+    served = None
+    if settings.model is not None:
+        source_size = None
+        if source is not None:
+            source_size = (int(source.images.shape[1]), int(source.images.shape[2]))
+        served = load_served_model(settings, index, source_size)
     collection = Collection(
         index,
-        path,
+        settings.index,
         journal,
-        model=model,
+        model=None if served is None else served.model,
         source=source,
-        image_size=size,
-        model_info=model_info,
-        thumbnail_size=thumbnail_size,
-        compact_bytes=compact_bytes,
+        image_size=None if served is None else served.image_size,
+        model_info=None if served is None else served.info,
+        thumbnail_size=settings.thumbnail_size,
+        compact_bytes=settings.compact_bytes,
         next_id=next_id,
-        added=added,
+        added=replay.added,
     )
-    if replayed:
-        say(f"{journal.path}: replayed {replayed} write(s); saving the index")
+    if replay.applied:
+        say(f"{journal.path}: replayed {replay.applied} write(s); saving the index")
         collection.compact()
     else:
         journal.reset()

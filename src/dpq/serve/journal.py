@@ -18,6 +18,8 @@ Which records a saved index already holds: compaction writes
 replaces the journal by an empty one with a new id. On start, records of the journal named
 in the index's metadata up to that seq are skipped; a journal with another id is replayed
 whole (a crash between the two steps leaves the old journal, whose records are all skipped).
+:func:`saved_position` builds that metadata, :func:`replay_journal` reads it and applies
+the rest of the journal.
 """
 
 from __future__ import annotations
@@ -28,14 +30,29 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dpq.atomic import write_text_atomic
 
-__all__ = ["Journal", "JournalError", "JournalRecord", "journal_path"]
+if TYPE_CHECKING:
+    from dpq.index import DPQIndex
+
+__all__ = [
+    "Journal",
+    "JournalError",
+    "JournalRecord",
+    "Replay",
+    "journal_path",
+    "replay_journal",
+    "saved_position",
+]
 
 FORMAT_NAME = "dpq-serve-journal"
 FORMAT_VERSION = 1
+# The key of the index metadata that says which journal records the saved index holds.
+METADATA_KEY = "serve"
 
 
 class JournalError(ValueError):
@@ -190,3 +207,74 @@ class Journal:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+# ---------------------------------------------------------------- the index and its journal
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What :func:`replay_journal` did: ``applied`` records (adds and removes) of the
+    journal, ``added`` the info (name, time, ...) by id of the items added through the
+    service that the index now holds, ``next_id`` the first id no add has used, and
+    ``dropped_tail`` whether a last record cut short by a crash was dropped."""
+
+    applied: int
+    added: dict[int, dict[str, Any]]
+    next_id: int
+    dropped_tail: bool
+
+
+def saved_position(
+    journal: Journal, next_id: int, added: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """The index metadata (under ``metadata["serve"]``) to save with an index that holds
+    every record of ``journal`` so far: the journal's id and last seq, the next id to give
+    and the info of items added through the service."""
+    return {
+        "journal_id": journal.journal_id,
+        "journal_seq": journal.last_seq,
+        "next_id": int(next_id),
+        "added": {str(i): info for i, info in sorted(added.items())},
+    }
+
+
+def replay_journal(journal: Journal, index: DPQIndex) -> Replay:
+    """Apply onto ``index`` (as loaded from its file) the records of ``journal`` it does not
+    hold yet, in order (see the module docstring); the journal file is left as it is.
+
+    Raises JournalError for a journal that cannot be read (:meth:`Journal.read`) or holds a
+    record of an unknown operation.
+    """
+    position = index.metadata.get(METADATA_KEY)
+    position = position if isinstance(position, dict) else {}
+    added = {int(k): dict(v) for k, v in (position.get("added") or {}).items()}
+    next_id = int(position.get("next_id", 0))
+    journal_id, records = journal.read()
+    held = int(position.get("journal_seq", 0)) if journal_id == position.get("journal_id") else 0
+    applied = 0
+    for record in records:
+        if record.seq <= held:
+            continue
+        ids = np.asarray(record.payload["ids"], np.int64)
+        if record.op == "add":
+            labels = record.payload.get("labels")
+            index.add(
+                np.asarray(record.payload["codes"]).reshape(len(ids), index.num_levels),
+                ids=ids,
+                labels=None if labels is None else np.asarray(labels),
+            )
+            for item_id, info in zip(ids, record.payload.get("items") or [], strict=False):
+                added[int(item_id)] = dict(info)
+            next_id = max(next_id, int(ids.max()) + 1)
+        elif record.op == "remove":
+            index.remove(ids)
+            for item_id in ids:
+                added.pop(int(item_id), None)
+        else:
+            raise JournalError(
+                f"{journal.path} holds an unknown operation {record.op!r}; it was written by "
+                "another program: move it away to start without it."
+            )
+        applied += 1
+    return Replay(applied, added, next_id, journal.dropped_tail)

@@ -5,6 +5,7 @@ is printed), in the foreground (``dpq serve``) or on a background thread (tests,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -12,6 +13,8 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from dpq.serve.settings import API_KEY_ENV, ServeSettings
 
 __all__ = ["bind_socket", "exposure_warning", "running", "serve"]
 
@@ -63,45 +66,37 @@ def _config(app: Any, log_level: str, access_log: bool):
     )
 
 
-def serve(
-    index: str | os.PathLike[str],
-    model: str | os.PathLike[str] | None = None,
-    images: str | None = None,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    access_log: bool = False,
-    log_level: str = "warning",
-    **app_options: Any,
-) -> None:
-    """Open the collection, bind host:port and serve until interrupted (``dpq serve``).
+def serve(settings: ServeSettings) -> None:
+    """Open the collection, bind ``settings.host``:``settings.port`` and serve until
+    interrupted (``dpq serve``).
 
-    ``app_options`` go to :func:`dpq.serve.create_app`; without an ``api_key`` the
-    environment variable DPQ_API_KEY gives it. Binds 127.0.0.1 unless told otherwise;
-    0.0.0.0 (every network the machine is on) prints a warning.
+    Without ``settings.api_key`` the environment variable DPQ_API_KEY gives it. Binds
+    127.0.0.1 unless told otherwise; 0.0.0.0 (every network the machine is on) prints a
+    warning.
     """
     import uvicorn
 
-    from dpq.serve.app import API_KEY_ENV, create_app
+    from dpq.serve.app import create_app
 
-    if app_options.get("api_key") is None and os.environ.get(API_KEY_ENV):
-        app_options["api_key"] = os.environ[API_KEY_ENV]
-
-    warning = exposure_warning(host, app_options.get("api_key"))
+    if settings.api_key is None and os.environ.get(API_KEY_ENV):
+        settings = dataclasses.replace(settings, api_key=os.environ[API_KEY_ENV])
+    host = settings.host
+    warning = exposure_warning(host, settings.api_key)
     if warning is not None:
         print(f"dpq serve: warning: {warning}", file=sys.stderr, flush=True)
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, settings.port)
     try:
-        app = create_app(index, model, images, **app_options)
+        app = create_app(settings)
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         print(
-            f"dpq serve: {len(app.state.collection):,} items at http://{shown}:{bound}/ "
+            f"dpq serve: {len(app.state.service.collection):,} items at http://{shown}:{bound}/ "
             f"(API docs: /docs); Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )
-        uvicorn.Server(_config(app, log_level, access_log)).run(sockets=[sock])
+        config = _config(app, settings.log_level, settings.access_log)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
 

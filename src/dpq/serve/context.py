@@ -1,0 +1,114 @@
+"""What the routes reach: the app's :class:`ServiceContext` (settings, collection, metrics,
+workers), kept in ``app.state.service`` and handed to each route by the FastAPI dependency
+:func:`service_context`; and the write-key check."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import HTTPException, Request
+
+from dpq.serve.collection import Collection
+from dpq.serve.metrics import ServiceMetrics
+from dpq.serve.settings import ServeSettings
+
+__all__ = ["ServiceContext", "Workers", "require_api_key", "service_context"]
+
+T = TypeVar("T")
+
+
+class Workers:
+    """The search thread pool and the single writer thread, with a bound on waiting work.
+
+    Searches, decoding and model calls run on ``search_pool`` (the numba scan releases the
+    GIL), writes on ``write_pool`` one at a time, never on the event loop. Beyond
+    ``max_pending`` jobs running or waiting, :meth:`run` answers 503.
+
+    Args:
+        threads: threads of the search pool.
+        max_pending: jobs running or waiting beyond this are refused.
+        pending: a gauge (``.set(n)``) that follows the count of pending jobs.
+    """
+
+    def __init__(self, threads: int, max_pending: int, pending: Any) -> None:
+        self.search_pool = ThreadPoolExecutor(threads, thread_name_prefix="dpq-search")
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="dpq-write")
+        self.max_pending = max_pending
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._gauge = pending
+
+    async def run(self, pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
+        """job() on ``pool``, awaited; HTTPException 503 when too many jobs are pending."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise HTTPException(
+                    503,
+                    f"the service is busy ({self._pending} requests running or waiting); "
+                    "retry shortly.",
+                    headers={"Retry-After": "1"},
+                )
+            self._pending += 1
+            self._gauge.set(self._pending)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, job)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                self._gauge.set(self._pending)
+
+    async def search(self, job: Callable[[], T]) -> T:
+        """job() on the search pool (reads, decoding, model calls)."""
+        return await self.run(self.search_pool, job)
+
+    async def write(self, job: Callable[[], T]) -> T:
+        """job() on the single writer thread (adds, removes)."""
+        return await self.run(self.write_pool, job)
+
+    def close(self) -> None:
+        self.search_pool.shutdown(wait=True, cancel_futures=True)
+        self.write_pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """Everything a route of one app uses."""
+
+    settings: ServeSettings
+    collection: Collection
+    metrics: ServiceMetrics
+    workers: Workers
+
+    def close(self) -> None:
+        """Stop the workers, then compact and close the collection (app shutdown)."""
+        self.workers.close()
+        self.collection.close()
+
+
+def service_context(request: Request) -> ServiceContext:
+    """The FastAPI dependency giving a route its app's :class:`ServiceContext`."""
+    return request.app.state.service
+
+
+def require_api_key(request: Request, api_key: str | None) -> None:
+    """HTTPException 401 unless the request carries ``api_key`` (header ``X-API-Key`` or
+    ``Authorization: Bearer KEY``); nothing to check when ``api_key`` is None."""
+    if api_key is None:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise HTTPException(
+            401,
+            "this service needs an API key for writes: send it in the X-API-Key header "
+            "(or Authorization: Bearer KEY).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

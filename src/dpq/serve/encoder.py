@@ -1,0 +1,143 @@
+"""The model behind image queries and adds: loaded for an index (checked against its
+codebooks) with the image size it reads, and run on one thread that batches the images of
+every waiting request (:class:`BatchingEncoder`)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dpq.index import DPQIndex
+    from dpq.serve.settings import ServeSettings
+
+__all__ = ["BatchingEncoder", "ServedModel", "load_served_model"]
+
+
+class BatchingEncoder:
+    """Runs the model on one thread, batching the images of every request waiting for it.
+
+    Concurrent requests each put their images in a queue; the thread takes what is queued
+    (up to ``max_batch`` images) and runs one forward pass for all of them, so 50 clients
+    cost a few large batches instead of 50 small ones, without any waiting window.
+
+    Args:
+        model: anything with ``extract_features(uint8 (N, H, W, 3), batch_size=...)``
+            returning float32 (N, D).
+        max_batch: images per forward pass at most (one request's images are never split).
+    """
+
+    def __init__(self, model: Any, max_batch: int = 64) -> None:
+        self._model = model
+        self._max_batch = max_batch
+        self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dpq-encoder", daemon=True)
+        self._thread.start()
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """float32 (n, D) features of uint8 (n, H, W, 3) images."""
+        done: Future = Future()
+        self._queue.put((images, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            count = len(first[0])
+            while count < self._max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(job)
+                count += len(job[0])
+            try:
+                batch = np.concatenate([images for images, _ in jobs])
+                feats = self._model.extract_features(batch, batch_size=max(len(batch), 1))
+            except BaseException as exc:  # hand the error to every waiting request
+                for _, done in jobs:
+                    done.set_exception(exc)
+                continue
+            start = 0
+            for images, done in jobs:
+                done.set_result(feats[start : start + len(images)])
+                start += len(images)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded model for a collection: the DPQModel, JSON-ready facts about it for the
+    service's stats, and the (height, width) of the images it reads."""
+
+    model: Any
+    info: dict[str, Any]
+    image_size: tuple[int, int]
+
+
+def _model_facts(model_path: Path) -> dict[str, Any]:
+    facts: dict[str, Any] = {"name": model_path.name}
+    try:
+        record = json.loads((model_path / "config.json").read_text())
+        facts["weights_sha256"] = record["checkpoint"]["weights_sha256"]
+        facts["backbone"] = record["model"]["backbone"]
+        facts["feature"] = record["model"].get("feature")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return facts
+
+
+def load_served_model(
+    settings: ServeSettings, index: DPQIndex, source_size: tuple[int, int] | None = None
+) -> ServedModel:
+    """The model of ``settings.model`` on ``settings.device`` (torch threads set to
+    ``settings.model_threads`` when given), checked to read images and to share the index's
+    codebooks. Its image size: ``settings.image_size``, else the size it was trained on,
+    else ``source_size`` (height, width of the served image source); ValueError when none
+    is known."""
+    from dpq.devices import resolve_device
+    from dpq.model.network import DPQModel
+
+    model_path = settings.model
+    if model_path is None:
+        raise ValueError("the settings name no model to load; set model to a checkpoint.")
+    model = DPQModel.from_checkpoint(model_path, device=resolve_device(settings.device))
+    if settings.model_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.model_threads)
+    if model.input_kind != "images":
+        raise ValueError(
+            f"{model_path} reads feature vectors, not images; serve its index without "
+            "--model and query with vectors."
+        )
+    index.check_compatible(model.codebooks(), source=f"model {model_path}")
+    trained_size = model.config.model.image_size
+    if settings.image_size is not None:
+        size = (settings.image_size, settings.image_size)
+    elif trained_size is not None:  # the model resizes to it anyway
+        size = (int(trained_size), int(trained_size))
+    elif source_size is not None:
+        size = source_size
+    else:
+        raise ValueError(
+            "with --model and no --images, give --image-size: the size the model was "
+            "trained on (e.g. 32 for CIFAR-10)."
+        )
+    return ServedModel(model, _model_facts(model_path), size)

@@ -1,0 +1,147 @@
+"""What one run of the service is configured with: :class:`ServeSettings`, validated once.
+
+``dpq serve`` builds it from its flags; :func:`dpq.serve.create_app`, :func:`dpq.serve.serve`
+and :func:`dpq.serve.open_collection` each take it whole instead of a long keyword list.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpq.serve.images import DEFAULT_MAX_PIXELS
+
+__all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_COMPACT_BYTES",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "LOG_LEVELS",
+    "ServeSettings",
+]
+
+# The environment variable `dpq serve` reads the write key from when --api-key is not given.
+API_KEY_ENV = "DPQ_API_KEY"
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+# Compact (save the index, start a new journal) once the journal grows past this.
+DEFAULT_COMPACT_BYTES = 64 * 2**20
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer; got {value!r}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"at least {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{name} must be {bound}; got {value}.")
+
+
+def _check_optional_str(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{name} must be a non-empty string or None; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The service's settings (frozen; checked on construction with one-sentence errors).
+
+    What is served:
+        index: an index file from ``dpq encode``; its journal is ``<index>.journal``.
+        model: its model's checkpoint directory: queries and adds may then be images.
+        images: the source the index was encoded from (ids = row numbers): thumbnails.
+        image_root: list-file sources: the folder or zip of the images.
+        image_size: the square size the model reads (default: the model's trained size, else
+            the source's image size).
+        device: where the model runs ("auto", "cpu", "cuda", "cuda:N", "mps").
+        model_threads: torch threads for the model (None: torch's default).
+
+    Limits and safety:
+        api_key: required (header ``X-API-Key`` or ``Authorization: Bearer``) for POST /items
+            and DELETE /items/{id}; None: writes are open. :func:`dpq.serve.serve` takes it
+            from the environment variable DPQ_API_KEY when this is None.
+        max_upload_bytes: larger request bodies get 413.
+        max_image_pixels: images declaring more pixels get 422 (decompression bombs).
+        rate_limit: requests per second per client address (0: no limit); ``rate_burst``
+            the bucket size (None: max(1, 2 x rate)).
+        threads: search threads (None: the CPU count).
+        max_pending: requests running or waiting beyond this get 503.
+
+    Storage:
+        thumbnail_size: longer side of thumbnails in pixels.
+        compact_bytes: compact the journal once it is larger than this.
+        fsync: fsync each journal append (keep on; off only for throw-away data).
+
+    The server (:func:`dpq.serve.serve` only):
+        host, port: where to listen (port 0: any free port).
+        access_log: log every request; log_level: uvicorn's log level.
+    """
+
+    index: Path
+    model: Path | None = None
+    images: str | None = None
+    image_root: str | None = None
+    image_size: int | None = None
+    device: str = "cpu"
+    model_threads: int | None = None
+    api_key: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    rate_limit: float = 0.0
+    rate_burst: int | None = None
+    threads: int | None = None
+    max_pending: int = 256
+    thumbnail_size: int = 128
+    compact_bytes: int = DEFAULT_COMPACT_BYTES
+    fsync: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    access_log: bool = False
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.index, str | os.PathLike) or not str(self.index):
+            raise ValueError(f"index must be the path of an index file; got {self.index!r}.")
+        object.__setattr__(self, "index", Path(self.index))
+        if self.model is not None:
+            if not isinstance(self.model, str | os.PathLike) or not str(self.model):
+                raise ValueError(
+                    f"model must be a checkpoint directory or None; got {self.model!r}."
+                )
+            object.__setattr__(self, "model", Path(self.model))
+        for name in ("images", "image_root", "api_key"):
+            _check_optional_str(name, getattr(self, name))
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a name such as 'cpu' or 'cuda'; got {self.device!r}.")
+        for name in ("image_size", "model_threads", "rate_burst", "threads"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("max_upload_bytes", "max_image_pixels", "max_pending", "thumbnail_size"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("compact_bytes", self.compact_bytes, 0)
+        _check_int("port", self.port, 0, 65535)
+        rate = self.rate_limit
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
+            raise ValueError(f"rate_limit must be a number of requests per second; got {rate!r}.")
+        if rate < 0:
+            raise ValueError(f"rate_limit must be 0 (no limit) or positive; got {rate}.")
+        for name in ("fsync", "access_log"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        if not isinstance(self.host, str):
+            raise TypeError(
+                f"host must be an address string such as '127.0.0.1'; got {self.host!r}."
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}; got {self.log_level!r}.")
+
+    @property
+    def search_threads(self) -> int:
+        """Threads of the search pool: :attr:`threads`, or the CPU count."""
+        return self.threads or os.cpu_count() or 2
+
+    @property
+    def burst(self) -> int:
+        """Bucket size of the rate limit: :attr:`rate_burst`, or max(1, 2 x rate)."""
+        return self.rate_burst or max(1, int(2 * self.rate_limit))

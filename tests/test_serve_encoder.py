@@ -1,0 +1,135 @@
+"""dpq.serve.encoder: the batching model thread (concurrent requests share one forward pass,
+errors reach every waiting request) and loading a model for an index (its image size, its
+codebooks, its input kind), with a small real DPQModel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+torch = pytest.importorskip("torch")
+
+from dpq.config import DPQConfig, ModelConfig, QuantizerConfig  # noqa: E402
+from dpq.index import DPQIndex  # noqa: E402
+from dpq.model.network import DPQModel  # noqa: E402
+from dpq.serve.encoder import BatchingEncoder, load_served_model  # noqa: E402
+from dpq.serve.settings import ServeSettings  # noqa: E402
+
+
+def _model(image_size: int | None = None, backbone: str = "small_cnn") -> DPQModel:
+    torch.manual_seed(0)
+    kwargs = {"width": 0.25} if backbone == "small_cnn" else {"in_features": 6}
+    config = DPQConfig(
+        model=ModelConfig(
+            backbone=backbone, backbone_kwargs=kwargs, num_classes=3, image_size=image_size
+        ),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=4, dim=8),
+    )
+    return DPQModel(config)
+
+
+class _GatedModel:
+    """The real model, behind a gate on its first call, recording each batch's size."""
+
+    def __init__(self, model: DPQModel) -> None:
+        self.model, self.sizes = model, []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def extract_features(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        self.sizes.append(len(images))
+        if len(self.sizes) == 1:
+            self.entered.set()
+            assert self.release.wait(10), "the test never opened the gate"
+        if (images == 255).all():
+            raise RuntimeError("a white image")
+        return self.model.extract_features(images, batch_size=batch_size)
+
+
+def test_waiting_requests_share_one_forward_pass():
+    model = _model()
+    gated = _GatedModel(model)
+    encoder = BatchingEncoder(gated, max_batch=64)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8) for n in (1, 2, 3)]
+    results: dict[int, np.ndarray] = {}
+
+    def request(i: int) -> None:
+        results[i] = encoder.features(batches[i])
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(3)]
+    try:
+        threads[0].start()
+        assert gated.entered.wait(10), "the first request never reached the model"
+        for thread in threads[1:]:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while encoder._queue.qsize() < 2:  # both later requests wait behind the first
+            assert time.monotonic() < deadline, "the later requests never queued"
+            time.sleep(0.005)
+        gated.release.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        gated.release.set()
+        encoder.close()
+    assert gated.sizes == [1, 5]  # the two waiting requests went as one batch of 5
+    for i, images in enumerate(batches):
+        np.testing.assert_allclose(
+            results[i], model.extract_features(images, batch_size=len(images)), atol=1e-5
+        )
+
+
+def test_an_error_reaches_the_request_and_the_thread_goes_on():
+    gated = _GatedModel(_model())
+    gated.release.set()
+    encoder = BatchingEncoder(gated)
+    try:
+        with pytest.raises(RuntimeError, match="a white image"):
+            encoder.features(np.full((1, 8, 8, 3), 255, np.uint8))
+        assert encoder.features(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 8)
+    finally:
+        encoder.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoder")
+    for name, model in [("plain", _model()), ("trained32", _model(image_size=32))]:
+        model.save_checkpoint(root / name)
+    _model(backbone="identity").save_checkpoint(root / "features")
+    return root
+
+
+def _index_of(model_dir) -> DPQIndex:
+    return DPQIndex(DPQModel.from_checkpoint(model_dir).codebooks())
+
+
+def test_image_size_comes_from_settings_then_training_then_the_source(checkpoints):
+    plain, trained = checkpoints / "plain", checkpoints / "trained32"
+    served = load_served_model(ServeSettings("x", plain, image_size=12), _index_of(plain))
+    assert served.image_size == (12, 12) and served.info["name"] == "plain"
+    assert len(served.info["weights_sha256"]) == 64 and served.info["backbone"] == "small_cnn"
+    assert load_served_model(ServeSettings("x", trained), _index_of(trained)).image_size == (
+        32,
+        32,
+    )
+    from_source = load_served_model(ServeSettings("x", plain), _index_of(plain), (8, 9))
+    assert from_source.image_size == (8, 9)
+    with pytest.raises(ValueError, match="give --image-size"):
+        load_served_model(ServeSettings("x", plain), _index_of(plain))
+
+
+def test_a_model_of_other_codebooks_or_of_features_is_refused(checkpoints):
+    plain = checkpoints / "plain"
+    other = DPQIndex(np.random.default_rng(5).normal(size=(2, 4, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="codebooks differ from the ones this index was built"):
+        load_served_model(ServeSettings("x", plain, image_size=8), other)
+    features = checkpoints / "features"
+    with pytest.raises(ValueError, match="reads feature vectors, not images"):
+        load_served_model(ServeSettings("x", features), _index_of(features))
+    with pytest.raises(ValueError, match="no model to load"):
+        load_served_model(ServeSettings("x"), other)

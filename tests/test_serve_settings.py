@@ -1,0 +1,82 @@
+"""dpq.serve.settings: ServeSettings converts paths, keeps its defaults, and refuses each bad
+field with one sentence naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from dpq.serve.settings import (  # noqa: E402
+    DEFAULT_COMPACT_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ServeSettings,
+)
+
+
+def test_defaults_and_path_conversion():
+    settings = ServeSettings("db.index.npz", "runs/model", "digits")
+    assert settings.index == Path("db.index.npz") and settings.model == Path("runs/model")
+    assert settings.images == "digits" and settings.api_key is None
+    assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "cpu")
+    assert settings.max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES == 10 * 2**20
+    assert settings.compact_bytes == DEFAULT_COMPACT_BYTES and settings.fsync is True
+    assert ServeSettings(Path("x")).model is None
+
+
+def test_frozen():
+    settings = ServeSettings("x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+    assert dataclasses.replace(settings, port=0).port == 0
+
+
+def test_derived_threads_and_burst():
+    assert ServeSettings("x", threads=3).search_threads == 3
+    assert ServeSettings("x").search_threads >= 1
+    assert ServeSettings("x", rate_limit=2.5).burst == 5
+    assert ServeSettings("x", rate_limit=0.2).burst == 1
+    assert ServeSettings("x", rate_limit=2.5, rate_burst=9).burst == 9
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "phrase"),
+    [
+        ({"index": ""}, ValueError, "index must be the path of an index file"),
+        ({"index": 3}, ValueError, "index must be the path"),
+        ({"model": ""}, ValueError, "model must be a checkpoint directory"),
+        ({"images": ""}, ValueError, "images must be a non-empty string"),
+        ({"api_key": ""}, ValueError, "api_key must be a non-empty string"),
+        ({"device": ""}, ValueError, "device must be a name"),
+        ({"image_size": 0}, ValueError, "image_size must be at least 1; got 0"),
+        ({"image_size": 32.0}, TypeError, "image_size must be an integer"),
+        ({"threads": True}, TypeError, "threads must be an integer"),
+        ({"model_threads": -1}, ValueError, "model_threads must be at least 1"),
+        ({"rate_burst": 0}, ValueError, "rate_burst must be at least 1"),
+        ({"max_upload_bytes": 0}, ValueError, "max_upload_bytes must be at least 1"),
+        ({"max_image_pixels": 0}, ValueError, "max_image_pixels must be at least 1"),
+        ({"max_pending": 0}, ValueError, "max_pending must be at least 1"),
+        ({"thumbnail_size": 0}, ValueError, "thumbnail_size must be at least 1"),
+        ({"compact_bytes": -1}, ValueError, "compact_bytes must be at least 0"),
+        ({"port": 70_000}, ValueError, "port must be in 0..65535"),
+        ({"rate_limit": -1.0}, ValueError, "rate_limit must be 0 (no limit) or positive"),
+        ({"rate_limit": float("inf")}, ValueError, "rate_limit must be a number"),
+        ({"rate_limit": "fast"}, ValueError, "rate_limit must be a number"),
+        ({"fsync": 1}, TypeError, "fsync must be True or False"),
+        ({"access_log": "yes"}, TypeError, "access_log must be True or False"),
+        ({"host": None}, TypeError, "host must be an address string"),
+        ({"log_level": "loud"}, ValueError, "log_level must be one of"),
+    ],
+)
+def test_bad_fields_are_refused(fields, error, phrase):
+    with pytest.raises(error, match=phrase.replace("(", r"\(").replace(")", r"\)")):
+        ServeSettings(**{"index": "db.index.npz", **fields})
+
+
+def test_edges_are_accepted():
+    settings = ServeSettings("x", port=0, compact_bytes=0, rate_limit=0, host="")
+    assert (settings.port, settings.compact_bytes, settings.host) == (0, 0, "")
+    assert ServeSettings("x", port=65535, log_level="debug").port == 65535
