@@ -75,15 +75,15 @@ def dsh_loss(
     margin: float | None = None,
     alpha: float = 0.01,
 ) -> torch.Tensor:
-    """DSH loss (Liu et al., CVPR 2016, Eq. 3-5), mean over the ordered pairs i != j.
+    """DSH loss (Liu et al., CVPR 2016, Sec. 3, relaxed pair loss), mean over pairs i != j.
 
-    For a pair with y = 0 (similar) or y = 1 (dissimilar), Eq. 4:
+    For a pair with y = 0 (similar) or y = 1 (dissimilar), the relaxed loss:
     L_r = 1/2 (1 - y) ||b_i - b_j||^2 + 1/2 y max(m - ||b_i - b_j||^2, 0)
     + alpha (|| |b_i| - 1 ||_1 + || |b_j| - 1 ||_1).
-    Eq. 5 sums L_r over the pairs, which DSH forms online from all pairs of the mini-batch;
+    The paper sums L_r over the pairs, which it forms online from all pairs of a mini-batch;
     this is that sum divided by the number of ordered pairs B (B - 1). The regulariser then
     equals 2 alpha times the per-item mean of || |b_i| - 1 ||_1. The paper's settings
-    (Sec. 4.2) are the defaults: m = 2 bits, alpha = 0.01.
+    (its experiments section) are the defaults: m = 2 bits, alpha = 0.01.
 
     Args:
         outputs: float (B, bits), the real-valued outputs b (no tanh).
@@ -117,13 +117,13 @@ def dhn_loss(
     quantization_weight: float,
     alpha: float = 0.5,
 ) -> torch.Tensor:
-    """DHN loss (Zhu et al., AAAI 2016, Eq. 4-7): pairwise likelihood + lambda quantization.
+    """DHN loss (Zhu et al., AAAI 2016, Sec. 3): pairwise likelihood + lambda quantization.
 
     With theta_ij = alpha <z_i, z_j> (alpha = 1/2 by default, the inner product's link to the
     Hamming distance, dist_H = 1/2 (bits - <h_i, h_j>)) and s_ij in {0, 1}, the negative log
     likelihood of a pair is log(1 + exp(theta_ij)) - s_ij theta_ij, computed as
     softplus(theta_ij) - s_ij theta_ij (no overflow). The quantization loss is the paper's
-    smooth surrogate of || |z| - 1 ||_1, sum_k log cosh(|z_ik| - 1) (Eq. 7).
+    smooth surrogate of || |z| - 1 ||_1, sum_k log cosh(|z_ik| - 1).
 
     Averaging (the paper sums): the likelihood is the mean over the ordered pairs i != j,
     the quantization term the mean over the B x bits entries (as the reference TF code's
@@ -153,11 +153,11 @@ def dhn_loss(
 def hashnet_loss(
     codes: torch.Tensor, labels: torch.Tensor, alpha: float | None = None
 ) -> torch.Tensor:
-    """HashNet's weighted pairwise likelihood (Cao et al., ICCV 2017, Eq. 2-5).
+    """HashNet's weighted maximum likelihood (Cao et al., ICCV 2017, Sec. 3.1).
 
     For the ordered pairs i != j with s_ij in {0, 1} and theta_ij = alpha <h_i, h_j>:
     L = 1/|S| sum_ij w_ij (log(1 + exp(theta_ij)) - s_ij theta_ij), with the paper's weights
-    w_ij = |S| / |S_1| for similar and |S| / |S_0| for dissimilar pairs (Eq. 3, c_ij = 1),
+    w_ij = |S| / |S_1| for similar and |S| / |S_0| for dissimilar pairs (c_ij = 1),
     i.e. the mean over similar pairs plus the mean over dissimilar pairs (a class of pairs
     the batch lacks contributes 0). Computed as softplus(theta) - s theta (no overflow).
     This is the authors' ``pairwise_loss_updated`` (thuml/HashNet, pytorch/src/loss.py),
@@ -190,7 +190,7 @@ def hashnet_loss(
 def hashnet_beta(
     step: int, gamma: float = 0.005, power: float = 0.5, step_size: int = 200
 ) -> float:
-    """HashNet's continuation schedule for h = tanh(beta z) (Cao et al., ICCV 2017, Sec. 3.3).
+    """HashNet's continuation schedule for h = tanh(beta z) (Cao et al., ICCV 2017, Sec. 3.2).
 
     The paper raises beta during training so tanh(beta z) tends to sign(z); its constants
     come from the authors' code (thuml/HashNet, pytorch/src/network.py): beta is updated
@@ -214,7 +214,7 @@ def hashnet_beta(
 def hadamard_centres(
     num_classes: int, bits: int, seed: int = 0, attempts: int = 20
 ) -> torch.Tensor:
-    """CSQ hash centres (Yuan et al., CVPR 2020, Sec. 3.2, Algorithm 1), one per class.
+    """CSQ hash centres (Yuan et al., CVPR 2020, Sec. 3.2, generation of hash centres).
 
     When ``bits`` is a power of two the centres are the rows of [H_bits; -H_bits] (Sylvester's
     Hadamard matrix), in that order: any two are at Hamming distance bits / 2 (or bits, for
@@ -288,7 +288,7 @@ def _pairwise_hamming(centres: np.ndarray) -> np.ndarray:
 
 
 def csq_centre_of(labels: torch.Tensor, centres: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """The hash centre each item is pulled to (CSQ, Sec. 3.2.2).
+    """The hash centre each item is pulled to (CSQ, Sec. 3.2, multi-label centroids).
 
     Single-label: its class's centre. Multi-label: the paper's centroid of its labels'
     centres, binarised bit by bit, i.e. the sign of the sum (a majority vote); a bit that
@@ -327,10 +327,10 @@ def csq_centre_of(labels: torch.Tensor, centres: torch.Tensor, seed: int = 0) ->
 def csq_loss(
     codes: torch.Tensor, centres: torch.Tensor, quantization_weight: float
 ) -> torch.Tensor:
-    """CSQ loss (Yuan et al., CVPR 2020, Eq. 6-8): central similarity + lambda quantization.
+    """CSQ loss (Yuan et al., CVPR 2020, Sec. 3.3): central similarity + lambda quantization.
 
     L_C is the binary cross-entropy between h = (u + 1) / 2 and c = (centre + 1) / 2, averaged
-    over the B x bits entries (Eq. 6 averages over bits; the mean over items replaces the
+    over the B x bits entries (the paper's L_C averages over bits; the mean over items replaces the
     sum). The quantization term follows the authors' code (yuanli2333/Hadamard-Matrix-for-
     hashing): the mean of (|u| - 1)^2; the paper writes the smooth log cosh(|2h - 1| - 1)
     instead. Log terms are clamped at -100 (torch's BCE), so u = +-1 stays finite.

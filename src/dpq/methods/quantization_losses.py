@@ -29,7 +29,7 @@ _ENCODE_ROWS = 4096
 
 
 def dqn_cosine_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """DQN's pairwise cosine loss (Cao et al., AAAI 2016, Eq. 2), mean over pairs i != j.
+    """DQN's pairwise cosine loss (Cao et al., AAAI 2016, Sec. 3), mean over pairs i != j.
 
     L = mean_{i != j} (s_ij - cos(z_i, z_j))^2 with s_ij = +1 for similar and -1 for
     dissimilar pairs: the paper's s_ij in {-1, +1}, which the reference TF code
@@ -75,10 +75,10 @@ def reconstruct(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def product_quantization_loss(
     features: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor
 ) -> torch.Tensor:
-    """DQN's product quantization loss (Eq. 4-5): mean_i ||z_i - sum_m C_m[b_im]||^2.
+    """DQN's product quantization loss (Sec. 3): mean_i ||z_i - sum_m C_m[b_im]||^2.
 
     With block-structured codebooks (codebook m zero outside subspace m) this is the sum
-    over subspaces of ||z_im - C_m h_im||^2 of Eq. 4; the mean over items (the paper sums)
+    over subspaces of the paper's ||z_im - C_m h_im||^2; the mean over items (the paper sums)
     matches the reference code's reduce_mean of the per-item squared error.
 
     Args:
@@ -99,7 +99,7 @@ def inner_product_quantization_loss(
     codes: torch.Tensor,
     word_vectors: torch.Tensor,
 ) -> torch.Tensor:
-    """DVSQ's inner-product quantization loss (Cao et al., CVPR 2017, Eq. 8).
+    """DVSQ's inner-product quantization loss (Cao et al., CVPR 2017, Sec. 3.2).
 
     Q = mean_i sum_c (<w_c, z_i> - <w_c, sum_m C_m[b_im]>)^2 = mean_i ||W (z_i - z_hat_i)||^2:
     the error of the inner products between an item and every label word vector w_c, the
@@ -137,7 +137,7 @@ def pq_codebooks_by_kmeans(
     The D dimensions are cut into ``num_subspaces`` contiguous blocks as
     ``np.array_split`` cuts them (sizes differ by at most one when M does not divide D; the
     reference code requires D divisible by M). Codebook m holds the k-means centroids of
-    block m and zeros elsewhere, DQN's block-diagonal C (Eq. 4; the reference code
+    block m and zeros elsewhere, DQN's block-diagonal C (the reference code
     re-initialises C this way with MiniBatchKMeans every other epoch).
 
     Args:
@@ -183,7 +183,7 @@ def pq_encode(
     """Nearest codeword of each codebook, chosen independently: b_m = argmin_k ||x - C_m[k]||^2.
 
     For block-structured (product) codebooks this is the exact minimiser of
-    ||x - sum_m C_m[b_m]||^2, each block on its own (DQN, Eq. 6). Computed in float64 as
+    ||x - sum_m C_m[b_m]||^2, each block on its own (DQN's code update). Computed in float64 as
     argmin_k (||C_m[k]||^2 - 2 <x, C_m[k]>); ties go to the lower index.
 
     Args:
@@ -208,10 +208,10 @@ def icm_encode(
     metric: np.ndarray | torch.Tensor | None = None,
     iterations: int = 3,
 ) -> np.ndarray:
-    """Codes for additive codebooks by iterated conditional modes (DQN / DVSQ, Sec. 3.3).
+    """Codes for additive codebooks by iterated conditional modes (DQN / DVSQ optimization).
 
     Minimises E(b) = ||A (x - sum_m C_m[b_m])||^2 with A = ``metric`` (identity when None;
-    DVSQ passes its (C, D) word-vector matrix, Eq. 8). Start: greedy residual encoding
+    DVSQ passes its (C, D) word-vector matrix). Start: greedy residual encoding
     (b_1 nearest to x, b_2 nearest to the residual, ...). Then ``iterations`` sweeps over
     m = 1..M, each setting b_m to its best value with the other codes fixed; a code changes
     only when that strictly lowers E, so E never increases (within float64 rounding).
