@@ -78,7 +78,9 @@ def test_rows_ids_and_labels_say_what_is_encoded(small_model_dir, folder, tmp_pa
     np.testing.assert_array_equal(index.ids, [10, 11, 12])
     np.testing.assert_array_equal(index.labels, [1, 1, 0])
     assert "classes" not in index.metadata  # the given labels are not the source's classes
-    with pytest.raises(ValueError, match="has 7 items; make the split from the same source"):
+    with pytest.raises(
+        ValueError, match=r"positions in \[0, 7\) of .*; make the split from the same source"
+    ):
         encode_collection(EncodeSettings(out, spec, model=small_model_dir, rows=np.array([0, 7])))
     with pytest.raises(ValueError, match="labels has 2 rows but there are 3 items"):
         encode_collection(

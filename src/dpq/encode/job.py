@@ -229,8 +229,8 @@ def select_items(settings: EncodeSettings, source: SourceSpec | None = None) -> 
         rows = rows.astype(np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= count):
             raise ValueError(
-                f"the rows to encode reach {int(rows.max())} but {source.describe()} has {count} "
-                "items; make the split from the same source (`dpq data split`)."
+                f"the rows to encode must be positions in [0, {count}) of {source.describe()}; "
+                "make the split from the same source (`dpq data split`)."
             )
     num_items = len(inputs) if rows is None else len(rows)
     labels = _array(settings.labels, read_labels, "--labels")
