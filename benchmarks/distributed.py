@@ -8,7 +8,7 @@ processes) and encoding with Ray Data (1 process vs 2 Ray actors), side by side.
 Encoding: the CIFAR-10 recipe's network (half-width ResNet-9, flip-averaged, random
 weights: the cost does not depend on them) encodes ``--items`` CIFAR-10 images (the shared
 zip; digits when it is absent). Baseline: `build_index` in this process with all cores as
-torch threads. Ray: `encode_on_ray` with 2 actors of 1 CPU each, once starting its own local
+torch threads. Ray: `encode_collection` with a `RayRunner` of 2 actors of 1 CPU each, once starting its own local
 cluster (what `dpq encode --engine ray` does without --address) and once on a cluster that is
 already up (what it does with --address); the table splits the wall time into cluster
 start, the Ray Data stage (actor start, model load in each actor, encoding) and merging,
@@ -73,10 +73,11 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
     import numpy as np
     import torch
 
-    from dpq.data import load_source
+    from dpq.data import SourceSpec
     from dpq.encode import ray as ray_encode
     from dpq.encode.build import build_index
-    from dpq.encode.ray import SourceSpec, encode_on_ray
+    from dpq.encode.job import EncodeSettings, encode_collection
+    from dpq.encode.ray import RayRunner
     from dpq.model.network import DPQModel
     from dpq.recipes import cifar10_recipe
 
@@ -84,7 +85,7 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
     model_dir = workdir / "encode-model"
     DPQModel(cifar10_recipe()).eval().save_checkpoint(model_dir)
     spec = SourceSpec(images=_source(), cache_dir=str(workdir / "cache"))
-    source = load_source(spec.images, cache_dir=spec.cache_dir)
+    source = spec.load()
     rows = np.arange(min(args.items, len(source)), dtype=np.int64)
     n = len(rows)
     print(f"encoding {n:,} images of {spec.images} with the cifar10 recipe's network")
@@ -112,9 +113,16 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
             began = time.perf_counter()
             ray_encode.connect(ray, None, num_cpus=2)
             cluster_start = time.perf_counter() - began
-        result = encode_on_ray(
-            model_dir, spec, out, shards=args.shards, rows=rows, actors=2, batch_size=256
+        settings = EncodeSettings(
+            out,
+            spec,
+            model=model_dir,
+            rows=rows,
+            batch_size=256,
+            runner=RayRunner(actors=2),
+            shards=args.shards,
         )
+        result = encode_collection(settings)
         if cluster_start is not None:
             ray.shutdown()
         same = np.array_equal(result.index.codes, reference.codes)
@@ -133,24 +141,25 @@ def encode_table(args: argparse.Namespace, workdir: Path) -> None:
             f"{cpu:9.1f} {n / cpu:9.0f} {0:11.1f} {0:9.1f} {0:11.1f} {0:7.2f} {'-':>5}"
         )
     for setting, (result, same, cluster_start) in results.items():
-        start = result.startup_seconds if cluster_start is None else cluster_start
-        stage_minus_encode = result.encode_seconds - result.shard_seconds / max(result.actors, 1)
-        name = f"Ray, {result.actors} actors x 1 CPU, {setting}"
+        run = result.shards.run
+        start = run.startup_seconds if cluster_start is None else cluster_start
+        stage_minus_encode = run.stage_seconds - run.shard_seconds / max(run.actors, 1)
+        name = f"Ray, {run.actors} actors x 1 CPU, {setting}"
         print(
             f"{name:<42} "
-            f"{result.seconds:6.1f} {n / result.seconds:6.0f} {result.shard_cpu_seconds:9.1f} "
-            f"{n / result.shard_cpu_seconds:9.0f} {result.setup_cpu_seconds:11.1f} {start:9.1f} "
-            f"{stage_minus_encode:11.1f} {result.merge_seconds:7.2f} "
+            f"{result.seconds:6.1f} {n / result.seconds:6.0f} {run.shard_cpu_seconds:9.1f} "
+            f"{n / run.shard_cpu_seconds:9.0f} {run.setup_cpu_seconds:11.1f} {start:9.1f} "
+            f"{stage_minus_encode:11.1f} {result.shards.merge_seconds:7.2f} "
             f"{'yes' if same else 'NO':>5}"
         )
     for setting, (result, _same, _start) in results.items():
-        overhead = result.seconds - one
+        overhead, run = result.seconds - one, result.shards.run
         print(
             f"Ray ({setting}): wall {overhead:+.1f} s against 1 process with {_cores()} threads "
             f"({overhead / one:+.0%}); "
-            f"CPU {result.shard_cpu_seconds + result.setup_cpu_seconds - one_cpu:+.1f} s "
-            f"(actors' setup {result.setup_cpu_seconds:.1f} s, encoding "
-            f"{result.shard_cpu_seconds - one_cpu:+.1f} s); {args.shards} shards"
+            f"CPU {run.shard_cpu_seconds + run.setup_cpu_seconds - one_cpu:+.1f} s "
+            f"(actors' setup {run.setup_cpu_seconds:.1f} s, encoding "
+            f"{run.shard_cpu_seconds - one_cpu:+.1f} s); {args.shards} shards"
         )
     print(
         "wall: the whole call (Ray: its own cluster start included in the first row, not in "

@@ -148,6 +148,38 @@ def truncated_jpeg(rng: np.random.Generator) -> bytes:
     return png_bytes(random_image(rng, 32, 32), "JPEG")[:200]
 
 
+def make_list_source(root: Path, per_class: int = 10) -> Path:
+    """A list file (root/list.txt) of 3 x per_class 8x8 PNGs under root/images."""
+    make_image_folder(root / "images", {c: per_class for c in "abc"}, size=8)
+    names = [f"{c}/{i:03d}.png {k}\n" for k, c in enumerate("abc") for i in range(per_class)]
+    (root / "list.txt").write_text("".join(names))
+    return root / "list.txt"
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random small_cnn model (width 0.25, 3 classes, L=3, K=16, D=12) saved as a checkpoint."""
+    return save_small_model(tmp_path_factory.mktemp("small-model") / "model")
+
+
+def save_small_model(path: Path, num_classes: int = 3) -> Path:
+    """A random small_cnn model (width 0.25, L=3, K=16, D=12) saved as a checkpoint at path."""
+    import torch
+
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+    from dpq.model.network import DPQModel
+
+    torch.manual_seed(0)
+    config = DPQConfig(
+        model=ModelConfig(
+            backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=num_classes
+        ),
+        quantizer=QuantizerConfig(num_levels=3, codebook_size=16, dim=12),
+    )
+    DPQModel(config).eval().save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_cifar_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A zip with the shared zip's layout: 3 train + 2 test real JPEGs per class."""

@@ -4,6 +4,7 @@
 folders and zips, list files, precomputed features) into a :class:`Source`: ``inputs``
 uint8 (N, H, W, 3) images (or an ``ImageFileReader`` that decodes on access, or float32
 (N, F) features), ``labels`` int64 (N,) or uint8 (N, C) multi-hot, ``classes`` the names.
+:class:`SourceSpec` holds those options as one JSON-ready value (``spec.load()``).
 """
 
 from dpq.data.cifar10 import (
@@ -21,6 +22,7 @@ from dpq.data.info import DatasetInfo, describe_source
 from dpq.data.labels import load_word_vectors, orthogonal_label_embeddings, resolve_word_vectors
 from dpq.data.lists import ListFile, load_list_file, read_list_file
 from dpq.data.sources import Source, detect_source_kind, load_source
+from dpq.data.spec import SourceSpec
 from dpq.data.splits import Split, split_imagenet100, split_nus_wide, split_per_class
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "ListFile",
     "SkippedImagesWarning",
     "Source",
+    "SourceSpec",
     "Split",
     "describe_source",
     "detect_source_kind",

@@ -42,7 +42,8 @@ def empty_index(
     )
 
 
-def _check_rows(name: str, values: Any, n: int) -> None:
+def check_rows(name: str, values: Any, n: int) -> None:
+    """ValueError unless ``values`` (when given) has one row per item."""
     if values is not None and len(values) != n:
         raise ValueError(
             f"{name} has {len(values)} rows but there are {n} items; give one per item, in the "
@@ -59,8 +60,8 @@ def add_features(
 ) -> np.ndarray:
     """Encode searched features float32 (n, D) with the model's quantizer and add them to
     ``index``; returns the int64 (n,) ids."""
-    _check_rows("ids", ids, len(features))
-    _check_rows("labels", labels, len(features))
+    check_rows("ids", ids, len(features))
+    check_rows("labels", labels, len(features))
     return index.add(model.encode_features(features), ids=ids, labels=labels)
 
 
@@ -102,8 +103,8 @@ def build_index(
         The index (``index`` itself when given).
     """
     n = len(inputs)
-    _check_rows("ids", ids, n)
-    _check_rows("labels", labels, n)
+    check_rows("ids", ids, n)
+    check_rows("labels", labels, n)
     if index is None:
         index = empty_index(model, metadata, search_mode, partition_levels)
     else:

@@ -1,0 +1,162 @@
+"""dpq.encode.job.encode_collection: the one encode path, here in this process (new files
+and appends, with a model or with codebooks); the Ray runner's path is
+tests/test_ray_encode.py."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from dpq.data import SourceSpec, load_source
+from dpq.encode.build import build_index
+from dpq.encode.job import EncodeSettings, encode_collection
+from dpq.index import DPQIndex
+from dpq.model.network import DPQModel
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """3 cats and 4 dogs, 8x8 PNGs."""
+    root = tmp_path_factory.mktemp("job-images") / "images"
+    make_image_folder(root, {"cat": 3, "dog": 4}, size=8)
+    return root
+
+
+def test_a_model_encodes_the_source_as_build_index_does(small_model_dir, folder, tmp_path):
+    out = tmp_path / "db.npz"
+    settings = EncodeSettings(out, SourceSpec(images=folder), model=small_model_dir, batch_size=3)
+    result = encode_collection(settings)
+    model = DPQModel.from_checkpoint(small_model_dir)
+    source = load_source(folder, progress=False)
+    reference = build_index(model, source.inputs, labels=source.labels)
+    written = DPQIndex.load(out)
+    assert result.path == out and result.total == written.ntotal == 7 and not result.appended
+    np.testing.assert_array_equal(written.codes, reference.codes)
+    np.testing.assert_array_equal(written.ids, np.arange(7))
+    np.testing.assert_array_equal(result.ids, np.arange(7))
+    np.testing.assert_array_equal(written.labels, source.labels)
+    assert written.metadata == {
+        "created_by": "dpq encode",
+        "source": str(folder),
+        "classes": ["cat", "dog"],
+        "model": str(small_model_dir),
+    }
+    assert result.shards is None
+    assert result.summary().startswith(f"wrote {out}: 7 items, 3 levels x 16 codewords (up to ")
+    assert "labels yes; encoded in" in result.summary()
+    # read on demand, partitioned, searched by inner product: the same codes
+    streamed = SourceSpec(images=folder, image_size=8, loading="stream")
+    options = {"search_mode": "ip", "partition_levels": 1, "workers": 0}
+    grouped = encode_collection(EncodeSettings(out, streamed, model=small_model_dir, **options))
+    assert (grouped.index.search_mode, grouped.index.partition_levels) == ("ip", 1)
+    order = np.argsort(grouped.index.ids)
+    np.testing.assert_array_equal(grouped.index.codes[order], reference.codes)
+
+
+def test_rows_ids_and_labels_say_what_is_encoded(small_model_dir, folder, tmp_path):
+    out = tmp_path / "db.npz"
+    source = load_source(folder, progress=False)
+    rows = np.array([6, 0, 2])
+    spec = SourceSpec(images=folder)
+    chosen = encode_collection(EncodeSettings(out, spec, model=small_model_dir, rows=rows))
+    model = DPQModel.from_checkpoint(small_model_dir)
+    np.testing.assert_array_equal(chosen.index.codes, model.encode(source.inputs[rows]))
+    np.testing.assert_array_equal(chosen.index.ids, rows)  # ids: the source rows
+    np.testing.assert_array_equal(chosen.index.labels, source.labels[rows])
+    np.save(tmp_path / "ids.npy", np.array([10, 11, 12]))
+    given = EncodeSettings(
+        out,
+        spec,
+        model=small_model_dir,
+        rows=rows,
+        ids=tmp_path / "ids.npy",
+        labels=np.array([1, 1, 0]),
+    )
+    index = encode_collection(given).index
+    np.testing.assert_array_equal(index.ids, [10, 11, 12])
+    np.testing.assert_array_equal(index.labels, [1, 1, 0])
+    assert "classes" not in index.metadata  # the given labels are not the source's classes
+    with pytest.raises(
+        ValueError, match=r"positions in \[0, 7\) of .*; make the split from the same source"
+    ):
+        encode_collection(EncodeSettings(out, spec, model=small_model_dir, rows=np.array([0, 7])))
+    with pytest.raises(ValueError, match="labels has 2 rows but there are 3 items"):
+        encode_collection(
+            EncodeSettings(out, spec, model=small_model_dir, rows=rows, labels=np.array([0, 1]))
+        )
+
+
+def test_codebooks_encode_features_and_append_grows_the_file(tmp_path):
+    rng = np.random.default_rng(3)
+    books = rng.normal(size=(2, 16, 6)).astype(np.float32)
+    np.save(tmp_path / "books.npy", books)
+    first, second = rng.normal(size=(30, 6)), rng.normal(size=(20, 6))
+    np.save(tmp_path / "a.npy", first)
+    np.save(tmp_path / "b.npy", second)
+    out = tmp_path / "db.npz"
+    new = EncodeSettings(
+        out, SourceSpec(features=tmp_path / "a.npy"), codebooks=tmp_path / "books.npy"
+    )
+    made = encode_collection(new)
+    assert made.index.assignment == "euclidean" and made.index.search_mode == "aqd"
+    assert made.index.metadata["codebooks"] == str(tmp_path / "books.npy")
+    assert "labels no" in made.summary()
+    grow = EncodeSettings(
+        out, SourceSpec(features=tmp_path / "b.npy"), codebooks=books, append=True
+    )
+    grown = encode_collection(grow)
+    assert grown.appended and grown.total == 50
+    np.testing.assert_array_equal(grown.ids, np.arange(30, 50))  # the file's counter goes on
+    assert grown.summary().startswith(f"appended 20 items to {out} (ids 30..49): 50 items now")
+    whole = DPQIndex(books)
+    whole.add_features(np.concatenate([first, second]))
+    written = DPQIndex.load(out)
+    np.testing.assert_array_equal(written.codes, whole.codes)
+    np.testing.assert_array_equal(written.ids, np.arange(50))
+    other = replace(grow, codebooks=books + 1)
+    with pytest.raises(ValueError, match="codebooks differ"):
+        encode_collection(other)
+    with pytest.raises(ValueError, match="are the existing index's with --append"):
+        encode_collection(replace(grow, partition_levels=1))
+    with pytest.raises(FileNotFoundError, match="nothing.npz"):
+        encode_collection(replace(grow, out=tmp_path / "nothing.npz"))
+    assert DPQIndex.load(out).ntotal == 50  # refused appends left the file as it was
+
+
+def test_settings_that_do_not_go_together_are_refused(small_model_dir, tmp_path):
+    pytest.importorskip("ray.data", reason="RayRunner needs Ray Data")
+    from dpq.encode.ray import RayRunner
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 12), np.float32))
+    out, images = tmp_path / "db.npz", SourceSpec(images="digits")
+    features = SourceSpec(features=tmp_path / "x.npy")
+    refused = [
+        ({"source": images, "codebooks": tmp_path / "x.npy"}, "--images needs --model"),
+        ({"source": features}, "give one of --model"),
+        (
+            {"source": features, "model": small_model_dir, "codebooks": "b.npy"},
+            "give one of --model",
+        ),
+        (
+            {"source": images, "model": small_model_dir, "assignment": "cosine"},
+            "applies to --codebooks",
+        ),
+        (
+            {"source": features, "model": small_model_dir, "rows": np.arange(2)},
+            "applies to --images",
+        ),
+        ({"source": images, "model": small_model_dir, "shards": 2}, "apply to --engine ray"),
+        ({"source": features, "codebooks": "b.npy", "runner": RayRunner()}, "needs --model"),
+        (
+            {"source": images, "model": small_model_dir, "runner": RayRunner(), "append": True},
+            "--append applies to --engine local",
+        ),
+    ]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=message):
+            encode_collection(EncodeSettings(out, **options))
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--actors must be a positive integer"):
+        RayRunner(actors=0)
