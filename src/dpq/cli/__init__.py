@@ -55,7 +55,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 success, 2 user error, 3 diverged,
     130 interrupted)."""
-    from dpq.encode.ray import ShardEncodingError
+    from dpq.encode.shards import ShardEncodingError
     from dpq.training.checkpoints import RunInProgressError
     from dpq.training.loop import TrainingDiverged
 

@@ -7,7 +7,6 @@ cli.py; it moves into the library (dpq.encode) in its own change.
 from __future__ import annotations
 
 import argparse
-import time
 
 from dpq.cli.options import (
     add_command,
@@ -15,8 +14,8 @@ from dpq.cli.options import (
     add_quiet_option,
     add_source_options,
     image_flags_given,
-    load_model,
     read_source,
+    source_spec,
 )
 
 
@@ -153,149 +152,38 @@ def items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None, 
     return inputs, labels, np.asarray(rows, np.int64), source
 
 
-def _run_on_ray(args: argparse.Namespace) -> int:
-    from dpq.encode.ray import SourceSpec, encode_on_ray
+def run(args: argparse.Namespace) -> int:
+    from dpq.data import Split
+    from dpq.encode.job import EncodeSettings, encode_collection
 
-    if args.model is None:
-        raise ValueError("--engine ray needs --model (a checkpoint every node can read).")
-    if args.append:
-        raise ValueError(
-            "--append applies to --engine local; with --engine ray, encode into a new file "
-            "and join the two with `dpq index merge OLD NEW --out MERGED`."
+    runner = None
+    if args.engine == "ray":
+        from dpq.encode.ray import RayRunner
+
+        runner = RayRunner(
+            address=args.address, actors=args.actors, gpus_per_actor=args.gpus_per_actor
         )
-    inputs = {"features": args.features} if args.features else {"images": args.images}
-    source = SourceSpec(
-        **inputs,
-        image_root=args.image_root,
-        image_size=args.image_size,
-        strip_prefix=args.strip_prefix,
-        skip_corrupt=args.skip_corrupt,
-    )
-    rows = None
-    if args.split is not None:
-        from dpq.data import Split
-
-        rows = getattr(Split.load(args.split), args.subset)  # checked against the source
-    result = encode_on_ray(
-        args.model,
-        source,
+    elif args.address is not None or args.actors is not None or args.gpus_per_actor:
+        raise ValueError("--address, --actors and --gpus-per-actor apply to --engine ray.")
+    settings = EncodeSettings(
         args.out,
-        shards=8 if args.shards is None else args.shards,
-        rows=rows,
-        ids=None if args.ids is None else _read_array(args.ids, "--ids"),
-        labels=None if args.labels is None else _read_array(args.labels, "--labels"),
-        address=args.address,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        shard_dir=args.shard_dir,
+        source_spec(args),
+        model=args.model,
+        codebooks=args.codebooks,
+        assignment=args.assignment,
+        rows=None if args.split is None else getattr(Split.load(args.split), args.subset),
+        ids=args.ids,
+        labels=args.labels,
+        append=args.append,
         batch_size=args.batch_size,
-        metadata={"model": str(args.model)},
+        device=args.device,
+        workers=args.workers,
         search_mode=args.search_mode,
         partition_levels=args.partition_levels,
+        runner=runner,
+        shards=args.shards,
+        shard_dir=args.shard_dir,
         progress=not args.quiet,
     )
-    print(result.summary())
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from dpq.atomic import check_writable_file
-    from dpq.index import DPQIndex
-
-    if args.engine == "ray":
-        return _run_on_ray(args)
-    ray_flags = ("address", "shards", "actors", "shard_dir")
-    if any(getattr(args, name) is not None for name in ray_flags) or args.gpus_per_actor:
-        raise ValueError(
-            "--address, --shards, --actors, --gpus-per-actor and --shard-dir apply to --engine ray."
-        )
-    check_writable_file(args.out, "--out")
-    existing = None
-    if args.append:
-        existing = DPQIndex.load(args.out, mmap=True)  # FileNotFoundError names it
-        if args.search_mode is not None or args.partition_levels:
-            raise ValueError(
-                "--search-mode and --partition-levels are the existing index's with --append."
-            )
-    inputs, labels, ids, source = items(args, args.subset)
-    if args.labels is not None:
-        from dpq.data.features import read_labels
-
-        labels = read_labels(args.labels, "--labels")
-    if args.ids is not None:
-        ids = _read_array(args.ids, "--ids")
-    metadata: dict[str, object] = {
-        "created_by": "dpq encode",
-        "source": str(args.images or args.features),
-    }
-    if source is not None and args.labels is None:
-        metadata["classes"] = source.classes
-    began = time.perf_counter()
-    if args.model is not None:
-        from dpq.encode.build import build_index
-
-        if args.assignment is not None:
-            raise ValueError("--assignment applies to --codebooks; a model encodes with its rule.")
-        model = load_model(args, args.model)
-        metadata["model"] = str(args.model)
-        if existing is not None:
-            existing.check_compatible(model.codebooks(), source=f"model {args.model}")
-        index = build_index(
-            model,
-            inputs,
-            ids=ids,
-            labels=labels,
-            batch_size=args.batch_size,
-            metadata=metadata,
-            progress=not args.quiet,
-            search_mode=args.search_mode,
-            workers=args.workers,
-            partition_levels=args.partition_levels,
-        )
-    else:
-        metadata["codebooks"] = str(args.codebooks)
-        features = np.asarray(inputs)
-        codebooks = _read_array(args.codebooks, "--codebooks")
-        if existing is not None:
-            existing.check_compatible(codebooks, source=f"--codebooks {args.codebooks}")
-        index = DPQIndex(
-            codebooks,
-            assignment=(args.assignment or "euclidean")
-            if existing is None
-            else existing.assignment,
-            metadata=metadata,
-            search_mode=args.search_mode or "aqd",
-            partition_levels=args.partition_levels,
-        )
-        for name, values in (("--labels", labels), ("--ids", ids)):
-            if values is not None and len(values) != len(features):
-                raise ValueError(
-                    f"{name} has {len(values)} rows but there are {len(features)} items; give "
-                    "one per item, in the same order."
-                )
-        index.add_features(features, ids=ids, labels=labels)
-    seconds = time.perf_counter() - began
-    if existing is not None:
-        from dpq.index import append_to_index_file
-
-        added = append_to_index_file(
-            args.out, index.codes, ids=ids if ids is not None else None, labels=index.labels
-        )
-        print(
-            f"appended {len(added):,} items to {args.out} (ids {int(added.min())}.."
-            f"{int(added.max())}): {existing.ntotal + len(added):,} items now; encoded in "
-            f"{seconds:.1f} s ({len(added) / max(seconds, 1e-9):,.0f} items/s)"
-        )
-        return 0
-    path = index.save(args.out)
-    bits = index.num_levels * int(np.log2(index.codebook_size))
-    print(
-        f"wrote {path}: {index.ntotal:,} items, {index.num_levels} levels x {index.codebook_size} "
-        f"codewords (up to {bits} bits), dim {index.dim}, assignment {index.assignment}, "
-        f"search {index.search_mode}, "
-        f"labels {'yes' if index.labels is not None else 'no'}; encoded in {seconds:.1f} s "
-        f"({index.ntotal / max(seconds, 1e-9):,.0f} items/s)"
-    )
+    print(encode_collection(settings).summary())
     return 0

@@ -142,6 +142,22 @@ def source_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def source_spec(args: argparse.Namespace):  # -> SourceSpec
+    """--images or --features (where the command has them) with the source flags."""
+    from dpq.data import SourceSpec
+
+    return SourceSpec(
+        images=getattr(args, "images", None),
+        features=getattr(args, "features", None),
+        image_root=args.image_root,
+        image_size=args.image_size,
+        strip_prefix=args.strip_prefix,
+        skip_corrupt=args.skip_corrupt,
+        cache_dir=getattr(args, "cache_dir", None),
+        loading=args.loading,
+    )
+
+
 def read_source(args: argparse.Namespace, spec: Any = None, **extra: Any):  # -> Source
     """:func:`dpq.data.load_source` of ``spec`` with the source flags (``extra`` on top)."""
     from dpq.data import load_source as load

@@ -29,11 +29,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dpq.data.spec import SourceSpec
-from dpq.encode.job import EncodeResult, EncodeSettings, encode_collection
-from dpq.encode.shards import EncodePlan, ShardEncodingError, ShardRun, encode_shard
+from dpq.encode.shards import EncodePlan, ShardRun, encode_shard
 
-__all__ = ["RayRunner", "ShardEncoder", "ShardEncodingError", "SourceSpec", "encode_on_ray"]
+__all__ = ["RayRunner", "ShardEncoder"]
 
 INSTALL_HINT = "pip install 'dpq[distributed]' (or pip install 'ray[data]')"
 
@@ -259,45 +257,3 @@ _RESULT_COLUMNS: dict[str, Any] = {
     "setup_cpu_seconds": np.float64,
     "error": np.str_,
 }
-
-
-def encode_on_ray(
-    model_path: str | os.PathLike[str],
-    source: SourceSpec,
-    out: str | os.PathLike[str],
-    *,
-    shards: int,
-    rows: np.ndarray | None = None,
-    ids: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    address: str | None = None,
-    actors: int | None = None,
-    gpus_per_actor: float = 0.0,
-    shard_dir: str | os.PathLike[str] | None = None,
-    batch_size: int = 256,
-    metadata: Mapping[str, Any] | None = None,
-    search_mode: str | None = None,
-    partition_levels: int = 0,
-    progress: bool = False,
-) -> EncodeResult:
-    """The keyword form ``dpq encode --engine ray`` calls until it builds an
-    :class:`~dpq.encode.job.EncodeSettings` itself: :func:`~dpq.encode.job.encode_collection`
-    with a :class:`RayRunner`. Remove it when the CLI calls ``encode_collection``."""
-    runner = RayRunner(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
-    settings = EncodeSettings(
-        out,
-        source,
-        model=model_path,
-        rows=rows,
-        ids=ids,
-        labels=labels,
-        batch_size=batch_size,
-        search_mode=search_mode,
-        partition_levels=partition_levels,
-        metadata=metadata,
-        runner=runner,
-        shards=shards,
-        shard_dir=shard_dir,
-        progress=progress,
-    )
-    return encode_collection(settings)
