@@ -8,6 +8,7 @@ import torch
 from dpq.config import (
     DPQConfig,
     LossConfig,
+    MethodConfig,
     ModelConfig,
     QuantizerConfig,
     TrainConfig,
@@ -26,6 +27,17 @@ def test_config_json_round_trip(tmp_path):
     assert DPQConfig.load(tmp_path / "c.json") == config
     partial = DPQConfig.from_dict({"quantizer": {"num_levels": 2}})
     assert partial.quantizer.num_levels == 2 and partial.train == TrainConfig()
+
+
+def test_the_method_section_defaults_to_dpq_so_older_configs_load_unchanged():
+    old = DPQConfig().to_dict()
+    del old["method"]  # a config.json written before the method section existed
+    assert DPQConfig.from_dict(old) == DPQConfig()
+    assert DPQConfig().method == MethodConfig(name="dpq", bits=None, options={})
+    sign = DPQConfig().replace(method={"name": "sign", "bits": 32, "options": {"alpha": 0.1}})
+    assert DPQConfig.from_json(sign.to_json()) == sign and sign.to_dict()["method"]["bits"] == 32
+    with pytest.raises(ValueError, match="unknown config section 'methods'"):
+        DPQConfig().replace(methods={})
 
 
 def test_configs_written_before_precision_existed_still_load():
@@ -53,6 +65,11 @@ def test_configs_written_before_precision_existed_still_load():
         ({"model": {"image_std": [0.2, 0.2]}}, "image_std"),
         ({"model": {"depth": 3}}, "unknown keys"),
         ({"extras": {}}, "unknown sections"),
+        ({"method": {"name": ""}}, "method.name"),
+        ({"method": {"bits": 0}}, "method.bits"),
+        ({"method": {"options": [1]}}, "method.options must be a mapping"),
+        ({"method": {"options": {"f": float("inf")}}}, "JSON-ready"),
+        ({"method": {"loss": "dsh"}}, "unknown keys"),
         (
             {
                 "loss": {

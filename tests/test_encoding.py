@@ -105,7 +105,7 @@ def _encode_peak_rss(model_dir, folder, out):
                           "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(encoding.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(encoding.__file__).parents[2])}  # src/
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )

@@ -10,7 +10,7 @@ from dpq.config import (
     ModelConfig,
     QuantizerConfig,
 )
-from dpq.model.network import DPQModel, image_statistics
+from dpq.model.network import DPQModel
 from dpq.recipes import ABLATIONS, ablation_config
 
 
@@ -96,15 +96,6 @@ def test_bad_images_raise(model, images):
         model.extract_features(images[..., 0])
     with pytest.raises(ValueError, match="batch_size"):
         model.extract_features(images, batch_size=0)
-
-
-def test_image_statistics():
-    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    images[..., 0] = 255
-    images[1, ..., 1] = 255
-    mean, std = image_statistics(images)
-    assert mean == pytest.approx((1.0, 0.5, 0.0))
-    assert std[1] == pytest.approx(0.5) and std[2] == pytest.approx(1e-3)
 
 
 def posterior_config(multilabel: bool = False, temperature: float = 1.0) -> DPQConfig:

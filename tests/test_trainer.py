@@ -1,5 +1,5 @@
 """dpq.training.loop: the training loop (phases, checkpoints, resume, NaN, time budget with a fake
-clock), on tiny data."""
+clock), on tiny data; its parts are tested alone in tests/test_training_*.py."""
 
 import json
 import os
@@ -18,18 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import QUIET, FakeClock, digits_config, feature_config, feature_data, orthogonal
 from dpq.model.network import DPQModel
-from dpq.training.loop import ArrayDataset, Trainer, TrainingDiverged, learning_rate, train_model
-
-
-def test_learning_rate_schedules():
-    total = 100
-    onecycle = [learning_rate(s, total, 1.0, "onecycle", 0.2) for s in range(total)]
-    assert onecycle[19] == pytest.approx(1.0) and onecycle[-1] == pytest.approx(0.0)
-    assert all(a <= b for a, b in zip(onecycle[:20], onecycle[1:20], strict=False))
-    cosine = [learning_rate(s, total, 1.0, "cosine", 0.1) for s in range(total)]
-    assert max(cosine) == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.0, abs=1e-9)
-    assert learning_rate(5, total, 0.3, "constant", 0.2) == 0.3
-
+from dpq.training.loop import ArrayDataset, Trainer, TrainingDiverged, train_model
 
 # ------------------------------------------------------------------------------ training
 
@@ -236,7 +225,7 @@ class _ClockedTrainer:
             return original(*args, **kwargs)
 
         monkeypatch.setattr(self.trainer, "_forward_loss", forward_loss)
-        monkeypatch.setattr(self.trainer, "_time_steps", lambda: timed / steps)
+        monkeypatch.setattr(self.trainer, "_seconds_per_step", lambda: timed / steps)
 
     def train(self):
         return self.trainer.train()
@@ -344,9 +333,10 @@ def _folder_config(**train):
 
 def test_streamed_and_in_memory_training_see_the_same_batches(tmp_path, tiny_folder, monkeypatch):
     from dpq.data import load_source
+    from dpq.training.batches import EpochBatches
 
     seen: dict[str, list[torch.Tensor]] = {"memory": [], "stream": []}
-    original = Trainer._batch
+    original = EpochBatches.prepare
     current = []
 
     def spy(self, raw, index, rng, augment):
@@ -354,7 +344,7 @@ def test_streamed_and_in_memory_training_see_the_same_batches(tmp_path, tiny_fol
         seen[current[-1]].append(x.detach().clone())
         return x, targets
 
-    monkeypatch.setattr(Trainer, "_batch", spy)
+    monkeypatch.setattr(EpochBatches, "prepare", spy)
     histories = {}
     for mode, in_memory, workers in (("memory", True, None), ("stream", False, 2)):
         current.append(mode)
@@ -451,7 +441,8 @@ def test_pretrained_backbone_end_to_end(tmp_path, tiny_folder, no_network):
         tmp_path / "run",
         **QUIET,
     )
-    assert sorted({g["lr_scale"] for g in trainer._network_parameters()}) == [0.1, 1.0]
+    groups = trainer._make_optimizers()["network"].param_groups
+    assert sorted({g["lr_scale"] for g in groups}) == [0.1, 1.0]
     result = trainer.train()
     trained = result.model.backbone.state_dict()
     for name in ("conv1.weight", "bn1.running_mean", "layer3.1.bn2.running_var"):

@@ -1,7 +1,7 @@
 """Configuration of a DPQ model and its training, as frozen dataclasses that travel with a
 checkpoint (``config.json``).
 
-:class:`DPQConfig` groups four parts:
+:class:`DPQConfig` groups five parts:
 
 - :class:`ModelConfig`: backbone, classifier, input normalisation.
 - :class:`QuantizerConfig`: the L progressive quantization blocks (L, K, D, soft and hard
@@ -9,6 +9,8 @@ checkpoint (``config.json``).
 - :class:`LossConfig`: which losses are on and their weights (Eq. 24: L_S + lambda L_C + tau E,
   Eq. 21: E = l_quan + mu l_quanH + nu l_match).
 - :class:`TrainConfig`: optimisation, schedule, augmentation, time budget.
+- :class:`MethodConfig`: which retrieval method (:mod:`dpq.methods`) the network, loss,
+  codes and index are: "dpq" unless told otherwise.
 
 Every field is validated when the object is built; a bad value raises ``ValueError`` with a
 sentence naming the field, the allowed values and what was given. ``to_dict``/``from_dict``
@@ -456,7 +458,40 @@ class TrainConfig:
         _check_int(owner, "freeze_stages", self.freeze_stages, 0)
 
 
-_Part = TypeVar("_Part", QuantizerConfig, ModelConfig, LossConfig, TrainConfig)
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which retrieval method (:mod:`dpq.methods`) builds the network, loss, codes and index.
+
+    Attributes:
+        name: a registered method: "dpq" (the default: the sections above describe it) or
+            "sign" (a binary-hash sketch, :mod:`dpq.methods.binary_sketch`).
+        bits: the code length of a method that trains one model per length (e.g. 32);
+            None for "dpq", whose one model gives every prefix length up to L log2 K bits.
+        options: the method's own settings, checked when the method is built (e.g.
+            ``{"margin": 64.0, "alpha": 0.01}`` for "sign").
+    """
+
+    name: str = "dpq"
+    bits: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"method.name must be a non-empty name; got {self.name!r}.")
+        if self.bits is not None:
+            _check_int("method", "bits", self.bits, 1)
+        if not isinstance(self.options, Mapping):
+            raise ValueError(
+                f"method.options must be a mapping of settings; got {type(self.options).__name__}."
+            )
+        try:
+            json.dumps(dict(self.options), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method.options must be JSON-ready values: {exc}.") from None
+        object.__setattr__(self, "options", dict(self.options))
+
+
+_Part = TypeVar("_Part", QuantizerConfig, ModelConfig, LossConfig, TrainConfig, MethodConfig)
 
 
 def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
@@ -480,22 +515,28 @@ def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
     return cls(**values)
 
 
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quantizer": QuantizerConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "method": MethodConfig,
+}
+
+
 @dataclass(frozen=True)
 class DPQConfig:
-    """Everything needed to rebuild and retrain a DPQ model."""
+    """Everything needed to rebuild and retrain a model (a DPQ model unless ``method`` says
+    otherwise); a config without a ``method`` section is a DPQ config."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (
-            ("model", ModelConfig),
-            ("quantizer", QuantizerConfig),
-            ("loss", LossConfig),
-            ("train", TrainConfig),
-        ):
+        for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(
                     f"config.{name} must be a {cls.__name__}; "
@@ -542,12 +583,7 @@ class DPQConfig:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` on unknown keys or bad values."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a DPQ config must be a JSON object; got {type(data).__name__}.")
-        parts: dict[str, type] = {
-            "model": ModelConfig,
-            "quantizer": QuantizerConfig,
-            "loss": LossConfig,
-            "train": TrainConfig,
-        }
+        parts = _SECTIONS
         unknown = sorted(set(data) - set(parts))
         if unknown:
             raise ValueError(f"config has unknown sections {unknown}; expected {sorted(parts)}.")
@@ -597,9 +633,9 @@ class DPQConfig:
         """
         updated: dict[str, Any] = {}
         for name, value in sections.items():
-            if name not in ("model", "quantizer", "loss", "train"):
+            if name not in _SECTIONS:
                 raise ValueError(
-                    f"unknown config section {name!r}; expected model, quantizer, loss or train."
+                    f"unknown config section {name!r}; expected one of {', '.join(_SECTIONS)}."
                 )
             current = getattr(self, name)
             if isinstance(value, Mapping):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpq.config import LossConfig
+from dpq.methods.base import LossOutput
 from dpq.model.quantizer import QuantizerOutput
 
 
@@ -190,20 +191,6 @@ def quantization_losses(
         quan_hard=(hard_error * weights).sum(dim=1).mean(),
         match=(match_error * weights).sum(dim=1).mean(),
     )
-
-
-@dataclass(frozen=True)
-class LossOutput:
-    """Total loss and its parts.
-
-    Attributes:
-        total: float scalar tensor to back-propagate.
-        parts: name -> float value of each active term ("semantic", "cls", "quan",
-            "quan_hard", "match", "E") and "total", for logging.
-    """
-
-    total: torch.Tensor
-    parts: dict[str, float]
 
 
 def word_vectors_tensor(

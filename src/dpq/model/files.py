@@ -45,9 +45,10 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def architecture(config: DPQConfig) -> dict[str, Any]:
-    """The config sections that decide the weights' shapes and meaning (model, quantizer)."""
+    """The config sections that decide the weights' shapes and meaning (model, quantizer,
+    method)."""
     data = config.to_dict()
-    return {"model": data["model"], "quantizer": data["quantizer"]}
+    return {"model": data["model"], "quantizer": data["quantizer"], "method": data["method"]}
 
 
 def save_model(
@@ -63,7 +64,7 @@ def save_model(
         path: directory (created if missing).
         config: the config recorded with the weights (default ``model.config``); a trainer
             passes its own, so the checkpoint also says how the model was trained. Its
-            model and quantizer sections must be the model's.
+            model, quantizer and method sections must be the model's.
         extra: JSON-ready bookkeeping stored under ``config.json["checkpoint"]``.
     """
     config = model.config if config is None else config
@@ -110,8 +111,8 @@ def read_checkpoint_config(path: str | Path) -> tuple[DPQConfig, dict[str, Any]]
 
 
 def check_architecture(path: str | Path, saved: DPQConfig, expected: DPQConfig) -> None:
-    """ValueError listing the differences when ``expected``'s model and quantizer sections
-    are not ``saved``'s (the checkpoint at ``path``)."""
+    """ValueError listing the differences when ``expected``'s model, quantizer and method
+    sections are not ``saved``'s (the checkpoint at ``path``)."""
     diffs = config_differences(architecture(saved), architecture(expected))
     if diffs:
         raise ValueError(

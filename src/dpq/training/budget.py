@@ -1,18 +1,31 @@
-"""A wall-clock training budget: how many epochs fit, re-decided after every epoch.
+"""How many epochs a run has: ``train.epochs``, or what fits a wall-clock budget, re-decided
+after every epoch.
 
-:class:`TimeBudget` gets the seconds per step measured on a few throw-away steps, plans the
-epochs that fit the budget, and after every real epoch re-plans from the measured wall time
-(training and checkpoint included): the plan shrinks whenever it no longer fits, grows while
-the caller allows it (while the learning rate still warms up the schedule is simply
-stretched), and afterwards may grow back up to its longest plan (a plan cut by a passing
-slowdown recovers). The clock is injected, so the logic is tested with a fake one.
+:class:`TimeBudget` gets the seconds per step measured on a few throw-away steps
+(:func:`measure_step_seconds`), plans the epochs that fit the budget, and after every real
+epoch re-plans from the measured wall time (training and checkpoint included): the plan
+shrinks whenever it no longer fits, grows while the caller allows it (while the learning
+rate still warms up the schedule is simply stretched), and afterwards may grow back up to
+its longest plan (a plan cut by a passing slowdown recovers).
+
+:class:`EpochPlanner` applies that to a run (:class:`dpq.training.resume.RunState`): the
+first plan, and each revision with what follows from it (where the method's second phase
+starts, at least one epoch of it). The clock is injected, so the logic is tested with a
+fake one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from dpq.config import TrainConfig
+from dpq.training.resume import RunState
+
+T = TypeVar("T")
 
 FINAL_SAVE_SECONDS = 10.0
 """Fixed allowance for the final k-means, save and bookkeeping."""
@@ -101,3 +114,98 @@ class TimeBudget:
         else:
             revised = min(revised, max(epochs, self.longest_plan))
         return revised
+
+
+def measure_step_seconds(
+    batches: Iterable[T],
+    step: Callable[[int, T], None],
+    clock: Callable[[], float],
+    warmup_steps: int = 2,
+) -> float:
+    """Seconds per training step: ``step(i, batch)`` for each batch (fetching it included),
+    timed by ``clock``; the median after ``warmup_steps`` steps, plus 5 %."""
+    times = []
+    begin = clock()
+    for index, batch in enumerate(batches):
+        step(index, batch)
+        times.append(clock() - begin)
+        begin = clock()
+    measured = times[warmup_steps:] or times
+    return float(np.median(measured)) * 1.05
+
+
+class EpochPlanner:
+    """The epoch count of a run and, after every epoch, its revision under a time budget.
+
+    Args:
+        config: ``epochs``, ``time_budget_minutes`` and ``warmup_fraction`` are read.
+        steps_per_epoch: training steps in one epoch.
+        switch_epoch: the method's first epoch of its second phase for a run of n epochs
+            (n: none).
+        has_second_phase: the method trains in two phases (a revised plan keeps one epoch
+            of the second phase at least).
+        clock, started: the clock and its reading when the run started.
+        log: receives one line per plan and per change.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        switch_epoch: Callable[[int], int],
+        has_second_phase: bool,
+        clock: Callable[[], float] = time.perf_counter,
+        started: float | None = None,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.config = config
+        self.switch_epoch = switch_epoch
+        self.has_second_phase = has_second_phase
+        self.log = log
+        self.budget = None
+        if config.time_budget_minutes is not None:
+            self.budget = TimeBudget(config.time_budget_minutes, steps_per_epoch, clock, started)
+
+    def first_plan(self, seconds_per_step: Callable[[], float]) -> tuple[int, dict[str, Any]]:
+        """(epochs, plan record): the config's, or what fits the budget at the step time
+        ``seconds_per_step()`` measures (called only with a budget)."""
+        if self.budget is None:
+            return self.config.epochs, {"epochs": self.config.epochs, "source": "config"}
+        seconds = seconds_per_step()
+        epochs, plan = self.budget.plan(seconds)
+        self.log(
+            f"time budget {self.config.time_budget_minutes:g} min: {seconds:.3f} s/step x "
+            f"{plan['steps_per_epoch']} steps = {plan['seconds_per_epoch']:.1f} s/epoch -> "
+            f"{epochs} epochs"
+        )
+        return epochs, plan
+
+    def new_run(self, epochs: int, plan: dict[str, Any]) -> RunState:
+        """The state of a fresh run of ``epochs``."""
+        return RunState(epochs=epochs, plan=plan, switch_epoch=self.switch_epoch(epochs))
+
+    def revise(self, run: RunState, epoch_wall: float, epoch_seconds: float) -> None:
+        """After an epoch that took ``epoch_wall`` seconds with its checkpoint
+        (``epoch_seconds`` is its logged time): change ``run.epochs``, ``run.plan`` and
+        ``run.switch_epoch`` when the budget says so. A second phase that has started goes
+        on; one that has not cannot start before the next epoch."""
+        if self.budget is None:
+            return
+        done = run.epoch
+        warming_up = done < self.config.warmup_fraction * run.epochs and done < run.switch_epoch
+        revised = self.budget.revise(epoch_wall, run.epochs, done, warming_up)
+        if self.has_second_phase and run.switch_epoch >= done:
+            revised = max(revised, done + 1)  # one epoch of the second phase at least
+        if revised == run.epochs:
+            return
+        self.log(
+            f"after epoch {done} ({epoch_seconds:.1f} s; planned "
+            f"{run.plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of {run.epochs} "
+            "to " + ("stay within" if revised < run.epochs else "use") + " the time budget"
+        )
+        run.epochs = revised
+        run.plan = {**run.plan, "epochs": revised, "replanned_after_epoch": done}
+        if run.switch_epoch >= done:
+            run.switch_epoch = max(self.switch_epoch(revised), done)
+            if self.has_second_phase:
+                run.switch_epoch = min(run.switch_epoch, revised - 1)

@@ -40,7 +40,7 @@ from dpq.model.files import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dpq.model.network import DPQModel
+    from dpq.model.retrieval_network import RetrievalNetwork
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_MODEL_DIR = "model"
@@ -275,7 +275,7 @@ class CheckpointStore:
     def save(
         self,
         epoch: int,
-        model: DPQModel,
+        model: RetrievalNetwork,
         config: DPQConfig,
         state: dict[str, Any],
         optimizers: Mapping[str, torch.optim.Optimizer],
@@ -325,7 +325,7 @@ class CheckpointStore:
     def restore(
         self,
         path: Path,
-        model: DPQModel,
+        model: RetrievalNetwork,
         optimizers: Mapping[str, torch.optim.Optimizer],
         averaged: dict[str, torch.Tensor] | None = None,
     ) -> None:

@@ -52,7 +52,7 @@ def complete_config(config: DPQConfig, source: Source, train_inputs: Any) -> DPQ
     """
     from dpq.config import ModelConfig
     from dpq.model.backbones import input_defaults
-    from dpq.model.network import image_statistics
+    from dpq.model.retrieval_network import image_statistics
 
     updates: dict[str, Any] = {
         "num_classes": source.num_classes,

@@ -1,124 +1,85 @@
-"""The training loop of a DPQ model, read as a loop over phases and epochs.
+"""The training loop of a retrieval method, read as timm's ``train.py``: for every epoch,
+train one epoch -> keep the ranks in sync -> check the weights -> save a checkpoint ->
+revise the plan; then the final weights and the saved model.
 
-:class:`Trainer` trains a :class:`~dpq.model.network.DPQModel` on labelled inputs (uint8 images
-(N, H, W, 3), or float32 features (N, F) for the identity backbone) with the losses of
-:class:`~dpq.methods.losses.DPQLoss`, following ``config.train.schedule``:
+:class:`Trainer` trains the network of any registered method (:mod:`dpq.methods`; the
+config's ``method`` section names it, DPQ by default) on labelled inputs (uint8 images
+(N, H, W, 3), or float32 features (N, F) for the identity backbone). It never knows the
+method by name: it asks it for the network, the loss of a batch, the phases of its schedule
+(whether the network or the codebooks learn, what happens when a phase starts) and its
+codebooks (:class:`~dpq.methods.base.RetrievalMethod`).
 
-- "end_to_end" (the paper): before ``quantization_start`` the network learns with
-  L_S + lambda L_C; from then on with L_S + lambda L_C + tau E, E reaching the network.
-- "two_phase" (reference code): the same phases, but E is computed on detached features, so
-  it trains the codebooks only while L_S + lambda L_C keep training the network. (The
-  reference alternates a network step and a codebook step; with detached features one
-  backward pass gives both steps on the same batch.)
-- "two_step" (Table 2): the network learns with L_S + lambda L_C, is then frozen, and the
-  codebooks alone learn E on its features.
+Beside the loop, each part is its own module, testable alone: what a step reads
+(:mod:`.batches`, :mod:`.augment`); optimizers, learning rates and the weight average
+(:mod:`.optim`); codebooks from the training features (:mod:`.codebook_init`); the epoch plan
+under a time budget (:mod:`.budget`); what a checkpoint records and a resume restores
+(:mod:`.resume`, files in :mod:`.checkpoints`); what the ranks of a torchrun run agree on
+(:mod:`.agreement`, primitives in :mod:`.ddp`); data checks and divergence stops
+(:mod:`.guards`); the lines it logs (:mod:`.log_lines`).
 
-When the quantization phase starts, the codebooks are initialised by residual k-means on the
-training features (``quantizer.init == "kmeans"``). The network has its own optimizer and
-learning-rate schedule; the codebooks always use Adam at ``train.codebook_lr``.
-
-Batches are read by a :class:`dpq.data.loading.BatchReader`: indexed in this process for
-in-memory arrays, decoded by DataLoader worker processes for an on-demand image reader
-(``workers``), with the same batches either way: the epoch order and every augmentation
-are drawn here from ``np.random.default_rng([seed, epoch])``. The model trains on
-``device`` (any of :func:`dpq.devices.resolve_device`); float16 autocast trains with a
-gradient scaler (:func:`dpq.devices.gradient_scaler`). Pretrained backbone weights
-(``train.backbone_weights``) are loaded when a fresh run starts; the backbone then learns
-at ``lr * train.backbone_lr_scale`` and its first ``train.freeze_stages`` stages not at all.
-
-Every epoch ends with a checkpoint (:class:`dpq.training.checkpoints.CheckpointStore`), so
-``train(resume=True)`` continues from the newest one after the process was killed, with
-bit-identical results. The run folder is locked for the whole run
-(:class:`dpq.training.checkpoints.RunDirectory`). The final model goes to ``out_dir/model/``.
-
-With a time budget (:class:`dpq.training.budget.TimeBudget`), a few steps are first timed on a copy
-of the model (the copy is thrown away), the epochs that fit are planned, and the plan is
-revised after every epoch.
-
-Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs in every process with
-DistributedDataParallel (:mod:`dpq.training.ddp`): each step's global batch of
-``train.batch_size`` items is split across the ranks, every gradient (codebooks included) is
-all-reduced, the logged losses are means over the ranks, k-means runs on rank 0 over the
-features of all ranks and its codebooks are broadcast, BatchNorm statistics are averaged
-after every epoch (and the ranks checked to hold the same model), and rank 0 alone takes the
-run lock, decides the time plan and the checkpoint to resume from, and writes checkpoints,
-the log and the final model.
+Batches are the same whether the inputs are in memory or decoded on demand by ``workers``
+processes. Pretrained backbone weights (``train.backbone_weights``) are loaded when a fresh
+run starts. Every epoch ends with a checkpoint, so ``train(resume=True)`` continues from the
+newest one after the process was killed, with bit-identical results; the run folder is
+locked for the whole run. Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs in every
+process with DistributedDataParallel, each rank on its share of every global batch, and rank
+0 alone decides what must agree and writes the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import math
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpq.config import DPQConfig, config_differences
+from dpq.config import DPQConfig
 from dpq.data.loading import BatchReader
-from dpq.devices import (
-    autocast,
-    available_cores,
-    describe_device,
-    full_precision,
-    gradient_scaler,
-    resolve_device,
-    resolve_precision,
-)
-from dpq.methods.losses import DPQLoss, LossOutput
+from dpq.devices import available_cores, gradient_scaler, resolve_device, resolve_precision
+from dpq.methods import method_for
+from dpq.methods.base import LossOutput, Phase, Step, StepOutput
 from dpq.model.backbones import load_backbone_weights
-from dpq.model.files import architecture
-from dpq.model.network import DPQModel
+from dpq.model.retrieval_network import RetrievalNetwork
 from dpq.progress import is_terminal, progress_bar
-from dpq.training import ddp
-from dpq.training.augment import crop_flip, cutout, mixup, rand_augment
-from dpq.training.budget import TimeBudget
-from dpq.training.checkpoints import RunDirectory, RunInProgressError
+from dpq.training import agreement, ddp, log_lines
+from dpq.training.batches import ArrayDataset, EpochBatches, LabelledInputs
+from dpq.training.budget import EpochPlanner, measure_step_seconds
+from dpq.training.checkpoints import RunDirectory
+from dpq.training.codebook_init import TrainingFeatures, initialise_codebooks
 from dpq.training.ddp import DistributedContext
-
-DATA_DERIVED_FIELDS = (
-    "model.image_mean",
-    "model.image_std",
-    "model.num_classes",
-    "model.multilabel",
-    "model.backbone_kwargs.in_features",
+from dpq.training.guards import (
+    DivergenceGuard,
+    TrainingDiverged,
+    check_model_config,
+    check_training_data,
 )
-"""Config fields filled from the training data (:func:`dpq.training.experiments.complete_config`)."""
+from dpq.training.optim import (
+    WeightAverage,
+    build_optimizers,
+    codebook_optimizers,
+    learning_rate,
+    set_learning_rate,
+)
+from dpq.training.resume import RunState, dataset_fingerprint, resume_run, trainer_state
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the likely cause."""
-
-
-class LabelledInputs(Protocol):
-    """Anything with ``images`` (uint8 (N, H, W, 3) or float (N, F): an array, or an
-    on-demand reader such as :class:`dpq.data.ImageFileReader`) and ``labels``."""
-
-    images: Any
-    labels: np.ndarray
-
-
-@dataclass(frozen=True)
-class ArrayDataset:
-    """Inputs and labels held in memory.
-
-    Attributes:
-        images: uint8 (N, H, W, 3) images, or float32 (N, F) features (or an on-demand
-            image reader with the same indexing, read through worker processes).
-        labels: int64 (N,) class ids or multi-hot (N, C).
-    """
-
-    images: Any
-    labels: np.ndarray
+__all__ = [
+    "ArrayDataset",
+    "LabelledInputs",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "seed_everything",
+    "train_model",
+]
 
 
 @dataclass
@@ -126,7 +87,7 @@ class TrainResult:
     """What :meth:`Trainer.train` returns.
 
     Attributes:
-        model: the trained model (eval mode; EMA weights when EMA was on).
+        model: the trained network (eval mode; EMA weights when EMA was on).
         epochs: number of epochs of the run.
         history: one dict per epoch (mean loss parts, learning rate, seconds, accuracy).
         wall_seconds: wall time of this call.
@@ -138,7 +99,7 @@ class TrainResult:
             wrote the checkpoints and the model.
     """
 
-    model: DPQModel
+    model: RetrievalNetwork
     epochs: int
     history: list[dict[str, Any]]
     wall_seconds: float
@@ -163,128 +124,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def learning_rate(step: int, total_steps: int, peak: float, schedule: str, warmup: float) -> float:
-    """Learning rate at ``step`` (0-based) of ``total_steps``.
-
-    "onecycle": linear from 0 to ``peak`` over the warm-up steps, then linear to 0;
-    "cosine": the same warm-up, then cosine decay to 0; "constant": ``peak``.
-    """
-    if schedule == "constant" or total_steps <= 0:
-        return peak
-    warmup_steps = warmup * total_steps
-    position = step + 1
-    if position <= warmup_steps:
-        return peak * position / warmup_steps
-    progress = (position - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "onecycle":
-        return peak * (1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class WeightAverage:
-    """Exponential moving average of a model's floating-point state (weights and BatchNorm
-    statistics); integer buffers are copied. Decay warms up as min(decay, (1+n)/(10+n))."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, value in model.state_dict().items():
-            average = self.state[name]
-            if average.dtype.is_floating_point:
-                average.mul_(decay).add_(value.detach(), alpha=1 - decay)
-            else:
-                average.copy_(value)
-
-    @torch.no_grad()
-    def reset(self, model: nn.Module, prefix: str) -> None:
-        """Copy the current values of the entries whose name starts with ``prefix``."""
-        for name, value in model.state_dict().items():
-            if name.startswith(prefix):
-                self.state[name].copy_(value)
-
-
-def dataset_fingerprint(inputs: Any, labels: np.ndarray) -> str:
-    """Cheap identity of a training set: shapes, all labels and a sample of inputs."""
-    digest = hashlib.sha256()
-    digest.update(repr((tuple(inputs.shape), str(inputs.dtype), labels.shape)).encode())
-    digest.update(np.ascontiguousarray(labels).tobytes())
-    step = max(1, len(labels) // 64)
-    digest.update(np.ascontiguousarray(inputs[::step]).tobytes())
-    return digest.hexdigest()
-
-
-def _running_losses(sums: dict[str, float], steps: int) -> str:
-    """Running means of the main loss terms, for progress output."""
-    shown = [("total", "loss"), ("semantic", "L_S"), ("cls", "L_C"), ("E", "E")]
-    return ", ".join(f"{label} {sums[key] / steps:.3g}" for key, label in shown if key in sums)
-
-
-def model_and_loss(
-    model: DPQModel,
-    loss_fn: DPQLoss,
-    precision: str,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    quantize: bool,
-    detach: bool,
-) -> tuple[LossOutput, torch.Tensor]:
-    """One training forward pass: (the loss of the batch, the logits (B, C))."""
-    with autocast(model.device, precision):
-        out = model(x, quantize=quantize, detach_quantizer_input=detach)
-    loss = loss_fn(out.semantic, out.logits.float(), targets, out.quantized, out.quantizer_input)
-    return loss, out.logits
-
-
-class _ModelAndLoss(nn.Module):
-    """:func:`model_and_loss` as a module, for DistributedDataParallel: it returns the loss
-    tensor, the logits detached and the float parts, so DDP finds the used parameters by
-    following the graph of the loss alone."""
-
-    def __init__(self, model: DPQModel, loss_fn: DPQLoss, precision: str) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.precision = precision
-
-    def forward(
-        self, x: torch.Tensor, targets: torch.Tensor, quantize: bool, detach: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        loss, logits = model_and_loss(
-            self.model, self.loss_fn, self.precision, x, targets, quantize, detach
-        )
-        return loss.total, logits.detach(), loss.parts
-
-
-@dataclass
-class _Run:
-    """The state of a run between epochs (what a checkpoint restores)."""
-
-    epochs: int
-    plan: dict[str, Any]
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    quant_epoch: int = 0
-    resumed_from: int = 0
-    frozen_features: np.ndarray | None = None
-
-
 class Trainer:
-    """Train a DPQ model; see the module docstring for the schedules.
+    """Train a retrieval network; see the module docstring.
 
     Args:
-        config: the full configuration (its model/quantizer sections must be the model's);
-            it is saved with every checkpoint.
-        model: the network to train (built from ``config``).
+        config: the full configuration (its model, quantizer and method sections must be
+            the model's); it is saved with every checkpoint.
+        model: the network to train (built from ``config``, e.g.
+            ``method_for(config).build_network()``).
         dataset: labelled training inputs (``.images``, ``.labels``), e.g.
             :class:`ArrayDataset`.
-        word_vectors: float (C, D) label word vectors (needed by the semantic loss).
+        word_vectors: float (C, D) label word vectors (for a loss that needs them).
         out_dir: where checkpoints, the log and the final model go (a path or a
             :class:`~dpq.training.checkpoints.RunDirectory`).
         progress: show progress (a bar on a terminal, one line per epoch elsewhere).
@@ -302,7 +152,7 @@ class Trainer:
     def __init__(
         self,
         config: DPQConfig,
-        model: DPQModel,
+        model: RetrievalNetwork,
         dataset: LabelledInputs,
         word_vectors: np.ndarray | None,
         out_dir: str | Path | RunDirectory,
@@ -313,20 +163,12 @@ class Trainer:
         workers: int | None = None,
         distributed: DistributedContext | None | str = "auto",
     ) -> None:
-        if architecture(model.config) != architecture(config):
-            diffs = config_differences(architecture(model.config), architecture(config))
-            raise ValueError(
-                "the model was built from another model/quantizer config than the one given to "
-                f"the Trainer (model vs trainer): {'; '.join(diffs)}; build it from this config."
-            )
+        self.method = method_for(config)
+        check_model_config(model, config)
         self.config = config
-        target = resolve_device(device) if device is not None else model.device
-        if distributed == "auto":
-            distributed = ddp.init_from_environment(target.type)
-        self.dist: DistributedContext | None = distributed  # type: ignore[assignment]
+        requested = resolve_device(device) if device is not None else model.device
+        self.dist, target = agreement.joined_run(distributed, requested)
         self.is_main = self.dist is None or self.dist.is_main
-        if self.dist is not None:
-            target = self.dist.device_for(target)
         if device is not None or target != model.device:
             model.to(target)
         self.model = model
@@ -336,18 +178,11 @@ class Trainer:
         if config.train.freeze_stages:
             model.freeze_backbone_stages(config.train.freeze_stages)
         self.device = model.device
-        self.workers = workers
         self.inputs = dataset.images
         self.labels = np.asarray(dataset.labels)
-        self._check_dataset()
-        self.loss_fn = DPQLoss(
-            config.loss,
-            word_vectors,
-            num_classes=config.model.num_classes,
-            num_levels=config.quantizer.num_levels,
-            dim=config.quantizer.dim,
-            multilabel=config.model.multilabel,
-        ).to(self.device)
+        world = self.dist.world_size if self.dist is not None else 1
+        check_training_data(self.inputs, self.labels, model, config, self.method, world)
+        self.loss_fn = self.method.build_loss(word_vectors).to(self.device)
         self.run_dir = out_dir if isinstance(out_dir, RunDirectory) else RunDirectory(out_dir)
         self.checkpoints = self.run_dir.checkpoints
         self.checkpoints.keep = config.train.keep_checkpoints
@@ -360,409 +195,20 @@ class Trainer:
         self.precision = resolve_precision(config.train.precision, self.device)
         self.scaler = gradient_scaler(self.device, self.precision)
         self.reader = BatchReader(self.inputs, workers=workers, device=self.device)
+        batch = max(256, config.train.batch_size)
+        self.features = TrainingFeatures(
+            model, self.inputs, self.reader, batch, self.precision, workers, self.dist
+        )
+        self.batches = EpochBatches(self.labels, config, model, self.dist)
+        self.guard = DivergenceGuard(self.method, self.precision, self.checkpoints.latest)
 
     @property
     def out_dir(self) -> Path:
         return self.run_dir.path
 
-    # -------------------------------------------------------------- checks
-
-    def _check_dataset(self) -> None:
-        cfg = self.config
-        n = len(self.labels)
-        if len(self.inputs) != n:
-            raise ValueError(f"{len(self.inputs)} inputs but {n} labels; give one label per input.")
-        self.model.check_inputs(self.inputs)
-        if self.model.input_kind == "features" and not np.isfinite(self.inputs).all():
-            raise ValueError("the training features contain NaN or inf; clean them first.")
-        classes = cfg.model.num_classes
-        if cfg.model.multilabel:
-            if self.labels.ndim != 2 or self.labels.shape[1] != classes:
-                raise ValueError(
-                    f"a multi-label model with {classes} labels needs multi-hot labels "
-                    f"(N, {classes}); got shape {self.labels.shape}."
-                )
-        else:
-            if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer):
-                raise ValueError(
-                    f"single-label training needs int class ids (N,); got {self.labels.dtype} "
-                    f"{self.labels.shape}. Set model.multilabel for multi-hot labels."
-                )
-            if n and (self.labels.min() < 0 or self.labels.max() >= classes):
-                raise ValueError(
-                    f"labels must lie in [0, {classes}) for model.num_classes = {classes}; got "
-                    f"values in [{self.labels.min()}, {self.labels.max()}]."
-                )
-            present = len(np.unique(self.labels))
-            if present < classes:
-                raise ValueError(
-                    f"the training set holds {present} classes but the model (and its word "
-                    f"vectors) expect {classes}; every class needs training examples."
-                )
-        if cfg.quantizer.init == "kmeans" and n < cfg.quantizer.codebook_size:
-            raise ValueError(
-                f"k-means initialisation needs at least K = {cfg.quantizer.codebook_size} "
-                f"training items; got {n}. Use a smaller codebook (--codebook-size), more "
-                "training items, or the normal initialisation "
-                '(--config FILE with {"quantizer": {"init": "normal"}}).'
-            )
-        if n < 2:
-            raise ValueError(f"training needs at least 2 items; got {n}.")
-        world = self.dist.world_size if self.dist is not None else 1
-        if cfg.train.batch_size % world:
-            raise ValueError(
-                f"the batch size {cfg.train.batch_size} does not split evenly across {world} "
-                f"processes; use a multiple of {world} (--batch-size is the global batch, "
-                "shared by all processes)."
-            )
-
-    # -------------------------------------------------------------- plan
-
     def steps_per_epoch(self) -> int:
         """Batches per epoch (the last incomplete batch is dropped when there is a full one)."""
-        return max(1, len(self.labels) // self.config.train.batch_size)
-
-    def quantization_start_epoch(self, epochs: int) -> int:
-        """First epoch (0-based) of the quantization phase."""
-        if not self.config.loss.uses_quantization:
-            return epochs
-        start = math.floor(self.config.train.quantization_start * epochs + 1e-9)
-        if self.config.train.schedule == "two_step":
-            return min(max(start, 1), epochs - 1) if epochs > 1 else 0
-        return min(start, epochs - 1)
-
-    def _network_steps(self, run: _Run) -> int:
-        """Steps of the network's learning-rate schedule (two-step: the first step only)."""
-        network_epochs = run.quant_epoch if self.config.train.schedule == "two_step" else run.epochs
-        return network_epochs * self.steps_per_epoch()
-
-    # -------------------------------------------------------------- optimisers
-
-    def _network_parameters(self) -> list[dict[str, Any]]:
-        """Parameter groups of the network optimizer: weights with weight decay, biases and
-        BatchNorm without; the backbone's at ``lr_scale = train.backbone_lr_scale``, the new
-        layers' at 1. Frozen parameters are left out."""
-        cfg = self.config.train
-        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-        for name, param in self.model.named_parameters():
-            if name == "quantizer.codebooks" or not param.requires_grad:
-                continue
-            scale = cfg.backbone_lr_scale if name.startswith("backbone.") else 1.0
-            groups.setdefault((scale, param.ndim > 1), []).append(param)
-        order = sorted(groups, key=lambda key: (-key[0], not key[1]))
-        return [
-            {
-                "params": groups[key],
-                "weight_decay": cfg.weight_decay if key[1] else 0.0,
-                "lr_scale": key[0],
-            }
-            for key in order
-        ]
-
-    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        cfg = self.config.train
-        groups = self._network_parameters()
-        if cfg.optimizer == "sgd":
-            network = torch.optim.SGD(
-                groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
-            )
-        elif cfg.optimizer == "adam":
-            network = torch.optim.Adam(groups, lr=cfg.lr)
-        else:
-            network = torch.optim.AdamW(groups, lr=cfg.lr)
-        return {"network": network, "codebooks": self._codebook_optimizer()}
-
-    def _codebook_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.model.quantizer.codebooks], lr=self.config.train.codebook_lr)
-
-    # -------------------------------------------------------------- batches
-
-    def _targets(self, index: np.ndarray) -> torch.Tensor:
-        labels = torch.from_numpy(np.ascontiguousarray(self.labels[index])).to(self.device)
-        return labels.float() if self.config.model.multilabel else labels.long()
-
-    def _batch(
-        self, raw: torch.Tensor, index: np.ndarray, rng: np.random.Generator, augment: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepared network inputs and targets (int64 ids or float (B, C)) of one batch.
-
-        Args:
-            raw: the batch's raw inputs (uint8 (B, H, W, 3) or float (B, F)), on any device.
-            index: int64 (B,) their rows (for the labels).
-            rng: the epoch's generator (augmentations).
-        """
-        cfg = self.config.train
-        raw = raw.to(self.device, non_blocking=True)
-        targets = self._targets(index)
-        images = self.model.input_kind == "images"
-        if augment and images:
-            raw = crop_flip(raw, rng, cfg.crop_pad, cfg.flip)
-            if cfg.randaugment_ops > 0:
-                raw = rand_augment(raw, rng, cfg.randaugment_ops, cfg.randaugment_magnitude)
-        x = self.model.prepare_inputs(raw)
-        if augment and images and cfg.cutout > 0:
-            x = cutout(x, rng, cfg.cutout)
-        if augment and cfg.mixup_alpha > 0:
-            one_hot = torch.nn.functional.one_hot(targets, self.config.model.num_classes).float()
-            x, targets = mixup(x, one_hot, rng, cfg.mixup_alpha)
-            if self.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        return x, targets
-
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
-        """The epoch's index batches int64 (steps, B) and its augmentation generator; in a
-        multi-process run this rank's share (steps, B / N) of the same global batches, with
-        augmentations of its own."""
-        rng = np.random.default_rng([self.config.train.seed, epoch])
-        order = rng.permutation(len(self.labels))
-        steps = self.steps_per_epoch()
-        size = min(self.config.train.batch_size, len(order))
-        order = order[: steps * size].reshape(steps, size)
-        if self.dist is not None:
-            order = ddp.rank_batches(order, self.dist)
-            rng = np.random.default_rng([self.config.train.seed, epoch, 1 + self.dist.rank])
-        return order, rng
-
-    # -------------------------------------------------------------- one step
-
-    def _forward_loss(
-        self, x: torch.Tensor, targets: torch.Tensor, quantize: bool, detach: bool
-    ) -> tuple[LossOutput, torch.Tensor]:
-        if self._net is not None:  # DistributedDataParallel around _ModelAndLoss
-            total, logits, parts = self._net(x, targets, quantize=quantize, detach=detach)
-            return LossOutput(total, parts), logits
-        return model_and_loss(
-            self.model, self.loss_fn, self.precision, x, targets, quantize, detach
-        )
-
-    def _agreed(self, loss: LossOutput) -> LossOutput:
-        """The loss with its logged parts averaged over the ranks (the global batch's means,
-        so every rank sees the same values and stops together on a non-finite one)."""
-        if self.dist is None:
-            return loss
-        return LossOutput(loss.total, ddp.mean_over_ranks(loss.parts, self.dist))
-
-    def _check_finite(self, loss: LossOutput, epoch: int, step: int, lr: float) -> None:
-        if math.isfinite(loss.parts["total"]):
-            return
-        bad = [name for name, value in loss.parts.items() if not math.isfinite(value)]
-        raise TrainingDiverged(
-            f"loss became {loss.parts['total']} at epoch {epoch + 1}, step {step + 1} "
-            f"(non-finite terms: {', '.join(bad)}); {self._divergence_advice(lr, bad)}"
-        )
-
-    def _divergence_advice(self, lr: float, bad_terms: list[str]) -> str:
-        cfg = self.config.train
-        cause = (
-            f"the learning rate is probably too high (network lr {lr:.3g}, codebook lr "
-            f"{cfg.codebook_lr:.3g}): lower --lr or set train.grad_clip"
-        )
-        if self.precision != "fp32":
-            cause += f", or train in fp32 (--precision fp32; this run used {self.precision})"
-        if {"E", "quan", "quan_hard", "match"} & set(bad_terms):
-            cause += "; the quantization loss is non-finite, so also try a smaller --tau"
-        last = self.checkpoints.latest()
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return f"{cause}. Training stopped; {kept}, and nothing was overwritten."
-
-    def _check_weights(self, epoch: int) -> None:
-        """Refuse to checkpoint non-finite weights (a step can break them without the loss
-        of that step showing it)."""
-        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if broken:
-            raise TrainingDiverged(
-                f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {broken[0]}); "
-                + self._divergence_advice(self.config.train.lr, [])
-            )
-
-    # -------------------------------------------------------------- k-means
-
-    def _training_features(self) -> np.ndarray:
-        """Eval-mode features of the (unaugmented) training set: float32 (N, D) (in a
-        multi-process run each rank computes its share and all ranks get all of them)."""
-        if self.dist is not None:
-            return self._gathered(self._rank_training_features)
-        return self.model.extract_features(
-            self.inputs,
-            batch_size=max(256, self.config.train.batch_size),
-            tta_flip=False,
-            workers=self.workers,
-        )
-
-    def _rank_training_features(self, rows: np.ndarray) -> np.ndarray:
-        subset = getattr(self.inputs, "subset", None)
-        inputs = subset(rows) if callable(subset) else self.inputs[rows]
-        return self.model.extract_features(
-            inputs,
-            batch_size=max(256, self.config.train.batch_size),
-            tta_flip=False,
-            workers=self.workers,
-        )
-
-    def _gathered(self, features_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """float32 (N, D) features of every training row, computed by the ranks in turns of
-        rows (``features_of(rows)`` on this rank's share) and gathered on all ranks."""
-        assert self.dist is not None
-        rows = ddp.rank_rows(len(self.labels), self.dist)
-        local = features_of(rows)
-        every_row = ddp.all_gather_rows(rows, self.dist, "gathering the k-means features")
-        gathered = ddp.all_gather_rows(local, self.dist, "gathering the k-means features")
-        out = np.empty_like(gathered)
-        out[every_row] = gathered
-        return out
-
-    @torch.no_grad()
-    def _features_as_trained(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Features of the unaugmented training set (or of ``rows``) as the training loss
-        sees them (BatchNorm on batch statistics), float32 (N, D); BatchNorm running
-        statistics are left as they were. Early in training the running statistics are far
-        from the batch statistics, so eval-mode features would put the codebooks where the
-        training features are not."""
-        if rows is None and self.dist is not None:
-            return self._gathered(self._features_as_trained)
-        model = self.model
-        saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
-        was_training = model.training
-        model.train()
-        batch_size = max(256, self.config.train.batch_size)
-        count = len(self.labels) if rows is None else len(rows)
-        out = np.empty((count, self.config.quantizer.dim), dtype=np.float32)
-        if rows is None:
-            batches = self.reader.sequential(batch_size)
-        else:
-            parts = [rows[start : start + batch_size] for start in range(0, count, batch_size)]
-            starts = range(0, count, batch_size)
-            batches = zip(starts, self.reader.read(parts), strict=True)
-        try:
-            with autocast(self.device, self.precision):
-                for start, raw in batches:
-                    x = model.prepare_inputs(raw.to(self.device, non_blocking=True))
-                    features = model(x, quantize=False).features.float().cpu().numpy()
-                    out[start : start + len(features)] = features
-        finally:
-            for name, buffer in model.named_buffers():
-                buffer.copy_(saved[name])
-            model.train(was_training)
-        return out
-
-    def _kmeans_init(self, eval_mode: bool = False) -> np.ndarray:
-        """Residual k-means codebooks on the training features; in a multi-process run on
-        rank 0, over the features of all ranks, then broadcast: every rank starts from the
-        same codebooks."""
-        features = self._training_features() if eval_mode else self._features_as_trained()
-        quantizer = self.model.quantizer
-
-        def kmeans() -> list[float]:
-            return quantizer.init_kmeans(
-                features,
-                iterations=self.config.train.kmeans_iterations,
-                seed=self.config.train.seed,
-            ).tolist()
-
-        errors = ddp.rank0_decides(self.dist, kmeans, "k-means on rank 0")
-        if self.dist is not None:
-            ddp.broadcast_tensors_([quantizer.codebooks], self.dist, "broadcasting the codebooks")
-        self.log(
-            "k-means codebook init on "
-            f"{len(features)} training features: mean squared error per level "
-            + " ".join(f"{e:.4g}" for e in errors)
-        )
-        return np.asarray(errors)
-
-    # -------------------------------------------------------------- time budget
-
-    def _time_steps(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
-        """Seconds per training step, measured on a throw-away copy of model and optimizers."""
-        original = self.model
-        rng_state = torch.get_rng_state()
-        self.model = copy.deepcopy(original)
-        try:
-            optimizers = self._make_optimizers()
-            self.model.train()
-            order, rng = self._epoch_order(10**6)
-            steps = min(len(order), max_steps + warmup_steps)
-            quantize = self.config.loss.uses_quantization
-            scaler = gradient_scaler(self.device, self.precision)
-            times = []
-            batches = self.reader.read(order[step % len(order)] for step in range(steps))
-            begin = self.clock()
-            for step, raw in enumerate(batches):
-                x, targets = self._batch(raw, order[step % len(order)], rng, augment=True)
-                loss, _ = self._forward_loss(x, targets, quantize, detach=False)
-                for optimizer in optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                if loss.total.requires_grad:
-                    scaler.scale(loss.total).backward()
-                for optimizer in optimizers.values():
-                    scaler.step(optimizer)
-                scaler.update()
-                times.append(self.clock() - begin)
-                begin = self.clock()
-            measured = times[warmup_steps:] or times
-            return float(np.median(measured)) * 1.05
-        finally:
-            self.model = original
-            torch.set_rng_state(rng_state)
-
-    def _plan_epochs(self, budget: TimeBudget | None) -> tuple[int, dict[str, Any]]:
-        """The first plan; in a multi-process run rank 0 times its steps and decides."""
-        cfg = self.config.train
-        if budget is None:
-            return cfg.epochs, {"epochs": cfg.epochs, "source": "config"}
-        epochs, plan = ddp.rank0_decides(
-            self.dist, lambda: self._measured_plan(budget), "the time plan"
-        )
-        return int(epochs), plan
-
-    def _measured_plan(self, budget: TimeBudget) -> tuple[int, dict[str, Any]]:
-        cfg = self.config.train
-        seconds_per_step = self._time_steps()
-        epochs, plan = budget.plan(seconds_per_step)
-        self.log(
-            f"time budget {cfg.time_budget_minutes:g} min: {seconds_per_step:.3f} s/step x "
-            f"{plan['steps_per_epoch']} steps = {plan['seconds_per_epoch']:.1f} s/epoch -> "
-            f"{epochs} epochs"
-        )
-        return epochs, plan
-
-    def _revise_plan(self, run: _Run, budget: TimeBudget, epoch_wall: float, record: dict) -> None:
-        """After an epoch: change ``run.epochs`` when the budget says so (and what follows)."""
-        done = run.epoch
-        warming_up = (
-            done < self.config.train.warmup_fraction * run.epochs and done < run.quant_epoch
-        )
-        revised = budget.revise(epoch_wall, run.epochs, done, warming_up)
-        if self.config.loss.uses_quantization and run.quant_epoch >= done:
-            revised = max(revised, done + 1)  # one quantization epoch at least
-        if revised == run.epochs:
-            return
-        self.log(
-            f"after epoch {done} ({record['seconds']:.1f} s; planned "
-            f"{run.plan['seconds_per_epoch']:.1f} s): {revised} epochs instead of {run.epochs} "
-            "to " + ("stay within" if revised < run.epochs else "use") + " the time budget"
-        )
-        run.epochs = revised
-        run.plan = {**run.plan, "epochs": revised, "replanned_after_epoch": done}
-        # quantization that has started goes on; one that has not cannot start before the
-        # next epoch
-        if run.quant_epoch >= done:
-            run.quant_epoch = max(self.quantization_start_epoch(revised), done)
-            if self.config.loss.uses_quantization:
-                run.quant_epoch = min(run.quant_epoch, revised - 1)
-
-    def _agree_on_plan(
-        self, run: _Run, budget: TimeBudget, epoch_wall: float, record: dict
-    ) -> None:
-        """:meth:`_revise_plan`, decided by rank 0 in a multi-process run (its wall time
-        and budget), the result applied on every rank."""
-
-        def revise() -> dict[str, Any]:
-            self._revise_plan(run, budget, epoch_wall, record)
-            return {"epochs": run.epochs, "plan": run.plan, "quant_epoch": run.quant_epoch}
-
-        decided = ddp.rank0_decides(self.dist, revise, "revising the time plan")
-        run.epochs, run.plan = int(decided["epochs"]), decided["plan"]
-        run.quant_epoch = int(decided["quant_epoch"])
+        return self.batches.steps_per_epoch()
 
     # -------------------------------------------------------------- the loop
 
@@ -776,69 +222,17 @@ class Trainer:
         Raises:
             ValueError: ``out_dir`` already holds a run and ``resume`` is false; no
                 checkpoint to resume from; a config or data mismatch on resume.
-            dpq.training.checkpoints.RunInProgressError: another process is training into ``out_dir``.
+            dpq.training.checkpoints.RunInProgressError: another process is training into
+                ``out_dir``.
             TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
         """
         with contextlib.ExitStack() as stack:
-
-            def claim_folder() -> bool:
-                stack.enter_context(self.run_dir.lock())
-                self.run_dir.check_can_start(resume)
-                self.checkpoints.remove_temporaries()
-                return True
-
-            ddp.rank0_decides(
-                self.dist,
-                claim_folder,
-                "checking the run folder",
-                kinds=(RunInProgressError, ValueError, FileNotFoundError),
-            )
+            agreement.claim_run_folder(self.run_dir, resume, stack, self.dist)
             try:
                 return self._train_locked(resume)
             finally:
                 self.reader.close()
                 self._net = None
-
-    def _wrap(self) -> None:
-        """DistributedDataParallel around the model and its loss (its constructor makes
-        every rank start from rank 0's weights). It follows the graph from the loss, so a
-        parameter a phase leaves out (the codebooks before the quantization phase, a head
-        whose loss is off) counts as unused instead of being waited for. Buffers are not
-        broadcast every step (that would discard the other ranks' BatchNorm statistics);
-        they are averaged per epoch."""
-        if self.dist is None:
-            return
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        # buffers synced from rank 0 once, at the start, not before every forward pass
-        options = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else {"broadcast_buffers": False}  # torch before forward_sync_buffers
-        )
-        with ddp.collective_guard(self.dist, "starting DistributedDataParallel"):
-            self._net = DistributedDataParallel(
-                _ModelAndLoss(self.model, self.loss_fn, self.precision),
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-                **options,
-            )
-
-    def _end_epoch_in_sync(self, ema: WeightAverage | None, record: dict[str, Any]) -> None:
-        """Average BatchNorm statistics (and their EMA) over the ranks, then check that
-        every rank holds the same model; the model's digest goes into the epoch record."""
-        if self.dist is None:
-            return
-        ddp.average_buffers_(self.model, self.dist)
-        if ema is not None:
-            buffers = {name for name, _ in self.model.named_buffers()}
-            averaged = [v for k, v in ema.state.items() if k in buffers and v.is_floating_point()]
-            ddp.all_reduce_mean_(averaged, self.dist, "averaging the EMA's BatchNorm")
-        record["state_sha256"] = ddp.check_in_sync(
-            self.model, self.dist, f"after epoch {record['epoch']}"
-        )
 
     def _train_locked(self, resume: bool) -> TrainResult:
         started = self.clock()
@@ -846,42 +240,31 @@ class Trainer:
         torch.set_num_threads(cfg.num_threads or available_cores())
         if cfg.backbone_weights is not None and not resume:
             loaded = load_backbone_weights(self.model.backbone, cfg.backbone_weights)
-            self.log(
-                f"backbone weights from {cfg.backbone_weights}: {loaded['loaded']} tensors"
-                + (
-                    f" ({loaded['ignored']} classifier tensors left out)"
-                    if loaded["ignored"]
-                    else ""
-                )
-            )
+            self.log(log_lines.backbone_weights_line(cfg.backbone_weights, loaded))
         optimizers = self._make_optimizers()
         ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        budget = None
-        if cfg.time_budget_minutes is not None:
-            budget = TimeBudget(
-                cfg.time_budget_minutes, self.steps_per_epoch(), self.clock, started
-            )
-        if resume:
-            run = self._resume(optimizers, ema)
-        else:
-            epochs, plan = self._plan_epochs(budget)
-            run = _Run(epochs=epochs, plan=plan, quant_epoch=self.quantization_start_epoch(epochs))
-        self._wrap()
-        if self.dist is not None:
-            per_rank = self.config.train.batch_size // self.dist.world_size
-            self.log(
-                f"DistributedDataParallel: {self.dist.world_size} processes ({self.dist.backend}), "
-                f"global batch {self.config.train.batch_size} = {per_rank} per process"
-            )
-        if self.precision != "fp32" or self.device.type != "cpu":
-            arithmetic = "float32" if self.precision == "fp32" else f"{self.precision} autocast"
-            scaled = " with a gradient scaler" if self.scaler.is_enabled() else ""
-            self.log(f"training on {describe_device(self.device)} in {arithmetic}{scaled}")
-        if self.reader.streams:
-            self.log(
-                f"reading {len(self.labels):,} training images on demand with "
-                f"{self.reader.workers} worker process(es)"
-            )
+        method = self.method
+        planner = EpochPlanner(
+            cfg,
+            self.steps_per_epoch(),
+            method.second_phase_start,
+            method.has_second_phase,
+            self.clock,
+            started,
+            self.log,
+        )
+        run = self._start_run(resume, planner, optimizers, ema)
+        self._net = agreement.wrap_for_ddp(
+            agreement.StepModule(method, self.model, self.loss_fn, self.precision),
+            self.device,
+            self.dist,
+        )
+        streamed = (len(self.labels), self.reader.workers) if self.reader.streams else None
+        scaled = self.scaler.is_enabled()
+        for line in log_lines.setup_lines(
+            cfg.batch_size, self.device, self.precision, scaled, self.dist, streamed
+        ):
+            self.log(line)
         steps = self.steps_per_epoch()
         bar = None
         if self.progress and is_terminal():
@@ -891,28 +274,30 @@ class Trainer:
         try:
             while run.epoch < run.epochs:
                 epoch_start = self.clock()
-                if run.epoch == run.quant_epoch:
-                    optimizers["codebooks"] = self._start_quantization(ema)
-                record = self._run_epoch(run, optimizers, ema, bar)
-                self._end_epoch_in_sync(ema, record)
+                if run.epoch == run.switch_epoch:
+                    self._start_second_phase(optimizers, ema)
+                record = self._train_one_epoch(run, optimizers, ema, bar)
+                agreement.end_epoch_in_sync(self.model, ema, record, self.dist)
                 record["seconds"] = round(self.clock() - epoch_start, 3)
-                self._check_weights(run.epoch)
+                self.guard.check_weights(self.model, run.epoch, cfg.lr)
                 run.history.append(record)
                 run.epoch += 1
                 if self.is_main:
                     self.run_dir.append_log(record)
+                    state = trainer_state(run, self.config, self.fingerprint, ema, self.scaler)
                     self.checkpoints.save(
                         run.epoch,
                         self.model,
                         self.config,
-                        self._state(run, ema),
+                        state,
                         optimizers,
                         ema.state if ema is not None else None,
                     )
                 if self.progress and bar is None:
-                    self.log(self._epoch_line(run, record))
-                if budget is not None and run.resumed_from == 0 and run.epoch < run.epochs:
-                    self._agree_on_plan(run, budget, self.clock() - epoch_start, record)
+                    self.log(log_lines.epoch_line(record, run.epochs, method.shown_losses))
+                if planner.budget is not None and run.resumed_from == 0 and run.epoch < run.epochs:
+                    wall = self.clock() - epoch_start
+                    agreement.agreed_revision(planner, run, wall, record["seconds"], self.dist)
                     if bar is not None:
                         bar.total = run.epochs * steps
                         bar.refresh()
@@ -921,104 +306,69 @@ class Trainer:
                 bar.close()
         return self._finish(run, ema, started)
 
-    def _state(self, run: _Run, ema: WeightAverage | None) -> dict[str, Any]:
-        """The JSON-ready trainer state written with every checkpoint."""
-        return {
-            "ema_updates": ema.updates if ema is not None else None,
-            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "config": self.config.to_dict(),
-            "epochs": run.epochs,
-            "plan": run.plan,
-            "dataset_fingerprint": self.fingerprint,
-            "epoch": run.epoch,
-            "history": run.history,
-        }
-
-    def _resume(
-        self, optimizers: dict[str, torch.optim.Optimizer], ema: WeightAverage | None
-    ) -> _Run:
-        latest = ddp.rank0_decides(
-            self.dist, lambda: str(self.checkpoints.latest()), "choosing the checkpoint"
+    def _start_run(
+        self,
+        resume: bool,
+        planner: EpochPlanner,
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema: WeightAverage | None,
+    ) -> RunState:
+        """A fresh run as planned, or the state of the newest checkpoint, loaded."""
+        if not resume:
+            epochs, plan = agreement.agreed_first_plan(planner, self._seconds_per_step, self.dist)
+            return planner.new_run(epochs, plan)
+        path = agreement.chosen_checkpoint(self.checkpoints, self.dist)
+        run = resume_run(
+            self.checkpoints,
+            path,
+            self.config,
+            self.fingerprint,
+            self.model,
+            optimizers,
+            ema,
+            self.scaler,
+            self.method.second_phase_start,
         )
-        path = Path(latest)  # check_can_start guarantees there is one
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{path} (the checkpoint rank 0 resumes from) is not on this machine; keep the "
-                "run folder on storage every machine shares."
-            )
-        state = self.checkpoints.read_state(path)
-        saved = DPQConfig.from_dict(state["config"])
-        if saved != self.config:
-            diffs = config_differences(saved.to_dict(), self.config.to_dict())
-            if all(diff.startswith(DATA_DERIVED_FIELDS) for diff in diffs):
-                raise ValueError(
-                    f"cannot resume from {path}: it was trained on a different training set "
-                    "(the image statistics or classes taken from the data differ); resume with "
-                    "the same source, split and --split-seed."
-                )
-            raise ValueError(
-                f"cannot resume from {path}: its config differs from this run's (saved vs "
-                "now): "
-                + "; ".join(diffs[:8])
-                + ". Resume with the same settings, or start a new run in another --out."
-            )
-        if state["dataset_fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"cannot resume from {path}: it was trained on a different training set "
-                "than the one given now (another source, split or --split-seed); resume with "
-                "the same data and split."
-            )
-        self.checkpoints.restore(path, self.model, optimizers, ema.state if ema else None)
-        if ema is not None:
-            ema.updates = int(state.get("ema_updates") or 0)
-        if self.scaler.is_enabled() and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        epochs, epoch = int(state["epochs"]), int(state["epoch"])
-        run = _Run(
-            epochs=epochs,
-            plan=state["plan"],
-            epoch=epoch,
-            history=list(state["history"]),
-            quant_epoch=self.quantization_start_epoch(epochs),
-            resumed_from=epoch,
-        )
-        self.log(f"resuming from {path} (epoch {epoch} of {epochs})")
+        self.log(f"resuming from {path} (epoch {run.epoch} of {run.epochs})")
         return run
 
-    def _start_quantization(self, ema: WeightAverage | None) -> torch.optim.Optimizer:
-        """The quantization phase begins: k-means codebooks and a fresh codebook optimizer."""
-        if self.config.train.schedule == "two_step" and ema is not None:
-            self.model.load_state_dict(ema.state)  # the frozen network is the averaged one
-        if self.config.quantizer.init == "kmeans":
-            self._kmeans_init(eval_mode=(self.config.train.schedule == "two_step"))
+    def _start_second_phase(
+        self, optimizers: dict[str, torch.optim.Optimizer], ema: WeightAverage | None
+    ) -> None:
+        """The second phase begins: the averaged network (when asked), codebooks from the
+        training features (when asked), and fresh codebook optimizers."""
+        phase = self.method.phase(second=True)
+        if phase.average_network_first and ema is not None:
+            self.model.load_state_dict(ema.state)
+        if phase.init_codebooks is not None:
+            features = self.features.of_kind(phase.init_codebooks)
+            initialise_codebooks(self.method, self.model, features, self.dist, self.log)
             if ema is not None:
-                ema.reset(self.model, "quantizer.")
-        return self._codebook_optimizer()
+                ema.reset(self.model, self.method.codebook_parameters(self.model))
+        optimizers.update(codebook_optimizers(self.model, self.method))
 
-    def _run_epoch(
+    def _train_one_epoch(
         self,
-        run: _Run,
+        run: RunState,
         optimizers: dict[str, torch.optim.Optimizer],
         ema: WeightAverage | None,
         bar: Any,
     ) -> dict[str, Any]:
         """One epoch of the current phase; returns its log record (mean losses, lr, ...)."""
-        quantize = run.epoch >= run.quant_epoch
-        order, rng = self._epoch_order(run.epoch)
-        if self.config.train.schedule == "two_step" and quantize:
+        phase = self.method.phase(second=run.epoch >= run.switch_epoch)
+        order, rng = self.batches.order(run.epoch)
+        record: dict[str, Any] = {"epoch": run.epoch + 1, "phase": phase.name}
+        if not phase.trains_network:
             if run.frozen_features is None:
-                run.frozen_features = self._training_features()
-            sums = self._codebook_epoch(run, order, optimizers["codebooks"], bar)
-            record: dict[str, Any] = {"epoch": run.epoch + 1, "phase": "quantization", "lr": 0.0}
-        else:
-            sums, lr, accuracy = self._network_epoch(
-                run, order, rng, quantize, optimizers, ema, bar
+                run.frozen_features = self.features.eval_mode()
+            codebooks = optimizers["codebooks"]
+            sums = self._frozen_network_epoch(
+                run, phase, run.frozen_features, order, codebooks, bar
             )
-            record = {
-                "epoch": run.epoch + 1,
-                "phase": "quantization" if quantize else "features",
-                "lr": lr,
-            }
+            record["lr"] = 0.0
+        else:
+            sums, lr, accuracy = self._network_epoch(run, phase, order, rng, optimizers, ema, bar)
+            record["lr"] = lr
             if accuracy is not None:
                 record["train_accuracy"] = accuracy
         record.update({k: v / len(order) for k, v in sums.items()})
@@ -1026,130 +376,99 @@ class Trainer:
 
     def _network_epoch(
         self,
-        run: _Run,
+        run: RunState,
+        phase: Phase,
         order: np.ndarray,
         rng: np.random.Generator,
-        quantize: bool,
         optimizers: dict[str, torch.optim.Optimizer],
         ema: WeightAverage | None,
         bar: Any,
     ) -> tuple[dict[str, float], float, float | None]:
         """Network steps over one epoch: (summed loss parts, last lr, training accuracy)."""
         cfg = self.config.train
-        network_opt, codebook_opt = optimizers["network"], optimizers["codebooks"]
+        network_opt = optimizers["network"]
         total_steps = self._network_steps(run)
         steps = self.steps_per_epoch()
         sums: dict[str, float] = {}
         correct = seen = 0
         lr = 0.0
-        scaler = self.scaler
         self.model.train()
         for step, (index, raw) in enumerate(zip(order, self.reader.read(order), strict=True)):
-            lr = learning_rate(
-                run.epoch * steps + step, total_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction
+            position = run.epoch * steps + step
+            lr = learning_rate(position, total_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_fraction)
+            set_learning_rate(network_opt, lr)
+            x, targets = self.batches.prepare(raw, index, rng, augment=True)
+            out = self._forward_loss(
+                x, targets, Step(phase, run.epoch, position, run.epochs * steps)
             )
-            for group in network_opt.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            x, targets = self._batch(raw, index, rng, augment=True)
-            loss, logits = self._forward_loss(
-                x, targets, quantize, detach=(cfg.schedule == "two_phase")
-            )
-            loss = self._agreed(loss)
-            self._check_finite(loss, run.epoch, step, lr)
-            network_opt.zero_grad(set_to_none=True)
-            codebook_opt.zero_grad(set_to_none=True)
-            if loss.total.requires_grad:
-                scaler.scale(loss.total).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(network_opt)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in network_opt.param_groups for p in g["params"]], cfg.grad_clip
-                    )
-                scaler.step(network_opt)
-                if quantize:
-                    scaler.step(codebook_opt)
-                scaler.update()
+            parts = agreement.agreed_parts(out.loss.parts, self.dist)
+            self.guard.check_loss(parts, run.epoch, step, lr)
+            self._update(out.loss.total, optimizers, phase, self.scaler)
             if ema is not None:
                 ema.update(self.model)
-            for name, value in loss.parts.items():
+            for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
-            if not self.config.model.multilabel and targets.ndim == 1:
-                correct += int((logits.argmax(1) == targets).sum())
+            if out.logits is not None and not self.config.model.multilabel and targets.ndim == 1:
+                correct += int((out.logits.argmax(1) == targets).sum())
                 seen += len(targets)
             if bar is not None:
                 bar.update(1)
                 if step % 5 == 0 or step == len(order) - 1:
-                    bar.set_postfix_str(
-                        f"epoch {run.epoch + 1}/{run.epochs}, {_running_losses(sums, step + 1)}"
-                    )
-        if self.dist is not None:
-            counted = ddp.mean_over_ranks({"correct": correct, "seen": seen}, self.dist)
-            correct, seen = counted["correct"], counted["seen"]  # means: the ratio is the same
-        return sums, lr, (correct / seen if seen else None)
+                    shown = log_lines.running_losses(sums, step + 1, self.method.shown_losses)
+                    bar.set_postfix_str(f"epoch {run.epoch + 1}/{run.epochs}, {shown}")
+        return sums, lr, agreement.agreed_accuracy(correct, seen, self.dist)
 
-    def _codebook_epoch(
-        self, run: _Run, order: np.ndarray, optimizer: torch.optim.Optimizer, bar: Any
+    def _frozen_network_epoch(
+        self,
+        run: RunState,
+        phase: Phase,
+        features: np.ndarray,
+        order: np.ndarray,
+        optimizer: torch.optim.Optimizer,
+        bar: Any,
     ) -> dict[str, float]:
-        """One epoch of codebook-only training on frozen features (two-step schedule)."""
-        assert run.frozen_features is not None
-        quantizer = self.model.quantizer
+        """One epoch of codebook-only training on float32 (N, D) features of the frozen
+        network."""
+        codebooks = list(self.method.codebook_parameters(self.model).values())
         sums: dict[str, float] = {}
         for step, index in enumerate(order):
-            x = torch.from_numpy(run.frozen_features[index]).to(self.device)
-            with full_precision(self.device):
-                energy, terms = self.loss_fn.energy(x, quantizer(x))
-            parts = {name: float(value.detach()) for name, value in terms.items()}
-            parts["total"] = parts["E"]
-            loss = self._agreed(LossOutput(energy, parts))
-            parts = loss.parts
-            self._check_finite(loss, run.epoch, step, 0.0)
+            x = torch.from_numpy(features[index]).to(self.device)
+            loss = self.method.frozen_features_loss(self.model, self.loss_fn, x)
+            parts = agreement.agreed_parts(loss.parts, self.dist)
+            self.guard.check_loss(parts, run.epoch, step, 0.0)
             optimizer.zero_grad(set_to_none=True)
-            (self.config.loss.tau * energy).backward()
-            if self.dist is not None:  # not through DDP: the codebooks' gradient by hand
-                ddp.all_reduce_mean_(
-                    [quantizer.codebooks.grad], self.dist, "all-reducing codebook gradients"
-                )
+            loss.total.backward()
+            agreement.agreed_gradients(codebooks, self.dist)  # not through DDP: all-reduced here
             optimizer.step()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(f"phase codebooks, E {sums['E'] / (step + 1):.3g}")
+                shown = log_lines.running_losses(sums, step + 1, self.method.shown_losses)
+                bar.set_postfix_str(f"phase {phase.name} (network frozen), {shown}")
         return sums
 
-    def _epoch_line(self, run: _Run, record: dict[str, Any]) -> str:
-        """The one line per epoch printed where no progress bar is shown (a pipe, a file)."""
-        losses = _running_losses(record, 1)
-        accuracy = record.get("train_accuracy")
-        extra = f", train accuracy {accuracy:.3f}" if accuracy is not None else ""
-        return (
-            f"epoch {run.epoch}/{run.epochs} ({record['phase']}): {losses}{extra}; "
-            f"{record['seconds']:.1f} s"
-        )
-
-    def _finish(self, run: _Run, ema: WeightAverage | None, started: float) -> TrainResult:
-        """Final weights (EMA), optional final k-means, the saved model."""
-        cfg = self.config.train
-        if ema is not None and not (cfg.schedule == "two_step" and run.quant_epoch < run.epochs):
+    def _finish(self, run: RunState, ema: WeightAverage | None, started: float) -> TrainResult:
+        """Final weights (the average, unless a frozen network was already the average),
+        the method's final codebook initialisation, the saved model."""
+        frozen = not self.method.phase(second=True).trains_network
+        if ema is not None and not (frozen and run.switch_epoch < run.epochs):
             self.model.load_state_dict(ema.state)
-        if cfg.final_kmeans or not self.config.loss.uses_quantization:
-            self._kmeans_init(eval_mode=True)
+        if self.method.final_codebook_init():
+            features = self.features.eval_mode()
+            initialise_codebooks(self.method, self.model, features, self.dist, self.log)
         self.model.eval()
         wall = self.clock() - started
+        extra = {
+            "epochs": run.epochs,
+            "plan": run.plan,
+            "history": run.history,
+            "precision": self.precision,
+        }
 
         def save() -> str:
-            return str(
-                self.model.save_checkpoint(
-                    self.run_dir.model_dir,
-                    extra={
-                        "epochs": run.epochs,
-                        "plan": run.plan,
-                        "history": run.history,
-                        "precision": self.precision,
-                    },
-                    config=self.config,
-                )
-            )
+            path = self.model.save_checkpoint(self.run_dir.model_dir, extra, self.config)
+            return str(path)
 
         model_dir = Path(ddp.rank0_decides(self.dist, save, "saving the final model"))
         self.log(f"saved the model to {model_dir} ({run.epochs} epochs, {wall:.1f} s in this call)")
@@ -1166,6 +485,81 @@ class Trainer:
             world_size=self.dist.world_size if self.dist is not None else 1,
         )
 
+    # -------------------------------------------------------------- steps and batches
+
+    def _forward_loss(self, x: torch.Tensor, targets: torch.Tensor, step: Step) -> StepOutput:
+        if self._net is not None:  # DistributedDataParallel around a StepModule
+            total, logits, parts = self._net(x, targets, step)
+            return StepOutput(LossOutput(total, parts), logits)
+        return self.method.forward_loss(self.model, self.loss_fn, x, targets, step, self.precision)
+
+    def _network_steps(self, run: RunState) -> int:
+        """Steps of the network's learning-rate schedule (up to a frozen second phase)."""
+        frozen = not self.method.phase(second=True).trains_network
+        return (run.switch_epoch if frozen else run.epochs) * self.steps_per_epoch()
+
+    # -------------------------------------------------------------- optimizers
+
+    def _make_optimizers(
+        self, model: RetrievalNetwork | None = None
+    ) -> dict[str, torch.optim.Optimizer]:
+        """The network's optimizer ("network") and the method's codebooks' ("codebooks")."""
+        return build_optimizers(
+            self.model if model is None else model, self.method, self.config.train
+        )
+
+    def _update(
+        self,
+        loss: torch.Tensor,
+        optimizers: dict[str, torch.optim.Optimizer],
+        phase: Phase,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """Back-propagate a batch's loss and step the network (its gradient clipped when
+        ``train.grad_clip`` says so) and, in a phase that trains them, the codebooks."""
+        network = optimizers["network"]
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        if not loss.requires_grad:
+            return
+        scaler.scale(loss).backward()
+        clip = self.config.train.grad_clip
+        if clip > 0:
+            scaler.unscale_(network)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in network.param_groups for p in g["params"]], clip
+            )
+        scaler.step(network)
+        if phase.trains_codebooks:
+            for name, optimizer in optimizers.items():
+                if name != "network":
+                    scaler.step(optimizer)
+        scaler.update()
+
+    def _seconds_per_step(self, max_steps: int = 12, warmup_steps: int = 2) -> float:
+        """Seconds per training step, measured on a throw-away copy of model and optimizers
+        (and a scaler of their own; torch's random state is put back)."""
+        rng_state = torch.get_rng_state()
+        model = copy.deepcopy(self.model)
+        try:
+            optimizers = self._make_optimizers(model)
+            model.train()
+            order, rng = self.batches.order(10**6)
+            rows = list(order[: max_steps + warmup_steps])
+            timed = Step(self.method.timed_phase())
+            scaler = gradient_scaler(self.device, self.precision)
+
+            def one_step(step: int, raw: torch.Tensor) -> None:
+                x, targets = self.batches.prepare(raw, rows[step], rng, augment=True)
+                out = self.method.forward_loss(
+                    model, self.loss_fn, x, targets, timed, self.precision
+                )
+                self._update(out.loss.total, optimizers, timed.phase, scaler)
+
+            return measure_step_seconds(self.reader.read(rows), one_step, self.clock, warmup_steps)
+        finally:
+            torch.set_rng_state(rng_state)
+
 
 def train_model(
     config: DPQConfig,
@@ -1179,17 +573,18 @@ def train_model(
     workers: int | None = None,
     distributed: DistributedContext | None | str = "auto",
 ) -> TrainResult:
-    """Build a model from ``config`` (seeded by ``train.seed``) and train it on ``device``
-    (``"auto"``: CUDA where there is a GPU), reading on-demand images with ``workers``
-    processes; under torchrun with DistributedDataParallel (``distributed``, see
-    :class:`Trainer`).
+    """Build the network of ``config``'s method (seeded by ``train.seed``) and train it on
+    ``device`` (``"auto"``: CUDA where there is a GPU), reading on-demand images with
+    ``workers`` processes; under torchrun with DistributedDataParallel (``distributed``,
+    see :class:`Trainer`).
 
-    On ``resume`` the model is rebuilt from the same config and then loaded from the newest
+    On ``resume`` the network is rebuilt from the same config and then loaded from the newest
     checkpoint in ``out_dir``.
     """
     target = resolve_device(device)  # a clear error before anything is built
+    method = method_for(config)
     seed_everything(config.train.seed)
-    model = DPQModel(config)
+    model = method.build_network()
     trainer = Trainer(
         config,
         model,
