@@ -479,8 +479,8 @@ def test_reproduce_under_two_ranks_trains_on_both_and_reports_from_rank_0(
     writes the results; its mAP is that of the saved model (recomputed here)."""
     from conftest import WORDVEC
     from dpq.data import Split, load_source
+    from dpq.evaluate.workflows import evaluate_split
     from dpq.model.network import DPQModel
-    from dpq.training.experiments import evaluate_split
 
     args = (free_port(), str(tmp_path), str(small_cifar_zip), str(WORDVEC / "cifar10.txt"))
     mp.start_processes(_reproduce_rank, args=args, nprocs=2, join=True)

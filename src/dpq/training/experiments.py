@@ -32,7 +32,8 @@ from dpq.data import (
     resolve_word_vectors,
     split_per_class,
 )
-from dpq.evaluate.retrieval import RetrievalEvaluation, evaluate_retrieval
+from dpq.evaluate.retrieval import RetrievalEvaluation
+from dpq.evaluate.workflows import evaluate_split
 from dpq.training import ddp
 from dpq.training.checkpoints import RunDirectory, RunInProgressError
 from dpq.training.loop import ArrayDataset, TrainResult, train_model
@@ -280,41 +281,6 @@ def train_from_source(
     )
     return train_run(
         prepared, out_dir, resume=resume, progress=progress, log=log, device=device, workers=workers
-    )
-
-
-def evaluate_split(
-    model: Any,
-    source: Source,
-    split: Split,
-    baselines: tuple[str, ...] | list[str] = (),
-    r: int | None = None,
-    curves: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-) -> RetrievalEvaluation:
-    """A trained model on a split of a source: its query rows searched in its database
-    rows (:func:`dpq.evaluate.retrieval.evaluate_retrieval`), baselines fitted on its training rows;
-    images read on demand are decoded by ``workers`` processes."""
-    rows = {name: split.rows(name, len(source), source.name) for name in ("query", "database")}
-    query_inputs, query_labels = source.rows(rows["query"])
-    database_inputs, database_labels = source.rows(rows["database"])
-    train_inputs = train_labels = None
-    if baselines and len(split.train):
-        train_inputs, train_labels = source.rows(split.rows("train", len(source), source.name))
-    return evaluate_retrieval(
-        model,
-        query_inputs,
-        query_labels,
-        database_inputs,
-        database_labels,
-        r=r,
-        baselines=tuple(baselines),
-        train_inputs=train_inputs,
-        train_labels=train_labels,
-        curves=curves,
-        progress=progress,
-        workers=workers,
     )
 
 
