@@ -247,6 +247,11 @@ class RetrievalMethod(ABC):
         """Learning rates besides the network's, named for a divergence message."""
         return {}
 
+    def network_lr_scale(self) -> float:
+        """Multiplier of the network's learning rate (``train.lr`` and its schedule) for this
+        method: 1 (the recipe's rate) unless the method's options say otherwise."""
+        return 1.0
+
     def divergence_hint(self, bad_terms: Iterable[str]) -> str:
         """Advice (starting with "; ") when these loss parts became non-finite, or ""."""
         return ""
