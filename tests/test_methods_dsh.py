@@ -42,7 +42,11 @@ def test_the_step_loss_is_dsh_loss_on_real_valued_outputs():
 
 def test_its_settings_are_checked():
     method = DSHMethod(method_config("dsh", bits=32))
-    assert method.options == {"lr_scale": 1.0, "margin": 64.0, "alpha": 0.01}  # the paper's
+    assert method.options == {
+        "lr_scale": 0.1,
+        "margin": 64.0,
+        "alpha": 0.01,
+    }  # the paper's m, alpha
     assert method.code_lengths() == (32,)
     with pytest.raises(ValueError, match="margin must be > 0 for the dsh method"):
         DSHMethod(method_config("dsh", options={"margin": 0}))

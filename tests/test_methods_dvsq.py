@@ -22,7 +22,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
     history = trained.result.history
     assert [r["phase"] for r in history] == ["features"] + ["quantization"] * 7
     assert "quantization" in history[-1] and "quantization" not in history[0]
-    assert trained.loss_totals[-1] < 0.5 * trained.loss_totals[0]
+    assert trained.loss_totals[-1] < 0.7 * trained.loss_totals[0]
     network = trained.network
     assert isinstance(network, DVSQNetwork)
     np.testing.assert_array_equal(network.word_vectors.numpy(), WORD_VECTORS)  # saved with it

@@ -63,9 +63,11 @@ class ContrastiveHashLoss(nn.Module):
 
 
 class SignHashNetwork(HashingNetwork):
-    """backbone -> Linear(F, bits) -> tanh; the searched features are the tanh outputs."""
+    """backbone -> Linear(F, bits) -> tanh; the searched features are the tanh outputs. The
+    hash layer keeps torch's default initialisation."""
 
     method_name = "sign"
+    HEAD_INIT_STD = None
 
 
 class SignHashMethod(BinaryHashMethod):

@@ -2,8 +2,9 @@
 :mod:`.hashnet`, :mod:`.csq`): a hash layer on the backbone, sign codes, and a Hamming-distance
 index.
 
-The network is backbone -> Linear(F, bits) (the hash layer, z) -> tanh for the methods whose
-paper squashes it (DSH's outputs stay real-valued). The searched features are those outputs
+The network is backbone -> Linear(F, bits) (the hash layer, z, initialised at N(0, 0.01) as
+the authors' new layers: :meth:`~dpq.model.retrieval_network.HeadNetwork.new_head`) -> tanh for
+the methods whose paper squashes it (DSH's outputs stay real-valued). The searched features are those outputs
 (averaged with the mirrored image when ``model.tta_flip``); an item's code is their sign,
 bit b = 1 where output b > 0, packed into uint8 (N, bits / 8) as ``np.packbits`` packs them,
 and searched by Hamming distance in a :class:`~dpq.index.binary.BinaryIndex` (faiss
@@ -46,7 +47,7 @@ class HashingNetwork(HeadNetwork):
     def __init__(self, config: DPQConfig) -> None:
         super().__init__(config)
         bits = check_code_bits(str(self.method_name), config.method.bits)
-        self.hash_head = nn.Linear(int(self.backbone.out_features), bits)
+        self.hash_head = self.new_head(bits)
 
     @property
     def feature_dim(self) -> int:

@@ -3,10 +3,11 @@ head of D dimensions on the backbone, M = bits / 8 codebooks of K = 256 codeword
 it, codes of one byte per codebook, and a :class:`~dpq.index.DPQIndex` over the codebooks.
 
 Network: backbone -> Linear(F, D) -> tanh, D = ``quantizer.dim`` (300 by default, the setting
-DPQ's D and the label word vectors share); the codebooks are a float (M, K, D) parameter,
-each codeword a full D-dimensional vector, optionally masked to a block structure (product
-quantization: codebook m zero outside its block of dimensions). They start uniform in
-[-1, 1], as in the authors' code.
+DPQ's D and the label word vectors share), the head initialised at N(0, 0.01) as the
+authors' fc8 (:meth:`~dpq.model.retrieval_network.HeadNetwork.new_head`). The codebooks are a
+float (M, K, D) parameter, each codeword a full D-dimensional vector, optionally masked to a
+block structure (product quantization: codebook m zero outside its block of dimensions); they
+start uniform in [-1, 1], as in the authors' code.
 
 Schedule (two phases): for the first ``warmup_epochs`` (default 1) the quantization loss is
 off, as the authors' code keeps its weight at 0 before its first code update; when the
@@ -84,7 +85,7 @@ class QuantizationNetwork(HeadNetwork):
                 f"{bits} bits need M = {num_codebooks} codebooks, more than the D = {dim} "
                 "feature dimensions; raise quantizer.dim or use fewer bits."
             )
-        self.head = nn.Linear(int(self.backbone.out_features), dim)
+        self.head = self.new_head(dim)
         self.codebooks = nn.Parameter(
             torch.empty(num_codebooks, CODEBOOK_SIZE, dim).uniform_(-1, 1)
         )

@@ -381,8 +381,24 @@ class HeadNetwork(RetrievalNetwork):
     """A network without a classifier whose output is what it searches: :meth:`forward`
     maps prepared inputs to float32 (B, :attr:`feature_dim`) features; the searched features
     are those outputs in eval mode, averaged with the mirrored image's when
-    ``model.tta_flip`` (images only). Subclasses build the head and define :meth:`forward`
-    and :attr:`feature_dim`."""
+    ``model.tta_flip`` (images only). Subclasses build the head (:meth:`new_head`) and
+    define :meth:`forward` and :attr:`feature_dim`."""
+
+    HEAD_INIT_STD: ClassVar[float | None] = 0.01
+    """Standard deviation of the head's initial weights (biases start at 0), as the deep
+    hashing and quantization authors initialise their new last layer (DeepHash's fc8,
+    HashNet's hash layer): small outputs at the start, so a squashing tanh does not begin
+    saturated on backbone features that share a large common component. None: torch's
+    default initialisation of ``nn.Linear``."""
+
+    def new_head(self, width: int) -> nn.Linear:
+        """Linear(F, width) on the backbone's F features, initialised as
+        :attr:`HEAD_INIT_STD` says."""
+        head = nn.Linear(int(self.backbone.out_features), width)
+        if self.HEAD_INIT_STD is not None:
+            nn.init.normal_(head.weight, std=self.HEAD_INIT_STD)
+            nn.init.zeros_(head.bias)
+        return head
 
     @property
     def logits_dim(self) -> int:
