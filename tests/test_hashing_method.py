@@ -48,7 +48,7 @@ def test_the_network_is_a_hash_layer_squashed_or_not():
     x = torch.from_numpy(feature_data().images[:5])
     z = network.hash_layer(x)
     head = network.hash_head  # N(0, 0.01) weights, zero bias: the authors' new layer
-    assert head.bias.abs().sum() == 0 and 0.005 < float(head.weight.std()) < 0.02
+    assert head.bias.abs().sum() == 0 and 0.005 < float(head.weight.detach().std()) < 0.02
     assert z.shape == (5, 16) and network.feature_dim == 16 and network.logits_dim == 0
     torch.testing.assert_close(network(x), torch.tanh(z))
     torch.testing.assert_close(raw(x), z)
