@@ -452,12 +452,12 @@ def test_adding_in_chunks_grows_storage_geometrically(codebooks, rng):
     addresses = set()
     for _ in range(400):
         built.add(rng.integers(0, K, size=(25, L)))
-        addresses.add(built._rows._data["codes"].__array_interface__["data"][0])
+        addresses.add(built.store.codes.__array_interface__["data"][0])
     assert built.ntotal == 10_000 and len(addresses) <= 10
     built.reserve(20_000)
-    address = built._rows._data["codes"].__array_interface__["data"][0]
+    address = built.store.codes.__array_interface__["data"][0]
     built.add(rng.integers(0, K, size=(10_000, L)))
-    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert built.store.codes.__array_interface__["data"][0] == address
     assert_grouped(built)
 
 
@@ -465,11 +465,11 @@ def test_reserve_on_an_empty_index_allocates_once(codebooks, rng):
     built = DPQIndex(codebooks, partition_levels=2)
     built.reserve(1000)
     built.add(rng.integers(0, K, size=(10, L)))
-    address = built._rows._data["codes"].__array_interface__["data"][0]
+    address = built.store.codes.__array_interface__["data"][0]
     for _ in range(99):
         built.add(rng.integers(0, K, size=(10, L)))
-    assert built._rows._data["codes"].__array_interface__["data"][0] == address
-    assert built.ntotal == 1000 and built._rows._data["codes"].shape[0] == 1000
+    assert built.store.codes.__array_interface__["data"][0] == address
+    assert built.ntotal == 1000 and built.store.capacity == 1000
     assert_grouped(built)
 
 
@@ -832,8 +832,8 @@ def test_memory_mapped_load_searches_identically_to_an_in_memory_load(
     in_memory = DPQIndex.load(path)
     mapped = DPQIndex.load(path, mmap=True)
     assert mapped.read_only and not in_memory.read_only
-    assert all(backed_by_a_map(mapped._rows.get(name)) for name in ("codes", "ids", "labels"))
-    assert not backed_by_a_map(in_memory._rows.get("codes"))
+    assert all(backed_by_a_map(getattr(mapped.store, name)) for name in ("codes", "ids", "labels"))
+    assert not backed_by_a_map(in_memory.store.codes)
     for name in ("codes", "ids", "labels", "cell_offsets"):
         np.testing.assert_array_equal(getattr(mapped, name), getattr(in_memory, name))
     for kwargs in ({}, {"nprobe": 5}, {"num_levels": 2}, {"rerank_from": 1}, {"mode": "aqd"}):
