@@ -20,6 +20,7 @@ from dpq.cli import main
 from dpq.index import (
     DPQIndex,
     IndexFileError,
+    SearchParameters,
     append_to_index_file,
     faiss_interop,
     files,
@@ -1016,6 +1017,21 @@ def test_rerank_from_and_mode_are_checked(index, queries):
         index.search(queries, 3, num_levels=2, rerank_from=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         index.search(queries, 3, mode="cosine")
+
+
+def test_search_settings_in_one_parameters_object_equal_the_keywords(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 1)
+    params = SearchParameters(num_levels=3, nprobe=4, rerank_from=1, rerank_candidates=30)
+    by_object = part.search(queries, 10, params=params)
+    by_keywords = part.search(
+        queries, 10, num_levels=3, nprobe=4, rerank_from=1, rerank_candidates=30
+    )
+    np.testing.assert_array_equal(by_object[1], by_keywords[1])
+    np.testing.assert_array_equal(by_object[0], by_keywords[0])
+    with pytest.raises(ValueError, match="either in params or as keywords"):
+        part.search(queries, 10, nprobe=2, params=params)
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        DPQIndex(codebooks).search(queries, 3, params=params)
 
 
 def test_codes_out_of_range_for_codebook_size(index, codes):
