@@ -23,16 +23,23 @@ def top_k_by_push(scores, rows, k):
 
 
 @numba.njit
-def top_k_by_chunks(scores, k, chunk):
+def top_k_by_chunks(scores, k, chunk, rows_in_order):
+    """Chunks in row order, or (rows_in_order False) last chunk first; also whether every
+    returned worst score was the list's worst."""
     heap_d, heap_r = kernels.topk_new(k)
-    kernels.topk_start(heap_d, heap_r)
-    for start in range(0, scores.shape[0], chunk):
+    worst = kernels.topk_start(heap_d, heap_r)
+    worst_ok = worst == np.inf
+    starts = np.arange(0, scores.shape[0], chunk)
+    for i in range(len(starts)):
+        start = starts[i] if rows_in_order else starts[len(starts) - 1 - i]
         count = min(chunk, scores.shape[0] - start)
-        kernels.topk_push_chunk(heap_d, heap_r, scores[start : start + count], count, start)
+        chunk_scores = scores[start : start + count]
+        worst = kernels.topk_push_chunk(heap_d, heap_r, chunk_scores, count, start, rows_in_order)
+        worst_ok = worst_ok and worst == heap_d[0]
     out_d = np.empty(k, np.float32)
     out_r = np.empty(k, np.int64)
     kernels.topk_finish(heap_d, heap_r, out_d, out_r)
-    return out_d, out_r
+    return out_d, out_r, worst_ok
 
 
 def reference_top_k(scores, rows, k):
@@ -54,10 +61,12 @@ def test_top_k_list_orders_by_score_then_row_and_pads(k):
     ref_d, ref_r = reference_top_k(scores, rows, k)
     np.testing.assert_array_equal(got_r, ref_r)
     np.testing.assert_array_equal(got_d, ref_d)
-    chunk_d, chunk_r = top_k_by_chunks(scores, k, 7)
     ref_d, ref_r = reference_top_k(scores, np.arange(60), k)
-    np.testing.assert_array_equal(chunk_r, ref_r)
-    np.testing.assert_array_equal(chunk_d, ref_d)
+    for rows_in_order in (True, False):
+        chunk_d, chunk_r, worst_ok = top_k_by_chunks(scores, k, 7, rows_in_order)
+        assert worst_ok
+        np.testing.assert_array_equal(chunk_r, ref_r)
+        np.testing.assert_array_equal(chunk_d, ref_d)
 
 
 def tiny_store(rng, n=200, levels=3, size=8):

@@ -71,9 +71,11 @@ def run_split(job: Callable[[int, int], None], total: int, threads: int) -> None
 # ---- the top-k list every kernel keeps -------------------------------------------------------
 # A max-heap of (score, row) pairs, worst on top, ordered by score then row: heap_d float32
 # (k,), heap_r int64 (k,). topk_new allocates it, topk_start empties it, topk_push offers one
-# pair, topk_push_chunk a chunk of consecutive rows, topk_finish writes it ascending. All are
-# inlined into each kernel; a kernel's hot loop only compares scores with heap_d[0], the
-# current worst, and calls the list on the rare scores that beat it.
+# pair, topk_push_chunk a chunk of consecutive rows, topk_finish writes it ascending.
+# topk_start and topk_push_chunk return the worst score, which a scan keeps as its threshold:
+# its hot loop only compares a chunk's best score with it. The entry points are inlined into
+# each kernel (no call per item); replacing the worst entry (a sift-down, on the rare scores
+# that beat it) stays one out-of-line function, as LLVM decides.
 
 
 @_jit(inline="always")
@@ -84,9 +86,11 @@ def topk_new(k):
 
 @_jit(inline="always")
 def topk_start(heap_d, heap_r):
-    """Empty the list: every slot (inf, -1), the padding of results with fewer items."""
+    """Empty the list: every slot (inf, -1), the padding of results with fewer items.
+    Returns the worst score (inf)."""
     heap_d[:] = np.inf
     heap_r[:] = -1
+    return heap_d[0]
 
 
 @_jit()
@@ -114,20 +118,35 @@ def _sift_down(heap_d, heap_r, pos, size):
     heap_r[pos] = r
 
 
+@_jit()
+def _replace_worst(heap_d, heap_r, d, r):
+    """Put (d, r) in the worst entry's place and restore the heap order."""
+    heap_d[0] = d
+    heap_r[0] = r
+    _sift_down(heap_d, heap_r, 0, heap_d.shape[0])
+
+
 @_jit(inline="always")
 def topk_push(heap_d, heap_r, d, r):
     """Keep (d, r) when it ranks before the current worst by (score, row)."""
     if d < heap_d[0] or (d == heap_d[0] and r < heap_r[0]):
-        heap_d[0] = d
-        heap_r[0] = r
-        _sift_down(heap_d, heap_r, 0, heap_d.shape[0])
+        _replace_worst(heap_d, heap_r, d, r)
 
 
 @_jit(inline="always")
-def topk_push_chunk(heap_d, heap_r, scores, count, first_row):
-    """Offer scores[0:count] of rows first_row..first_row+count-1 (float32 scores (>= count,))."""
+def topk_push_chunk(heap_d, heap_r, scores, count, first_row, rows_in_order):
+    """Offer scores[0:count] (float32 (>= count,)) of rows first_row..first_row+count-1.
+
+    rows_in_order (a constant of the calling kernel): every row already in the list comes
+    before first_row (a scan in row order), so a score equal to the worst never displaces
+    it; otherwise (score, row) is compared in full. Returns the new worst score."""
+    worst = heap_d[0]
     for j in range(count):
-        topk_push(heap_d, heap_r, scores[j], first_row + j)
+        d = scores[j]
+        if d < worst or (not rows_in_order and d == worst and first_row + j < heap_r[0]):
+            _replace_worst(heap_d, heap_r, d, first_row + j)
+            worst = heap_d[0]
+    return worst
 
 
 @_jit(inline="always")
@@ -209,7 +228,7 @@ def scan_kernel(num_levels: int, stride: int, packed: bool):
         heap_d, heap_r = topk_new(k)
         for q in range(luts.shape[0]):
             lut = luts[q]
-            topk_start(heap_d, heap_r)
+            threshold = topk_start(heap_d, heap_r)
             for start in range(first, stop, SCAN_CHUNK):
                 count = min(SCAN_CHUNK, stop - start)
                 # chunk views indexed from 0 let numba drop negative-index handling
@@ -231,8 +250,8 @@ def scan_kernel(num_levels: int, stride: int, packed: bool):
                         best = min(best, d)
                 # rare once the list is full: most chunks end here (rows arrive in
                 # increasing order, so a score equal to the worst never displaces it)
-                if best < heap_d[0]:
-                    topk_push_chunk(heap_d, heap_r, scores, count, start)
+                if best < threshold:
+                    threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, True)
             topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
@@ -289,7 +308,7 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
         zero = np.float32(0.0)
         for q in range(luts.shape[0]):
             lut = luts[q]
-            topk_start(heap_d, heap_r)
+            threshold = topk_start(heap_d, heap_r)
             for j in range(cells.shape[1]):
                 cell = cells[q, j]
                 if cell < 0:
@@ -318,8 +337,8 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
                             scores[t] = d
                             best = min(best, d)
                     # cells come in any order: a score equal to the worst may displace it
-                    if best <= heap_d[0]:
-                        topk_push_chunk(heap_d, heap_r, scores, count, start)
+                    if best <= threshold:
+                        threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, False)
             topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
