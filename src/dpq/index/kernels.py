@@ -58,8 +58,12 @@ def run_split(job: Callable[[int, int], None], total: int, threads: int) -> None
     With several threads the range is cut into 4 pieces per thread, taken in turn, so a
     thread that the OS schedules less (a busy machine) does not hold the others up.
     """
-    pieces = split_range(total, 1 if threads <= 1 else 4 * threads)
-    if threads <= 1 or len(pieces) <= 1:
+    if threads <= 1:  # the common case of a small search: no pieces to cut
+        if total > 0:
+            job(0, total)
+        return
+    pieces = split_range(total, 4 * threads)
+    if len(pieces) <= 1:
         for start, stop in pieces:
             job(start, stop)
         return

@@ -22,7 +22,7 @@ lists), for every strategy. numpy and numba only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -111,7 +111,9 @@ class SearchParameters:
                 "or leave nprobe out to scan every item."
             )
         mode = search_mode if self.mode is None else self.mode
-        return replace(self, num_levels=levels, mode=mode, rerank_from=rerank_from)
+        return SearchParameters(
+            levels, mode, self.nprobe, rerank_from, self.rerank_candidates, self.threads
+        )
 
 
 def check_queries(queries: Any, dim: int) -> np.ndarray:
