@@ -27,6 +27,7 @@ pytest.importorskip("multipart")
 from dpq.index import DPQIndex  # noqa: E402
 from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from dpq.serve.limits import TokenBuckets  # noqa: E402
+from dpq.serve.ranking import tie_keys, tie_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS, K, DIM = 4, 256, 16
@@ -79,6 +80,15 @@ def built(tmp_path_factory) -> dict[str, Path]:
     vector_index.save(root / "vectors.index.npz")
     return {"root": root, "model": root / "model", "index": root / "db.index.npz",
             "vectors": root / "vectors.index.npz"}  # fmt: skip
+
+
+def _tie_ordered(index: DPQIndex, vector: np.ndarray, k: int, deep: int | None = None, **search):
+    """(ids, distances) of the top k of ``index.search`` with ties ordered as the service
+    orders them (dpq.serve.ranking.tie_keys of the query), from the top ``deep`` (default:
+    every item, so that a tie group at rank k is whole)."""
+    distances, ids = index.search(vector[None], deep or index.ntotal, **search)
+    order = np.lexsort((tie_keys(ids[0], tie_seed(vector)), distances[0]))
+    return ids[0][order][:k], distances[0][order][:k]
 
 
 def _copy_index(source: Path, folder: Path) -> Path:
@@ -149,32 +159,36 @@ def test_search_by_id_equals_index_search(service, built):
     client, _ = service
     index = DPQIndex.load(built["index"])
     for item_id, bits in [(7, 32), (7, 8), (1000, 16), (1796, 24)]:
-        body = client.post("/search", json={"id": item_id, "k": 15, "bits": bits}).json()
-        vector = index.decode(index.codes[item_id : item_id + 1])
-        distances, ids = index.search(vector, 15, num_levels=bits // 8)
-        assert [r["id"] for r in body["results"]] == ids[0].tolist()
+        request = {"id": item_id, "k": 15, "bits": bits, "exclude_query": False}
+        body = client.post("/search", json=request).json()
+        vector = index.decode(index.codes[item_id : item_id + 1])[0]
+        ids, distances = _tie_ordered(index, vector, 15, num_levels=bits // 8)
+        assert [r["id"] for r in body["results"]] == ids.tolist()
         np.testing.assert_allclose(
-            [r["distance"] for r in body["results"]], distances[0], rtol=1e-5, atol=1e-6
+            [r["distance"] for r in body["results"]], distances, rtol=1e-5, atol=1e-6
         )
         assert body["bits"] == bits and body["total"] == 1797
-        assert [r["label"] for r in body["results"]] == [str(index.labels[i]) for i in ids[0]]
+        assert [r["label"] for r in body["results"]] == [str(index.labels[i]) for i in ids]
         assert body["query"] == {"id": item_id, "label": str(index.labels[item_id])}
-        assert body["results"][0]["image_url"] == f"/items/{ids[0][0]}/image"
+        assert body["results"][0]["image_url"] == f"/items/{ids[0]}/image"
+        assert [r["rank"] for r in body["results"]] == list(range(15))
 
 
 def test_search_by_vector_offset_and_rerank(service, built):
     client, _ = service
     index = DPQIndex.load(built["index"])
     vector = np.random.default_rng(3).normal(size=DIM).astype(np.float32)
-    _, ids = index.search(vector[None], 30)
+    ids, _ = _tie_ordered(index, vector, 30)
     first = client.post("/search", json={"vector": vector.tolist(), "k": 10}).json()
     page2 = client.post("/search", json={"vector": vector.tolist(), "k": 10, "offset": 10}).json()
-    assert [r["id"] for r in first["results"] + page2["results"]] == ids[0, :20].tolist()
-    _, reranked = index.search(vector[None], 10, num_levels=4, rerank_from=1, rerank_candidates=50)
+    assert [r["id"] for r in first["results"] + page2["results"]] == ids[:20].tolist()
+    reranked, _ = _tie_ordered(
+        index, vector, 10, deep=50, num_levels=4, rerank_from=1, rerank_candidates=50
+    )
     body = client.post(
         "/search", json={"vector": vector.tolist(), "k": 10, "rerank": 8, "rerank_candidates": 50}
     ).json()
-    assert [r["id"] for r in body["results"]] == reranked[0].tolist()
+    assert [r["id"] for r in body["results"]] == reranked.tolist()
 
 
 def test_search_by_image_upload_and_base64(service, built):
@@ -186,16 +200,16 @@ def test_search_by_image_upload_and_base64(service, built):
     model = DPQModel.from_checkpoint(built["model"])
     pixels = model_input(decode_upload(data, "q.png"), (8, 8))
     index = DPQIndex.load(built["index"])
-    _, ids = index.search(model.extract_features(pixels[None]), 12, num_levels=2)
+    ids, _ = _tie_ordered(index, model.extract_features(pixels[None])[0], 12, num_levels=2)
     uploaded = client.post(
         "/search", files={"file": ("q.png", data, "image/png")}, data={"k": "12", "bits": "16"}
     )
     assert uploaded.status_code == 200, uploaded.text
-    assert [r["id"] for r in uploaded.json()["results"]] == ids[0].tolist()
+    assert [r["id"] for r in uploaded.json()["results"]] == ids.tolist()
     encoded = client.post(
         "/search", json={"image": base64.b64encode(data).decode(), "k": 12, "bits": 16}
     ).json()
-    assert [r["id"] for r in encoded["results"]] == ids[0].tolist()
+    assert [r["id"] for r in encoded["results"]] == ids.tolist()
 
 
 def test_items_and_thumbnails(service, built):
@@ -336,7 +350,7 @@ def test_add_find_delete_and_restart(built, tmp_path):
         assert DPQIndex.load(index_path).ntotal == 1797
     # clean shutdown compacted: the index file has them, the journal is empty again
     assert DPQIndex.load(index_path).ntotal == 1799
-    again = create_app(ServeSettings(index_path, built["model"], "digits"))
+    again = create_app(ServeSettings(index_path, built["model"], "digits", allow_open_writes=True))
     with running(again) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get(f"/items/{ids[0]}").json()["metadata"]["name"] == "mine.png"
         assert client.get(f"/items/{ids[1]}").status_code == 404
@@ -389,7 +403,7 @@ def _start_server(index: Path, log: Path, *extra: str) -> tuple[subprocess.Popen
 
 def test_sigkill_mid_stream_keeps_every_acknowledged_add(built, tmp_path):
     index_path = _copy_index(built["vectors"], tmp_path)
-    process, url = _start_server(index_path, tmp_path / "first.log")
+    process, url = _start_server(index_path, tmp_path / "first.log", "--allow-open-writes")
     acknowledged: list[int] = []
     failures: list[str] = []
     stop = threading.Event()
@@ -451,7 +465,7 @@ def test_search_never_sees_half_a_batch(built, tmp_path):
     single = DPQIndex(index.codebooks)
     single.add(code)
     copy_distance = float(f"{single.search(target[None], 1)[0][0, 0]:.6g}")
-    app = create_app(ServeSettings(index_path, fsync=False))
+    app = create_app(ServeSettings(index_path, fsync=False, allow_open_writes=True))
     seen: list[int] = []
     adds_done = threading.Event()
     with running(app) as url:
@@ -584,7 +598,7 @@ def test_a_partitioned_index_serves_adds_searches_by_id_and_deletes(built, tmp_p
     index = DPQIndex.load(built["index"])
     index.repartition(2)
     index_path = index.save(tmp_path / "partitioned.index.npz")
-    app = create_app(ServeSettings(index_path, built["model"], "digits"))
+    app = create_app(ServeSettings(index_path, built["model"], "digits", allow_open_writes=True))
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         vector = np.asarray(index.decode(index.codes[5:6])[0]) + 0.25
         added = client.post("/items", json={"vectors": [vector.tolist()], "labels": ["3"]})
@@ -595,7 +609,9 @@ def test_a_partitioned_index_serves_adds_searches_by_id_and_deletes(built, tmp_p
         assert found.json()["results"][0]["id"] == new_id
         assert found.json()["results"][0]["label"] == "3"
         assert client.get(f"/items/{new_id}").json()["label"] == "3"
-        by_id = client.post("/search", json={"id": new_id, "k": 1, "nprobe": 4}).json()
+        by_id = client.post(
+            "/search", json={"id": new_id, "k": 1, "nprobe": 4, "exclude_query": False}
+        ).json()
         assert by_id["results"][0]["id"] == new_id
         old = int(index.ids[7])
         assert (
