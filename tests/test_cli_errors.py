@@ -175,13 +175,31 @@ CASES = [
         "is an .npz archive",
     ),
     (
-        ["encode", "--model", "{model}", "--images", "digits", "--split", "{empty_split}",
-         "--out", "{tmp}/i.npz"],
+        [
+            "encode",
+            "--model",
+            "{model}",
+            "--images",
+            "digits",
+            "--split",
+            "{empty_split}",
+            "--out",
+            "{tmp}/i.npz",
+        ],
         "the split holds no database rows",
     ),  # fmt: skip
     (
-        ["encode", "--model", "{model}", "--images", "digits", "--split", "{huge_split}",
-         "--out", "{tmp}/i.npz"],
+        [
+            "encode",
+            "--model",
+            "{model}",
+            "--images",
+            "digits",
+            "--split",
+            "{huge_split}",
+            "--out",
+            "{tmp}/i.npz",
+        ],
         "database[1] is 1e+30, not a row number",
     ),  # fmt: skip
     (

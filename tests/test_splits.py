@@ -143,7 +143,9 @@ def test_load_refuses_rows_that_are_no_row_numbers(tmp_path: Path, value, shown)
     with pytest.raises(ValueError, match=r"database\[1\] is 9223372036854775808"):
         Split.load(path)
     floats = tmp_path / "split.npz"
-    np.savez(floats, train=[0], query=[1], database=np.array([2.0]), meta=np.array(json.dumps(meta)))
+    np.savez(
+        floats, train=[0], query=[1], database=np.array([2.0]), meta=np.array(json.dumps(meta))
+    )
     with pytest.raises(ValueError, match="database holds float64 values, not row numbers"):
         Split.load(floats)
 

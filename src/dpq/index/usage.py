@@ -11,11 +11,12 @@ The warning rules (:func:`code_usage`) and why:
 - **Collapsed full codes**: fewer distinct full codes than :data:`MIN_DISTINCT_FRACTION`
   (10 %) of min(N, K^L). Quantizing N items into K^L cells that are not fewer than the
   items, a working quantizer gives most items a code of their own (uniform random codes:
-  about N (1 - N / 2K^L) distinct; the k-means residual codes of the test collections
-  here: above 90 %). Below 10 %, items share a full code with 10 others on average, so
-  even the longest code ranks groups of 10+ tied items: the collapse described above
-  (1 %) is far below it, and a supervised model, whose codes concentrate on classes,
-  still has to separate items within a class.
+  about N (1 - N / 2K^L) distinct; the service tests' k-means residual codes: 100 % of
+  1,797 digits and of 500 random vectors at 32 bits; even greedy codes from untrained
+  random codebooks: 42 %). Below 10 %, items share a full code with 10 others on
+  average, so even the longest code ranks groups of 10+ tied items: the collapse
+  described above (1 %) is far below it, and a supervised model, whose codes concentrate
+  on classes, still has to separate items within a class.
 - **Dead levels**: a level whose codes have a perplexity (2 ** entropy) below
   :data:`MIN_LEVEL_PERPLEXITY` (2): it spends log2(K) bits on what amounts to one
   codeword, so its prefixes add nothing to the ranking. The number of codewords a level
@@ -75,8 +76,7 @@ class CodeUsage:
         if not self.items:
             return "code usage: the index is empty"
         parts = [
-            f"{level.level * self.bits_per_level} bits {level.prefixes:,}"
-            for level in self.levels
+            f"{level.level * self.bits_per_level} bits {level.prefixes:,}" for level in self.levels
         ]
         return f"distinct codes of {self.items:,} items: " + ", ".join(parts)
 

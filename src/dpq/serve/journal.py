@@ -122,8 +122,8 @@ class Journal:
         path: the journal file (see :func:`journal_path`).
         codebook_sha256: the index's codebook hash; a journal of other codebooks is refused.
         fsync: fsync after every append (on by default; off only for throw-away data).
-        write: writes bytes to a file descriptor and returns how many it wrote (``os.write``;
-            tests inject one that fails as a full disk does).
+        writer: writes bytes to a file descriptor and returns how many it wrote (``os.write``;
+            tests inject one that fails as a full disk does). Also the attribute ``writer``.
     """
 
     def __init__(
@@ -131,7 +131,7 @@ class Journal:
         path: str | os.PathLike[str],
         codebook_sha256: str,
         fsync: bool = True,
-        write: Callable[[int, bytes], int] = os.write,
+        writer: Callable[[int, bytes], int] = os.write,
     ):
         self.path = Path(path)
         self.codebook_sha256 = codebook_sha256
@@ -141,7 +141,7 @@ class Journal:
         self.last_seq = 0
         self.records_since_reset = 0
         self.dropped_tail = False
-        self._write = write
+        self.writer = writer
         self._fd: int | None = None
         self._good_size = 0  # bytes of the file up to the end of the last good record
         self._torn = False  # a failed append could not be cut off: refuse appends until it is
@@ -213,25 +213,26 @@ class Journal:
     def reset(self, base: dict[str, Any] | None = None) -> str:
         """Replace the file by an empty journal with a new id (atomically) that continues the
         index state ``base`` (:func:`index_state`); open it for appending. Returns the new
-        journal id."""
-        self.close()
-        self.journal_id = uuid.uuid4().hex
-        self.base = dict(base) if base is not None else None
+        journal id. When the new file cannot be written (a full disk), the journal stays as
+        it was, open, and the OSError propagates."""
+        journal_id = uuid.uuid4().hex
         header: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "journal_id": self.journal_id,
+            "journal_id": journal_id,
             "codebook_sha256": self.codebook_sha256,
-            "base": self.base,
+            "base": None if base is None else dict(base),
         }
         header["sha256"] = _digest(header)
         write_text_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+        self.close()
+        self.journal_id, self.base = journal_id, header["base"]
         self.last_seq = 0
         self.records_since_reset = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._good_size = os.fstat(self._fd).st_size
         self._torn = False
-        return self.journal_id
+        return journal_id
 
     def _cut_back(self) -> None:
         """Truncate the file to the end of the last good record (and fsync that)."""
@@ -258,7 +259,7 @@ class Journal:
                 self._cut_back()
             view = memoryview(data)
             while view:
-                written = self._write(self._fd, view)
+                written = self.writer(self._fd, view)
                 if written <= 0:
                     raise OSError(errno.EIO, "the write made no progress")
                 view = view[written:]

@@ -147,12 +147,14 @@ def rank_pages(
             shortlist of a re-ranked search); fetching this many exhausts the search.
         keep: ``keep(ids, query)``: bool mask of the results the query may show (a filter,
             exclusions); None keeps every result.
-        first_fetch: results to ask for first (default offset + k); later rounds ask
-            :data:`GROWTH` times more, up to ``limit``.
+        first_fetch: results expected to hold the page (default offset + k); the first
+            round asks for one more (it tells whether the page's last tie group goes on),
+            later rounds :data:`GROWTH` times more, up to ``limit``.
         tie_window: how deep a tie group at the end of the page is followed.
     """
     want = offset + k
-    fetch = max(1, min(limit, first_fetch or want))
+    # one result more than the page: it tells whether the tie group at the page's end goes on
+    fetch = max(1, min(limit, (first_fetch or want) + 1))
     pending = np.arange(num_queries, dtype=np.int64)
     pages: list[RankedPage | None] = [None] * num_queries
     while len(pending):
@@ -230,14 +232,15 @@ def search_pages(
         return mask
 
     def search(rows: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = index.search(
-            queries[rows],
-            fetch,
-            num_levels=levels,
-            rerank_from=rerank_from,
-            rerank_candidates=shortlist,
-            **options,
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # said below, in one sentence
+            distances, ids = index.search(
+                queries[rows],
+                fetch,
+                num_levels=levels,
+                rerank_from=rerank_from,
+                rerank_candidates=shortlist,
+                **options,
+            )
         if not np.isfinite(distances[ids >= 0]).all():
             raise ValueError(
                 "the query's distances to the items overflow 32-bit floats (its largest "

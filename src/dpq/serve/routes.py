@@ -227,7 +227,10 @@ def _search_pages(
     own = [query_id is not None and params.exclude_query for query_id in query_ids]
     if params.exclude or any(own):
         base = list(params.exclude or [])
-        exclude = [base + [query_id] if mine else base for query_id, mine in zip(query_ids, own, strict=True)]
+        exclude = [
+            base + [query_id] if mine else base
+            for query_id, mine in zip(query_ids, own, strict=True)
+        ]
     with service.metrics.stage("search"):
         return collection.search_many(
             vectors,
