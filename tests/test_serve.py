@@ -1059,3 +1059,23 @@ def test_collapsed_codes_are_reported_at_startup_and_in_stats(built, tmp_path):
     fine = create_app(ServeSettings(_copy_index(built["vectors"], tmp_path)), log=healthy.append)
     assert not [line for line in healthy if line.startswith("warning")]
     fine.state.service.close()
+
+
+def test_an_image_query_says_what_the_model_predicts(service, built):
+    """For the page (issue 24, finding 7): an uploaded image's label is the model's own
+    prediction, given with the answer, not the label of the item shown before."""
+    import torch
+
+    from dpq.model.network import DPQModel
+    from dpq.serve.images import decode_upload, model_input
+
+    client, _ = service
+    data = _png((20, 14), seed=5)
+    model = DPQModel.from_checkpoint(built["model"])
+    pixels = model_input(decode_upload(data, "q.png"), (8, 8))
+    _, logits = model.extract_features_and_logits(pixels[None])
+    probabilities = torch.softmax(torch.from_numpy(logits[0]).double(), 0).numpy()
+    answer = client.post("/search", files={"file": ("q.png", data, "image/png")}).json()
+    assert answer["query"]["predicted_label"] == str(int(probabilities.argmax()))
+    assert answer["query"]["predicted_probability"] == pytest.approx(probabilities.max(), abs=1e-4)
+    assert "predicted_label" not in client.post("/search", json={"id": 3}).json()["query"]

@@ -8,7 +8,12 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from dpq.serve.labels import label_filter, labels_from_json, labels_to_json  # noqa: E402
+from dpq.serve.labels import (  # noqa: E402
+    label_filter,
+    labels_from_json,
+    labels_to_json,
+    predicted_labels,
+)
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -87,3 +92,13 @@ def test_label_filter_of_names_and_indices():
 def test_label_filter_refusals(values, match, shape, phrase):
     with pytest.raises(ValueError, match=phrase):
         label_filter(values, match, shape, CLASSES)
+
+
+def test_predicted_labels_single_and_multi_label():
+    logits = np.array([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]])
+    single = predicted_labels(logits, multi_label=False, classes=CLASSES)
+    assert [p["predicted_label"] for p in single] == ["dog", "cat"]
+    top = np.exp(2.0) / (np.exp(2.0) + 2)
+    assert single[0]["predicted_probability"] == pytest.approx(top, abs=1e-4)
+    multi = predicted_labels(np.array([[1.0, -1.0, 3.0]]), multi_label=True, classes=CLASSES)
+    assert multi == [{"predicted_label": ["cat", "eel"], "predicted_probability": None}]

@@ -30,7 +30,8 @@ class BatchingEncoder:
 
     Args:
         model: anything with ``extract_features(uint8 (N, H, W, 3), batch_size=...)``
-            returning float32 (N, D).
+            returning float32 (N, D), and optionally ``extract_features_and_logits`` (the
+            same, with the classifier's float32 (N, C) logits).
         max_batch: images per forward pass at most (one request's images are never split).
     """
 
@@ -43,9 +44,20 @@ class BatchingEncoder:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """float32 (n, D) features of uint8 (n, H, W, 3) images."""
+        return self.features_and_logits(images)[0]
+
+    def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (n, D) features and float32 (n, C) classifier logits of uint8 (n, H, W, 3)
+        images (logits None for a model without ``extract_features_and_logits``)."""
         done: Future = Future()
         self._queue.put((images, done))
         return done.result()
+
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        size = max(len(batch), 1)
+        if hasattr(self._model, "extract_features_and_logits"):
+            return self._model.extract_features_and_logits(batch, batch_size=size)
+        return self._model.extract_features(batch, batch_size=size), None
 
     def _run(self) -> None:
         while True:
@@ -66,15 +78,16 @@ class BatchingEncoder:
                 count += len(job[0])
             try:
                 batch = np.concatenate([images for images, _ in jobs])
-                feats = self._model.extract_features(batch, batch_size=max(len(batch), 1))
+                feats, logits = self._forward(batch)
             except BaseException as exc:  # hand the error to every waiting request
                 for _, done in jobs:
                     done.set_exception(exc)
                 continue
             start = 0
             for images, done in jobs:
-                done.set_result(feats[start : start + len(images)])
-                start += len(images)
+                stop = start + len(images)
+                done.set_result((feats[start:stop], None if logits is None else logits[start:stop]))
+                start = stop
 
     def close(self) -> None:
         self._queue.put(None)

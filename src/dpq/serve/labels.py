@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LabelFilter", "label_filter", "labels_from_json", "labels_to_json"]
+__all__ = [
+    "LabelFilter",
+    "label_filter",
+    "labels_from_json",
+    "labels_to_json",
+    "predicted_labels",
+]
 
 FILTER_MATCHES = ("any", "all")
 
@@ -129,3 +135,25 @@ def label_filter(
             'use "match": "any" (or name one label).'
         )
     return LabelFilter(wanted, match)
+
+
+def predicted_labels(
+    logits: np.ndarray, multi_label: bool, classes: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Per row of classifier logits float (n, C): ``{"predicted_label", "predicted_probability"}``
+    as JSON: the most probable class (softmax) and its probability; for a multi-label model
+    the list of classes whose sigmoid is above 0.5, and the probability None."""
+    logits = np.asarray(logits, np.float64)
+    if multi_label:
+        chosen = (1.0 / (1.0 + np.exp(-logits)) > 0.5).astype(np.uint8)
+        return [
+            {"predicted_label": label, "predicted_probability": None}
+            for label in labels_to_json(chosen, classes)
+        ]
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    best = probabilities.argmax(axis=1)
+    return [
+        {"predicted_label": label, "predicted_probability": round(float(p), 4)}
+        for label, p in zip(labels_to_json(best, classes), probabilities.max(axis=1), strict=True)
+    ]

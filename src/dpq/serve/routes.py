@@ -186,7 +186,8 @@ def _query_vector(
     service: ServiceContext, params: SearchRequest, upload: Upload | None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """float32 (D,) query of exactly one of an upload, base64 image, vector or id, and the
-    answer's ``query`` field (the id and its label for an id query)."""
+    answer's ``query`` field (the id and its label for an id query; what the model predicts
+    for an image)."""
     collection = service.collection
     given = [params.image is not None or upload is not None, params.vector is not None]
     given.append(params.id is not None)
@@ -203,7 +204,8 @@ def _query_vector(
         upload = (_b64(params.image or "", "image"), "image")
     pixels, _ = _image_array(service, upload)
     with service.metrics.stage("encode"):
-        return collection.features_of_images([pixels])[0], {}
+        features, predictions = collection.predictions_of_images([pixels])
+    return features[0], predictions[0]
 
 
 def _search_pages(

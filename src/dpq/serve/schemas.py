@@ -28,6 +28,7 @@ from dpq.serve.bounds import (
 
 __all__ = [
     "ADD_REQUEST_BODY",
+    "AnswerFacts",
     "BATCH_REQUEST_BODY",
     "AddRequest",
     "AddResponse",
@@ -190,11 +191,18 @@ class QueryResults(BaseModel):
     tie_groups: list[TieGroup] = Field(
         description="where results are tied (equal distance), ordered by `start`"
     )
-    query: dict[str, Any] = Field(description="the query's id and label, for an id query")
+    query: dict[str, Any] = Field(
+        description="an id query: its `id` and `label`; an image query (with a model): "
+        "`predicted_label`, the model classifier's most probable class (for a multi-label "
+        "model the list of classes above probability 0.5), and `predicted_probability` (None "
+        "for multi-label); a vector query: {}"
+    )
 
 
-class SearchResponse(QueryResults):
-    bits: int
+class AnswerFacts(BaseModel):
+    """What every search answer says besides its results."""
+
+    bits: int = Field(description="the code length the ranking used")
     took_ms: float
     k: int
     offset: int
@@ -204,16 +212,12 @@ class SearchResponse(QueryResults):
     )
 
 
-class BatchSearchResponse(BaseModel):
+class SearchResponse(QueryResults, AnswerFacts):
+    """One query's page and the answer's facts."""
+
+
+class BatchSearchResponse(AnswerFacts):
     responses: list[QueryResults] = Field(description="one per query, in the request's order")
-    bits: int
-    took_ms: float
-    k: int
-    offset: int
-    total: int = Field(description="items in the collection")
-    matching: int | None = Field(
-        None, description="items that pass the filter (None without a filter)"
-    )
 
 
 class AddRequest(BaseModel):
