@@ -31,7 +31,7 @@ from dpq.serve.journal import (
     replay_journal,
     saved_position,
 )
-from dpq.serve.labels import LabelFilter, labels_from_json, labels_to_json, predicted_labels
+from dpq.serve.labels import LabelFilter, labels_from_json, labels_to_json
 from dpq.serve.locks import ReadWriteLock
 from dpq.serve.ranking import TieGroup, search_pages
 from dpq.serve.settings import DEFAULT_COMPACT_BYTES, ServeSettings
@@ -132,7 +132,6 @@ class Collection:
         )
         self._log = log or (lambda _message: None)
         self._encoder = BatchingEncoder(model) if model is not None else None
-        self._model = model
         self._lock = ReadWriteLock()
         self._write_mutex = threading.Lock()
         self._next_id = int(next_id)
@@ -263,29 +262,15 @@ class Collection:
 
     # ---- queries ------------------------------------------------------------------------------
 
-    def _run_model(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    def model(self) -> BatchingEncoder:
+        """The model that turns images into features (and predictions); ValueError when the
+        service has none."""
         if self._encoder is None:
             raise ValueError(
                 "this service has no model, so it cannot turn images into features; query "
                 "with a vector or an id, or restart it with --model."
             )
-        return self._encoder.features_and_logits(np.stack(images))
-
-    def features_of_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """float32 (n, D) model features of uint8 (H, W, 3) images at :attr:`image_size`."""
-        return self._run_model(images)[0]
-
-    def predictions_of_images(
-        self, images: Sequence[np.ndarray]
-    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """float32 (n, D) features of images, and per image what the model's classifier
-        predicts (:func:`dpq.serve.labels.predicted_labels`; empty dicts for a model
-        without a classifier)."""
-        features, logits = self._run_model(images)
-        if logits is None:
-            return features, [{} for _ in images]
-        multi = self.index.label_shape is not None and len(self.index.label_shape) == 1
-        return features, predicted_labels(logits, multi, self.classes)
+        return self._encoder
 
     def vectors_of(self, item_ids: Sequence[int]) -> np.ndarray:
         """float32 (n, D) reconstructions of items from their full codes; a search "by id"

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from dpq.serve.labels import predicted_labels
 
 if TYPE_CHECKING:
     from dpq.index import DPQIndex
@@ -52,6 +55,16 @@ class BatchingEncoder:
         done: Future = Future()
         self._queue.put((images, done))
         return done.result()
+
+    def predictions(
+        self, images: np.ndarray, multi_label: bool, classes: Sequence[str] | None
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """float32 (n, D) features of images, and per image what the model's classifier
+        predicts (:func:`dpq.serve.labels.predicted_labels`; {} without a classifier)."""
+        features, logits = self.features_and_logits(images)
+        if logits is None:
+            return features, [{} for _ in range(len(images))]
+        return features, predicted_labels(logits, multi_label, classes)
 
     def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         size = max(len(batch), 1)

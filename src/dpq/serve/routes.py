@@ -204,7 +204,10 @@ def _query_vector(
         upload = (_b64(params.image or "", "image"), "image")
     pixels, _ = _image_array(service, upload)
     with service.metrics.stage("encode"):
-        features, predictions = collection.predictions_of_images([pixels])
+        multi_label = collection.index.label_shape not in (None, ())
+        features, predictions = collection.model().predictions(
+            pixels[None], multi_label, collection.classes
+        )
     return features[0], predictions[0]
 
 
@@ -363,7 +366,7 @@ def _items_to_add(
         return vectors, None, list(body.names or [None] * len(vectors))
     decoded = [_image_array(service, upload) for upload in uploads]
     with service.metrics.stage("encode"):
-        features = collection.features_of_images([pixels for pixels, _ in decoded])
+        features = collection.model().features(np.stack([pixels for pixels, _ in decoded]))
     return features, [picture for _, picture in decoded], [name for _, name in uploads]
 
 
