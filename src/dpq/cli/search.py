@@ -126,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         )
         seconds = time.perf_counter() - began
         say(args, f"features of {len(queries):,} queries in {seconds:.1f} s")
+    if args.nprobe is not None and index.partition_levels == 0:
+        raise ValueError(
+            f"--nprobe needs a partitioned index, but {args.index} scans every item (it was "
+            "encoded without --partition-levels); re-encode it with `dpq encode "
+            "--partition-levels 1` (or 2), or leave --nprobe out."
+        )
     distances, ids = index.search(
         queries,
         args.k,
