@@ -7,6 +7,7 @@ cli.py; it moves into the library (dpq.encode) in its own change.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dpq.cli.options import (
     add_command,
@@ -155,6 +156,7 @@ def items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None, 
 def run(args: argparse.Namespace) -> int:
     from dpq.data import Split
     from dpq.encode.job import EncodeSettings, encode_collection
+    from dpq.index.usage import code_usage
 
     runner = None
     if args.engine == "ray":
@@ -185,5 +187,8 @@ def run(args: argparse.Namespace) -> int:
         shard_dir=args.shard_dir,
         progress=not args.quiet,
     )
-    print(encode_collection(settings).summary())
+    result = encode_collection(settings)
+    print(result.summary())
+    for line in code_usage(result.index.codes, result.index.codebook_size).report_lines():
+        print(f"dpq encode: {line}", file=sys.stderr)
     return 0

@@ -233,6 +233,16 @@ def select_items(settings: EncodeSettings, source: SourceSpec | None = None) -> 
                 "make the split from the same source (`dpq data split`)."
             )
     num_items = len(inputs) if rows is None else len(rows)
+    if num_items == 0:
+        raise ValueError(
+            "nothing to encode: "
+            + (
+                "the split holds no rows of that subset"
+                if rows is not None
+                else "the source holds no items"
+            )
+            + "; an empty index is refused. Check the split (`dpq data info`) or the source."
+        )
     labels = _array(settings.labels, read_labels, "--labels")
     if labels is not None:
         check_rows("labels", labels, num_items)
