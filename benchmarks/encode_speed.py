@@ -61,9 +61,12 @@ from dpq.recipes import cifar10_recipe
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
 
 
-def extract_cifar(zip_path: Path, out: Path, count: int, side: int | None) -> Path:
-    """The first ``count`` training JPEGs of the CIFAR-10 zip as ``<class>/<file>`` (resized
-    to ``side`` and saved as JPEG quality 90 when given)."""
+def extract_cifar(
+    zip_path: Path, out: Path, count: int, side: int | None, first: int = 0, limit: int = 0
+) -> Path:
+    """``count`` evenly spaced training JPEGs of the CIFAR-10 zip as ``<class>/<file>``
+    (resized to ``side`` and saved as JPEG quality 90 when given); ``first`` > 0 shifts the
+    choice to images none of ``first=0`` picked, and ``limit`` keeps at most that many."""
     if out.exists():
         return out
     with zipfile.ZipFile(zip_path) as archive:
@@ -71,7 +74,7 @@ def extract_cifar(zip_path: Path, out: Path, count: int, side: int | None) -> Pa
             n for n in archive.namelist() if n.startswith("train/") and n.endswith(".jpg")
         )
         step = max(1, len(names) // count)
-        for name in names[::step][:count]:
+        for name in names[first::step][: limit or count]:
             _, label, base = name.split("/")
             (out / label).mkdir(parents=True, exist_ok=True)
             data = archive.read(name)
@@ -211,16 +214,21 @@ def engine_versions(engines: list[str]) -> str:
     return ", ".join(versions)
 
 
-def bench_engines(label, model, images, engines, threads, batch_size, repeats, workdir):
+def bench_engines(
+    label, model, images, engines, threads, batch_size, repeats, workdir, calibration=None
+):
     """images/s of each engine on the in-memory images, against eager torch in the same run,
-    with the codes' agreement and the largest feature difference."""
+    with the codes' agreement and the largest feature difference; with ``calibration``
+    (images) also ONNX Runtime in int8 calibrated on them."""
     model_dir = model.save_checkpoint(Path(workdir) / label.split()[0] / "model")
     method = method_for(model.config)
     side = images.shape[1]
-    names = ["torch", *[name for name in engines if name != "torch"]]
+    runs = [("torch", "fp32"), *[(name, "fp32") for name in engines if name != "torch"]]
+    if calibration is not None:
+        runs.append(("onnxruntime", "int8"))
     rows = {}
     reference = None
-    for name in names:
+    for name, precision in runs:
         began = time.perf_counter()
         engine = open_engine(
             model_dir,
@@ -229,6 +237,8 @@ def bench_engines(label, model, images, engines, threads, batch_size, repeats, w
             batch_size=batch_size,
             image_size=None if name == "torch" else side,
             tta_flip=False,
+            precision=precision,
+            calibration=calibration if precision == "int8" else None,
         )
         opened = time.perf_counter() - began
         if name == "torch":
@@ -239,7 +249,7 @@ def bench_engines(label, model, images, engines, threads, batch_size, repeats, w
             network = engine.network
             reference = (features, method.encode(network, features), speed)
         codes = method.encode(network, features)
-        rows[name] = (
+        rows[name if precision == "fp32" else f"{name} {precision}"] = (
             speed,
             speed / reference[2],
             float((codes == reference[1]).all(axis=1).mean()),
@@ -248,7 +258,7 @@ def bench_engines(label, model, images, engines, threads, batch_size, repeats, w
         )
         engine.close()
     print(f"\n### {label}: engines ({len(images)} images in memory, batch {batch_size}, "
-          f"{threads} threads, float32, no flip)")  # fmt: skip
+          f"{threads} threads, no flip)")  # fmt: skip
     print("| engine | images/s | vs eager torch | codes = torch's | max feature diff | open s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (speed, ratio, agree, diff, opened) in rows.items():
@@ -296,6 +306,11 @@ def main() -> None:
     parser.add_argument(
         "--no-paths", action="store_true", help="only the engine tables, not the four path rows"
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also ONNX Runtime in int8, calibrated on 512 training images not among the timed",
+    )
     parser.add_argument("--items", type=int, help="images per backbone (sets both counts)")
     parser.add_argument("--threads", type=int, default=available_cores())
     args = parser.parse_args()
@@ -313,6 +328,13 @@ def main() -> None:
         work = Path(args.workdir or scratch)
         work.mkdir(parents=True, exist_ok=True)
 
+        def calibration(side):
+            count = args.count32 if side == 32 else args.count224
+            folder = extract_cifar(
+                Path(args.data), work / f"calib{side}", count, None if side == 32 else 256, 1, 512
+            )
+            return load_source(folder, image_size=side).inputs
+
         def run(label, model, images, reader, batch_size):
             if not args.no_paths:
                 bench_backbone(
@@ -327,7 +349,15 @@ def main() -> None:
                 )
             if engines:
                 bench_engines(
-                    label, model, images, engines, args.threads, batch_size, args.repeats, work
+                    label,
+                    model,
+                    images,
+                    engines,
+                    args.threads,
+                    batch_size,
+                    args.repeats,
+                    work,
+                    calibration(images.shape[1]) if args.int8 else None,
                 )
 
         if "resnet9" in args.only:

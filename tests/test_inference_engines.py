@@ -146,6 +146,30 @@ def test_the_export_cache_is_written_once_and_renewed_for_a_new_checkpoint(tmp_p
     assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_int8_is_calibrated_once_cached_and_recalibrated_on_other_inputs(tmp_path):
+    _needs("onnxruntime")
+    model_dir = _small_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="int8 needs calibration inputs"):
+        open_engine(model_dir, "onnxruntime", precision="int8")
+    calibration = encoder_inputs("identity", 200, seed=1)
+    first = open_engine(model_dir, "onnxruntime", precision="int8", calibration=calibration)
+    assert first.onnx_path == cached_export_path(model_dir, None, None, "int8")
+    record = read_export(first.onnx_path)
+    assert record.precision == "int8"
+    for again in (None, calibration):  # the cached file is reused
+        opened = open_engine(model_dir, "onnxruntime", precision="int8", calibration=again)
+        assert read_export(opened.onnx_path) == record
+    other = open_engine(
+        model_dir, "onnxruntime", precision="int8", calibration=calibration[:100] * 2
+    )
+    assert read_export(other.onnx_path).calibration_sha256 != record.calibration_sha256
+    with pytest.raises(ValueError, match="holds the int8 encoder, not the fp32 one"):
+        open_engine(model_dir, "onnxruntime", onnx_path=first.onnx_path)
+    inputs = encoder_inputs("identity", 50)
+    exact = load_network(model_dir).extract_features(inputs)
+    assert np.abs(other.features(inputs) - exact).max() < 0.1 * np.abs(exact).max()
+
+
 def test_a_stale_onnx_file_is_refused(exported_encoders, tmp_path):
     _needs("onnxruntime")
     model_dir, onnx_path = exported_encoders["identity"]
@@ -169,8 +193,10 @@ def test_bad_settings_are_one_sentence(exported_encoders):
     model_dir, onnx_path = exported_encoders["identity"]
     with pytest.raises(ValueError, match="unknown engine 'tensorrt'; choose one of torch"):
         open_engine(model_dir, "tensorrt")
-    with pytest.raises(ValueError, match="runs precision fp32, not 'int8'"):
-        open_engine(model_dir, "onnxruntime", precision="int8")
+    with pytest.raises(ValueError, match="openvino engine runs precision fp32, not 'int8'"):
+        open_engine(model_dir, "openvino", precision="int8")
+    with pytest.raises(ValueError, match="torch engine runs precision fp32 or bf16 or fp16"):
+        open_engine(model_dir, "torch", precision="int8")
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         open_engine(model_dir, "torch", threads=0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):

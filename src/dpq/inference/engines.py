@@ -40,10 +40,11 @@ ENGINES = ("torch", "onnxruntime", "openvino")
 """The engine names :func:`open_engine` accepts."""
 PRECISIONS = {
     "torch": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32",),
+    "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32",),
 }
-"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32."""
+"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32,
+and ONNX Runtime in int8 by its own static quantization (:mod:`dpq.inference.quantize`)."""
 CACHE_FOLDER = "engine-cache"
 """Folder inside a checkpoint directory where :func:`open_engine` keeps its exports."""
 DEFAULT_BATCH_SIZE = 256
@@ -304,7 +305,10 @@ _GRAPH_ENGINES: dict[str, type[GraphEngine]] = {
 
 
 def cached_export_path(
-    model_dir: str | Path, image_size: int | tuple[int, int] | None, tta_flip: bool | None
+    model_dir: str | Path,
+    image_size: int | tuple[int, int] | None,
+    tta_flip: bool | None,
+    precision: str = "fp32",
 ) -> Path:
     """Where :func:`open_engine` keeps the export of these settings: a file under
     ``MODEL_DIR/engine-cache/`` named after them (None: the model's own)."""
@@ -315,7 +319,8 @@ def cached_export_path(
     else:
         size = f"{image_size[0]}x{image_size[1]}"
     flip = "model" if tta_flip is None else ("on" if tta_flip else "off")
-    return Path(model_dir) / CACHE_FOLDER / f"encoder-size-{size}-flip-{flip}.onnx"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return Path(model_dir) / CACHE_FOLDER / f"encoder-size-{size}-flip-{flip}{suffix}.onnx"
 
 
 def cached_export(
@@ -333,10 +338,44 @@ def cached_export(
     try:
         return path, export_onnx(model_dir, path, image_size=image_size, tta_flip=tta_flip)
     except PermissionError as exc:
-        raise ValueError(
-            f"cannot write the engine's export cache in {path.parent} ({exc.strerror}); "
-            "export once with `dpq export --onnx MODEL_DIR OUT` and pass that file."
-        ) from None
+        raise _cache_error(path, exc) from None
+
+
+def _cache_error(path: Path, exc: OSError) -> ValueError:
+    return ValueError(
+        f"cannot write the engine's export cache in {path.parent} ({exc.strerror}); "
+        "export once with `dpq export --onnx MODEL_DIR OUT` and pass that file."
+    )
+
+
+def cached_int8_export(
+    model_dir: str | Path,
+    image_size: int | tuple[int, int] | None = None,
+    tta_flip: bool | None = None,
+    calibration: Any = None,
+) -> tuple[Path, ExportRecord]:
+    """The int8 export of ``model_dir`` from the cache, quantized (again) from the float32
+    one when it is missing, stale, or calibrated on other inputs than ``calibration`` (None:
+    whatever calibration the cached file had); returns (ONNX path, record)."""
+    from dpq.inference.quantize import calibration_sample, quantize_onnx, sample_sha256
+
+    path = cached_export_path(model_dir, image_size, tta_flip, "int8")
+    float_path, float_record = cached_export(model_dir, image_size, tta_flip)
+    try:
+        record = check_export(path, model_dir, image_size, tta_flip)
+        fresh = record.precision == "int8" and (
+            calibration is None
+            or sample_sha256(calibration_sample(float_record, calibration))
+            == record.calibration_sha256
+        )
+        if fresh:
+            return path, record
+    except (FileNotFoundError, ValueError):
+        pass
+    try:  # without calibration inputs this is the ValueError saying that int8 needs them
+        return path, quantize_onnx(float_path, path, calibration)
+    except PermissionError as exc:
+        raise _cache_error(path, exc) from None
 
 
 def open_engine(
@@ -349,6 +388,7 @@ def open_engine(
     image_size: int | tuple[int, int] | None = None,
     tta_flip: bool | None = None,
     device: str = "cpu",
+    calibration: Any = None,
 ) -> FeatureEngine:
     """An engine that computes the searched features of the checkpoint ``model_dir``.
 
@@ -360,14 +400,18 @@ def open_engine(
             first use, atomically, into ``MODEL_DIR/engine-cache/``).
         threads: threads of one forward pass (default: the cores this process may use).
             For "torch" this sets torch's thread count for the whole process.
-        precision: the arithmetic (:data:`PRECISIONS`): "fp32" everywhere, or torch's
-            "bf16"/"fp16" autocast.
+        precision: the arithmetic (:data:`PRECISIONS`): "fp32" everywhere, torch's
+            "bf16"/"fp16" autocast, or "int8" for onnxruntime (opt-in: the export quantized
+            by ONNX Runtime, calibrated on ``calibration``, cached beside the float32 one).
         batch_size: items per forward pass.
         image_size: side (or (height, width)) of the images the ONNX engines read (default
             the model's ``model.image_size``); the torch engine reads any size.
         tta_flip: average with the mirrored image (default: the model's config).
         device: where the torch engine runs ("cpu", "cuda", ...); the ONNX engines run on
             the CPU.
+        calibration: int8 only: training inputs (uint8 (N, H, W, 3) images, an array or a
+            reader) whose activation ranges calibrate the quantization; needed the first
+            time (and again when the checkpoint changes), later the cached file is reused.
 
     Raises:
         ValueError: an unknown engine or precision, an engine whose package is missing
@@ -397,11 +441,18 @@ def open_engine(
     if device != "cpu":
         raise ValueError(f"the {engine} engine runs on the CPU; got device {device!r}.")
     import_runtime(engine)  # before any export: a missing package costs no export
-    if onnx_path is None:
+    if onnx_path is None and precision == "int8":
+        path, record = cached_int8_export(model_dir, image_size, tta_flip, calibration)
+    elif onnx_path is None:
         path, record = cached_export(model_dir, image_size, tta_flip)
     else:
         path = Path(onnx_path)
         record = check_export(path, model_dir, image_size, tta_flip)
+        if record.precision != precision:
+            raise ValueError(
+                f"{path} holds the {record.precision} encoder, not the {precision} one; pass "
+                "an export of that precision, or none to use the engine's cache."
+            )
     if threads is None:
         from dpq.devices import available_cores
 

@@ -69,7 +69,8 @@ class ExportRecord:
         opset: the ONNX opset.
         exporter: which exporter and torch version wrote the graph.
         onnx_sha256: SHA-256 of the ONNX file.
-        precision: "fp32" (a graph as exported) or "int8" (quantized by an engine's tool).
+        precision: "fp32" (a graph as exported) or "int8" (:mod:`dpq.inference.quantize`).
+        calibration_sha256: int8: SHA-256 of the calibration sample; "" for float32.
     """
 
     method: str
@@ -84,6 +85,7 @@ class ExportRecord:
     exporter: str
     onnx_sha256: str
     precision: str = "fp32"
+    calibration_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the format and version."""
