@@ -25,8 +25,8 @@ from dpq.cli.options import (
 )
 from dpq.data import Split, load_source, split_per_class
 
-COMMAND_NAMES = ["data", "train", "encode", "search", "evaluate", "index", "serve", "reproduce",
-                 "demo"]  # fmt: skip
+COMMAND_NAMES = ["data", "train", "encode", "search", "evaluate", "index", "export", "serve",
+                 "reproduce", "demo"]  # fmt: skip
 
 
 def test_parse_methods_and_bits():
