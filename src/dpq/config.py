@@ -362,13 +362,13 @@ class TrainConfig:
         keep_checkpoints: epoch checkpoints kept on disk (the newest ones).
         backbone_weights: a local file of pretrained backbone weights (safetensors, or a
             state dict saved by ``torch.save``), loaded before training starts
-            (:func:`dpq.model.backbones.load_backbone_weights`; never downloaded). None: the
+            (:func:`dpq.model.imagenet.load_backbone_weights`; never downloaded). None: the
             backbone starts from its random initialisation.
         backbone_lr_scale: the backbone learns at ``lr * backbone_lr_scale`` while the new
             layers (semantic head, classifier) learn at ``lr``: below 1 fine-tunes
             pretrained layers more gently than the new head.
         freeze_stages: the first N stages of the backbone are not trained
-            (:func:`dpq.model.backbones.backbone_stages`; 0: every layer learns).
+            (:func:`dpq.model.imagenet.backbone_stages`; 0: every layer learns).
     """
 
     epochs: int = 30
