@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import (
     CIFAR_ZIP,
     LISTS,
+    RunsCode,
     make_image_folder,
     needs_cifar_zip,
     needs_lists,
@@ -171,17 +172,9 @@ def test_cifar_batch_parser_reads_the_official_layout() -> None:
     assert images[1, 4, 5, 2] == data[1, 2 * 1024 + 4 * 32 + 5]
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_cifar_batch_parser_refuses_code(tmp_path: Path) -> None:
     marker = tmp_path / "was-run"
-    blob = pickle.dumps({b"data": _RunsCode(marker), b"labels": [1]}, protocol=2)
+    blob = pickle.dumps({b"data": RunsCode(marker), b"labels": [1]}, protocol=2)
     with pytest.raises(ValueError, match="refusing"):
         read_cifar_batch(blob, "evil_batch")
     assert not marker.exists()
