@@ -25,11 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "encode",
         help="encode a database into an index file (codes + codebooks)",
         description="Encode items with a model's codebooks (greedy residual hard assignment, "
-        "the model's rule) and write one index file (.npz, no pickle, with a checksum) that "
-        "`dpq search`, `dpq evaluate --index` and dpq.index.DPQIndex.load read.",
+        "the model's rule; a model of another method: its own codes, e.g. the sign bits of a "
+        "hashing method in a binary index) and write one index file (.npz, no pickle, with a "
+        "checksum) that `dpq search`, `dpq evaluate --index` and dpq.index.load_any read.",
     )
     books = parser.add_mutually_exclusive_group(required=True)
-    books.add_argument("--model", metavar="CKPT_DIR", help="a DPQ checkpoint directory")
+    books.add_argument(
+        "--model", metavar="CKPT_DIR", help="a checkpoint directory (DPQ or another method)"
+    )
     books.add_argument(
         "--codebooks",
         metavar="NPY",
