@@ -16,6 +16,14 @@ Rows for each backbone (images/s, higher is better):
 - ``dpq, streaming``: ``DPQModel.extract_features`` on an ``ImageFileReader`` with the same
   worker count; its overhead is against ``bare, DataLoader``.
 
+With ``--engine torch,onnxruntime,openvino`` each backbone also gets a table of the same
+in-memory images through each inference engine (:func:`dpq.inference.open_engine`: the
+checkpoint in eager torch, its ONNX export in ONNX Runtime and in OpenVINO, float32, the
+same threads and batch size): images/s and the ratio against eager torch measured in the
+same run, the share of items whose codes equal eager torch's and the largest feature
+difference (``--no-paths`` leaves out the four rows above; the export's one-time cost is
+printed apart).
+
 Backbones: the CIFAR-10 recipe's ResNet-9 (half width) at 32 px on real CIFAR-10 JPEGs
 (``--model32``: a trained checkpoint, default a random one), ResNet-18 and AlexNet at 224 px
 on the same images upscaled to 256 px JPEGs and resized to 224 while reading. Test-time
@@ -23,6 +31,8 @@ flipping is off in every row (it doubles every row alike). Channels-last memory 
 
     flock /tmp/dpq-heavy.lock python benchmarks/encode_speed.py \
         --model32 /work/scratch/after-repro2/model --workers 2
+    flock /tmp/dpq-heavy.lock python benchmarks/encode_speed.py \
+        --model32 /work/scratch/after-repro2/model --engine torch,onnxruntime,openvino --no-paths
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import argparse
 import tempfile
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.data import load_source
 from dpq.devices import available_cores
+from dpq.inference import ENGINES, open_engine
+from dpq.methods import method_for
 from dpq.model.backbones import create_backbone
 from dpq.model.network import DPQModel
 from dpq.recipes import cifar10_recipe
@@ -48,9 +61,12 @@ from dpq.recipes import cifar10_recipe
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.zip"
 
 
-def extract_cifar(zip_path: Path, out: Path, count: int, side: int | None) -> Path:
-    """The first ``count`` training JPEGs of the CIFAR-10 zip as ``<class>/<file>`` (resized
-    to ``side`` and saved as JPEG quality 90 when given)."""
+def extract_cifar(
+    zip_path: Path, out: Path, count: int, side: int | None, first: int = 0, limit: int = 0
+) -> Path:
+    """``count`` evenly spaced training JPEGs of the CIFAR-10 zip as ``<class>/<file>``
+    (resized to ``side`` and saved as JPEG quality 90 when given); ``first`` > 0 shifts the
+    choice to images none of ``first=0`` picked, and ``limit`` keeps at most that many."""
     if out.exists():
         return out
     with zipfile.ZipFile(zip_path) as archive:
@@ -58,7 +74,7 @@ def extract_cifar(zip_path: Path, out: Path, count: int, side: int | None) -> Pa
             n for n in archive.namelist() if n.startswith("train/") and n.endswith(".jpg")
         )
         step = max(1, len(names) // count)
-        for name in names[::step][:count]:
+        for name in names[first::step][: limit or count]:
             _, label, base = name.split("/")
             (out / label).mkdir(parents=True, exist_ok=True)
             data = archive.read(name)
@@ -176,6 +192,83 @@ def bench_backbone(label, model, images, reader, workers, batch_size, repeats, c
     return rows
 
 
+def cpu_flags() -> str:
+    """The SIMD flags of this CPU that decide the engines' kernels."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+    return " ".join(flag for flag in wanted if f" {flag}" in line) or "none of avx2/avx512"
+
+
+def engine_versions(engines: list[str]) -> str:
+    versions = [f"torch {torch.__version__}"]
+    for name in engines:
+        if name != "torch":
+            try:
+                versions.append(f"{name} {__import__(name).__version__}")
+            except ImportError:
+                versions.append(f"{name} missing")
+    return ", ".join(versions)
+
+
+def bench_engines(
+    label, model, images, engines, threads, batch_size, repeats, workdir, calibration=None
+):
+    """images/s of each engine on the in-memory images, against eager torch in the same run,
+    with the codes' agreement and the largest feature difference; with ``calibration``
+    (images) also ONNX Runtime in int8 calibrated on them."""
+    model_dir = model.save_checkpoint(Path(workdir) / label.split()[0] / "model")
+    method = method_for(model.config)
+    side = images.shape[1]
+    runs = [("torch", "fp32"), *[(name, "fp32") for name in engines if name != "torch"]]
+    if calibration is not None:
+        runs.append(("onnxruntime", "int8"))
+    rows = {}
+    reference = None
+    for name, precision in runs:
+        began = time.perf_counter()
+        engine = open_engine(
+            model_dir,
+            name,
+            threads=threads,
+            batch_size=batch_size,
+            image_size=None if name == "torch" else side,
+            tta_flip=False,
+            precision=precision,
+            calibration=calibration if precision == "int8" else None,
+        )
+        opened = time.perf_counter() - began
+        if name == "torch":
+            engine.network.set_channels_last(True)
+        features = engine.features(images)  # warm-up (oneDNN primitives, first-run plans)
+        speed = max(rate(len(images), partial(engine.features, images)) for _ in range(repeats))
+        if reference is None:  # eager torch, the first engine
+            network = engine.network
+            reference = (features, method.encode(network, features), speed)
+        codes = method.encode(network, features)
+        rows[name if precision == "fp32" else f"{name} {precision}"] = (
+            speed,
+            speed / reference[2],
+            float((codes == reference[1]).all(axis=1).mean()),
+            float(np.abs(features - reference[0]).max()),
+            opened,
+        )
+        engine.close()
+    print(f"\n### {label}: engines ({len(images)} images in memory, batch {batch_size}, "
+          f"{threads} threads, no flip)")  # fmt: skip
+    print("| engine | images/s | vs eager torch | codes = torch's | max feature diff | open s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (speed, ratio, agree, diff, opened) in rows.items():
+        print(
+            f"| {name} | {speed:,.0f} | {ratio:.2f}x | {agree * 100:.2f} % | {diff:.1e} "
+            f"| {opened:.1f} |"
+        )
+    return rows
+
+
 def random_model(backbone: str, kwargs: dict | None = None) -> DPQModel:
     torch.manual_seed(0)
     config = DPQConfig(
@@ -205,12 +298,68 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile on the backbone"
     )
+    parser.add_argument(
+        "--engine",
+        default="",
+        help=f"comma list of inference engines to compare ({', '.join(ENGINES)})",
+    )
+    parser.add_argument(
+        "--no-paths", action="store_true", help="only the engine tables, not the four path rows"
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also ONNX Runtime in int8, calibrated on 512 training images not among the timed",
+    )
+    parser.add_argument("--items", type=int, help="images per backbone (sets both counts)")
+    parser.add_argument("--threads", type=int, default=available_cores())
     args = parser.parse_args()
-    torch.set_num_threads(available_cores())
+    engines = [name.strip() for name in args.engine.split(",") if name.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.items:
+        args.count32 = args.count224 = args.items
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, workers {args.workers}")
+    print(f"CPU flags: {cpu_flags()}; {engine_versions(engines)}")
+
     with tempfile.TemporaryDirectory(prefix="dpq-encode-speed-") as scratch:
         work = Path(args.workdir or scratch)
         work.mkdir(parents=True, exist_ok=True)
+
+        def calibration(side):
+            count = args.count32 if side == 32 else args.count224
+            folder = extract_cifar(
+                Path(args.data), work / f"calib{side}", count, None if side == 32 else 256, 1, 512
+            )
+            return load_source(folder, image_size=side).inputs
+
+        def run(label, model, images, reader, batch_size):
+            if not args.no_paths:
+                bench_backbone(
+                    label,
+                    model,
+                    images,
+                    reader,
+                    args.workers,
+                    batch_size,
+                    args.repeats,
+                    args.compile,
+                )
+            if engines:
+                bench_engines(
+                    label,
+                    model,
+                    images,
+                    engines,
+                    args.threads,
+                    batch_size,
+                    args.repeats,
+                    work,
+                    calibration(images.shape[1]) if args.int8 else None,
+                )
+
         if "resnet9" in args.only:
             folder = extract_cifar(Path(args.data), work / "cifar32", args.count32, None)
             images = load_source(folder).inputs
@@ -220,31 +369,19 @@ def main() -> None:
             else:
                 torch.manual_seed(0)
                 model = DPQModel(cifar10_recipe())
-            bench_backbone(
-                "resnet9 (half width) at 32 px",
-                model,
-                images,
-                reader,
-                args.workers,
-                args.batch32,
-                args.repeats,
-                args.compile,
-            )
+            run("resnet9 (half width) at 32 px", model, images, reader, args.batch32)
         big = [name for name in ("resnet18", "alexnet") if name in args.only]
         if big:
             folder = extract_cifar(Path(args.data), work / "cifar256", args.count224, 256)
             images = load_source(folder, image_size=224).inputs
             reader = load_source(folder, image_size=224, in_memory=False).inputs
             for name in big:
-                bench_backbone(
+                run(
                     f"{name} at 224 px (256 px JPEGs resized while reading)",
                     random_model(name),
                     images,
                     reader,
-                    args.workers,
                     args.batch224,
-                    args.repeats,
-                    args.compile,
                 )
 
 

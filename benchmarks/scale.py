@@ -741,6 +741,14 @@ def run_cifar10(args, shared: dict) -> None:
         refs,
         map=_map_at(result[1], ql, dl, r),
     )
+
+    def row(method, setting, bytes_per_item, build_s, search):
+        """Time search() and add its row: recall on its first K_RECALL ids, mAP@r on all."""
+        result, wall, cpu = _time(search, args.repeats)
+        ids = result[1]
+        recall_ids, score = ids[:, :K_RECALL], _map_at(ids, ql, dl, r)
+        table.add(method, setting, bytes_per_item, build_s, wall, cpu, recall_ids, refs, map=score)
+
     for levels in (1, 2):
         part = DPQIndex(books, search_mode=mode, partition_levels=levels)
         part.add(codes)
@@ -752,19 +760,12 @@ def run_cifar10(args, shared: dict) -> None:
         )
         for nprobe in NPROBES_BY_LEVELS[levels]:
             part.search(qf[:4], r, nprobe=nprobe)
-            result, wall, cpu = _time(
-                lambda part=part, nprobe=nprobe: part.search(qf, r, nprobe=nprobe), args.repeats
-            )
-            table.add(
+            row(
                 f"DPQ p={levels}",
                 f"nprobe={nprobe}",
                 part.bytes_per_item(),
                 encode_s,
-                wall,
-                cpu,
-                result[1][:, :K_RECALL],
-                refs,
-                map=_map_at(result[1], ql, dl, r),
+                lambda part=part, nprobe=nprobe: part.search(qf, r, nprobe=nprobe),
             )
     t0 = time.perf_counter()
     ivfpq = faiss.index_factory(df.shape[1], "OPQ8_296,IVF256,PQ8", metric)
@@ -775,35 +776,20 @@ def run_cifar10(args, shared: dict) -> None:
     ivf = faiss.extract_index_ivf(ivfpq)
     for nprobe in NPROBES:
         ivf.nprobe = nprobe
-        result, wall, cpu = _time(lambda: ivfpq.search(qf, r), args.repeats)
-        table.add(
-            "faiss IVF-PQ",
-            f"OPQ8_296,IVF256,PQ8 nprobe={nprobe}",
-            ivf.code_size,
-            ivf_s,
-            wall,
-            cpu,
-            result[1][:, :K_RECALL],
-            refs,
-            map=_map_at(result[1], ql, dl, r),
-        )
+        setting = f"OPQ8_296,IVF256,PQ8 nprobe={nprobe}"
+        row("faiss IVF-PQ", setting, ivf.code_size, ivf_s, lambda: ivfpq.search(qf, r))
     t0 = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(df.shape[1], 32, metric)
     hnsw.add(df)
     hnsw_s = time.perf_counter() - t0
     for ef in (64, 256, 1024):
         hnsw.hnsw.efSearch = ef
-        result, wall, cpu = _time(lambda: hnsw.search(qf, r), args.repeats)
-        table.add(
+        row(
             "faiss HNSW32 (float)",
             f"efSearch={ef}",
             4 * df.shape[1],
             hnsw_s,
-            wall,
-            cpu,
-            result[1][:, :K_RECALL],
-            refs,
-            map=_map_at(result[1], ql, dl, r),
+            lambda: hnsw.search(qf, r),
         )
     float_map = _map_at(exact.search(qf, r)[1], ql, dl, r)
     table.print(

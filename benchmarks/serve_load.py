@@ -4,7 +4,11 @@ Scenarios (each starts its own `dpq serve` subprocess on 127.0.0.1, port chosen 
   vectors  N synthetic items (default 1,000,000; D=300, L=4, K=256), vector queries (JSON)
   images   a database encoded by `dpq encode` (--index, e.g. CIFAR-10's 54,000 items) with
            its model (--model): image queries (JPEG uploads) decoded and encoded by the model
-and, for each, a mix in which --add-fraction of the requests (default 5 %) are adds.
+and, for each, a mix in which --add-fraction of the requests (default 5 %) are adds; for
+vectors also a phase of batch requests (POST /search/batch with --batch queries each, default
+16): the same queries as the single-query phase, so searches/s (queries answered per second)
+compares batch against single queries at equal work. The server runs with
+--allow-open-writes (writes are closed by default; the adds come from no browser page).
 
 For every phase, --clients concurrent clients (default 50) send requests back to back for
 --seconds (default 30); the table gives requests/s, latency p50/p95/p99, errors (anything but
@@ -57,6 +61,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     parser.add_argument("--add-fraction", type=float, default=0.05, help="adds in the mix")
     parser.add_argument("--k", type=int, default=20, help="results per query")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="vectors: queries per batch request (0: no batch phase)",
+    )
     parser.add_argument("--bits", type=int, default=None, help="code length (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="server search threads")
     parser.add_argument(
@@ -110,7 +120,7 @@ def image_queries(args: argparse.Namespace, count: int) -> tuple[list[bytes], tu
     from PIL import Image
 
     from dpq.data.splits import Split
-    from dpq.serve.collection import load_image_source
+    from dpq.serve.sources import load_image_source
 
     source = load_image_source(args.images)
     rows = Split.load(args.split).query[:count]
@@ -286,7 +296,11 @@ def idle_add_latency(server: Server, adds: list[bytes], count: int = 30) -> tupl
     return float(np.median(took)), float(max(took))
 
 
-def run_phase(name: str, server: Server, searches, adds, add_fraction, args) -> dict:
+def run_phase(
+    name: str, server: Server, searches, adds, add_fraction, args, queries_per_request: int = 1
+) -> dict:
+    """One phase of load; searches/s counts queries (``queries_per_request`` per search
+    request: a batch), latencies are per request."""
     cpu_server = server.cpu_seconds()
     cpu_client = time.process_time()
     results = asyncio.run(
@@ -298,7 +312,7 @@ def run_phase(name: str, server: Server, searches, adds, add_fraction, args) -> 
     row = {
         "phase": name,
         "requests_per_s": (len(searches) + len(adds) + len(results["errors"])) / wall,
-        "searches_per_s": len(searches) / wall,
+        "searches_per_s": len(searches) * queries_per_request / wall,
         "p50": float(np.percentile(searches, 50)) if len(searches) else float("nan"),
         "p95": float(np.percentile(searches, 95)) if len(searches) else float("nan"),
         "p99": float(np.percentile(searches, 99)) if len(searches) else float("nan"),
@@ -361,12 +375,19 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
         json_request("/search", {"vector": q.tolist(), "k": args.k, **extra}) for q in queries
     ]
     adds = [json_request("/items", {"vectors": [q.tolist()]}) for q in queries]
+    batches = []  # the same queries, --batch per request
+    for start in range(0, len(queries) - args.batch + 1, args.batch) if args.batch > 1 else []:
+        chosen = [{"vector": q.tolist()} for q in queries[start : start + args.batch]]
+        batches.append(json_request("/search/batch", {"queries": chosen, "k": args.k, **extra}))
     rows = []
-    server = Server(str(path), "--threads", str(args.threads))
+    server = Server(str(path), "--threads", str(args.threads), "--allow-open-writes")
     try:
         idle = idle_add_latency(server, adds)
         print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
         rows.append(run_phase("vectors", server, searches, adds, 0.0, args))
+        if batches:
+            name = f"vectors, batches of {args.batch}"
+            rows.append(run_phase(name, server, batches, adds, 0.0, args, args.batch))
         rows.append(
             run_phase("vectors + 5 % adds", server, searches, adds, args.add_fraction, args)
         )
@@ -437,6 +458,7 @@ def scenario_images(args: argparse.Namespace) -> list[dict]:
         args.images,
         "--threads",
         str(args.threads),
+        "--allow-open-writes",
         *model_threads,
     )
     try:

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import io  # noqa: E402
+import struct  # noqa: E402
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -146,6 +147,71 @@ def make_image_folder(root: Path, per_class: dict[str, int], size: int = 8, seed
 
 def truncated_jpeg(rng: np.random.Generator) -> bytes:
     return png_bytes(random_image(rng, 32, 32), "JPEG")[:200]
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+def py2_string(data: bytes) -> bytes:
+    """A Python 2 ``str`` as cPickle protocol 2 writes it (SHORT_BINSTRING / BINSTRING)."""
+    if len(data) < 256:
+        return b"U" + bytes([len(data)]) + data
+    return b"T" + struct.pack("<i", len(data)) + data
+
+
+def py2_int(value: int) -> bytes:
+    return b"K" + bytes([value]) if value < 256 else b"M" + struct.pack("<H", value)
+
+
+def py2_cifar_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch laid out like the official files (Python 2 cPickle, protocol 2)."""
+    shape = b"(" + b"".join(py2_int(d) for d in data.shape) + b"t"
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + py2_int(0)
+        + b"\x85"
+        + py2_string(b"b")
+        + b"\x87R("
+        + py2_int(1)
+        + shape
+        + b"cnumpy\ndtype\n"
+        + py2_string(b"u1")
+        + py2_int(0)
+        + py2_int(1)
+        + b"\x87R("
+        + py2_int(3)
+        + py2_string(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff"
+        + py2_int(0)
+        + b"tb\x89"
+        + py2_string(data.tobytes())
+        + b"tb"
+    )
+    names = b"](" + b"".join(py2_string(f"img_{i}.png".encode()) for i in range(len(labels)))
+    return (
+        b"\x80\x02}("
+        + py2_string(b"batch_label")
+        + py2_string(b"training batch 1 of 5")
+        + py2_string(b"data")
+        + array
+        + py2_string(b"labels")
+        + b"]("
+        + b"".join(py2_int(v) for v in labels)
+        + b"e"
+        + py2_string(b"filenames")
+        + names
+        + b"eu."
+    )
+
+
+class RunsCode:
+    """Pickles as a call of os.system that touches ``marker``: unpickling it runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
 
 
 def make_list_source(root: Path, per_class: int = 10) -> Path:
@@ -307,3 +373,91 @@ class TrainedMethod:
         loaded = self.method.load_index(path)
         assert loaded.ntotal == 360
         return self.method.search(loaded, self.features[:40], k=360)
+
+
+# --------------------------------------------------------------------------- exported encoders
+
+ENCODER_MODELS = ("identity", "resnet9", "recipe")
+"""The models :func:`exported_encoders` exports: features through the identity backbone, a
+quarter-width ResNet-9 on 32 px images (semantic features), and the CIFAR-10 recipe's
+network (flip-averaged class posteriors, D=300, L=4, K=256)."""
+
+
+def encoder_inputs(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """Raw inputs of the model ``name`` of :data:`ENCODER_MODELS`: float32 (n, 12) rows, or
+    uint8 (n, 32, 32, 3) images (smooth random shapes plus noise, not pure noise)."""
+    rng = np.random.default_rng(seed)
+    if name == "identity":
+        return rng.normal(size=(n, 12)).astype(np.float32)
+    grid = np.linspace(0.0, 1.0, 32)
+    waves = np.sin(
+        rng.uniform(2, 12, (n, 1, 1, 3)) * grid[None, :, None, None]
+        + rng.uniform(2, 12, (n, 1, 1, 3)) * grid[None, None, :, None]
+        + rng.uniform(0, 6, (n, 1, 1, 3))
+    )
+    noise = rng.normal(0.0, 0.15, (n, 32, 32, 3))
+    return np.clip((waves * 0.5 + 0.5 + noise) * 255, 0, 255).astype(np.uint8)
+
+
+def save_encoder_model(name: str, path: Path) -> Path:
+    """A random model ``name`` of :data:`ENCODER_MODELS`, its codebooks initialised by
+    k-means on the features of 300 inputs (seed 1), saved as a checkpoint at ``path``. The
+    recipe's classifier weights are scaled up: the posteriors of a random network are so
+    close to uniform that codes hinge on differences of 1e-6, which no trained model has."""
+    import torch
+
+    from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+    from dpq.methods import method_for
+    from dpq.recipes import cifar10_recipe
+
+    torch.manual_seed(0)
+    if name == "identity":
+        config = DPQConfig(
+            model=ModelConfig(backbone="identity", backbone_kwargs={"in_features": 12}),
+            quantizer=QuantizerConfig(num_levels=2, codebook_size=16, dim=8),
+        )
+    elif name == "resnet9":
+        config = DPQConfig(
+            model=ModelConfig(backbone="resnet9", backbone_kwargs={"width": 0.25}),
+            quantizer=QuantizerConfig(num_levels=3, codebook_size=32, dim=24),
+        )
+    else:
+        config = cifar10_recipe()
+    method = method_for(config)
+    network = method.build_network().eval()
+    if config.model.feature == "class_posterior":
+        with torch.no_grad():  # posteriors as peaked as a trained network's, not near-uniform
+            network.classifier.weight.mul_(20.0)
+    method.init_codebooks(network, network.extract_features(encoder_inputs(name, 300, seed=1)))
+    network.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """name -> (checkpoint directory, ONNX export at 32 px) for each of
+    :data:`ENCODER_MODELS`; skipped without the export's packages (the inference extra)."""
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    from dpq.inference.export import export_onnx
+
+    root = tmp_path_factory.mktemp("encoders")
+    made = {}
+    for name in ENCODER_MODELS:
+        model_dir = save_encoder_model(name, root / name / "model")
+        onnx_path = root / name / "encoder.onnx"
+        export_onnx(model_dir, onnx_path, image_size=32)
+        made[name] = (model_dir, onnx_path)
+    return made
+
+
+@pytest.fixture(scope="session")
+def encoder_references(exported_encoders) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (400 raw inputs, their float32 features from the checkpoint in eager torch)
+    for each of :data:`ENCODER_MODELS`: the reference every engine is compared with."""
+    from dpq.methods import load_network
+
+    made = {}
+    for name, (model_dir, _) in exported_encoders.items():
+        inputs = encoder_inputs(name, 400)
+        made[name] = (inputs, load_network(model_dir).extract_features(inputs))
+    return made

@@ -4,6 +4,7 @@ plain scripts that decode images, output read from a file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import make_image_folder
 from dpq.cli import main
+from dpq.data import Split
 
 DPQ = [sys.executable, "-m", "dpq.cli"]
 TINY_TRAIN = [
@@ -55,6 +57,8 @@ def files(tmp_path_factory) -> dict[str, str]:
         "few": root / "few.npy",
         "few_labels": root / "few_labels.npy",
         "folder": root / "folder",
+        "empty_split": root / "empty-database.json",
+        "huge_split": root / "huge-row.json",
     }
     np.save(paths["features"], rng.normal(size=(40, 12)).astype(np.float32))
     np.save(paths["labels"], np.arange(40) % 4)
@@ -71,6 +75,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     np.save(paths["few"], rng.normal(size=(100, 12)).astype(np.float32))
     np.save(paths["few_labels"], np.arange(100) % 4)
     make_image_folder(paths["folder"], {"a": 2, "b": 2})
+    Split(train=[0, 1], query=[2], database=[]).save(paths["empty_split"])
+    meta = {"format": "dpq-split", "version": 1, "train": [0], "query": [1]}
+    paths["huge_split"].write_text(json.dumps({**meta, "database": [2, 1e30]}))
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -166,6 +173,38 @@ CASES = [
     (
         ["encode", "--codebooks", "{npz}", "--features", "{features}", "--out", "{tmp}/i.npz"],
         "is an .npz archive",
+    ),
+    (
+        [
+            "encode",
+            "--model",
+            "{model}",
+            "--images",
+            "digits",
+            "--split",
+            "{empty_split}",
+            "--out",
+            "{tmp}/i.npz",
+        ],
+        "the split holds no",  # an empty database: no 0-item index written silently
+    ),  # fmt: skip
+    (
+        [
+            "encode",
+            "--model",
+            "{model}",
+            "--images",
+            "digits",
+            "--split",
+            "{huge_split}",
+            "--out",
+            "{tmp}/i.npz",
+        ],
+        "database[1] is 1e+30, not a row number",
+    ),  # fmt: skip
+    (
+        ["search", "--index", "{index}", "--features", "{features}", "--nprobe", "4"],
+        "--nprobe needs a partitioned index",
     ),
     # dpq search
     (["search", "--index", "{missing}", "--features", "{features}"], "not found"),

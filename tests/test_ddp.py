@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import feature_config, feature_data
 from dpq.training import ddp
 from dpq.training.ddp import DistributedContext, free_loopback_port, local_torchrun_command
 
@@ -244,26 +245,16 @@ def test_a_rank_that_dies_or_hangs_fails_the_others_with_a_clear_message(tmp_pat
 REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _blobs(n: int = 512, dim: int = 12, classes: int = 3, seed: int = 0):
-    """Gaussian blobs: float32 (n, dim) features and int64 (n,) labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    centres = rng.normal(size=(classes, dim)) * 2.0
-    features = centres[labels] + rng.normal(size=(n, dim))
-    return features.astype(np.float32), labels.astype(np.int64)
+def _blobs(n: int = 512):
+    """conftest's Gaussian blobs: float32 (n, 12) features and int64 (n,) labels."""
+    data = feature_data(n=n)
+    return data.images, data.labels
 
 
 def _blob_config(**train):
-    """Identity backbone on the blobs, L=2, K=8, D=6; k-means codebooks from epoch 3 of 4."""
-    from dpq.config import DPQConfig, LossConfig, ModelConfig, QuantizerConfig, TrainConfig
-
-    options = {"epochs": 4, "batch_size": 64, "lr": 0.05, "keep_checkpoints": 10, **train}
-    return DPQConfig(
-        model=ModelConfig(backbone="identity", backbone_kwargs={"in_features": 12}, num_classes=3),
-        quantizer=QuantizerConfig(num_levels=2, codebook_size=8, dim=6),
-        loss=LossConfig(use_semantic=False),
-        train=TrainConfig(**options),
-    )
+    """conftest's blob config (identity backbone, L=2, K=8, D=6; k-means codebooks from
+    epoch 3 of 4) with 64 items per batch."""
+    return feature_config(**{"batch_size": 64, **train})
 
 
 def _state(model) -> dict:
@@ -448,7 +439,8 @@ def _reproduce_rank(rank: int, port: int, out: str, data: str, word_vectors: str
     os.environ.update(torchrun_environment(rank, 2, port))
     os.environ["DPQ_CACHE_DIR"] = str(Path(out) / f"cache{rank}")
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
-    from dpq.training.experiments import reproduce_cifar10
+    from dpq.training.experiments import RunSettings
+    from dpq.training.reproduce import ReproduceSettings, reproduce_cifar10
 
     recipe = DPQConfig(
         model=ModelConfig(backbone_kwargs={"width": 0.125}),
@@ -456,15 +448,12 @@ def _reproduce_rank(rank: int, port: int, out: str, data: str, word_vectors: str
         train=TrainConfig(batch_size=10),
     )
     result = reproduce_cifar10(
-        Path(out) / "run",
-        data=data,
-        base_config=recipe,
-        epochs=1,
-        word_vectors=word_vectors,
-        train_per_class=2,
-        query_per_class=1,
-        progress=False,
-        log=lambda message: None,
+        ReproduceSettings(
+            data=data, base_config=recipe, epochs=1, train_per_class=2, query_per_class=1
+        ),
+        RunSettings(
+            Path(out) / "run", word_vectors=word_vectors, progress=False, log=lambda message: None
+        ),
     )
     summary = None if result is None else result.evaluation.map_by_bits
     Path(out, f"rank{rank}.json").write_text(json.dumps({"map": summary}))

@@ -20,6 +20,7 @@ from dpq.cli import main
 from dpq.index import (
     DPQIndex,
     IndexFileError,
+    SearchParameters,
     append_to_index_file,
     faiss_interop,
     files,
@@ -452,12 +453,12 @@ def test_adding_in_chunks_grows_storage_geometrically(codebooks, rng):
     addresses = set()
     for _ in range(400):
         built.add(rng.integers(0, K, size=(25, L)))
-        addresses.add(built._rows._data["codes"].__array_interface__["data"][0])
+        addresses.add(built.store.codes.__array_interface__["data"][0])
     assert built.ntotal == 10_000 and len(addresses) <= 10
     built.reserve(20_000)
-    address = built._rows._data["codes"].__array_interface__["data"][0]
+    address = built.store.codes.__array_interface__["data"][0]
     built.add(rng.integers(0, K, size=(10_000, L)))
-    assert built._rows._data["codes"].__array_interface__["data"][0] == address
+    assert built.store.codes.__array_interface__["data"][0] == address
     assert_grouped(built)
 
 
@@ -465,11 +466,11 @@ def test_reserve_on_an_empty_index_allocates_once(codebooks, rng):
     built = DPQIndex(codebooks, partition_levels=2)
     built.reserve(1000)
     built.add(rng.integers(0, K, size=(10, L)))
-    address = built._rows._data["codes"].__array_interface__["data"][0]
+    address = built.store.codes.__array_interface__["data"][0]
     for _ in range(99):
         built.add(rng.integers(0, K, size=(10, L)))
-    assert built._rows._data["codes"].__array_interface__["data"][0] == address
-    assert built.ntotal == 1000 and built._rows._data["codes"].shape[0] == 1000
+    assert built.store.codes.__array_interface__["data"][0] == address
+    assert built.ntotal == 1000 and built.store.capacity == 1000
     assert_grouped(built)
 
 
@@ -832,8 +833,8 @@ def test_memory_mapped_load_searches_identically_to_an_in_memory_load(
     in_memory = DPQIndex.load(path)
     mapped = DPQIndex.load(path, mmap=True)
     assert mapped.read_only and not in_memory.read_only
-    assert all(backed_by_a_map(mapped._rows.get(name)) for name in ("codes", "ids", "labels"))
-    assert not backed_by_a_map(in_memory._rows.get("codes"))
+    assert all(backed_by_a_map(getattr(mapped.store, name)) for name in ("codes", "ids", "labels"))
+    assert not backed_by_a_map(in_memory.store.codes)
     for name in ("codes", "ids", "labels", "cell_offsets"):
         np.testing.assert_array_equal(getattr(mapped, name), getattr(in_memory, name))
     for kwargs in ({}, {"nprobe": 5}, {"num_levels": 2}, {"rerank_from": 1}, {"mode": "aqd"}):
@@ -1016,6 +1017,21 @@ def test_rerank_from_and_mode_are_checked(index, queries):
         index.search(queries, 3, num_levels=2, rerank_from=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         index.search(queries, 3, mode="cosine")
+
+
+def test_search_settings_in_one_parameters_object_equal_the_keywords(codebooks, codes, queries):
+    part = build_in_chunks(codebooks, codes, 1)
+    params = SearchParameters(num_levels=3, nprobe=4, rerank_from=1, rerank_candidates=30)
+    by_object = part.search(queries, 10, params=params)
+    by_keywords = part.search(
+        queries, 10, num_levels=3, nprobe=4, rerank_from=1, rerank_candidates=30
+    )
+    np.testing.assert_array_equal(by_object[1], by_keywords[1])
+    np.testing.assert_array_equal(by_object[0], by_keywords[0])
+    with pytest.raises(ValueError, match="either in params or as keywords"):
+        part.search(queries, 10, nprobe=2, params=params)
+    with pytest.raises(ValueError, match="nprobe needs a partitioned index"):
+        DPQIndex(codebooks).search(queries, 3, params=params)
 
 
 def test_codes_out_of_range_for_codebook_size(index, codes):

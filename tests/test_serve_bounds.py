@@ -10,11 +10,12 @@ pytest.importorskip("fastapi")
 
 from dpq.index import MAX_K, DPQIndex  # noqa: E402
 from dpq.serve import ServeSettings, open_collection  # noqa: E402
-from dpq.serve.bounds import (  # noqa: E402
+from dpq.serve.bounds import (
     MAX_NPROBE,
     MAX_OFFSET,
     MAX_RERANK_CANDIDATES,
     MAX_RESULTS,
+    CodeLengths,  # noqa: E402
     check_search_bounds,
 )
 
@@ -62,3 +63,17 @@ def test_collection_search_checks_the_same_bounds(tmp_path):
             collection.search(query, k=5, offset=MAX_OFFSET + 1)
     finally:
         collection.close()
+
+
+def test_code_lengths_of_an_index():
+    lengths = CodeLengths.of(num_levels=4, codebook_size=256)
+    assert lengths.bits == [8, 16, 24, 32] and lengths.levels(None) == 4
+    assert lengths.levels(16) == 2 and lengths.rerank_levels(None, 4) is None
+    assert lengths.rerank_levels(8, 3) == 1
+    with pytest.raises(ValueError, match=r"bits must be one of \[8, 16, 24, 32\]"):
+        lengths.levels(12)
+    with pytest.raises(ValueError, match="bits must be an integer"):
+        lengths.levels(True)
+    with pytest.raises(ValueError, match="rerank must be shorter than bits=16"):
+        lengths.rerank_levels(16, 2)
+    assert CodeLengths.of(2, 16).bits == [4, 8]

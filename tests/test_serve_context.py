@@ -1,5 +1,5 @@
-"""dpq.serve.context: the workers (a bound on pending jobs answers 503, the gauge follows)
-and the write-key check, each alone."""
+"""dpq.serve.context: the workers (a bound on pending jobs answers 503, the gauge follows),
+the write-key check and who may write at all (origin, cross-site, closed writes), each alone."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ pytest.importorskip("prometheus_client")
 
 from fastapi import HTTPException, Request  # noqa: E402
 
-from dpq.serve.context import Workers, require_api_key  # noqa: E402
+from dpq.serve.context import Workers, check_write, require_api_key  # noqa: E402
 from dpq.serve.metrics import ServiceMetrics  # noqa: E402
+from dpq.serve.settings import ServeSettings  # noqa: E402
 
 
 def _pending(metrics: ServiceMetrics) -> float:
@@ -90,3 +91,57 @@ def test_a_missing_or_wrong_key_is_refused(headers):
 
 def test_no_key_set_means_open_writes():
     require_api_key(_request({}), None)
+
+
+OWN = {"Host": "127.0.0.1:8000"}
+
+
+def _settings(**fields):
+    return ServeSettings(index="x.index.npz", **fields)
+
+
+@pytest.mark.parametrize(
+    ("headers", "settings"),
+    [
+        ({}, {"allow_open_writes": True}),  # a program: no Origin
+        ({"Origin": "http://127.0.0.1:8000"}, {"allow_open_writes": True}),  # its own page
+        ({"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"}, {"api_key": "k"}),
+        ({"Origin": "https://app.example"}, {"allow_open_writes": True,
+                                              "cors_origins": ("https://app.example",)}),
+        ({"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"},
+         {"allow_open_writes": True, "cors_origins": ("https://app.example",)}),
+    ],
+)  # fmt: skip
+def test_writes_pass_from_programs_own_pages_and_named_origins(headers, settings):
+    key = {"X-API-Key": "k"} if "api_key" in settings else {}
+    check_write(_request({**OWN, **headers, **key}), _settings(**settings))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Origin": "http://127.0.0.1:9000"},  # another port of the same host: another origin
+        {"Origin": "null"},  # a sandboxed frame or a file:// page
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "cross-site"},
+    ],
+)
+def test_writes_from_another_site_are_403_even_with_the_key(headers):
+    for settings, key in [
+        ({"allow_open_writes": True}, {}),
+        ({"api_key": "k"}, {"X-API-Key": "k"}),
+    ]:
+        with pytest.raises(HTTPException) as refused:
+            check_write(_request({**OWN, **headers, **key}), _settings(**settings))
+        assert refused.value.status_code == 403 and "another site" in refused.value.detail
+
+
+def test_writes_without_a_key_are_closed_unless_opened():
+    with pytest.raises(HTTPException) as refused:
+        check_write(_request(OWN), _settings())
+    assert refused.value.status_code == 403
+    assert "--api-key" in refused.value.detail and "--allow-open-writes" in refused.value.detail
+    with pytest.raises(HTTPException) as no_key:
+        check_write(_request(OWN), _settings(api_key="k", allow_open_writes=True))
+    assert no_key.value.status_code == 401  # a key set always wins over open writes

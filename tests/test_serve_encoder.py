@@ -133,3 +133,23 @@ def test_a_model_of_other_codebooks_or_of_features_is_refused(checkpoints):
         load_served_model(ServeSettings("x", features), _index_of(features))
     with pytest.raises(ValueError, match="no model to load"):
         load_served_model(ServeSettings("x"), other)
+
+
+def test_the_encoder_gives_logits_when_the_model_has_them():
+    model = _model()
+    images = np.random.default_rng(3).integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
+    encoder = BatchingEncoder(model)
+    try:
+        features, logits = encoder.features_and_logits(images)
+    finally:
+        encoder.close()
+    expected_features, expected_logits = model.extract_features_and_logits(images)
+    np.testing.assert_allclose(features, expected_features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    gated = _GatedModel(model)
+    gated.release.set()
+    features_only = BatchingEncoder(gated)
+    try:
+        assert features_only.features_and_logits(images)[1] is None  # no classifier: None
+    finally:
+        features_only.close()

@@ -1,8 +1,13 @@
-"""dpq.serve.journal: the journal file (torn tail dropped, damage refused) and its replay onto
-an index alone (no collection, no HTTP): which records apply, what replay returns."""
+"""dpq.serve.journal: the journal file (torn tail dropped, damage refused, a failed append
+cut back), the index state it continues, and its replay onto an index alone (no collection,
+no HTTP): which records apply, what replay returns, which base it refuses."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,8 @@ from dpq.serve.journal import (  # noqa: E402
     METADATA_KEY,
     Journal,
     JournalError,
+    WriteFailedError,
+    index_state,
     journal_path,
     replay_journal,
     saved_position,
@@ -128,3 +135,90 @@ def test_replay_refuses_an_unknown_operation(tmp_path):
     journal.close()
     with pytest.raises(JournalError, match="unknown operation 'rename'"):
         replay_journal(Journal(journal.path, index.codebook_sha256), index)
+
+
+class FullDisk:
+    """A writer (``Journal.writer``) that writes ``allow`` more bytes, then fails as a full
+    disk does (ENOSPC); ``allow=None``: writes everything."""
+
+    def __init__(self, allow: int | None = 0) -> None:
+        self.allow = allow
+
+    def __call__(self, fd: int, data) -> int:
+        if self.allow is None:
+            return os.write(fd, data)
+        if self.allow <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = os.write(fd, bytes(data[: self.allow]))
+        self.allow -= written
+        return written
+
+
+@pytest.mark.parametrize("allow", [0, 10, 60])
+def test_a_failed_append_leaves_the_journal_exactly_as_before(tmp_path, allow):
+    """ENOSPC at the start of a record or part-way through it (a torn record): the file is
+    cut back to the last good record, nothing waits in a buffer to be written later, and the
+    next append, once there is space, follows the last good record with the next seq."""
+    disk = FullDisk(None)
+    journal = Journal(tmp_path / "j", "abc", writer=disk)
+    journal.reset({"items": 0, "ids_sha256": "x"})
+    journal.append("add", {"ids": [1], "codes": [[0]]})
+    before = journal.path.read_bytes()
+    disk.allow = allow
+    for _ in range(3):  # the service keeps trying while the disk is full
+        with pytest.raises(WriteFailedError, match="No space left on device.*nothing was changed"):
+            journal.append("add", {"ids": [2], "codes": [[1]]})
+        assert journal.path.read_bytes() == before
+    disk.allow = None  # space is back
+    assert journal.append("add", {"ids": [3], "codes": [[2]]}) == 2
+    journal.close()
+    _, records = Journal(journal.path, "abc").read()
+    assert [(r.seq, r.payload["ids"]) for r in records] == [(1, [1]), (2, [3])]
+
+
+def test_a_journal_refuses_to_replay_onto_another_state_unless_forced(tmp_path):
+    """Issue 24: an older index file restored beside a newer journal took the journal's
+    writes silently (ids 1797-2419 missing, 2420+ present). The header names the state it
+    continues; another one is refused naming both; forcing replays all the same."""
+    index = _index()
+    journal = Journal(tmp_path / "j", index.codebook_sha256, fsync=False)
+    newer = _index()
+    newer.add(np.zeros((3, LEVELS), np.uint8), ids=[10, 11, 12], labels=np.zeros(3, np.int64))
+    journal.reset(index_state(newer))  # the journal continues the 13-item index
+    _add(journal, [13], code=1, label=1, name="after")
+    journal.close()
+    older = _index()  # the 10-item index file restored
+    with pytest.raises(JournalError, match=r"continues an index of 13 items .* holds 10 items"):
+        replay_journal(Journal(journal.path, older.codebook_sha256), older)
+    assert older.ntotal == 10  # nothing was applied
+    replay = replay_journal(Journal(journal.path, older.codebook_sha256), older, force=True)
+    assert replay.applied == 1 and older.contains(13)
+    right = _index()
+    right.add(np.zeros((3, LEVELS), np.uint8), ids=[10, 11, 12], labels=np.zeros(3, np.int64))
+    assert replay_journal(Journal(journal.path, right.codebook_sha256), right).applied == 1
+
+
+def test_index_state_follows_the_ids_not_their_order():
+    index = _index()
+    state = index_state(index)
+    assert state["items"] == 10 and len(state["ids_sha256"]) == 64
+    shuffled = DPQIndex(index.codebooks)
+    order = np.random.default_rng(1).permutation(10)
+    shuffled.add(index.codes[order], ids=index.ids[order], labels=index.labels[order])
+    assert index_state(shuffled) == state
+    index.remove([4])
+    assert index_state(index)["items"] == 9 and index_state(index) != state
+
+
+def test_a_version_1_journal_is_still_read(tmp_path):
+    """Journals written before the header named its base: read, replayed without the check."""
+    index = _index()
+    header = {"format": "dpq-serve-journal", "version": 1, "journal_id": "old",
+              "codebook_sha256": index.codebook_sha256}  # fmt: skip
+    header["sha256"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    record = {"seq": 1, "op": "remove", "ids": [3]}
+    record["sha256"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    path = tmp_path / "j"
+    path.write_text(json.dumps(header) + "\n" + json.dumps(record) + "\n")
+    replay = replay_journal(Journal(path, index.codebook_sha256), index)
+    assert replay.applied == 1 and not index.contains(3)

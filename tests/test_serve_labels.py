@@ -8,7 +8,12 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from dpq.serve.labels import labels_from_json, labels_to_json  # noqa: E402
+from dpq.serve.labels import (  # noqa: E402
+    label_filter,
+    labels_from_json,
+    labels_to_json,
+    predicted_labels,
+)
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -56,3 +61,44 @@ def test_round_trip():
 def test_from_json_refuses(values, shape, classes, has_items, phrase):
     with pytest.raises(ValueError, match=phrase):
         labels_from_json(values, 1, shape, classes, has_items)
+
+
+def test_label_filter_of_names_and_indices():
+    single = label_filter(["dog", 2, "0"], "any", (), CLASSES)
+    assert single.classes.tolist() == [0, 1, 2]
+    assert single.mask(np.array([1, -1, 2, 0])).tolist() == [True, False, True, True]
+    one = label_filter(["eel"], "all", (), CLASSES)  # "all" of one label: that label
+    assert one.mask(np.array([2, 1])).tolist() == [True, False]
+    rows = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], np.uint8)
+    assert label_filter(["cat", "dog"], "all", (3,), CLASSES).mask(rows).tolist() == [
+        True, False, False
+    ]  # fmt: skip
+    assert label_filter(["cat", "eel"], "any", (3,), CLASSES).mask(rows).tolist() == [
+        True, True, True
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("values", "match", "shape", "phrase"),
+    [
+        (["cat"], "any", None, "this index has no labels"),
+        (["cat", "dog"], "all", (), "one label per item"),
+        (["cow"], "any", (), "unknown label 'cow'"),
+        ([7], "any", (3,), "out of range 0..2"),
+        (["cat"], "most", (), "filter.match must be one of"),
+        ([], "any", (), "filter.labels is empty"),
+    ],
+)
+def test_label_filter_refusals(values, match, shape, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        label_filter(values, match, shape, CLASSES)
+
+
+def test_predicted_labels_single_and_multi_label():
+    logits = np.array([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]])
+    single = predicted_labels(logits, multi_label=False, classes=CLASSES)
+    assert [p["predicted_label"] for p in single] == ["dog", "cat"]
+    top = np.exp(2.0) / (np.exp(2.0) + 2)
+    assert single[0]["predicted_probability"] == pytest.approx(top, abs=1e-4)
+    multi = predicted_labels(np.array([[1.0, -1.0, 3.0]]), multi_label=True, classes=CLASSES)
+    assert multi == [{"predicted_label": ["cat", "eel"], "predicted_probability": None}]

@@ -69,6 +69,12 @@ def test_derived_threads_and_burst():
         ({"access_log": "yes"}, TypeError, "access_log must be True or False"),
         ({"host": None}, TypeError, "host must be an address string"),
         ({"log_level": "loud"}, ValueError, "log_level must be one of"),
+        ({"allow_open_writes": "yes"}, TypeError, "allow_open_writes must be True or False"),
+        ({"force_journal": 1}, TypeError, "force_journal must be True or False"),
+        ({"cors_origins": "https://a.example"}, TypeError, "cors_origins must be a list"),
+        ({"cors_origins": ("*",)}, ValueError, "a CORS origin is scheme://host"),
+        ({"cors_origins": ("https://a.example/app",)}, ValueError, "with no path"),
+        ({"cors_origins": ("a.example",)}, ValueError, "got 'a.example'"),
     ],
 )
 def test_bad_fields_are_refused(fields, error, phrase):
@@ -80,3 +86,13 @@ def test_edges_are_accepted():
     settings = ServeSettings("x", port=0, compact_bytes=0, rate_limit=0, host="")
     assert (settings.port, settings.compact_bytes, settings.host) == (0, 0, "")
     assert ServeSettings("x", port=65535, log_level="debug").port == 65535
+
+
+def test_writes_are_closed_unless_a_key_or_open_writes():
+    """Issue 24: writes were open by default."""
+    assert ServeSettings("x").writes == "closed"
+    assert ServeSettings("x", allow_open_writes=True).writes == "open"
+    assert ServeSettings("x", api_key="k", allow_open_writes=True).writes == "api-key"
+    origins = ServeSettings("x", cors_origins=["https://a.example", "http://127.0.0.1:3000"])
+    assert origins.cors_origins == ("https://a.example", "http://127.0.0.1:3000")
+    assert ServeSettings("x").cors_origins == () and ServeSettings("x").force_journal is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,32 @@ def test_a_source_is_split_by_its_protocol() -> None:
         split_source(tagged, "per-class", 2, 1)
     with pytest.raises(ValueError, match="protocol must be one of"):
         split_source(source, "imagenet")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(1e30, "1e+30"), (1.5, "1.5"), ("3", "'3'"), (True, "True"), (-2, "-2")]
+)
+def test_load_refuses_rows_that_are_no_row_numbers(tmp_path: Path, value, shown) -> None:
+    """JSON can hold 1e30, 1.5, "3" or true where a row number belongs: each is refused with
+    a sentence naming the entry (1e30 was a traceback, 1.5 and "3" were silently cast)."""
+    path = tmp_path / "split.json"
+    meta = {"format": "dpq-split", "version": 1, "train": [0], "query": [1]}
+    path.write_text(json.dumps({**meta, "database": [2, value]}))
+    with pytest.raises(ValueError, match=rf"database\[1\] is {re.escape(shown)}, not a row number"):
+        Split.load(path)
+    path.write_text(json.dumps({**meta, "database": [2, 2**63]}))  # beyond int64
+    with pytest.raises(ValueError, match=r"database\[1\] is 9223372036854775808"):
+        Split.load(path)
+    floats = tmp_path / "split.npz"
+    np.savez(
+        floats, train=[0], query=[1], database=np.array([2.0]), meta=np.array(json.dumps(meta))
+    )
+    with pytest.raises(ValueError, match="database holds float64 values, not row numbers"):
+        Split.load(floats)
+
+
+def test_an_empty_subset_is_an_error_naming_it() -> None:
+    split = Split(train=[0, 1], query=[2], database=[])
+    assert split.rows("train", 5).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="the split holds no database rows"):
+        split.rows("database", 5)

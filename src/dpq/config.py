@@ -23,11 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from dpq.field_checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_mapping,
+    check_text,
+    checked_numbers,
+)
 
 SIMILARITIES: tuple[str, ...] = ("euclidean", "cosine")
 ASSIGNMENTS: tuple[str, ...] = ("euclidean", "cosine")
@@ -42,45 +51,6 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 
 # Codes are stored as uint16 at most (the shared codes contract), so K <= 2**16.
 MAX_CODEBOOK_SIZE = 1 << 16
-
-
-def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{owner}.{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}."
-        )
-
-
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}.")
-
-
-def _check_float(
-    owner: str,
-    name: str,
-    value: object,
-    minimum: float = 0.0,
-    maximum: float = math.inf,
-    strict_minimum: bool = False,
-) -> None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-        and (float(value) > minimum if strict_minimum else float(value) >= minimum)
-        and float(value) <= maximum
-    )
-    if not ok:
-        bound = f"> {minimum}" if strict_minimum else f">= {minimum}"
-        if maximum != math.inf:
-            bound += f" and <= {maximum}"
-        raise ValueError(f"{owner}.{name} must be a finite number {bound}; got {value!r}.")
-
-
-def _check_bool(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be true or false; got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -115,8 +85,8 @@ class QuantizerConfig:
 
     def __post_init__(self) -> None:
         owner = "quantizer"
-        _check_int(owner, "num_levels", self.num_levels, 1)
-        _check_int(owner, "codebook_size", self.codebook_size, 2)
+        check_int(owner, "num_levels", self.num_levels, 1)
+        check_int(owner, "codebook_size", self.codebook_size, 2)
         k = self.codebook_size
         if k & (k - 1) != 0 or k > MAX_CODEBOOK_SIZE:
             raise ValueError(
@@ -124,12 +94,12 @@ class QuantizerConfig:
                 f"{MAX_CODEBOOK_SIZE}, because each code entry is packed into log2(K) bits; "
                 f"got {k}. Use e.g. 256 (8 bits per level)."
             )
-        _check_int(owner, "dim", self.dim, 1)
-        _check_float(owner, "temperature", self.temperature, 0.0, strict_minimum=True)
-        _check_choice(owner, "similarity", self.similarity, SIMILARITIES)
-        _check_choice(owner, "assignment", self.assignment, ASSIGNMENTS)
-        _check_choice(owner, "residual", self.residual, RESIDUALS)
-        _check_choice(owner, "init", self.init, CODEBOOK_INITS)
+        check_int(owner, "dim", self.dim, 1)
+        check_float(owner, "temperature", self.temperature, 0.0, strict_minimum=True)
+        check_choice(owner, "similarity", self.similarity, SIMILARITIES)
+        check_choice(owner, "assignment", self.assignment, ASSIGNMENTS)
+        check_choice(owner, "residual", self.residual, RESIDUALS)
+        check_choice(owner, "init", self.init, CODEBOOK_INITS)
 
     @property
     def bits_per_level(self) -> int:
@@ -191,33 +161,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         owner = "model"
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise ValueError(f"model.backbone must be a non-empty name; got {self.backbone!r}.")
-        if not isinstance(self.backbone_kwargs, Mapping):
-            raise ValueError(
-                f"model.backbone_kwargs must be a mapping of keyword arguments; "
-                f"got {type(self.backbone_kwargs).__name__}."
-            )
+        check_text(owner, "backbone", self.backbone)
+        check_mapping(owner, "backbone_kwargs", self.backbone_kwargs, "keyword arguments")
         object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs))
-        _check_int(owner, "num_classes", self.num_classes, 2 if not self.multilabel else 1)
-        _check_bool(owner, "multilabel", self.multilabel)
-        _check_choice(owner, "classifier_input", self.classifier_input, CLASSIFIER_INPUTS)
+        check_int(owner, "num_classes", self.num_classes, 2 if not self.multilabel else 1)
+        check_bool(owner, "multilabel", self.multilabel)
+        check_choice(owner, "classifier_input", self.classifier_input, CLASSIFIER_INPUTS)
         for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if not isinstance(value, list | tuple) or len(value) != 3:
-                raise ValueError(f"model.{name} must be three numbers (R, G, B); got {value!r}.")
-            for v in value:
-                # on a 0..1 scale: a value above 1 is a 0..255 statistic given by mistake
-                _check_float(owner, name, v, 0.0, 1.0, strict_minimum=(name == "image_std"))
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        _check_bool(owner, "tta_flip", self.tta_flip)
-        _check_bool(owner, "normalize_features", self.normalize_features)
-        _check_choice(owner, "feature", self.feature, FEATURES)
-        _check_float(
+            # on a 0..1 scale: a value above 1 is a 0..255 statistic given by mistake
+            value, strict = getattr(self, name), name == "image_std"
+            rgb = checked_numbers(
+                owner, name, value, "three numbers (R, G, B)", 3, maximum=1.0, strict_minimum=strict
+            )
+            object.__setattr__(self, name, rgb)
+        check_bool(owner, "tta_flip", self.tta_flip)
+        check_bool(owner, "normalize_features", self.normalize_features)
+        check_choice(owner, "feature", self.feature, FEATURES)
+        check_float(
             owner, "posterior_temperature", self.posterior_temperature, 0.0, strict_minimum=True
         )
         if self.image_size is not None:
-            _check_int(owner, "image_size", self.image_size, 8)
+            check_int(owner, "image_size", self.image_size, 8)
         if self.feature == "class_posterior" and self.classifier_input == "semantic":
             raise ValueError(
                 "model.feature 'class_posterior' quantizes the classifier's probabilities, so "
@@ -276,18 +240,13 @@ class LossConfig:
     def __post_init__(self) -> None:
         owner = "loss"
         for name in ("lambda_cls", "tau", "mu", "nu"):
-            _check_float(owner, name, getattr(self, name))
+            check_float(owner, name, getattr(self, name))
         if self.level_weights is not None:
-            if not isinstance(self.level_weights, list | tuple) or not self.level_weights:
-                raise ValueError(
-                    f"loss.level_weights must be a list of L non-negative numbers or null; "
-                    f"got {self.level_weights!r}."
-                )
-            for w in self.level_weights:
-                _check_float(owner, "level_weights", w)
-            object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
+            what = "a list of L non-negative numbers or null"
+            weights = checked_numbers(owner, "level_weights", self.level_weights, what)
+            object.__setattr__(self, "level_weights", weights)
         for name in ("use_semantic", "use_cls", "use_soft", "use_hard", "use_match"):
-            _check_bool(owner, name, getattr(self, name))
+            check_bool(owner, name, getattr(self, name))
         if not (
             self.use_semantic or self.use_cls or self.use_soft or self.use_hard or self.use_match
         ):
@@ -295,12 +254,10 @@ class LossConfig:
                 "loss: every loss term is switched off (use_semantic, use_cls, use_soft, "
                 "use_hard, use_match are all false); switch at least one on."
             )
-        _check_float(owner, "label_smoothing", self.label_smoothing, 0.0, 1.0)
-        if self.label_smoothing >= 1.0:
-            raise ValueError(f"loss.label_smoothing must be < 1; got {self.label_smoothing}.")
+        check_float(owner, "label_smoothing", self.label_smoothing, 0.0, 1.0, strict_maximum=True)
         if self.semantic_margin is not None:
-            _check_float(owner, "semantic_margin", self.semantic_margin, 0.0, 2.0)
-        _check_choice(owner, "semantic_reduction", self.semantic_reduction, ("sum", "mean"))
+            check_float(owner, "semantic_margin", self.semantic_margin, 0.0, 2.0)
+        check_choice(owner, "semantic_reduction", self.semantic_reduction, ("sum", "mean"))
 
     @property
     def uses_quantization(self) -> bool:
@@ -362,13 +319,13 @@ class TrainConfig:
         keep_checkpoints: epoch checkpoints kept on disk (the newest ones).
         backbone_weights: a local file of pretrained backbone weights (safetensors, or a
             state dict saved by ``torch.save``), loaded before training starts
-            (:func:`dpq.model.backbones.load_backbone_weights`; never downloaded). None: the
+            (:func:`dpq.model.imagenet.load_backbone_weights`; never downloaded). None: the
             backbone starts from its random initialisation.
         backbone_lr_scale: the backbone learns at ``lr * backbone_lr_scale`` while the new
             layers (semantic head, classifier) learn at ``lr``: below 1 fine-tunes
             pretrained layers more gently than the new head.
         freeze_stages: the first N stages of the backbone are not trained
-            (:func:`dpq.model.backbones.backbone_stages`; 0: every layer learns).
+            (:func:`dpq.model.imagenet.backbone_stages`; 0: every layer learns).
     """
 
     epochs: int = 30
@@ -404,58 +361,45 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "train"
-        _check_int(owner, "epochs", self.epochs, 1)
+        check_int(owner, "epochs", self.epochs, 1)
         if self.time_budget_minutes is not None:
-            _check_float(
+            check_float(
                 owner, "time_budget_minutes", self.time_budget_minutes, 0.0, strict_minimum=True
             )
-        _check_int(owner, "batch_size", self.batch_size, 1)
-        _check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
-        _check_float(owner, "lr", self.lr, 0.0, strict_minimum=True)
-        _check_float(owner, "momentum", self.momentum, 0.0, 1.0)
-        _check_float(owner, "weight_decay", self.weight_decay)
-        _check_choice(owner, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_float(owner, "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
-        _check_choice(owner, "schedule", self.schedule, SCHEDULES)
-        _check_float(owner, "quantization_start", self.quantization_start, 0.0, 1.0)
+        check_int(owner, "batch_size", self.batch_size, 1)
+        check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        check_float(owner, "lr", self.lr, 0.0, strict_minimum=True)
+        check_float(owner, "momentum", self.momentum, 0.0, 1.0)
+        check_float(owner, "weight_decay", self.weight_decay)
+        check_choice(owner, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_float(owner, "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        check_choice(owner, "schedule", self.schedule, SCHEDULES)
+        check_float(owner, "quantization_start", self.quantization_start, 0.0, 1.0)
         if self.schedule == "two_step" and self.quantization_start in (0.0, 1.0):
             raise ValueError(
                 "train.quantization_start must be strictly between 0 and 1 for the two_step "
                 f"schedule (features first, then codebooks); got {self.quantization_start}."
             )
-        _check_float(owner, "codebook_lr", self.codebook_lr, 0.0, strict_minimum=True)
-        _check_int(owner, "crop_pad", self.crop_pad, 0)
-        _check_bool(owner, "flip", self.flip)
-        _check_int(owner, "cutout", self.cutout, 0)
-        _check_float(owner, "mixup_alpha", self.mixup_alpha)
-        _check_int(owner, "randaugment_ops", self.randaugment_ops, 0)
-        _check_int(owner, "randaugment_magnitude", self.randaugment_magnitude, 0)
-        if self.randaugment_magnitude > 30:
-            raise ValueError(
-                "train.randaugment_magnitude must be in 0..30 (torchvision's scale); "
-                f"got {self.randaugment_magnitude}."
-            )
-        _check_choice(owner, "precision", self.precision, PRECISIONS)
-        _check_bool(owner, "channels_last", self.channels_last)
-        _check_float(owner, "ema_decay", self.ema_decay, 0.0, 1.0)
-        if self.ema_decay >= 1.0:
-            raise ValueError(
-                f"train.ema_decay must be < 1 (0 switches it off); got {self.ema_decay}."
-            )
-        _check_float(owner, "grad_clip", self.grad_clip)
-        _check_int(owner, "seed", self.seed, 0)
-        _check_int(owner, "kmeans_iterations", self.kmeans_iterations, 1)
-        _check_bool(owner, "final_kmeans", self.final_kmeans)
-        _check_int(owner, "num_threads", self.num_threads, 0)
-        _check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
-        if self.backbone_weights is not None and (
-            not isinstance(self.backbone_weights, str) or not self.backbone_weights
-        ):
-            raise ValueError(
-                f"train.backbone_weights must be a file path or null; got {self.backbone_weights!r}."
-            )
-        _check_float(owner, "backbone_lr_scale", self.backbone_lr_scale, 0.0, strict_minimum=True)
-        _check_int(owner, "freeze_stages", self.freeze_stages, 0)
+        check_float(owner, "codebook_lr", self.codebook_lr, 0.0, strict_minimum=True)
+        check_int(owner, "crop_pad", self.crop_pad, 0)
+        check_bool(owner, "flip", self.flip)
+        check_int(owner, "cutout", self.cutout, 0)
+        check_float(owner, "mixup_alpha", self.mixup_alpha)
+        check_int(owner, "randaugment_ops", self.randaugment_ops, 0)
+        check_int(owner, "randaugment_magnitude", self.randaugment_magnitude, 0, 30)
+        check_choice(owner, "precision", self.precision, PRECISIONS)
+        check_bool(owner, "channels_last", self.channels_last)
+        check_float(owner, "ema_decay", self.ema_decay, 0.0, 1.0, strict_maximum=True)
+        check_float(owner, "grad_clip", self.grad_clip)
+        check_int(owner, "seed", self.seed, 0)
+        check_int(owner, "kmeans_iterations", self.kmeans_iterations, 1)
+        check_bool(owner, "final_kmeans", self.final_kmeans)
+        check_int(owner, "num_threads", self.num_threads, 0)
+        check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
+        if self.backbone_weights is not None:
+            check_text(owner, "backbone_weights", self.backbone_weights, "a file path or null")
+        check_float(owner, "backbone_lr_scale", self.backbone_lr_scale, 0.0, strict_minimum=True)
+        check_int(owner, "freeze_stages", self.freeze_stages, 0)
 
 
 @dataclass(frozen=True)
@@ -476,14 +420,10 @@ class MethodConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"method.name must be a non-empty name; got {self.name!r}.")
+        check_text("method", "name", self.name)
         if self.bits is not None:
-            _check_int("method", "bits", self.bits, 1)
-        if not isinstance(self.options, Mapping):
-            raise ValueError(
-                f"method.options must be a mapping of settings; got {type(self.options).__name__}."
-            )
+            check_int("method", "bits", self.bits, 1)
+        check_mapping("method", "options", self.options, "settings")
         try:
             json.dumps(dict(self.options), allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -494,25 +434,26 @@ class MethodConfig:
 _Part = TypeVar("_Part", QuantizerConfig, ModelConfig, LossConfig, TrainConfig, MethodConfig)
 
 
-def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config.{name} must be a JSON object; got {type(data).__name__}.")
+def _check_keys(cls: type, keys: Mapping[str, Any], name: str, legacy: set[str]) -> None:
+    """Every key must be a field of the section ``cls`` (or one of its ``legacy`` keys)."""
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known - ({"bf16"} if cls is TrainConfig else set()))
+    unknown = sorted(set(keys) - known - legacy)
     if unknown:
         raise ValueError(
             f"config.{name} has unknown keys {unknown}; known keys are {sorted(known)}."
         )
+
+
+def _part_from_dict(cls: type[_Part], data: object, name: str) -> _Part:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config.{name} must be a JSON object; got {type(data).__name__}.")
+    _check_keys(cls, data, name, {"bf16"} if cls is TrainConfig else set())
     values = dict(data)
     if cls is TrainConfig and "bf16" in values:
         legacy = values.pop("bf16")  # configs written before "precision" existed
-        if not isinstance(legacy, bool):
-            raise ValueError(f"config.train.bf16 must be true or false; got {legacy!r}.")
+        check_bool("config.train", "bf16", legacy)
         values.setdefault("precision", "bf16" if legacy else "fp32")
-    for key in ("image_mean", "image_std", "level_weights"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    return cls(**values)
+    return cls(**values)  # lists of image_mean, image_std, level_weights become tuples there
 
 
 _SECTIONS: dict[str, type] = {
@@ -639,12 +580,7 @@ class DPQConfig:
                 )
             current = getattr(self, name)
             if isinstance(value, Mapping):
-                known = {f.name for f in fields(current)}
-                unknown = sorted(set(value) - known)
-                if unknown:
-                    raise ValueError(
-                        f"config.{name} has no fields {unknown}; known fields are {sorted(known)}."
-                    )
+                _check_keys(type(current), value, name, set())
                 updated[name] = replace(current, **value)
             else:
                 updated[name] = value

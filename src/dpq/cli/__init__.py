@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from dpq.cli import data, demo, encode, evaluate, index, reproduce, search, serve, train
+from dpq.cli import data, demo, encode, evaluate, export, index, reproduce, search, serve, train
 from dpq.cli.options import HelpFormatter
 
 EXIT_USAGE = 2
@@ -24,7 +24,7 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 # in the order `dpq --help` lists them: the path from data to a served index, then the
 # paper's experiments
-COMMANDS = (data, train, encode, search, evaluate, index, serve, reproduce, demo)
+COMMANDS = (data, train, encode, search, evaluate, index, export, serve, reproduce, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

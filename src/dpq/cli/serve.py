@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve an index over HTTP: API, metrics, search page",
         description="Search an index over HTTP (FastAPI + uvicorn; the `serve` extra): POST "
         "/search by image (with --model), vector or id at any code length, add and delete "
-        "items (journalled, durable before the answer), a web page at /, API docs at /docs, "
-        "Prometheus metrics at /metrics.",
+        "items (journalled, durable before the answer; closed unless --api-key or "
+        "--allow-open-writes), a web page at /, API docs at /docs, Prometheus metrics at "
+        "/metrics.",
     )
     parser.add_argument("--index", required=True, help="an index file written by `dpq encode`")
     parser.add_argument("--model", metavar="CKPT_DIR", help="its model: accept image queries")
@@ -31,7 +32,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--api-key",
         help="key required for writes (default: the DPQ_API_KEY environment variable; "
-        "neither: writes are open)",
+        "neither: writes are closed unless --allow-open-writes)",
+    )
+    parser.add_argument(
+        "--allow-open-writes",
+        action="store_true",
+        help="without a key, let anyone who can reach the service add and delete items "
+        "(writes from other sites' pages are refused either way)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages of this origin (https://app.example) call the API; repeatable",
+    )
+    parser.add_argument(
+        "--force-journal",
+        action="store_true",
+        help="replay the index's journal even when it continues another state of the index",
     )
     parser.add_argument(
         "--max-upload-mb", type=float, default=10.0, help="request body limit in MB"
@@ -69,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         image_size=args.image_size,
         api_key=args.api_key,
+        allow_open_writes=args.allow_open_writes,
+        cors_origins=tuple(args.cors_origin),
+        force_journal=args.force_journal,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,

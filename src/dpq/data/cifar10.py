@@ -12,10 +12,9 @@ the order inside ``data_batch_1`` .. ``data_batch_5``, ``test_batch``; for a fol
 classes in CIFAR order and the files of each class sorted by name.
 
 The official batches are Python pickles. They are never unpickled: ``read_cifar_batch``
-walks the pickle's opcodes with ``pickletools.genops`` (which only parses) and rebuilds the
-few value types a batch holds (dicts, lists, ints, strings, and numeric numpy arrays).
-Nothing named in the file is imported or called, so a crafted file cannot run code; any
-other content is rejected with a ``ValueError``.
+reads them with :func:`dpq.data.safe_pickle.parse_pickle_safely`, which rebuilds plain data
+without importing or calling anything the file names, so a crafted file cannot run code;
+any other content is rejected with a ``ValueError``.
 
 Decoded arrays are cached under ``<cache>/cifar10/<key>/`` keyed by the source's sha256
 (a file's digest is remembered by path, size and mtime; a folder is keyed by its file
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickletools
 import tarfile
 import tempfile
 import urllib.error
@@ -35,7 +33,6 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,6 +53,7 @@ from dpq.data.decode import (
     decode_many,
     is_image_name,
 )
+from dpq.data.safe_pickle import parse_pickle_safely
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -372,225 +370,11 @@ def _folder_listing(store: ImageStore) -> tuple[list[str], list[int]]:
     return names, labels
 
 
-# --------------------------------------------------------------------------- safe batch parsing
+# --------------------------------------------------------------------------- batch files
 
 
 class BatchFormatError(ValueError):
     """A batch file that is not a plain-data pickle of a CIFAR-10 batch."""
-
-
-class _Global:
-    """A name referenced by the pickle (never imported)."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __repr__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-class _ArrayStub:
-    """An ndarray being rebuilt; filled in by BUILD."""
-
-    def __init__(self) -> None:
-        self.array: np.ndarray | None = None
-
-
-class _DtypeStub:
-    def __init__(self, code: str):
-        self.code = code
-        self.dtype = np.dtype(code)
-
-
-_RECONSTRUCT = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-}
-_NUMERIC_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
-_LITERAL_OPS = {
-    "BININT",
-    "BININT1",
-    "BININT2",
-    "LONG1",
-    "LONG4",
-    "BINFLOAT",
-    "SHORT_BINUNICODE",
-    "BINUNICODE",
-    "BINUNICODE8",
-    "SHORT_BINBYTES",
-    "BINBYTES",
-    "BINBYTES8",
-}
-
-
-def _text(value: Any) -> Any:
-    """Python 2 strings arrive as bytes; compare them as text."""
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-def _reduce(func: Any, args: Any, where: str) -> Any:
-    if not isinstance(func, _Global) or not isinstance(args, tuple):
-        raise BatchFormatError(f"{where}: unexpected call in the pickle; not a CIFAR-10 batch")
-    target = (func.module, func.name)
-    if target == ("_codecs", "encode") and len(args) == 2 and isinstance(args[0], str):
-        if args[1] not in ("latin1", "latin-1"):
-            raise BatchFormatError(f"{where}: unexpected text encoding {args[1]!r} in the pickle")
-        return args[0].encode("latin-1")
-    if target in _RECONSTRUCT:
-        subtype = args[0] if args else None
-        if not isinstance(subtype, _Global) or (subtype.module, subtype.name) != (
-            "numpy",
-            "ndarray",
-        ):
-            raise BatchFormatError(f"{where}: only plain numpy arrays are allowed in the pickle")
-        return _ArrayStub()
-    if target == ("numpy", "dtype") and args and isinstance(args[0], str | bytes):
-        code = _text(args[0])
-        if code not in _NUMERIC_DTYPES:
-            raise BatchFormatError(f"{where}: array dtype {code!r} is not allowed (numeric only)")
-        return _DtypeStub(code)
-    raise BatchFormatError(
-        f"{where}: the pickle refers to {func!r}, which a CIFAR-10 batch never does; "
-        "refusing to read it (the file is not a CIFAR-10 batch)"
-    )
-
-
-def _build(obj: Any, state: Any, where: str) -> None:
-    if isinstance(obj, _DtypeStub):
-        order = _text(state[1]) if isinstance(state, tuple) and len(state) > 1 else "|"
-        if order in ("<", ">"):
-            obj.dtype = obj.dtype.newbyteorder(order)
-        return
-    if isinstance(obj, _ArrayStub) and isinstance(state, tuple) and len(state) == 5:
-        _version, shape, dtype, is_fortran, raw = state
-        if not isinstance(dtype, _DtypeStub) or not isinstance(raw, bytes):
-            raise BatchFormatError(f"{where}: array with unsupported content in the pickle")
-        shape = tuple(int(s) for s in shape)
-        if int(np.prod(shape)) * dtype.dtype.itemsize != len(raw):
-            raise BatchFormatError(
-                f"{where}: array data has {len(raw)} bytes, shape {shape} needs more"
-            )
-        array = np.frombuffer(raw, dtype=dtype.dtype).reshape(
-            shape, order="F" if is_fortran else "C"
-        )
-        obj.array = array
-        return
-    raise BatchFormatError(f"{where}: unexpected object state in the pickle; not a CIFAR-10 batch")
-
-
-def _resolve(value: Any) -> Any:
-    if isinstance(value, _ArrayStub):
-        if value.array is None:
-            raise BatchFormatError("an array in the pickle has no data")
-        return value.array
-    if isinstance(value, dict):
-        return {_resolve(k): _resolve(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_resolve(v) for v in value)
-    return value
-
-
-def parse_pickle_safely(data: bytes, where: str = "pickle") -> Any:
-    """Rebuild plain data (dict, list, tuple, int, float, str, bytes, bool, None, numeric
-    ndarray) from pickle bytes without unpickling: opcodes are read with
-    ``pickletools.genops`` and interpreted here; nothing is imported or called.
-    Python 2 ``str`` values come back as ``bytes``. Anything else raises ``ValueError``.
-    """
-    stack: list[Any] = []
-    marks: list[int] = []
-    memo: dict[int, Any] = {}
-
-    def pop_mark() -> list[Any]:
-        if not marks:
-            raise BatchFormatError(f"{where}: malformed pickle (no MARK)")
-        start = marks.pop()
-        items = stack[start:]
-        del stack[start:]
-        return items
-
-    try:
-        for opcode, arg, _pos in pickletools.genops(data):
-            op = opcode.name
-            if op in ("PROTO", "FRAME"):
-                continue
-            if op == "STOP":
-                break
-            if op in _LITERAL_OPS:
-                stack.append(arg)
-            elif op in ("SHORT_BINSTRING", "BINSTRING"):  # Python 2 str
-                stack.append(arg.encode("latin-1"))
-            elif op == "NONE":
-                stack.append(None)
-            elif op in ("NEWTRUE", "NEWFALSE"):
-                stack.append(op == "NEWTRUE")
-            elif op == "EMPTY_DICT":
-                stack.append({})
-            elif op == "EMPTY_LIST":
-                stack.append([])
-            elif op == "EMPTY_TUPLE":
-                stack.append(())
-            elif op == "MARK":
-                marks.append(len(stack))
-            elif op in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[arg] = stack[-1]
-            elif op == "MEMOIZE":
-                memo[len(memo)] = stack[-1]
-            elif op in ("BINGET", "LONG_BINGET", "GET"):
-                stack.append(memo[arg])
-            elif op in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                size = int(op[-1])
-                items = tuple(stack[-size:])
-                del stack[-size:]
-                stack.append(items)
-            elif op == "TUPLE":
-                stack.append(tuple(pop_mark()))
-            elif op == "LIST":
-                stack.append(pop_mark())
-            elif op == "DICT":
-                items = pop_mark()
-                stack.append(dict(zip(items[::2], items[1::2], strict=True)))
-            elif op == "APPEND":
-                value = stack.pop()
-                stack[-1].append(value)
-            elif op == "APPENDS":
-                items = pop_mark()
-                stack[-1].extend(items)
-            elif op == "SETITEM":
-                value = stack.pop()
-                key = stack.pop()
-                stack[-1][key] = value
-            elif op == "SETITEMS":
-                items = pop_mark()
-                stack[-1].update(zip(items[::2], items[1::2], strict=True))
-            elif op == "GLOBAL":
-                module, name = arg.split(" ", 1)
-                stack.append(_Global(module, name))
-            elif op == "STACK_GLOBAL":
-                name = stack.pop()
-                module = stack.pop()
-                stack.append(_Global(module, name))
-            elif op == "REDUCE":
-                args = stack.pop()
-                func = stack.pop()
-                stack.append(_reduce(func, args, where))
-            elif op == "BUILD":
-                state = stack.pop()
-                _build(stack[-1], state, where)
-            else:
-                raise BatchFormatError(
-                    f"{where}: pickle opcode {op} is not used by CIFAR-10 batches; refusing it"
-                )
-    except BatchFormatError:
-        raise
-    except Exception as exc:  # genops and the stack ops fail in assorted ways on bad input
-        raise BatchFormatError(
-            f"{where}: malformed or truncated pickle ({exc}); the file is corrupt"
-        ) from exc
-    if len(stack) != 1:
-        raise BatchFormatError(f"{where}: malformed or truncated pickle; the file is corrupt")
-    return _resolve(stack[0])
 
 
 def read_cifar_batch(data: bytes, where: str = "batch") -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """Turning image files (in a folder or a zip) into uint8 (N, H, W, 3) arrays.
 
-Decoding uses Pillow; every image is converted to RGB and, when a size is given, resized
+Decoding uses Pillow (:func:`open_image`, also the service's decoder of uploads); every
+image is converted to 8-bit RGB as :func:`rgb_image` says (EXIF orientation applied, alpha
+on white, 16 bits scaled) and, when a size is given, resized
 with bilinear filtering, in order, on the calling thread. It works from any script, a
 notebook or ``python -`` alike (a "spawn" process pool re-ran the caller's script and broke
 plain scripts). ``workers=N`` decodes on N threads instead; measured on this project's
@@ -24,7 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dpq.progress import progress_bar
 
@@ -46,7 +48,7 @@ class CorruptImageError(ValueError):
         )
 
     def __reduce__(self) -> tuple:
-        return (CorruptImageError, (self.name, self.reason))
+        return (type(self), (self.name, self.reason))
 
 
 class SkippedImagesWarning(UserWarning):
@@ -196,23 +198,98 @@ def _contains(outer: str, inner: str) -> bool:
     return os.path.commonpath([outer, inner]) == outer
 
 
+class UnknownImageFormatError(CorruptImageError):
+    """Bytes that are no image format Pillow knows (e.g. a text file named .jpg)."""
+
+
+class TooManyPixelsError(CorruptImageError):
+    """An image whose header declares more pixels than allowed (a decompression bomb)."""
+
+
+# Pillow modes of 16-bit (and 32-bit integer) single-channel images.
+_WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _reason(exc: BaseException) -> str:
+    # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): say "the file"
+    return _OBJECT_REPR.sub("the file", str(exc)) or type(exc).__name__
+
+
+def _eight_bit_gray(image: Image.Image) -> Image.Image:
+    """An 8-bit "L" image of a 16-bit, 32-bit integer or float single-channel image, scaled
+    (not clipped): 16-bit values by 255/65535, floats in [0, 1] by 255, wider ranges by their
+    maximum."""
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F":
+        scale = 255.0 if top <= 1.0 else 255.0 / max(top, 255.0)
+    elif image.mode.startswith("I;16") or top <= 65535:
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or top > 255 else 1.0
+    else:
+        scale = 255.0 / top
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """A loaded Pillow image as dpq sees every image: EXIF orientation applied
+    (``ImageOps.exif_transpose``), transparency composited onto white, 16-bit, 32-bit and
+    float channels scaled to 8 bits (not clipped), then 8-bit RGB."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in _WIDE_INTEGER_MODES or image.mode == "F":
+        image = _eight_bit_gray(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image file's bytes to an 8-bit RGB Pillow image at its own size
+    (:func:`rgb_image`): the one decoder of every image dpq reads, from a collection or an
+    upload.
+
+    ``max_pixels``: refuse an image whose header declares more pixels, before any pixel is
+    decoded (decompression bombs: a few kB of PNG can declare gigapixels). Raises
+    :class:`UnknownImageFormatError` (not an image), :class:`TooManyPixelsError`, or
+    :class:`CorruptImageError` (damaged, truncated), each naming ``name``.
+    """
+    if not data:
+        raise UnknownImageFormatError(name, "the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnknownImageFormatError(name, "it is no image format Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixelsError(name, _reason(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(name, _reason(exc)) from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixelsError(
+            name,
+            f"it declares {width} x {height} pixels, more than the limit of {max_pixels:,}",
+        )
+    try:
+        image.load()
+        return rgb_image(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(name, _reason(exc)) from None
+
+
 def decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
-    """Decode one image file's bytes to uint8 (H, W, 3) RGB, resized to (height, width).
+    """Decode one image file's bytes (:func:`open_image`) to uint8 (H, W, 3) RGB, resized to
+    (height, width) with bilinear filtering.
 
     Raises ``CorruptImageError`` naming ``name`` when Pillow cannot decode it (including
     truncated files).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            if image_size is not None and rgb.size != (image_size[1], image_size[0]):
-                rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): say "the file"
-        reason = _OBJECT_REPR.sub("the file", str(exc)) or type(exc).__name__
-        raise CorruptImageError(name, reason) from exc
+    rgb = open_image(data, name)
+    if image_size is not None and rgb.size != (image_size[1], image_size[0]):
+        rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _decode_chunk(

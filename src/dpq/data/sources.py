@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,19 +186,7 @@ def load_source(
             raise ValueError(
                 f"give either a data source ({spec}) or --features with --labels, not both."
             )
-        if features is None or labels is None:
-            raise ValueError(
-                "--features needs --labels (a .npy/.txt file with one label per row) and "
-                "--labels needs --features."
-            )
-        if image_root is not None or image_size is not None:
-            raise ValueError(
-                "--image-root and --image-size apply to image sources, not to --features."
-            )
-        loaded = load_features(features, labels)
-        return Source(
-            loaded.features, loaded.labels, list(loaded.classes), "features", str(features)
-        )
+        return _load_features(features, labels, image_root, image_size)
     if spec is None:
         raise ValueError("give a data source (a path, or 'digits') or --features with --labels.")
     if in_memory not in (True, False, "auto"):
@@ -208,79 +196,160 @@ def load_source(
         raise ValueError(
             f"--image-root and --strip-prefix apply to list files; {spec} is a {kind} source."
         )
+    images = _ImageOptions(image_size, skip_corrupt, in_memory, labels_only, progress)
     if kind == "digits":
         dataset = load_digits()
         return Source(dataset.images, dataset.labels, list(dataset.classes), kind, DIGITS)
+    if kind == "cifar10":
+        return _load_cifar10(spec, images, cache_dir)
     if kind == "list-file":
-        if labels_only and image_root is None:
+        return _load_list_file(spec, images, image_root, strip_prefix)
+    return _load_image_folder(spec, images)
+
+
+@dataclass(frozen=True)
+class _ImageOptions:
+    """How :func:`load_source` reads an image source (its arguments of the same names)."""
+
+    image_size: int | Sequence[int] | None
+    skip_corrupt: bool
+    in_memory: bool | str
+    labels_only: bool
+    progress: bool
+
+
+def _load_features(
+    features: str | os.PathLike[str] | None,
+    labels: str | os.PathLike[str] | None,
+    image_root: str | os.PathLike[str] | None,
+    image_size: int | Sequence[int] | None,
+) -> Source:
+    """Kind "features": a float (N, F) array file and its labels file."""
+    if features is None or labels is None:
+        raise ValueError(
+            "--features needs --labels (a .npy/.txt file with one label per row) and "
+            "--labels needs --features."
+        )
+    if image_root is not None or image_size is not None:
+        raise ValueError("--image-root and --image-size apply to image sources, not to --features.")
+    loaded = load_features(features, labels)
+    return Source(loaded.features, loaded.labels, list(loaded.classes), "features", str(features))
+
+
+def _load_cifar10(
+    spec: str | os.PathLike[str], images: _ImageOptions, cache_dir: str | os.PathLike[str] | None
+) -> Source:
+    """Kind "cifar10": 32 px arrays (cached), or a folder/zip read on demand."""
+    in_memory, image_size = images.in_memory, images.image_size
+    if in_memory is False and detect_cifar10_layout(spec) == "folder" and not images.labels_only:
+        if images.skip_corrupt:
+            raise ValueError(
+                "--skip-corrupt decodes every image up front; it cannot read CIFAR-10 on "
+                "demand (--loading stream). Use --loading memory."
+            )
+        read = cifar10_reader(spec, normalize_size(image_size or 32))  # type: ignore[arg-type]
+        return Source(read.images, read.labels, list(read.classes), "cifar10", str(spec))
+    if image_size is not None:
+        raise ValueError(
+            "CIFAR-10 images are 32 x 32 in memory; --image-size applies to other sources "
+            "and to a CIFAR-10 folder or zip read on demand (--loading stream)."
+        )
+    return _decoded(
+        "cifar10",
+        spec,
+        lambda: load_cifar10(
+            spec,
+            cache_dir=cache_dir,
+            skip_corrupt=images.skip_corrupt,
+            progress=images.progress,
+        ),
+    )
+
+
+def _load_list_file(
+    spec: str | os.PathLike[str],
+    images: _ImageOptions,
+    image_root: str | os.PathLike[str] | None,
+    strip_prefix: str | None,
+) -> Source:
+    """Kind "list-file": the listed images under ``image_root`` (256 px unless told), or
+    only the labels when ``labels_only`` comes without ``image_root``."""
+    if image_root is None:
+        if images.labels_only:
             return _list_file_labels(spec)
-        if image_root is None:
-            raise ValueError(
-                f"{spec} is a list file; pass --image-root, the folder or zip holding its images."
-            )
+        raise ValueError(
+            f"{spec} is a list file; pass --image-root, the folder or zip holding its images."
+        )
 
-        def loader(decode: bool) -> Any:
-            return load_list_file(
-                spec,
-                image_root,
-                image_size=image_size or 256,
-                strip_prefix=strip_prefix,
-                in_memory=decode and not labels_only,
-                skip_corrupt=skip_corrupt,
-                progress=progress,
-            )
+    def loader(decode: bool) -> Any:
+        return load_list_file(
+            spec,
+            image_root,
+            image_size=images.image_size or 256,
+            strip_prefix=strip_prefix,
+            in_memory=decode,
+            skip_corrupt=images.skip_corrupt,
+            progress=images.progress,
+        )
 
-    elif kind == "cifar10":
-        if in_memory is False and detect_cifar10_layout(spec) == "folder" and not labels_only:
-            if skip_corrupt:
-                raise ValueError(
-                    "--skip-corrupt decodes every image up front; it cannot read CIFAR-10 on "
-                    "demand (--loading stream). Use --loading memory."
-                )
-            read = cifar10_reader(spec, normalize_size(image_size or 32))  # type: ignore[arg-type]
-            return Source(read.images, read.labels, list(read.classes), kind, str(spec))
-        if image_size is not None:
-            raise ValueError(
-                "CIFAR-10 images are 32 x 32 in memory; --image-size applies to other sources "
-                "and to a CIFAR-10 folder or zip read on demand (--loading stream)."
-            )
+    if images.labels_only:  # the listing, its images not decoded
+        return _decoded("list-file", spec, lambda: loader(False))
+    return _decoded_or_on_demand("list-file", spec, loader, images.in_memory, images.skip_corrupt)
 
-        def loader(decode: bool) -> Any:  # 32 px arrays, cached: always in memory
-            return load_cifar10(
-                spec, cache_dir=cache_dir, skip_corrupt=skip_corrupt, progress=progress
-            )
-    else:
 
-        def loader(decode: bool) -> Any:
-            return load_image_folder(
-                spec,
-                image_size=image_size,
-                skip_corrupt=skip_corrupt,
-                in_memory=decode,
-                progress=progress,
-            )
+def _load_image_folder(spec: str | os.PathLike[str], images: _ImageOptions) -> Source:
+    """Kind "image-folder": a folder or zip of ``<class>/<image>``."""
 
-    if kind in ("list-file", "image-folder") and in_memory is not True and not labels_only:
-        if skip_corrupt and in_memory is False:
-            raise ValueError(
-                "--skip-corrupt decodes every image up front to find the unreadable ones, so it "
-                "cannot read images on demand (--loading stream); there, a corrupt image stops "
-                "the run and names the file. Remove the unreadable files, or load into memory "
-                "(--loading memory)."
-            )
-        if in_memory == "auto" and kind == "image-folder" and image_size is None:
-            in_memory = True  # images of one size, read as they are: decoded up front
-        if in_memory == "auto":
-            lazy = loader(False)
-            in_memory = skip_corrupt or _fits_in_memory(lazy.images)
-            if not in_memory:
-                return Source(lazy.images, lazy.labels, list(lazy.classes), kind, str(spec))
+    def loader(decode: bool) -> Any:
+        return load_image_folder(
+            spec,
+            image_size=images.image_size,
+            skip_corrupt=images.skip_corrupt,
+            in_memory=decode,
+            progress=images.progress,
+        )
+
+    in_memory = images.in_memory
+    if images.labels_only:
+        return _decoded("image-folder", spec, lambda: loader(bool(in_memory)))
+    if in_memory == "auto" and images.image_size is None:
+        in_memory = True  # images of one size, read as they are: decoded up front
+    return _decoded_or_on_demand("image-folder", spec, loader, in_memory, images.skip_corrupt)
+
+
+def _decoded_or_on_demand(
+    kind: str,
+    spec: str | os.PathLike[str],
+    loader: Callable[[bool], Any],
+    in_memory: bool | str,
+    skip_corrupt: bool,
+) -> Source:
+    """Folders, zips and list files: ``loader(True)`` decodes every image now,
+    ``loader(False)`` reads them on demand; "auto" decodes when they fit the memory budget."""
+    if in_memory is False and skip_corrupt:
+        raise ValueError(
+            "--skip-corrupt decodes every image up front to find the unreadable ones, so it "
+            "cannot read images on demand (--loading stream); there, a corrupt image stops "
+            "the run and names the file. Remove the unreadable files, or load into memory "
+            "(--loading memory)."
+        )
+    if in_memory == "auto":
+        lazy = loader(False)
+        if not (skip_corrupt or _fits_in_memory(lazy.images)):
+            return Source(lazy.images, lazy.labels, list(lazy.classes), kind, str(spec))
+        in_memory = True
+    return _decoded(kind, spec, lambda: loader(bool(in_memory)))
+
+
+def _decoded(kind: str, spec: str | os.PathLike[str], load: Callable[[], Any]) -> Source:
+    """The Source of ``load()``; its ``SkippedImagesWarning``s counted into ``skipped`` and
+    ``notes`` and issued again, once each, in the caller's name."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedImagesWarning)
-        dataset = loader(bool(in_memory))
+        dataset = load()
     skipped = 0
     notes = []
-    for warning in caught:  # ours are counted and said once, in the caller's name
+    for warning in caught:
         if isinstance(warning.message, SkippedImagesWarning):
             skipped += warning.message.count
             notes.append(str(warning.message))

@@ -35,6 +35,27 @@ SPLIT_FORMAT = "dpq-split"
 SPLIT_VERSION = 1
 
 
+# Row numbers are int64: the largest one a split may hold.
+MAX_ROW = 2**63 - 1
+
+
+def _json_rows(values: Any, name: str, path: Path) -> np.ndarray:
+    """int64 rows of a JSON list, refusing anything but whole numbers in 0..MAX_ROW (JSON
+    allows 1.5, "3", true and 1e30, which a cast would silently turn into other rows)."""
+    if not isinstance(values, list):
+        raise ValueError(
+            f"{path}: {name} must be a list of row numbers; got {type(values).__name__}. "
+            "Make the split again with `dpq data split`"
+        )
+    for position, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROW:
+            raise ValueError(
+                f"{path}: {name}[{position}] is {value!r}, not a row number (a whole number "
+                f"in 0..{MAX_ROW}); fix the file or make the split again with `dpq data split`"
+            )
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
 def _index_array(values: Any, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.size == 0:
@@ -129,11 +150,17 @@ class Split:
 
     def rows(self, subset: str, num_items: int, source: str = "the source") -> np.ndarray:
         """int64 indices of ``subset`` ("train", "query" or "database"), checked against a
-        source of ``num_items`` items (ValueError when the split indexes past its end)."""
+        source of ``num_items`` items (ValueError when the split indexes past its end, or
+        holds no row of that subset: an empty database would encode a 0-item index)."""
         if subset not in ("train", "query", "database"):
             raise ValueError(f"subset must be train, query or database; got {subset!r}")
         indices = getattr(self, subset)
-        if indices.size and indices.max() >= num_items:
+        if not indices.size:
+            raise ValueError(
+                f"the split holds no {subset} rows, so there is nothing to use as the "
+                f"{subset}; make a split with {subset} items (`dpq data split`)"
+            )
+        if indices.max() >= num_items:
             raise ValueError(
                 f"the split indexes {subset} rows up to {indices.max()} but {source} has "
                 f"{num_items} items; make the split from the same source (`dpq data split`)"
@@ -150,7 +177,10 @@ class Split:
             if path.suffix == ".json":
                 payload = json.loads(path.read_text())
                 meta = payload
-                arrays = {name: payload[name] for name in ("train", "query", "database")}
+                arrays = {
+                    name: _json_rows(payload[name], name, path)
+                    for name in ("train", "query", "database")
+                }
             elif path.suffix == ".npz":
                 loaded = np.load(path, allow_pickle=False)
                 if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy array renamed .npz
@@ -160,7 +190,14 @@ class Split:
                     arrays = {name: npz[name] for name in ("train", "query", "database")}
             else:
                 raise ValueError(f"a split file must be .json or .npz, got {path.name!r}")
-        except (KeyError, TypeError, ValueError, OSError, UnicodeDecodeError, EOFError) as exc:
+        except ValueError as exc:
+            if str(exc).startswith(f"{path}: "):  # a row that is no row number: said already
+                raise
+            raise ValueError(
+                f"{path} is not a split written by `dpq data split` ({exc}); make one with "
+                "`dpq data split SOURCE --out split.json`"
+            ) from None
+        except (KeyError, TypeError, OSError, UnicodeDecodeError, EOFError) as exc:
             raise ValueError(
                 f"{path} is not a split written by `dpq data split` ({exc}); make one with "
                 "`dpq data split SOURCE --out split.json`"
@@ -172,6 +209,12 @@ class Split:
                 f"{path} is split format version {meta.get('version')}, this dpq reads "
                 f"version {SPLIT_VERSION}; make the split again"
             )
+        for name, values in arrays.items():  # .npz arrays: integers only, never cast
+            if not np.issubdtype(np.asarray(values).dtype, np.integer) and np.size(values):
+                raise ValueError(
+                    f"{path}: {name} holds {np.asarray(values).dtype} values, not row numbers; "
+                    "make the split again with `dpq data split`"
+                )
         return cls(
             np.asarray(arrays["train"], dtype=np.int64),
             np.asarray(arrays["query"], dtype=np.int64),

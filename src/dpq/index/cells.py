@@ -10,6 +10,7 @@ one. A grouping is an offsets array int64 (K^p + 1,): cell c holds rows
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,25 @@ PARTITION_LEVELS = (0, 1, 2)
 def cell_count(codebook_size: int, partition_levels: int) -> int:
     """Number of cells K^p (1 for an unpartitioned index)."""
     return int(codebook_size) ** int(partition_levels)
+
+
+def check_partition_levels(partition_levels: Any, num_levels: int, codebook_size: int) -> int:
+    """p in PARTITION_LEVELS, at most num_levels, with at most MAX_CELLS cells; else a
+    ValueError saying which bound it breaks."""
+    if isinstance(partition_levels, bool) or not isinstance(partition_levels, int | np.integer):
+        raise ValueError(f"partition_levels must be 0, 1 or 2; got {partition_levels!r}.")
+    p = int(partition_levels)
+    if p not in PARTITION_LEVELS or p > num_levels:
+        raise ValueError(
+            f"partition_levels must be one of {PARTITION_LEVELS} and at most "
+            f"num_levels={num_levels}; got {partition_levels}."
+        )
+    if cell_count(codebook_size, p) > MAX_CELLS:
+        raise ValueError(
+            f"partition_levels={p} with codebook_size {codebook_size} makes "
+            f"{codebook_size}^{p} cells, more than {MAX_CELLS}; use partition_levels=1."
+        )
+    return p
 
 
 def cells_of(codes: np.ndarray, partition_levels: int, codebook_size: int) -> np.ndarray:

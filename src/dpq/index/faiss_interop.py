@@ -1,4 +1,4 @@
-"""faiss views of a DPQIndex without re-encoding, and back; on-disk faiss IVF indexes.
+"""faiss views of a code store without re-encoding, and back; on-disk faiss IVF indexes.
 
 A DPQ code is a residual-quantizer code, so faiss holds it as it is:
 
@@ -14,7 +14,11 @@ A DPQ code is a residual-quantizer code, so faiss holds it as it is:
 For indexes larger than memory :func:`write_faiss_ivf_ondisk` writes the IVF lists with
 faiss's on-disk inverted lists (``faiss.contrib.ondisk.merge_ondisk``, the way
 clip-retrieval / autofaiss serve LAION) and :func:`load_faiss_index` maps them
-(``IO_FLAG_MMAP``). numpy and faiss only.
+(``IO_FLAG_MMAP``).
+
+Exports read a :class:`~dpq.index.store.CodeStore` (a DPQIndex's ``store``) through its
+public methods; imports return the pieces (:class:`FaissContents`) that
+``DPQIndex.from_faiss`` builds an index from. numpy and faiss only.
 """
 
 from __future__ import annotations
@@ -23,29 +27,51 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from dpq.index import kernels
+from dpq.index.search import SEARCH_MODES
 from dpq.index.storage import IndexFileError
+from dpq.index.store import CodeStore
 
-if TYPE_CHECKING:
-    from dpq.index.dpq_index import DPQIndex
 
-SEARCH_MODES = ("aqd", "ip")
+class StoredIndex(Protocol):
+    """What :func:`write_faiss_ivf_ondisk` reads from an index (a DPQIndex is one)."""
+
+    @property
+    def store(self) -> CodeStore: ...
+
+    @property
+    def search_mode(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FaissContents:
+    """What a faiss residual-quantizer index holds, in DPQ's terms: codebooks float32
+    (L, K, D), codes int64 (N, L), ids int64 (N,) (None: 0..N-1), the search mode its
+    metric stands for, and partition_levels (its coarse levels, 0 for a flat index)."""
+
+    codebooks: np.ndarray
+    codes: np.ndarray
+    ids: np.ndarray | None
+    search_mode: str
+    partition_levels: int
+
+
 # Items per temporary shard when writing an on-disk IVF index.
 _ONDISK_SHARD_ITEMS = 1 << 20
 
 
-def _nbits(index: DPQIndex) -> int:
-    nbits = int(round(math.log2(index.codebook_size)))
-    if 2**nbits != index.codebook_size or not 1 <= nbits <= 16:
+def _nbits(store: CodeStore) -> int:
+    nbits = int(round(math.log2(store.codebook_size)))
+    if 2**nbits != store.codebook_size or not 1 <= nbits <= 16:
         raise ValueError(
             "faiss residual quantizers need codebook_size a power of 2 up to 65536; got "
-            f"{index.codebook_size}."
+            f"{store.codebook_size}."
         )
     return nbits
 
@@ -85,9 +111,9 @@ def _unpack(packed: np.ndarray, levels: int, nbits: int) -> np.ndarray:
     return (bits.reshape(len(packed), levels, nbits).astype(np.int64) * weights).sum(axis=2)
 
 
-def _residual_norms(index: DPQIndex, codes: np.ndarray, first_level: int) -> np.ndarray:
+def _residual_norms(store: CodeStore, codes: np.ndarray, first_level: int) -> np.ndarray:
     """float32 (n,) squared norms of the reconstructions of levels first_level..L-1."""
-    books = np.ascontiguousarray(index.codebooks[first_level:])
+    books = np.ascontiguousarray(store.codebooks[first_level:])
     rest = np.ascontiguousarray(codes[:, first_level:])
     return kernels.compute_prefix_norms(rest, books, [books.shape[0]])[0]
 
@@ -95,26 +121,27 @@ def _residual_norms(index: DPQIndex, codes: np.ndarray, first_level: int) -> np.
 # ------------------------------------------------------------------ flat
 
 
-def to_faiss_flat(index: DPQIndex, mode: str | None = None):
-    """faiss IndexResidualQuantizer with the index's codebooks and codes (see module doc)."""
+def to_faiss_flat(store: CodeStore, mode: str):
+    """faiss IndexResidualQuantizer with the store's codebooks and codes (see module doc),
+    items in index order (groups the store's tail)."""
     import faiss
 
-    nbits = _nbits(index)
-    mode = index.search_mode if mode is None else mode
+    nbits = _nbits(store)
     metric, search_type = _metric(mode)
-    out = faiss.IndexResidualQuantizer(index.dim, index.num_levels, nbits, metric, search_type)
-    faiss.copy_array_to_vector(index.codebooks.ravel(), out.rq.codebooks)
+    out = faiss.IndexResidualQuantizer(store.dim, store.num_levels, nbits, metric, search_type)
+    faiss.copy_array_to_vector(store.codebooks.ravel(), out.rq.codebooks)
     out.rq.is_trained = True
     out.is_trained = True
-    n, ids = index.ntotal, index.ids
+    store.group()
+    n, ids = store.ntotal, store.ids
     target = out
     if not np.array_equal(ids, np.arange(n)):  # keep the ids: wrap before adding
         target = faiss.IndexIDMap2(out)
         target.own_fields = True
         out.this.disown()  # now owned (and freed) by the wrapper
     if n:
-        norms = index._norms_for(index.num_levels) if mode == "aqd" else None
-        packed = _pack(out.rq, index.codes, norms)
+        norms = store.norms(store.num_levels) if mode == "aqd" else None
+        packed = _pack(out.rq, store.codes[:, : store.num_levels], norms)
         if target is out:
             out.add_sa_codes(packed)
         else:
@@ -125,34 +152,34 @@ def to_faiss_flat(index: DPQIndex, mode: str | None = None):
 # ------------------------------------------------------------------ IVF
 
 
-def _ivf_shell(index: DPQIndex, mode: str, levels: int):
+def _ivf_shell(store: CodeStore, mode: str, levels: int):
     """An empty, trained IndexIVFResidualQuantizer for coarse levels 1..levels."""
     import faiss
 
-    nbits = _nbits(index)
-    if index.num_levels - levels < 1:
+    nbits = _nbits(store)
+    if store.num_levels - levels < 1:
         raise ValueError(
             f"a faiss IVF index needs at least one level after the {levels} coarse level(s); "
-            f"this index has num_levels={index.num_levels}. Use partition_levels="
-            f"{index.num_levels - 1} or the flat to_faiss()."
+            f"this index has num_levels={store.num_levels}. Use partition_levels="
+            f"{store.num_levels - 1} or the flat to_faiss()."
         )
     metric, search_type = _metric(mode)
-    books = index.codebooks
+    books = store.codebooks
     if levels == 1:
-        quantizer = faiss.IndexFlat(index.dim, metric)
+        quantizer = faiss.IndexFlat(store.dim, metric)
         quantizer.add(np.ascontiguousarray(books[0]))
     else:
-        quantizer = faiss.ResidualCoarseQuantizer(index.dim, levels, nbits, metric)
+        quantizer = faiss.ResidualCoarseQuantizer(store.dim, levels, nbits, metric)
         faiss.copy_array_to_vector(
             np.ascontiguousarray(books[:levels]).ravel(), quantizer.rq.codebooks
         )
         quantizer.rq.is_trained = True
         quantizer.is_trained = True
-        quantizer.ntotal = index.codebook_size**levels
+        quantizer.ntotal = store.codebook_size**levels
         quantizer.set_beam_factor(-1.0)  # exhaustive: every prefix reconstruction is a centroid
-    nlist = index.codebook_size**levels
+    nlist = store.codebook_size**levels
     ivf = faiss.IndexIVFResidualQuantizer(
-        quantizer, index.dim, nlist, index.num_levels - levels, nbits, metric, search_type
+        quantizer, store.dim, nlist, store.num_levels - levels, nbits, metric, search_type
     )
     ivf.own_fields = True
     quantizer.this.disown()  # owned (and freed) by the IVF index
@@ -163,40 +190,40 @@ def _ivf_shell(index: DPQIndex, mode: str, levels: int):
     return ivf
 
 
-def _ivf_add(ivf, index: DPQIndex, mode: str, levels: int, start: int, stop: int) -> None:
-    """Add items start..stop-1 of index (index order) to ivf as codes (no re-encoding)."""
-    codes = np.asarray(index.codes[start:stop], dtype=np.int64)
+def _ivf_add(ivf, store: CodeStore, mode: str, levels: int, start: int, stop: int) -> None:
+    """Add rows start..stop-1 of a grouped store to ivf as codes (no re-encoding)."""
+    codes = np.asarray(store.codes[start:stop, : store.num_levels], dtype=np.int64)
     n = codes.shape[0]
     if not n:
         return
-    norms = _residual_norms(index, codes, levels) if mode == "aqd" else None
+    norms = _residual_norms(store, codes, levels) if mode == "aqd" else None
     fine = _pack(ivf.rq, codes[:, levels:], norms)
     # faiss numbers the lists of a residual coarse quantizer lowest level first
     lists = np.zeros(n, np.int64)
     for level in range(levels - 1, -1, -1):
-        lists = lists * index.codebook_size + codes[:, level]
+        lists = lists * store.codebook_size + codes[:, level]
     coarse_size = ivf.coarse_code_size()
     sa = np.empty((n, coarse_size + ivf.code_size), np.uint8)
     sa[:, :coarse_size] = lists.astype("<u8").view(np.uint8).reshape(n, 8)[:, :coarse_size]
     sa[:, coarse_size:] = fine
-    ivf.add_sa_codes(sa, np.ascontiguousarray(index.ids[start:stop]))
+    ivf.add_sa_codes(sa, np.ascontiguousarray(store.ids[start:stop]))
 
 
-def _ivf_levels(index: DPQIndex) -> int:
-    return max(1, index.partition_levels)
+def _ivf_levels(store: CodeStore) -> int:
+    return max(1, store.partition_levels)
 
 
-def to_faiss_ivf(index: DPQIndex, mode: str | None = None):
-    """faiss IndexIVFResidualQuantizer holding the index's items (see module doc)."""
-    mode = index.search_mode if mode is None else mode
-    levels = _ivf_levels(index)
-    ivf = _ivf_shell(index, mode, levels)
-    _ivf_add(ivf, index, mode, levels, 0, index.ntotal)
+def to_faiss_ivf(store: CodeStore, mode: str):
+    """faiss IndexIVFResidualQuantizer holding the store's items (see module doc)."""
+    levels = _ivf_levels(store)
+    ivf = _ivf_shell(store, mode, levels)
+    store.group()
+    _ivf_add(ivf, store, mode, levels, 0, store.ntotal)
     return ivf
 
 
 def write_faiss_ivf_ondisk(
-    index: DPQIndex, path: str | os.PathLike[str], mode: str | None = None
+    index: StoredIndex, path: str | os.PathLike[str], mode: str | None = None
 ) -> Path:
     """Write ``index`` as a faiss IVF index with on-disk inverted lists; returns the path.
 
@@ -213,19 +240,20 @@ def write_faiss_ivf_ondisk(
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = index.search_mode if mode is None else mode
-    levels = _ivf_levels(index)
-    index._group()
+    store = index.store
+    levels = _ivf_levels(store)
+    store.group()
     data_path = target.parent / f"{target.name}.{uuid.uuid4().hex[:12]}.ivfdata"
     try:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
             shards = []
-            for start in range(0, index.ntotal, _ONDISK_SHARD_ITEMS):
-                shard = _ivf_shell(index, mode, levels)
-                _ivf_add(shard, index, mode, levels, start, start + _ONDISK_SHARD_ITEMS)
+            for start in range(0, store.ntotal, _ONDISK_SHARD_ITEMS):
+                shard = _ivf_shell(store, mode, levels)
+                _ivf_add(shard, store, mode, levels, start, start + _ONDISK_SHARD_ITEMS)
                 shards.append(str(Path(tmp) / f"shard{len(shards)}.faiss"))
                 faiss.write_index(shard, shards[-1])
                 del shard
-            trained = _ivf_shell(index, mode, levels)
+            trained = _ivf_shell(store, mode, levels)
             merge_ondisk(trained, shards, str(data_path))
             staged = Path(tmp) / "index.faiss"
             faiss.write_index(trained, str(staged))
@@ -317,13 +345,9 @@ def _rq_books(rq, dim: int) -> tuple[np.ndarray, int]:
     return faiss.vector_to_array(rq.codebooks).reshape(int(rq.M), 2**bits, dim), bits
 
 
-def from_faiss(
-    cls: type[DPQIndex],
-    index: Any,
-    assignment: str = "euclidean",
-    metadata: Mapping[str, Any] | None = None,
-) -> DPQIndex:
-    """A DPQIndex from a faiss residual-quantizer index (see ``DPQIndex.from_faiss``)."""
+def read_faiss(index: Any) -> FaissContents:
+    """The codebooks, codes and ids of a faiss residual-quantizer index (see
+    ``DPQIndex.from_faiss`` for the kinds it reads); ValueError for any other kind."""
     import faiss
 
     ids = None
@@ -334,12 +358,10 @@ def from_faiss(
     mode = "ip" if base.metric_type == faiss.METRIC_INNER_PRODUCT else "aqd"
     if isinstance(base, faiss.IndexResidualQuantizer):
         books, bits = _rq_books(base.rq, base.d)
-        out = cls(books, assignment=assignment, metadata=metadata, search_mode=mode)
         n = int(base.ntotal)
-        if n:
-            raw = faiss.vector_to_array(base.codes).reshape(n, base.code_size)
-            out.add(_unpack(raw, books.shape[0], bits), ids=ids)
-        return out
+        raw = faiss.vector_to_array(base.codes).reshape(n, base.code_size)
+        codes = _unpack(raw, books.shape[0], bits)
+        return FaissContents(books, codes, ids, mode, 0)
     if isinstance(base, faiss.IndexIVFResidualQuantizer):
         fine_books, bits = _rq_books(base.rq, base.d)
         quantizer = faiss.downcast_index(base.quantizer)
@@ -360,13 +382,6 @@ def from_faiss(
             )
         books = np.concatenate([coarse_books, fine_books])
         levels, k = coarse_books.shape[0], books.shape[1]
-        out = cls(
-            books,
-            assignment=assignment,
-            metadata=metadata,
-            search_mode=mode,
-            partition_levels=min(levels, 2),
-        )
         lists, list_ids, raw = _list_contents(base)
         codes = np.empty((len(lists), books.shape[0]), np.int64)
         rest = lists.copy()
@@ -374,8 +389,7 @@ def from_faiss(
             codes[:, level] = rest % k
             rest //= k
         codes[:, levels:] = _unpack(raw, fine_books.shape[0], bits)
-        out.add(codes, ids=list_ids)
-        return out
+        return FaissContents(books, codes, list_ids, mode, min(levels, 2))
     raise ValueError(
         "from_faiss reads an IndexResidualQuantizer (optionally in an IndexIDMap) or an "
         f"IndexIVFResidualQuantizer; got {type(base).__name__}."

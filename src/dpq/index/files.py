@@ -35,7 +35,7 @@ class _Source:
     id_shift: int = 0
 
     def __post_init__(self) -> None:
-        self.columns = self.index._file_columns()
+        self.columns = self.index.store.file_columns()
         self.offsets = self.index.cell_offsets
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def _write_merged(
         arrays[name] = _merged_column(sources, name)
     if base.partition_levels:
         arrays["offsets"] = offsets
-    header = base._file_header(ntotal=int(offsets[-1]), next_id=next_id, metadata=metadata)
+    header = base.file_header(ntotal=int(offsets[-1]), next_id=next_id, metadata=metadata)
     return write_index_file(path, header, arrays)
 
 
@@ -85,7 +85,7 @@ def _ids_present(index: DPQIndex, ids: np.ndarray, shift: int = 0) -> np.ndarray
     index's ids in blocks, so memory is O(len(ids) + block)."""
     wanted = np.sort(ids)
     found = np.zeros(len(wanted), bool)
-    stored = index._file_columns()["ids"]
+    stored = index.ids
     for start in range(0, len(stored), _BLOCK_ITEMS):
         block = stored[start : start + _BLOCK_ITEMS] + shift
         pos = np.searchsorted(wanted, block)
@@ -120,10 +120,10 @@ def append_to_index_file(
         search_mode=existing.search_mode,
         partition_levels=existing.partition_levels,
     )
-    added._next_id = existing.next_id
-    codes_arr = added._check_codes(codes)
+    added.store.advance_next_id(existing.next_id)
+    codes_arr = added.store.check_codes(codes)
     if ids is not None:
-        id_arr = added._check_new_ids(ids, codes_arr.shape[0])
+        id_arr = added.store.check_new_ids(ids, codes_arr.shape[0])
         clash = _ids_present(existing, id_arr)
         if clash.any():
             raise ValueError(
@@ -195,7 +195,7 @@ def merge_index_files(
     if renumber_ids:
         shifts = np.concatenate([[0], np.cumsum([ix.next_id for ix in indexes])[:-1]]).tolist()
     else:
-        all_ids = np.concatenate([ix._file_columns()["ids"] for ix in indexes])
+        all_ids = np.concatenate([ix.ids for ix in indexes])
         unique, counts = np.unique(all_ids, return_counts=True)
         if (counts > 1).any():
             raise ValueError(

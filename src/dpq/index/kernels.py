@@ -36,11 +36,14 @@ def _jit(inline: str = "never", **options: Any):
     return wrap
 
 
-def worker_count(work: int) -> int:
-    """Threads for a job of ``work`` lookups: numba.get_num_threads() (NUMBA_NUM_THREADS,
-    numba.set_num_threads) for big jobs, 1 for small ones, where starting threads costs more
-    than it saves and, on a busy machine, waits for each thread to be scheduled."""
-    return numba.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+def worker_count(work: int, threads: int | None = None) -> int:
+    """Threads for a job of ``work`` lookups: ``threads``, or when None
+    numba.get_num_threads() (NUMBA_NUM_THREADS, numba.set_num_threads), for big jobs; 1 for
+    small ones, where starting threads costs more than it saves and, on a busy machine,
+    waits for each thread to be scheduled."""
+    if work < PARALLEL_MIN_WORK:
+        return 1
+    return numba.get_num_threads() if threads is None else threads
 
 
 def split_range(total: int, parts: int) -> list[tuple[int, int]]:
@@ -55,8 +58,12 @@ def run_split(job: Callable[[int, int], None], total: int, threads: int) -> None
     With several threads the range is cut into 4 pieces per thread, taken in turn, so a
     thread that the OS schedules less (a busy machine) does not hold the others up.
     """
-    pieces = split_range(total, 1 if threads <= 1 else 4 * threads)
-    if threads <= 1 or len(pieces) <= 1:
+    if threads <= 1:  # the common case of a small search: no pieces to cut
+        if total > 0:
+            job(0, total)
+        return
+    pieces = split_range(total, 4 * threads)
+    if len(pieces) <= 1:
         for start, stop in pieces:
             job(start, stop)
         return
@@ -65,9 +72,34 @@ def run_split(job: Callable[[int, int], None], total: int, threads: int) -> None
             future.result()
 
 
+# ---- the top-k list every kernel keeps -------------------------------------------------------
+# A max-heap of (score, row) pairs, worst on top, ordered by score then row: heap_d float32
+# (k,), heap_r int64 (k,). topk_new allocates it, topk_start empties it, topk_push offers one
+# pair, topk_push_chunk a chunk of consecutive rows, topk_finish writes it ascending.
+# topk_start and topk_push_chunk return the worst score, which a scan keeps as its threshold:
+# its hot loop only compares a chunk's best score with it. The entry points are inlined into
+# each kernel (no call per item); replacing the worst entry (a sift-down, on the rare scores
+# that beat it) stays one out-of-line function, as LLVM decides.
+
+
+@_jit(inline="always")
+def topk_new(k):
+    """A list of k slots, to be started: (heap_d float32 (k,), heap_r int64 (k,))."""
+    return np.empty(k, np.float32), np.empty(k, np.int64)
+
+
+@_jit(inline="always")
+def topk_start(heap_d, heap_r):
+    """Empty the list: every slot (inf, -1), the padding of results with fewer items.
+    Returns the worst score (inf)."""
+    heap_d[:] = np.inf
+    heap_r[:] = -1
+    return heap_d[0]
+
+
 @_jit()
 def _sift_down(heap_d, heap_r, pos, size):
-    """Restore the max-heap order on (distance, row) below ``pos``."""
+    """Restore the max-heap order on (score, row) below ``pos``."""
     d = heap_d[pos]
     r = heap_r[pos]
     while True:
@@ -91,25 +123,41 @@ def _sift_down(heap_d, heap_r, pos, size):
 
 
 @_jit()
-def _heap_replace_top(heap_d, heap_r, d, r):
-    """Replace the worst entry of a full max-heap of size k by (d, r)."""
+def _replace_worst(heap_d, heap_r, d, r):
+    """Put (d, r) in the worst entry's place and restore the heap order."""
     heap_d[0] = d
     heap_r[0] = r
     _sift_down(heap_d, heap_r, 0, heap_d.shape[0])
 
 
-@_jit()
-def _heap_offer(heap_d, heap_r, d, r):
-    """Insert (d, r) when it ranks before the current worst entry (lexicographic order)."""
+@_jit(inline="always")
+def topk_push(heap_d, heap_r, d, r):
+    """Keep (d, r) when it ranks before the current worst by (score, row)."""
     if d < heap_d[0] or (d == heap_d[0] and r < heap_r[0]):
-        _heap_replace_top(heap_d, heap_r, d, r)
+        _replace_worst(heap_d, heap_r, d, r)
 
 
-@_jit()
-def _heap_sort_into(heap_d, heap_r, out_d, out_r):
-    """Write the heap ascending by (distance, row) into out_d / out_r; destroys the heap."""
-    size = heap_d.shape[0]
-    for last in range(size - 1, -1, -1):
+@_jit(inline="always")
+def topk_push_chunk(heap_d, heap_r, scores, count, first_row, rows_in_order):
+    """Offer scores[0:count] (float32 (>= count,)) of rows first_row..first_row+count-1.
+
+    rows_in_order (a constant of the calling kernel): every row already in the list comes
+    before first_row (a scan in row order), so a score equal to the worst never displaces
+    it; otherwise (score, row) is compared in full. Returns the new worst score."""
+    worst = heap_d[0]
+    for j in range(count):
+        d = scores[j]
+        if d < worst or (not rows_in_order and d == worst and first_row + j < heap_r[0]):
+            _replace_worst(heap_d, heap_r, d, first_row + j)
+            worst = heap_d[0]
+    return worst
+
+
+@_jit(inline="always")
+def topk_finish(heap_d, heap_r, out_d, out_r):
+    """Write the list ascending by (score, row) into out_d float32 (k,) / out_r int64 (k,);
+    leaves the heap to be started again."""
+    for last in range(heap_d.shape[0] - 1, -1, -1):
         out_d[last] = heap_d[0]
         out_r[last] = heap_r[0]
         heap_d[0] = heap_d[last]
@@ -181,13 +229,10 @@ def scan_kernel(num_levels: int, stride: int, packed: bool):
     def scan(codes, first, stop, codebook_size, norms, luts, k, out_d, out_r):
         has_norm = norms.shape[0] > 0
         scores = np.empty(SCAN_CHUNK, np.float32)
-        heap_d = np.empty(k, np.float32)
-        heap_r = np.empty(k, np.int64)
+        heap_d, heap_r = topk_new(k)
         for q in range(luts.shape[0]):
             lut = luts[q]
-            heap_d[:] = np.inf
-            heap_r[:] = -1
-            threshold = heap_d[0]
+            threshold = topk_start(heap_d, heap_r)
             for start in range(first, stop, SCAN_CHUNK):
                 count = min(SCAN_CHUNK, stop - start)
                 # chunk views indexed from 0 let numba drop negative-index handling
@@ -207,13 +252,11 @@ def scan_kernel(num_levels: int, stride: int, packed: bool):
                         d = score(chunk_codes, lut, codebook_size, j)
                         scores[j] = d
                         best = min(best, d)
-                if best < threshold:  # rare once the heap is full: most chunks end here
-                    for j in range(count):
-                        # rows arrive in increasing order: an equal score never displaces
-                        if scores[j] < threshold:
-                            _heap_replace_top(heap_d, heap_r, scores[j], start + j)
-                            threshold = heap_d[0]
-            _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
+                # rare once the list is full: most chunks end here (rows arrive in
+                # increasing order, so a score equal to the worst never displaces it)
+                if best < threshold:
+                    threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, True)
+            topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
 
@@ -265,13 +308,11 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
     def scan(codes, starts, stops, cells, codebook_size, norms, luts, k, out_d, out_r):
         has_norm = norms.shape[0] > 0
         scores = np.empty(SCAN_CHUNK, np.float32)
-        heap_d = np.empty(k, np.float32)
-        heap_r = np.empty(k, np.int64)
+        heap_d, heap_r = topk_new(k)
         zero = np.float32(0.0)
         for q in range(luts.shape[0]):
             lut = luts[q]
-            heap_d[:] = np.inf
-            heap_r[:] = -1
+            threshold = topk_start(heap_d, heap_r)
             for j in range(cells.shape[1]):
                 cell = cells[q, j]
                 if cell < 0:
@@ -299,13 +340,10 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
                             d = rest(chunk_codes, lut, codebook_size, t, base)
                             scores[t] = d
                             best = min(best, d)
-                    if best <= heap_d[0]:
-                        for t in range(count):
-                            d = scores[t]
-                            # cells come in any order: compare (score, row) in full
-                            if d < heap_d[0] or (d == heap_d[0] and start + t < heap_r[0]):
-                                _heap_replace_top(heap_d, heap_r, d, start + t)
-            _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
+                    # cells come in any order: a score equal to the worst may displace it
+                    if best <= threshold:
+                        threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, False)
+            topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
 
@@ -324,13 +362,11 @@ def rank_cells(luts, cell_codes, cell_norms, codebook_size, out_cells):
     nprobe = out_cells.shape[1]
     n_cells, levels = cell_codes.shape
     has_norm = cell_norms.shape[0] > 0
-    heap_d = np.empty(nprobe, np.float32)
-    heap_r = np.empty(nprobe, np.int64)
+    heap_d, heap_r = topk_new(nprobe)
     sorted_d = np.empty(nprobe, np.float32)
     for q in range(luts.shape[0]):
         lut = luts[q]
-        heap_d[:] = np.inf
-        heap_r[:] = -1
+        topk_start(heap_d, heap_r)
         for c in range(n_cells):
             s = lut[cell_codes[c, 0]]
             for level in range(1, levels):
@@ -338,8 +374,8 @@ def rank_cells(luts, cell_codes, cell_norms, codebook_size, out_cells):
             if has_norm:
                 s += cell_norms[c]
             if s < heap_d[0]:  # cells arrive in increasing index: equal scores keep the first
-                _heap_replace_top(heap_d, heap_r, s, c)
-        _heap_sort_into(heap_d, heap_r, sorted_d, out_cells[q])
+                topk_push(heap_d, heap_r, s, c)
+        topk_finish(heap_d, heap_r, sorted_d, out_cells[q])
 
 
 @_jit(fastmath={"reassoc", "contract", "nsz"})
@@ -389,17 +425,15 @@ def merge_shards(shard_d, shard_r, k):
     n_shards, nq, width = shard_d.shape
     out_d = np.empty((nq, k), np.float32)
     out_r = np.empty((nq, k), np.int64)
-    heap_d = np.empty(k, np.float32)
-    heap_r = np.empty(k, np.int64)
+    heap_d, heap_r = topk_new(k)
     for q in range(nq):
-        heap_d[:] = np.inf
-        heap_r[:] = -1
+        topk_start(heap_d, heap_r)
         for shard in range(n_shards):
             for j in range(width):
                 if shard_r[shard, q, j] < 0:
                     break
-                _heap_offer(heap_d, heap_r, shard_d[shard, q, j], shard_r[shard, q, j])
-        _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
+                topk_push(heap_d, heap_r, shard_d[shard, q, j], shard_r[shard, q, j])
+        topk_finish(heap_d, heap_r, out_d[q], out_r[q])
     return out_d, out_r
 
 
@@ -413,11 +447,9 @@ def rerank_topk(codes, num_levels, codebook_size, norms, luts, candidate_rows, o
     nq, n_candidates = candidate_rows.shape
     k = out_d.shape[1]
     has_norm = norms.shape[0] > 0
-    heap_d = np.empty(k, np.float32)
-    heap_r = np.empty(k, np.int64)
+    heap_d, heap_r = topk_new(k)
     for q in range(nq):
-        heap_d[:] = np.inf
-        heap_r[:] = -1
+        topk_start(heap_d, heap_r)
         for j in range(n_candidates):
             row = candidate_rows[q, j]
             if row < 0:
@@ -427,8 +459,8 @@ def rerank_topk(codes, num_levels, codebook_size, norms, luts, candidate_rows, o
                 d += luts[q, level * codebook_size + codes[row, level]]
             if has_norm:
                 d += norms[row]
-            _heap_offer(heap_d, heap_r, d, row)
-        _heap_sort_into(heap_d, heap_r, out_d[q], out_r[q])
+            topk_push(heap_d, heap_r, d, row)
+        topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
 
 @_jit()

@@ -30,6 +30,10 @@ class Rows:
     def get(self, name: str) -> np.ndarray:
         return self._data[name][: self.size]
 
+    def capacity(self, name: str) -> int:
+        """Rows allocated for this column (0 when it does not exist)."""
+        return self._data[name].shape[0] if name in self._data else 0
+
     def nbytes(self) -> int:
         return sum(self.get(name).nbytes for name in self._data)
 

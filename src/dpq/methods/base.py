@@ -155,6 +155,12 @@ class RetrievalMethod(ABC):
         """A freshly initialised network (seed torch first for a reproducible one)."""
         return self.network_class(self.config)
 
+    @property
+    def uses_word_vectors(self) -> bool:
+        """Whether :meth:`build_loss` needs label word vectors (C, ``quantizer.dim``): a run
+        then asks for them (a file, or "orthogonal") before it loads anything."""
+        return False
+
     @abstractmethod
     def build_loss(self, word_vectors: np.ndarray | None) -> nn.Module:
         """The loss module (moved to the network's device by the caller).

@@ -131,6 +131,11 @@ class DVSQMethod(CodebookMethod):
     def codebook_options(self) -> dict[str, Option]:
         return {"quantization_weight": Option(DEFAULT_QUANTIZATION_WEIGHT)}
 
+    @property
+    def uses_word_vectors(self) -> bool:
+        """The adaptive-margin loss embeds images beside the label word vectors."""
+        return True
+
     def build_loss(self, word_vectors: np.ndarray | None) -> DVSQLoss:
         """DVSQ's loss; ValueError without word vectors (one row of D numbers per class)."""
         config = self.config

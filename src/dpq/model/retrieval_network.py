@@ -27,6 +27,7 @@ from dpq.config import DPQConfig
 from dpq.devices import autocast
 from dpq.model.backbones import create_backbone
 from dpq.model.files import check_architecture, load_weights, read_checkpoint_config, save_model
+from dpq.model.imagenet import freeze_stages
 from dpq.progress import progress_bar
 
 STATISTICS_SAMPLE = 2000
@@ -131,9 +132,7 @@ class RetrievalNetwork(nn.Module, metaclass=ABCMeta):
 
     def freeze_backbone_stages(self: NetworkT, count: int) -> NetworkT:
         """Stop training the first ``count`` stages of the backbone
-        (:func:`dpq.model.backbones.freeze_stages`); they stay in eval mode while the rest trains."""
-        from dpq.model.backbones import freeze_stages
-
+        (:func:`dpq.model.imagenet.freeze_stages`); they stay in eval mode while the rest trains."""
         self.frozen = freeze_stages(self.backbone, count)
         return self
 

@@ -9,131 +9,67 @@ durable before they return (see :mod:`dpq.serve.journal`). No HTTP here: the rou
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dpq.atomic import write_bytes_atomic
 from dpq.index import DPQIndex
-from dpq.serve.bounds import check_search_bounds
+from dpq.index.usage import CodeUsage, code_usage
+from dpq.serve.bounds import CodeLengths, check_search_bounds
 from dpq.serve.encoder import BatchingEncoder, load_served_model
-from dpq.serve.images import thumbnail_png
+from dpq.serve.item_images import ItemImages
 from dpq.serve.journal import (
     METADATA_KEY,
     Journal,
+    index_state,
     journal_path,
     replay_journal,
     saved_position,
 )
-from dpq.serve.labels import labels_from_json, labels_to_json
+from dpq.serve.labels import LabelFilter, labels_from_json, labels_to_json
+from dpq.serve.locks import ReadWriteLock
+from dpq.serve.ranking import TieGroup, search_pages
 from dpq.serve.settings import DEFAULT_COMPACT_BYTES, ServeSettings
+from dpq.serve.sources import ImageSource, image_source_for
 
 __all__ = [
     "Collection",
-    "ImageSource",
-    "ReadWriteLock",
     "SearchHits",
-    "load_image_source",
+    "UnknownItemError",
     "open_collection",
 ]
 
 
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer holds off new readers (no starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """The images an index was encoded from: ``images`` uint8 (N, H, W, 3) (an array, or an
-    on-demand reader with the same indexing) whose row numbers are the item ids (as ``dpq
-    encode --images`` assigns them), ``labels``, ``classes``."""
-
-    name: str
-    images: Any
-    labels: np.ndarray | None
-    classes: list[str]
-
-
-def load_image_source(
-    source: str,
-    image_root: str | None = None,
-    image_size: int | None = None,
-    strip_prefix: str | None = None,
-    skip_corrupt: bool = False,
-) -> ImageSource:
-    """A labelled image source for thumbnails and labels (:func:`dpq.data.load_source`: any
-    source ``dpq encode`` reads; list files are read on demand). The one place the service
-    reads sources."""
-    from dpq.data import load_source
-
-    loaded = load_source(
-        source,
-        image_root=image_root,
-        image_size=image_size,
-        strip_prefix=strip_prefix,
-        skip_corrupt=skip_corrupt,
-        in_memory=False,
-        progress=False,
-    )
-    if loaded.kind == "features":
-        raise ValueError(f"{source} holds features, not images; --images needs an image source.")
-    return ImageSource(str(source), loaded.inputs, loaded.labels, list(loaded.classes))
-
-
 @dataclass
 class SearchHits:
-    """One query's results: ``ids`` int64 (n,), ``distances`` float32 (n,) (smaller is
-    closer; for inner-product indexes the negative inner product), JSON-ready ``labels``
-    (or None), the code length ``bits``, and ``total`` items searched."""
+    """One query's page: ``ids`` int64 (n,), ``distances`` float32 (n,) (smaller is closer;
+    for inner-product indexes the negative inner product), JSON-ready ``labels`` (or None),
+    the code length ``bits``, ``total`` items in the collection, the page's ``offset``, its
+    ``tie_groups`` (:class:`~dpq.serve.ranking.TieGroup`), ``codes`` (n, L) when asked for,
+    and ``matching``: items that pass the filter (None without one)."""
 
     ids: np.ndarray
     distances: np.ndarray
     labels: list[Any] | None
     bits: int
     total: int
+    offset: int = 0
+    tie_groups: list[TieGroup] = field(default_factory=list)
+    codes: np.ndarray | None = None
+    matching: int | None = None
+
+
+class UnknownItemError(LookupError):
+    """An id that is not in the collection (the service answers 404)."""
+
+    def __init__(self, item_id: int) -> None:
+        self.item_id = int(item_id)
+        super().__init__(f"no item with id {self.item_id} in this collection.")
 
 
 @dataclass
@@ -159,6 +95,8 @@ class Collection:
         compact_bytes: compact once the journal is larger than this.
         next_id: the first id to give to added items.
         added: info of items added through the service, by id.
+        max_image_pixels: the largest full-size image :meth:`full_image` decodes.
+        log: where to say what went wrong in the background (a compaction that failed).
     """
 
     def __init__(
@@ -174,6 +112,8 @@ class Collection:
         compact_bytes: int = DEFAULT_COMPACT_BYTES,
         next_id: int = 0,
         added: dict[int, dict[str, Any]] | None = None,
+        max_image_pixels: int = 40_000_000,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         if model is not None and image_size is None:
             raise ValueError("a model needs image_size (height, width): the size it reads.")
@@ -183,25 +123,31 @@ class Collection:
         self.source = source
         self.image_size = image_size
         self.model_info = model_info
-        self.thumbnail_size = int(thumbnail_size)
         self.compact_bytes = int(compact_bytes)
-        self.items_dir = self.index_path.with_name(self.index_path.name + ".items")
+        self.images = ItemImages(
+            self.index_path.with_name(self.index_path.name + ".items"),
+            source,
+            thumbnail_size,
+            max_image_pixels,
+        )
+        self._log = log or (lambda _message: None)
         self._encoder = BatchingEncoder(model) if model is not None else None
-        self._model = model
         self._lock = ReadWriteLock()
         self._write_mutex = threading.Lock()
         self._next_id = int(next_id)
         self._added = _Added(dict(added or {}))
-        self._bits_per_level = max(1, (index.codebook_size - 1).bit_length())
-        self._search_params = set(inspect.signature(index.search).parameters)
+        self.lengths = CodeLengths.of(index.num_levels, index.codebook_size)
         self.classes: list[str] | None = None
         meta_classes = index.metadata.get("classes")
         if isinstance(meta_classes, list):
             self.classes = [str(c) for c in meta_classes]
         elif source is not None:
             self.classes = source.classes
-        self._thumbnail = lru_cache(maxsize=4096)(self._source_thumbnail)
         self.last_compaction_seconds: float | None = None
+        self._compact_at = self.compact_bytes  # journal size that triggers a compaction
+        self._version = 0  # bumped by every write: keys the caches below
+        self._sorted_ids: tuple[int, np.ndarray] | None = None
+        self._usage: tuple[int, CodeUsage] | None = None
 
     # ---- facts ------------------------------------------------------------------------------
 
@@ -212,25 +158,22 @@ class Collection:
     @property
     def code_lengths(self) -> list[int]:
         """The bits a search may use: l * log2(K) for l = 1..L."""
-        return [level * self._bits_per_level for level in range(1, self.index.num_levels + 1)]
-
-    def levels_for_bits(self, bits: int | None, name: str = "bits") -> int:
-        """num_levels of a code length in bits (None: all levels). ValueError if not offered."""
-        if bits is None:
-            return self.index.num_levels
-        if isinstance(bits, bool) or not isinstance(bits, int | np.integer):
-            raise ValueError(
-                f"{name} must be an integer, one of {self.code_lengths}; got {bits!r}."
-            )
-        if bits not in self.code_lengths:
-            raise ValueError(
-                f"{name} must be one of {self.code_lengths} (this index has "
-                f"{self.index.num_levels} levels of {self._bits_per_level} bits); got {bits}."
-            )
-        return int(bits) // self._bits_per_level
+        return self.lengths.bits
 
     def __len__(self) -> int:
         return self.index.ntotal
+
+    def code_usage(self) -> CodeUsage:
+        """How the items use their codes (:func:`dpq.index.usage.code_usage`), computed again
+        only after writes."""
+        cached = self._usage
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        with self._lock.reading():
+            version = self._version
+            usage = code_usage(self.index.codes, self.index.codebook_size)
+        self._usage = (version, usage)
+        return usage
 
     # ---- rows, labels, images -------------------------------------------------------------------
 
@@ -240,22 +183,17 @@ class Collection:
             return None
         return labels_to_json(self.index.labels_of(ids), self.classes)
 
-    def _has_source_image(self, item_id: int) -> bool:
-        return self.source is not None and 0 <= item_id < len(self.source.images)
-
-    def _thumbnail_path(self, item_id: int) -> Path:
-        return self.items_dir / f"{item_id}.png"
-
     def has_image(self, item_id: int) -> bool:
         """Whether ``GET /items/{id}/image`` can answer for this id (assumed in the index)."""
         info = self._added.info.get(item_id)
         if info is not None:  # added over HTTP: an image when one was uploaded
             return bool(info.get("image"))
-        return self._has_source_image(item_id)
+        return self.images.in_source(item_id)
 
-    def _source_thumbnail(self, item_id: int) -> bytes:
-        assert self.source is not None
-        return thumbnail_png(self.source.images[item_id], self.thumbnail_size)
+    def has_full_image(self, item_id: int) -> bool:
+        """Whether ``GET /items/{id}/image/full`` can answer: items of the source only (an
+        upload keeps only its thumbnail)."""
+        return item_id not in self._added.info and self.images.in_source(item_id)
 
     def thumbnail(self, item_id: int) -> bytes | None:
         """PNG bytes of the item's image as a thumbnail; None for an unknown id or an item
@@ -264,32 +202,57 @@ class Collection:
             if not self.index.contains(item_id) or not self.has_image(item_id):
                 return None
             if item_id in self._added.info:
-                try:
-                    return self._thumbnail_path(item_id).read_bytes()
-                except FileNotFoundError:
-                    return None
-        return self._thumbnail(item_id)
+                return self.images.stored_thumbnail(item_id)
+        return self.images.source_thumbnail(item_id)
+
+    def full_image(self, item_id: int) -> bytes | None:
+        """PNG bytes of the item's image at its own size (its file decoded anew); None for an
+        unknown id or an item without one."""
+        with self._lock.reading():
+            if not self.index.contains(item_id) or not self.has_full_image(item_id):
+                return None
+        return self.images.source_full(item_id)
 
     def item(self, item_id: int) -> dict[str, Any] | None:
-        """JSON-ready facts of one item (id, label, metadata, has_image); None if unknown."""
+        """JSON-ready facts of one item (id, label, metadata, has_image, has_full_image);
+        None if unknown."""
         with self._lock.reading():
             if not self.index.contains(item_id):
                 return None
             labels = self._label_values(np.array([item_id]))
-            meta: dict[str, Any]
-            if item_id in self._added.info:
-                meta = {"added_over_http": True, **self._added.info[item_id]}
-                meta.pop("image", None)
-            elif self._has_source_image(item_id):
-                meta = {"source": Path(self.source.name).name, "row": item_id}  # type: ignore[union-attr]
-            else:
-                meta = {}
-            return {
-                "id": int(item_id),
-                "label": None if labels is None else labels[0],
-                "metadata": meta,
-                "has_image": self.has_image(item_id),
-            }
+            return self._facts(item_id, None if labels is None else labels[0])
+
+    def _facts(self, item_id: int, label: Any) -> dict[str, Any]:
+        meta: dict[str, Any]
+        if item_id in self._added.info:
+            meta = {"added_over_http": True, **self._added.info[item_id]}
+            meta.pop("image", None)
+        elif self.images.in_source(item_id):
+            meta = self.images.source_facts(item_id)
+        else:
+            meta = {}
+        return {
+            "id": int(item_id),
+            "label": label,
+            "metadata": meta,
+            "has_image": self.has_image(item_id),
+            "has_full_image": self.has_full_image(item_id),
+        }
+
+    def items(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """(facts of the items at offset..offset+limit-1 in id order, items in all)."""
+        with self._lock.reading():
+            cached = self._sorted_ids
+            if cached is None or cached[0] != self._version:
+                cached = (self._version, np.sort(self.index.ids))
+                self._sorted_ids = cached
+            ids = cached[1][offset : offset + limit]
+            labels = self._label_values(ids)
+            facts = [
+                self._facts(int(item_id), None if labels is None else labels[i])
+                for i, item_id in enumerate(ids.tolist())
+            ]
+            return facts, len(cached[1])
 
     def random_id(self, rng: np.random.Generator) -> int | None:
         """A uniformly drawn item id (None for an empty index)."""
@@ -299,23 +262,24 @@ class Collection:
 
     # ---- queries ------------------------------------------------------------------------------
 
-    def features_of_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """float32 (n, D) model features of uint8 (H, W, 3) images at :attr:`image_size`."""
+    def model(self) -> BatchingEncoder:
+        """The model that turns images into features (and predictions); ValueError when the
+        service has none."""
         if self._encoder is None:
             raise ValueError(
                 "this service has no model, so it cannot turn images into features; query "
                 "with a vector or an id, or restart it with --model."
             )
-        return self._encoder.features(np.stack(images))
+        return self._encoder
 
-    def vector_of(self, item_id: int) -> np.ndarray | None:
-        """float32 (D,) reconstruction of an item from its full code (None if unknown).
-
-        A search "by id" searches with this vector."""
+    def vectors_of(self, item_ids: Sequence[int]) -> np.ndarray:
+        """float32 (n, D) reconstructions of items from their full codes; a search "by id"
+        searches with this vector. Raises UnknownItemError naming the first unknown id."""
         with self._lock.reading():
-            if not self.index.contains(item_id):
-                return None
-            return self.index.decode(self.index.codes_of([item_id]))[0]
+            known = self.index.contains(np.asarray(item_ids, np.int64))
+            if not np.all(known):
+                raise UnknownItemError(int(np.asarray(item_ids)[~known][0]))
+            return self.index.decode(self.index.codes_of(list(item_ids)))
 
     def label_of(self, item_id: int) -> Any:
         with self._lock.reading():
@@ -323,50 +287,79 @@ class Collection:
             labels = self._label_values(np.array([item_id])) if known else None
             return None if labels is None else labels[0]
 
-    def search(
+    def search(self, vector: np.ndarray, k: int = 20, **options: Any) -> SearchHits:
+        """One float (D,) query: :meth:`search_many` with ``exclude`` a list of ids."""
+        exclude = options.pop("exclude", None)
+        return self.search_many(
+            np.asarray(vector, np.float32).reshape(1, -1),
+            k,
+            exclude=None if exclude is None else [exclude],
+            **options,
+        )[0]
+
+    def search_many(
         self,
-        vector: np.ndarray,
+        vectors: np.ndarray,
         k: int = 20,
         bits: int | None = None,
         offset: int = 0,
         rerank: int | None = None,
         rerank_candidates: int | None = None,
+        label_filter: LabelFilter | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
+        with_codes: bool = False,
         **options: Any,
-    ) -> SearchHits:
-        """Ranks offset..offset+k-1 for one float (D,) query at a code length of ``bits``.
+    ) -> list[SearchHits]:
+        """Ranks offset..offset+k-1 for each float (nq, D) query at a code length of ``bits``,
+        answered by one index search (more only for queries that need more results: see
+        :func:`dpq.serve.ranking.rank_pages`); ties in an order of their own, tie groups
+        reported.
 
         ``rerank`` (bits): shortlist with that shorter code, then re-rank with ``bits``.
-        Further ``options`` (e.g. ``nprobe`` of a partitioned index) go to
-        ``DPQIndex.search`` when it takes them; ValueError otherwise.
+        ``label_filter``: only items that pass it; ``exclude``: per query ids never to
+        return; ``with_codes``: give the results' codes. Further ``options`` (e.g.
+        ``nprobe`` of a partitioned index) go to ``DPQIndex.search`` when it takes them;
+        ValueError otherwise.
         """
         extra = {name: value for name, value in options.items() if value is not None}
-        for name in extra:
-            if name not in self._search_params:
-                raise ValueError(f"this index does not take the search option {name!r}.")
         check_search_bounds(k, offset, rerank_candidates, extra.get("nprobe"))
-        levels = self.levels_for_bits(bits)
-        rerank_from = None if rerank is None else self.levels_for_bits(rerank, "rerank")
-        if rerank_from is not None and rerank_from >= levels:
-            raise ValueError(
-                f"rerank must be shorter than bits={levels * self._bits_per_level} (it is the "
-                f"code length of the shortlist); got {rerank}."
-            )
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        levels = self.lengths.levels(bits)
+        rerank_from = self.lengths.rerank_levels(rerank, levels)
+        queries = np.asarray(vectors, dtype=np.float32)
+        if exclude is not None and len(exclude) != len(queries):
+            raise ValueError(f"give one exclusion list per query: {len(queries)} queries.")
+        excluded = (
+            None if exclude is None else [np.unique(np.asarray(e, np.int64)) for e in exclude]
+        )
         with self._lock.reading():
-            distances, ids = self.index.search(
-                query,
-                offset + k,
-                num_levels=levels,
+            total = self.index.ntotal
+            pages, matching = search_pages(
+                self.index,
+                queries,
+                k,
+                offset,
+                levels=levels,
                 rerank_from=rerank_from,
                 rerank_candidates=rerank_candidates,
-                **extra,
+                label_filter=label_filter,
+                excluded=excluded,
+                options=extra,
             )
-            ids, distances = ids[0, offset:], distances[0, offset:]
-            keep = ids >= 0
-            ids, distances = ids[keep], distances[keep]
-            labels = self._label_values(ids)
-            total = self.index.ntotal
-        return SearchHits(ids, distances, labels, levels * self._bits_per_level, total)
+            bits_used = levels * self.lengths.bits_per_level
+            return [
+                SearchHits(
+                    page.ids,
+                    page.distances,
+                    self._label_values(page.ids),
+                    bits_used,
+                    total,
+                    offset,
+                    page.tie_groups,
+                    self.index.codes_of(page.ids) if with_codes and len(page.ids) else None,
+                    matching,
+                )
+                for page in pages
+            ]
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -382,16 +375,14 @@ class Collection:
         labels: per item an int, a class name or None; images: per item a Pillow image or
         uint8 array kept as its thumbnail (or None); names: per item a name for its metadata.
         Returns the new int64 (n,) ids once the batch is durable (journal fsynced).
+        Raises WriteFailedError when it could not be stored (nothing of it is kept).
         """
         features = np.asarray(features, np.float32)
         n = len(features)
         if n == 0:
             raise ValueError("nothing to add: give at least one item.")
         codes = self.index.encode(features)  # reads only the codebooks: no lock needed
-        thumbs = [
-            None if img is None else thumbnail_png(img, self.thumbnail_size)
-            for img in images or [None] * n
-        ]
+        thumbs = self.images.thumbnails_of(images, n)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._write_mutex:
             label_array = labels_from_json(
@@ -399,16 +390,16 @@ class Collection:
             )
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             infos = []
-            for i, item_id in enumerate(ids):
+            for i in range(n):
                 info: dict[str, Any] = {"added_at": stamp, "image": thumbs[i] is not None}
                 if names and names[i]:
                     info["name"] = str(names[i])
                 infos.append(info)
-                if thumbs[i] is not None:  # before the journal: an orphan file is harmless
-                    write_bytes_atomic(self._thumbnail_path(int(item_id)), thumbs[i])
+            self.images.store(ids.tolist(), thumbs)  # before the journal: an orphan is harmless
             with self._lock.writing():
                 self.index.add(codes, ids=ids, labels=label_array)
                 self.index.group_added(only_if_large=True)  # so that no search regroups
+                self._version += 1
             payload = {
                 "ids": ids.tolist(),
                 "codes": codes.tolist(),
@@ -420,6 +411,7 @@ class Collection:
             except BaseException:
                 with self._lock.writing():  # not durable: take it back before anyone relies on it
                     self.index.remove(ids)
+                    self._version += 1
                 raise
             self._next_id += n
             self._added.info.update({int(i): info for i, info in zip(ids, infos, strict=True)})
@@ -427,7 +419,8 @@ class Collection:
         return ids
 
     def remove(self, item_id: int) -> bool:
-        """Remove one item (durable once this returns True); False if the id is unknown."""
+        """Remove one item (durable once this returns True); False if the id is unknown.
+        Raises WriteFailedError when the removal could not be stored (the item stays)."""
         with self._write_mutex:
             with self._lock.reading():
                 if not self.index.contains(item_id):
@@ -435,14 +428,28 @@ class Collection:
             self.journal.append("remove", {"ids": [int(item_id)]})
             with self._lock.writing():
                 self.index.remove([item_id])
+                self._version += 1
             if self._added.info.pop(int(item_id), None) is not None:
-                self._thumbnail_path(int(item_id)).unlink(missing_ok=True)
+                self.images.forget(int(item_id))
             self._maybe_compact()
         return True
 
     def _maybe_compact(self) -> None:
-        if self.journal.size_bytes() > self.compact_bytes:
+        """Compact once the journal outgrows compact_bytes. A compaction that fails (a full
+        disk) is logged, not raised: the writes stay durable in the journal, and the next
+        try waits until the journal has grown by another eighth of compact_bytes."""
+        if self.journal.size_bytes() <= self._compact_at:
+            return
+        try:
             self._compact_locked()
+        except OSError as exc:
+            self._compact_at = self.journal.size_bytes() + max(1, self.compact_bytes // 8)
+            self._log(
+                f"could not save the index ({exc.strerror or exc}); the writes stay in the "
+                f"journal {self.journal.path.name}, and saving is tried again later"
+            )
+        else:
+            self._compact_at = self.compact_bytes
 
     def compact(self) -> None:
         """Save the index atomically (with the journal position it holds) and start an
@@ -458,7 +465,7 @@ class Collection:
         with self._lock.writing():  # saving groups the latest adds; searches see either order
             self.index.group_added()
         self.index.save(self.index_path)
-        self.journal.reset()
+        self.journal.reset(base=index_state(self.index))
         self.last_compaction_seconds = time.perf_counter() - started
 
     # ---- stats and shutdown ---------------------------------------------------------------------
@@ -479,8 +486,10 @@ class Collection:
             "codebook_size": index.codebook_size,
             "dim": index.dim,
             "search_mode": index.search_mode,
+            "partition_levels": index.partition_levels,
             "codebook_sha256": index.codebook_sha256,
             "labels": index.label_shape is not None,
+            "multi_label": index.label_shape is not None and len(index.label_shape) == 1,
             "classes": self.classes,
             "model": self.model_info,
             "accepts": ["vector", "id"] + (["image"] if self.accepts_images else []),
@@ -492,6 +501,7 @@ class Collection:
                 "bytes": self.journal.size_bytes(),
             },
             "added_over_http": len(self._added.info),
+            "code_usage": self.code_usage().to_json(),
         }
 
     def warm_up(self) -> None:
@@ -506,32 +516,19 @@ class Collection:
             self._encoder.features(np.zeros((1, *self.image_size, 3), np.uint8))
 
     def close(self, compact: bool = True) -> None:
-        """Compact (when anything was written) and close the journal and the model thread."""
+        """Compact (when anything was written) and close the journal and the model thread.
+        A compaction that fails is logged; the writes stay in the journal for the next start."""
         if compact and self.journal.records_since_reset:
-            self.compact()
+            try:
+                self.compact()
+            except OSError as exc:
+                self._log(
+                    f"could not save the index at shutdown ({exc.strerror or exc}); the "
+                    f"writes stay in {self.journal.path.name} and are replayed at the next start"
+                )
         self.journal.close()
         if self._encoder is not None:
             self._encoder.close()
-
-
-def _image_source_for(
-    settings: ServeSettings, index: DPQIndex, added: dict[int, Any]
-) -> ImageSource | None:
-    """The image source of ``settings.images`` (None without one), checked to hold a row
-    for every id of the index that was not added through the service."""
-    if settings.images is None:
-        return None
-    source = load_image_source(
-        settings.images, image_root=settings.image_root, image_size=settings.image_size
-    )
-    from_source = np.setdiff1d(index.ids, np.fromiter(added, np.int64, len(added)))
-    if from_source.size and from_source.max() >= len(source.images):
-        raise ValueError(
-            f"the index has item ids up to {int(from_source.max())} but {settings.images} has "
-            f"{len(source.images)} images; ids are row numbers of the source the index was "
-            "encoded from: pass that source."
-        )
-    return source
 
 
 def open_collection(
@@ -542,18 +539,19 @@ def open_collection(
     (checked against the index's codebooks) and image source the settings name.
 
     Uses index, model, images, image_root, image_size, device, model_threads,
-    thumbnail_size, compact_bytes and fsync of ``settings``; ``log`` gets a line about what
-    was replayed (default: nowhere).
+    thumbnail_size, compact_bytes, fsync, force_journal and max_image_pixels of
+    ``settings``; ``log`` gets a line about what was replayed, and the code usage of the
+    index with its warnings (default: nowhere).
     """
     say = log or (lambda _message: None)
     index = DPQIndex.load(settings.index)
     journal = Journal(journal_path(settings.index), index.codebook_sha256, fsync=settings.fsync)
-    replay = replay_journal(journal, index)
+    replay = replay_journal(journal, index, force=settings.force_journal)
     if replay.dropped_tail:
         say(
             f"{journal.path}: dropped a last record cut short by a crash (it was never acknowledged)"
         )
-    source = _image_source_for(settings, index, replay.added)
+    source = image_source_for(settings, index, replay.added)
     next_id = replay.next_id
     if source is not None:
         next_id = max(next_id, len(source.images))
@@ -577,10 +575,14 @@ def open_collection(
         compact_bytes=settings.compact_bytes,
         next_id=next_id,
         added=replay.added,
+        max_image_pixels=settings.max_image_pixels,
+        log=say,
     )
     if replay.applied:
         say(f"{journal.path}: replayed {replay.applied} write(s); saving the index")
         collection.compact()
     else:
-        journal.reset()
+        journal.reset(base=index_state(index))
+    for line in collection.code_usage().report_lines():
+        say(line)
     return collection

@@ -1,6 +1,6 @@
 """What the routes reach: the app's :class:`ServiceContext` (settings, collection, metrics,
 workers), kept in ``app.state.service`` and handed to each route by the FastAPI dependency
-:func:`service_context`; and the write-key check."""
+:func:`service_context`; and who may write (:func:`check_write`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dpq.serve.collection import Collection
 from dpq.serve.metrics import ServiceMetrics
 from dpq.serve.settings import ServeSettings
 
-__all__ = ["ServiceContext", "Workers", "require_api_key", "service_context"]
+__all__ = ["ServiceContext", "Workers", "check_write", "require_api_key", "service_context"]
 
 T = TypeVar("T")
 
@@ -111,4 +111,40 @@ def require_api_key(request: Request, api_key: str | None) -> None:
             "this service needs an API key for writes: send it in the X-API-Key header "
             "(or Authorization: Bearer KEY).",
             headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _netloc(origin: str) -> str:
+    return origin.partition("://")[2].lower()
+
+
+def check_write(request: Request, settings: ServeSettings) -> None:
+    """HTTPException 403 or 401 unless this request may add or delete items.
+
+    A write must not come from another site's page (OWASP's CSRF rule: a page can send
+    "simple" requests - form posts, text/plain or form-encoded fetches - to any address
+    without a CORS preflight): an ``Origin`` header other than the service's own (by host
+    and port) or one of ``settings.cors_origins``, or ``Sec-Fetch-Site: cross-site`` from
+    an origin not named there, gets 403. Programs send no ``Origin`` and pass. Then the
+    key, when one is set (401 without it); without a key writes need
+    ``settings.allow_open_writes`` (403 otherwise).
+    """
+    origin = request.headers.get("origin")
+    allowed = origin is not None and origin in settings.cors_origins
+    own = origin is not None and _netloc(origin) == request.headers.get("host", "").lower()
+    cross_site = request.headers.get("sec-fetch-site", "").lower() == "cross-site"
+    if (origin is not None and not (own or allowed)) or (cross_site and not allowed):
+        raise HTTPException(
+            403,
+            f"writes are not accepted from another site's page (Origin {origin or 'unknown'}); "
+            "write from this service's own page or a program, or start the service with "
+            "--cors-origin ORIGIN for a page you trust.",
+        )
+    if settings.api_key is not None:
+        require_api_key(request, settings.api_key)
+    elif not settings.allow_open_writes:
+        raise HTTPException(
+            403,
+            "writes are closed on this service: start it with --api-key (or DPQ_API_KEY) and "
+            "send the key, or with --allow-open-writes to let anyone who can reach it write.",
         )

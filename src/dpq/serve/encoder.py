@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from dpq.serve.labels import predicted_labels
 
 if TYPE_CHECKING:
     from dpq.index import DPQIndex
@@ -30,7 +33,8 @@ class BatchingEncoder:
 
     Args:
         model: anything with ``extract_features(uint8 (N, H, W, 3), batch_size=...)``
-            returning float32 (N, D).
+            returning float32 (N, D), and optionally ``extract_features_and_logits`` (the
+            same, with the classifier's float32 (N, C) logits).
         max_batch: images per forward pass at most (one request's images are never split).
     """
 
@@ -43,9 +47,30 @@ class BatchingEncoder:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """float32 (n, D) features of uint8 (n, H, W, 3) images."""
+        return self.features_and_logits(images)[0]
+
+    def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (n, D) features and float32 (n, C) classifier logits of uint8 (n, H, W, 3)
+        images (logits None for a model without ``extract_features_and_logits``)."""
         done: Future = Future()
         self._queue.put((images, done))
         return done.result()
+
+    def predictions(
+        self, images: np.ndarray, multi_label: bool, classes: Sequence[str] | None
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """float32 (n, D) features of images, and per image what the model's classifier
+        predicts (:func:`dpq.serve.labels.predicted_labels`; {} without a classifier)."""
+        features, logits = self.features_and_logits(images)
+        if logits is None:
+            return features, [{} for _ in range(len(images))]
+        return features, predicted_labels(logits, multi_label, classes)
+
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        size = max(len(batch), 1)
+        if hasattr(self._model, "extract_features_and_logits"):
+            return self._model.extract_features_and_logits(batch, batch_size=size)
+        return self._model.extract_features(batch, batch_size=size), None
 
     def _run(self) -> None:
         while True:
@@ -66,15 +91,16 @@ class BatchingEncoder:
                 count += len(job[0])
             try:
                 batch = np.concatenate([images for images, _ in jobs])
-                feats = self._model.extract_features(batch, batch_size=max(len(batch), 1))
+                feats, logits = self._forward(batch)
             except BaseException as exc:  # hand the error to every waiting request
                 for _, done in jobs:
                     done.set_exception(exc)
                 continue
             start = 0
             for images, done in jobs:
-                done.set_result(feats[start : start + len(images)])
-                start += len(images)
+                stop = start + len(images)
+                done.set_result((feats[start:stop], None if logits is None else logits[start:stop]))
+                start = stop
 
     def close(self) -> None:
         self._queue.put(None)

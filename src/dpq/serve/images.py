@@ -5,13 +5,21 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from dpq.data.decode import (
+    CorruptImageError,
+    TooManyPixelsError,
+    UnknownImageFormatError,
+    open_image,
+)
 
 __all__ = [
     "BadImageError",
     "NotAnImageError",
     "decode_upload",
     "model_input",
+    "png_bytes",
     "thumbnail_png",
 ]
 
@@ -29,7 +37,9 @@ class BadImageError(ValueError):
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode uploaded bytes to an RGB Pillow image at its own size.
+    """Decode uploaded bytes to an RGB Pillow image at its own size, with the decoder of
+    every image dpq reads (:func:`dpq.data.decode.open_image`: EXIF orientation, alpha on
+    white, 16 bits scaled).
 
     The pixel count is read from the header and checked against ``max_pixels`` before any
     pixel is decoded. Raises NotAnImageError (unknown format) or BadImageError (damaged,
@@ -38,26 +48,17 @@ def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     if not data:
         raise NotAnImageError(f"{name} is empty; upload an image file (JPEG, PNG, WebP, ...).")
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+        return open_image(data, name, max_pixels)
+    except UnknownImageFormatError:
         raise NotAnImageError(
             f"{name} is not an image Pillow can read; upload a JPEG, PNG, WebP, GIF or BMP file."
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(f"{name} is refused as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"{name} cannot be decoded: {exc}") from None
-    width, height = image.size
-    if width * height > max_pixels:
+    except TooManyPixelsError as exc:
         raise BadImageError(
-            f"{name} declares {width} x {height} pixels, more than the limit of {max_pixels:,} "
-            "(a decompression bomb, or simply too large); resize it first."
-        )
-    try:
-        image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise BadImageError(f"{name} is damaged or truncated: {exc}") from None
+            f"{name} is refused as a decompression bomb ({exc.reason}); resize it first."
+        ) from None
+    except CorruptImageError as exc:
+        raise BadImageError(f"{name} is damaged or truncated: {exc.reason}") from None
 
 
 def model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -85,6 +86,14 @@ def thumbnail_png(image: Image.Image | np.ndarray, size: int) -> bytes:
     if target != picture.size:
         method = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
         picture = picture.resize(target, method)
+    return png_bytes(picture)
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of an RGB image (a Pillow image or uint8 (H, W, 3)) at its own size."""
+    picture = (
+        Image.fromarray(np.asarray(image, np.uint8)) if isinstance(image, np.ndarray) else image
+    )
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()

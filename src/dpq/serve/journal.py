@@ -7,7 +7,8 @@ replays the journal onto the loaded index, and from time to time (and at shutdow
 *compacts*: saves the index atomically and starts a fresh journal.
 
 Format: JSON lines, no pickle. The first line is a header ``{"format": "dpq-serve-journal",
-"version": 1, "journal_id": ..., "codebook_sha256": ...}``; every further line is one record
+"version": 2, "journal_id": ..., "codebook_sha256": ..., "base": {"items", "ids_sha256"}}``
+(``base``: :func:`index_state` of the index the journal continues); every further line is one record
 ``{"seq", "op": "add" | "remove", "ids", ...payload, "sha256"}`` whose sha256 covers the
 record's other fields. A record cut short by a crash (the last line, unterminated or failing
 its checksum) was never acknowledged and is dropped; a damaged line before the last one is
@@ -19,15 +20,26 @@ replaces the journal by an empty one with a new id. On start, records of the jou
 in the index's metadata up to that seq are skipped; a journal with another id is replayed
 whole (a crash between the two steps leaves the old journal, whose records are all skipped).
 :func:`saved_position` builds that metadata, :func:`replay_journal` reads it and applies
-the rest of the journal.
+the rest of the journal. A journal replayed whole must continue the index it is replayed
+onto: its header's ``base`` must equal :func:`index_state` of the loaded index, else replay
+is refused naming both (an older index file restored beside a newer journal would otherwise
+take writes made to another state), unless forced.
+
+Durability: a record is written with ``os.write`` on an unbuffered descriptor and fsynced
+before :meth:`Journal.append` returns. When either fails (a full disk: ENOSPC), the file is
+truncated back to the end of the last good record and :class:`WriteFailedError` raised:
+the journal is exactly as before, nothing is left in a buffer to be written later, and the
+next append (once space returns) follows the last good record.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,19 +56,42 @@ __all__ = [
     "JournalError",
     "JournalRecord",
     "Replay",
+    "WriteFailedError",
+    "index_state",
     "journal_path",
     "replay_journal",
     "saved_position",
 ]
 
 FORMAT_NAME = "dpq-serve-journal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 headers have no "base"
 # The key of the index metadata that says which journal records the saved index holds.
 METADATA_KEY = "serve"
 
 
 class JournalError(ValueError):
     """A journal that cannot be replayed (damaged before its last line, or of another index)."""
+
+
+class WriteFailedError(RuntimeError):
+    """A write that could not be stored (e.g. the disk is full): nothing of it was kept (the
+    journal is as it was before), and it must not be acknowledged (the service answers 503)."""
+
+
+def index_state(index: DPQIndex) -> dict[str, Any]:
+    """What identifies the items an index holds: ``{"items": n, "ids_sha256": sha256 of its
+    ids sorted, as int64 little-endian}``. A journal header records it for the index the
+    journal continues."""
+    ids = np.sort(np.asarray(index.ids, dtype="<i8"))
+    return {"items": int(len(ids)), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+
+
+def _describe_state(state: Any) -> str:
+    if not isinstance(state, dict):
+        return "an unknown state"
+    digest = str(state.get("ids_sha256", "?"))[:12]
+    return f"{int(state.get('items', 0)):,} items (ids sha256 {digest})"
 
 
 def journal_path(index_path: str | os.PathLike[str]) -> Path:
@@ -87,17 +122,29 @@ class Journal:
         path: the journal file (see :func:`journal_path`).
         codebook_sha256: the index's codebook hash; a journal of other codebooks is refused.
         fsync: fsync after every append (on by default; off only for throw-away data).
+        writer: writes bytes to a file descriptor and returns how many it wrote (``os.write``;
+            tests inject one that fails as a full disk does). Also the attribute ``writer``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], codebook_sha256: str, fsync: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        codebook_sha256: str,
+        fsync: bool = True,
+        writer: Callable[[int, bytes], int] = os.write,
+    ):
         self.path = Path(path)
         self.codebook_sha256 = codebook_sha256
         self.fsync = fsync
         self.journal_id = ""
+        self.base: dict[str, Any] | None = None
         self.last_seq = 0
         self.records_since_reset = 0
         self.dropped_tail = False
-        self._handle = None
+        self.writer = writer
+        self._fd: int | None = None
+        self._good_size = 0  # bytes of the file up to the end of the last good record
+        self._torn = False  # a failed append could not be cut off: refuse appends until it is
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -120,11 +167,12 @@ class Journal:
                 f"{self.path} has no header line; it is not a dpq serve journal. Move it away."
             )
         header = self._parse(complete[0], 1, last=False)
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+        if header.get("format") != FORMAT_NAME or header.get("version") not in READABLE_VERSIONS:
             raise JournalError(
                 f"{self.path} is not a dpq serve journal of version {FORMAT_VERSION} "
                 f"(header {header!r}); move it away to start without it."
             )
+        self.base = header.get("base") if isinstance(header.get("base"), dict) else None
         if header.get("codebook_sha256") != self.codebook_sha256:
             raise JournalError(
                 f"{self.path} belongs to an index with other codebooks (sha256 "
@@ -162,36 +210,72 @@ class Journal:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def reset(self) -> str:
-        """Replace the file by an empty journal with a new id (atomically); open it for
-        appending. Returns the new journal id."""
-        self.close()
-        self.journal_id = uuid.uuid4().hex
-        header = {
+    def reset(self, base: dict[str, Any] | None = None) -> str:
+        """Replace the file by an empty journal with a new id (atomically) that continues the
+        index state ``base`` (:func:`index_state`); open it for appending. Returns the new
+        journal id. When the new file cannot be written (a full disk), the journal stays as
+        it was, open, and the OSError propagates."""
+        journal_id = uuid.uuid4().hex
+        header: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "journal_id": self.journal_id,
+            "journal_id": journal_id,
             "codebook_sha256": self.codebook_sha256,
+            "base": None if base is None else dict(base),
         }
         header["sha256"] = _digest(header)
         write_text_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+        self.close()
+        self.journal_id, self.base = journal_id, header["base"]
         self.last_seq = 0
         self.records_since_reset = 0
-        self._handle = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
-        return self.journal_id
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._good_size = os.fstat(self._fd).st_size
+        self._torn = False
+        return journal_id
+
+    def _cut_back(self) -> None:
+        """Truncate the file to the end of the last good record (and fsync that)."""
+        assert self._fd is not None
+        os.ftruncate(self._fd, self._good_size)
+        if self.fsync:
+            os.fsync(self._fd)
+        self._torn = False
 
     def append(self, op: str, payload: dict[str, Any]) -> int:
         """Write one record and (by default) fsync it; returns its seq. After this returns the
-        write survives a crash of the process (and, with fsync, of the machine)."""
-        if self._handle is None:
+        write survives a crash of the process (and, with fsync, of the machine).
+
+        Raises WriteFailedError when the record could not be written or synced; the file
+        is then cut back to the last good record (see the module docstring)."""
+        if self._fd is None:
             raise RuntimeError("the journal is not open; call reset() first.")
         seq = self.last_seq + 1
         fields = {"seq": seq, "op": op, **payload}
         fields["sha256"] = _digest(fields)
-        self._handle.write((json.dumps(fields, sort_keys=True) + "\n").encode())
-        self._handle.flush()
-        if self.fsync:
-            os.fsync(self._handle.fileno())
+        data = (json.dumps(fields, sort_keys=True) + "\n").encode()
+        try:
+            if self._torn:
+                self._cut_back()
+            view = memoryview(data)
+            while view:
+                written = self.writer(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.EIO, "the write made no progress")
+                view = view[written:]
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._torn = True
+            try:
+                self._cut_back()
+            except OSError:
+                pass  # still torn: the next append cuts it back first, or refuses
+            raise WriteFailedError(
+                f"the write could not be stored in the journal ({exc.strerror or exc}), so "
+                "nothing was changed; retry once the disk has space again."
+            ) from None
+        self._good_size += len(data)
         self.last_seq = seq
         self.records_since_reset += 1
         return seq
@@ -204,9 +288,9 @@ class Journal:
             return 0
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---------------------------------------------------------------- the index and its journal
@@ -239,19 +323,31 @@ def saved_position(
     }
 
 
-def replay_journal(journal: Journal, index: DPQIndex) -> Replay:
+def replay_journal(journal: Journal, index: DPQIndex, force: bool = False) -> Replay:
     """Apply onto ``index`` (as loaded from its file) the records of ``journal`` it does not
     hold yet, in order (see the module docstring); the journal file is left as it is.
 
-    Raises JournalError for a journal that cannot be read (:meth:`Journal.read`) or holds a
-    record of an unknown operation.
+    Raises JournalError for a journal that cannot be read (:meth:`Journal.read`), holds a
+    record of an unknown operation, or continues another state of the index than the one
+    loaded (unless ``force``: then its records are applied all the same).
     """
     position = index.metadata.get(METADATA_KEY)
     position = position if isinstance(position, dict) else {}
     added = {int(k): dict(v) for k, v in (position.get("added") or {}).items()}
     next_id = int(position.get("next_id", 0))
     journal_id, records = journal.read()
-    held = int(position.get("journal_seq", 0)) if journal_id == position.get("journal_id") else 0
+    same_journal = journal_id == position.get("journal_id")
+    held = int(position.get("journal_seq", 0)) if same_journal else 0
+    if records and not same_journal and journal.base is not None and not force:
+        state = index_state(index)
+        if state != journal.base:
+            raise JournalError(
+                f"{journal.path} continues an index of {_describe_state(journal.base)}, but "
+                f"the index file holds {_describe_state(state)}: its {len(records)} write(s) "
+                "were made to another state of the index (an older or newer index file?). "
+                "Restore the index file the journal belongs to, move the journal away (its "
+                "writes are lost), or replay it anyway with --force-journal."
+            )
     applied = 0
     for record in records:
         if record.seq <= held:

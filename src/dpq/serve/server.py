@@ -39,7 +39,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
+def exposure_warning(host: str, api_key: str | None, open_writes: bool = False) -> str | None:
     """The warning for a bind address that every network can reach (None for others)."""
     if host not in _ALL_ADDRESSES:
         return None
@@ -47,10 +47,13 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
         f"--host {host or '0.0.0.0'} makes the service reachable from every network this "
         "machine is on"
     )
-    if api_key is None:
+    if api_key is None and open_writes:
         return (
-            text + "; writes are open to anyone who can reach it: set --api-key (or DPQ_API_KEY)."
+            text + "; writes are open to anyone who can reach it: set --api-key (or "
+            "DPQ_API_KEY) instead of --allow-open-writes."
         )
+    if api_key is None:
+        return text + "; writes stay closed until --api-key (or DPQ_API_KEY) is set."
     return text + "."
 
 
@@ -70,18 +73,19 @@ def serve(settings: ServeSettings) -> None:
     """Open the collection, bind ``settings.host``:``settings.port`` and serve until
     interrupted (``dpq serve``).
 
-    Without ``settings.api_key`` the environment variable DPQ_API_KEY gives it. Binds
+    Without ``settings.api_key`` the environment variable DPQ_API_KEY gives it. The startup
+    line says who may write (the key, anyone: ``allow_open_writes``, or nobody). Binds
     127.0.0.1 unless told otherwise; 0.0.0.0 (every network the machine is on) prints a
     warning.
     """
     import uvicorn
 
-    from dpq.serve.app import create_app
+    from dpq.serve.app import create_app, writes_note
 
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
         settings = dataclasses.replace(settings, api_key=os.environ[API_KEY_ENV])
     host = settings.host
-    warning = exposure_warning(host, settings.api_key)
+    warning = exposure_warning(host, settings.api_key, settings.allow_open_writes)
     if warning is not None:
         print(f"dpq serve: warning: {warning}", file=sys.stderr, flush=True)
     sock = bind_socket(host, settings.port)
@@ -91,7 +95,7 @@ def serve(settings: ServeSettings) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(
             f"dpq serve: {len(app.state.service.collection):,} items at http://{shown}:{bound}/ "
-            f"(API docs: /docs); Ctrl-C stops",
+            f"(API docs: /docs); {writes_note(settings)}; Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )

@@ -38,6 +38,20 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
         raise ValueError(f"{name} must be {bound}; got {value}.")
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    """``cors_origins`` as a tuple of "scheme://host[:port]" strings (no path, no slash)."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise TypeError(f"cors_origins must be a list of origins; got {value!r}.")
+    for origin in value:
+        scheme, _, rest = str(origin).partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest or origin == "*":
+            raise ValueError(
+                f"a CORS origin is scheme://host[:port] with no path, such as "
+                f"https://app.example; got {origin!r}."
+            )
+    return tuple(str(origin) for origin in value)
+
+
 def _check_optional_str(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"{name} must be a non-empty string or None; got {value!r}.")
@@ -59,8 +73,13 @@ class ServeSettings:
 
     Limits and safety:
         api_key: required (header ``X-API-Key`` or ``Authorization: Bearer``) for POST /items
-            and DELETE /items/{id}; None: writes are open. :func:`dpq.serve.serve` takes it
-            from the environment variable DPQ_API_KEY when this is None.
+            and DELETE /items/{id}. :func:`dpq.serve.serve` takes it from the environment
+            variable DPQ_API_KEY when this is None.
+        allow_open_writes: without an api_key, writes are refused (403) unless this is True.
+            Either way a write from another site (an ``Origin`` other than the service's own
+            or those of ``cors_origins``, or ``Sec-Fetch-Site: cross-site``) gets 403.
+        cors_origins: origins (``https://app.example``) whose pages may call the API (CORS);
+            none by default.
         max_upload_bytes: larger request bodies get 413.
         max_image_pixels: images declaring more pixels get 422 (decompression bombs).
         rate_limit: requests per second per client address (0: no limit); ``rate_burst``
@@ -72,6 +91,8 @@ class ServeSettings:
         thumbnail_size: longer side of thumbnails in pixels.
         compact_bytes: compact the journal once it is larger than this.
         fsync: fsync each journal append (keep on; off only for throw-away data).
+        force_journal: replay the journal even when it continues another state of the index
+            than the index file holds (see :mod:`dpq.serve.journal`).
 
     The server (:func:`dpq.serve.serve` only):
         host, port: where to listen (port 0: any free port).
@@ -86,6 +107,8 @@ class ServeSettings:
     device: str = "cpu"
     model_threads: int | None = None
     api_key: str | None = None
+    allow_open_writes: bool = False
+    cors_origins: tuple[str, ...] = ()
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     rate_limit: float = 0.0
@@ -95,6 +118,7 @@ class ServeSettings:
     thumbnail_size: int = 128
     compact_bytes: int = DEFAULT_COMPACT_BYTES
     fsync: bool = True
+    force_journal: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     access_log: bool = False
@@ -126,7 +150,8 @@ class ServeSettings:
             raise ValueError(f"rate_limit must be a number of requests per second; got {rate!r}.")
         if rate < 0:
             raise ValueError(f"rate_limit must be 0 (no limit) or positive; got {rate}.")
-        for name in ("fsync", "access_log"):
+        object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
+        for name in ("fsync", "access_log", "allow_open_writes", "force_journal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
         if not isinstance(self.host, str):
@@ -135,6 +160,14 @@ class ServeSettings:
             )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}; got {self.log_level!r}.")
+
+    @property
+    def writes(self) -> str:
+        """Who may write: "api-key" (requests with the key), "open" (anyone who can reach
+        the service, from its own pages or without a browser) or "closed"."""
+        if self.api_key is not None:
+            return "api-key"
+        return "open" if self.allow_open_writes else "closed"
 
     @property
     def search_threads(self) -> int:

@@ -47,7 +47,7 @@ from dpq.data.loading import BatchReader
 from dpq.devices import available_cores, gradient_scaler, resolve_device, resolve_precision
 from dpq.methods import method_for
 from dpq.methods.base import LossOutput, Phase, Step, StepOutput
-from dpq.model.backbones import load_backbone_weights
+from dpq.model.imagenet import load_backbone_weights
 from dpq.model.retrieval_network import RetrievalNetwork
 from dpq.progress import is_terminal, progress_bar
 from dpq.training import agreement, ddp, log_lines

@@ -8,6 +8,10 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from dpq.index.checks import check_k
+
+__all__ = ["Baseline", "check_k", "order_ties_by_id"]
+
 
 class Baseline(ABC):
     """A retrieval baseline with a fixed code length.
@@ -107,13 +111,6 @@ class Baseline(ABC):
                 f"{dim}; use features from the same extractor."
             )
         return array
-
-
-def check_k(k: Any) -> int:
-    """A positive integer k, or ValueError."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}.")
-    return int(k)
 
 
 def order_ties_by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

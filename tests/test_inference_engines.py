@@ -1,0 +1,244 @@
+"""dpq.inference.engines: every engine gives the torch path's features (within 1e-4) and
+codes (>= 99.9 % of items) for features through the identity backbone, a ResNet-9 on 32 px
+images and the CIFAR-10 recipe's flip-averaged class posteriors; threads and batch size are
+set; an on-demand reader streams; the export cache is written once and renewed when the
+checkpoint changes; a missing engine package, a stale export and bad settings are one
+sentence. Engines whose package is absent are skipped with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ENCODER_MODELS, encoder_inputs, make_image_folder
+from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
+from dpq.inference.engines import (
+    CACHE_FOLDER,
+    ENGINES,
+    FeatureEngine,
+    TorchEngine,
+    cached_export_path,
+    open_engine,
+)
+from dpq.inference.export import read_export, record_path
+from dpq.methods import load_network, method_for
+from dpq.model.network import DPQModel
+
+
+def _needs(engine: str) -> None:
+    if engine != "torch" and importlib.util.find_spec(engine) is None:
+        pytest.skip(
+            f"the {engine} engine's package is not installed (pip install 'dpq[inference]')"
+        )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ENCODER_MODELS)
+def test_engine_features_and_codes_equal_torchs(
+    exported_encoders, encoder_references, name, engine
+):
+    _needs(engine)
+    model_dir, onnx_path = exported_encoders[name]
+    network = load_network(model_dir)
+    inputs, expected = encoder_references[name]
+    opened = open_engine(
+        model_dir,
+        engine,
+        onnx_path=None if engine == "torch" else onnx_path,
+        threads=2,
+        batch_size=128,
+    )
+    assert isinstance(opened, FeatureEngine) and opened.name == engine
+    assert opened.feature_dim == expected.shape[1]
+    got = opened.features(inputs)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    method = method_for(network.config)
+    codes, expected_codes = method.encode(network, got), method.encode(network, expected)
+    agreement = (codes == expected_codes).all(axis=1).mean()
+    assert agreement >= 0.999, f"{engine} codes agree for {agreement:.4f} of {name}'s items"
+    opened.close()
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_threads_and_batch_size_are_the_engines(exported_encoders, engine):
+    _needs(engine)
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    opened = open_engine(model_dir, engine, onnx_path=onnx_path, threads=1, batch_size=32)
+    assert (opened.threads, opened.batch_size) == (1, 32)
+    if engine == "onnxruntime":
+        assert opened.session.get_session_options().intra_op_num_threads == 1
+    else:
+        assert int(opened.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    inputs = encoder_inputs("resnet9", 70)
+    starts = [start for start, _ in opened.iter_features(inputs)]
+    assert starts == [0, 32, 64]
+    np.testing.assert_allclose(
+        opened.features(inputs), load_network(model_dir).extract_features(inputs), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_on_demand_reader_streams_through_the_engine(exported_encoders, tmp_path, engine):
+    _needs(engine)
+    from dpq.data import load_source
+
+    made = make_image_folder(tmp_path / "images", {"a": 5, "b": 4}, size=32)
+    reader = load_source(tmp_path / "images", image_size=32, in_memory=False).inputs
+    images = np.stack([image for name in sorted(made) for image in made[name]])
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    opened = open_engine(
+        model_dir, engine, onnx_path=None if engine == "torch" else onnx_path, batch_size=4
+    )
+    streamed = list(opened.iter_features(reader, workers=0))
+    assert [start for start, _ in streamed] == [0, 4, 8]
+    np.testing.assert_allclose(
+        np.concatenate([features for _, features in streamed]),
+        load_network(model_dir).extract_features(images),
+        atol=1e-4,
+    )
+
+
+def test_the_torch_engine_is_the_models_own_path(exported_encoders):
+    model_dir, _ = exported_encoders["recipe"]
+    opened = open_engine(model_dir, "torch", batch_size=50, tta_flip=False)
+    assert isinstance(opened, TorchEngine)
+    images = encoder_inputs("recipe", 60)
+    expected = load_network(model_dir).extract_features(images, tta_flip=False)
+    np.testing.assert_array_equal(opened.features(images), expected)
+    assert [start for start, _ in opened.iter_features(images)] == [0, 50]
+
+
+def _small_model(path, bias: float = 0.0):
+    torch.manual_seed(0)
+    config = DPQConfig(
+        model=ModelConfig(backbone="identity", backbone_kwargs={"in_features": 12}),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=4, dim=6),
+    )
+    network = DPQModel(config).eval()
+    with torch.no_grad():
+        network.semantic_head.bias.add_(bias)
+    return network.save_checkpoint(path)
+
+
+def test_the_export_cache_is_written_once_and_renewed_for_a_new_checkpoint(tmp_path):
+    _needs("onnxruntime")
+    model_dir = _small_model(tmp_path / "model")
+    inputs = encoder_inputs("identity", 30)
+    first = open_engine(model_dir, "onnxruntime")
+    cached = cached_export_path(model_dir, None, None)
+    assert first.onnx_path == cached and cached.parent == model_dir / CACHE_FOLDER
+    written = read_export(cached)
+    again = open_engine(model_dir, "onnxruntime")  # reused, not exported again
+    assert cached.stat().st_mtime_ns == again.onnx_path.stat().st_mtime_ns
+    assert read_export(cached) == written
+    _small_model(model_dir, bias=0.5)  # the checkpoint changes: the cache is stale
+    renewed = open_engine(model_dir, "onnxruntime")
+    assert read_export(cached).weights_sha256 != written.weights_sha256
+    np.testing.assert_allclose(
+        renewed.features(inputs), load_network(model_dir).extract_features(inputs), atol=1e-5
+    )
+    assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_int8_is_calibrated_once_cached_and_recalibrated_on_other_inputs(tmp_path):
+    _needs("onnxruntime")
+    model_dir = _small_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="int8 needs calibration inputs"):
+        open_engine(model_dir, "onnxruntime", precision="int8")
+    calibration = encoder_inputs("identity", 200, seed=1)
+    first = open_engine(model_dir, "onnxruntime", precision="int8", calibration=calibration)
+    assert first.onnx_path == cached_export_path(model_dir, None, None, "int8")
+    record = read_export(first.onnx_path)
+    assert record.precision == "int8"
+    for again in (None, calibration):  # the cached file is reused
+        opened = open_engine(model_dir, "onnxruntime", precision="int8", calibration=again)
+        assert read_export(opened.onnx_path) == record
+    other = open_engine(
+        model_dir, "onnxruntime", precision="int8", calibration=calibration[:100] * 2
+    )
+    assert read_export(other.onnx_path).calibration_sha256 != record.calibration_sha256
+    with pytest.raises(ValueError, match="holds the int8 encoder, not the fp32 one"):
+        open_engine(model_dir, "onnxruntime", onnx_path=first.onnx_path)
+    inputs = encoder_inputs("identity", 50)
+    exact = load_network(model_dir).extract_features(inputs)
+    assert np.abs(other.features(inputs) - exact).max() < 0.1 * np.abs(exact).max()
+
+
+def test_a_stale_onnx_file_is_refused(exported_encoders, tmp_path):
+    _needs("onnxruntime")
+    model_dir, onnx_path = exported_encoders["identity"]
+    other = _small_model(tmp_path / "other")
+    with pytest.raises(ValueError, match="is stale"):
+        open_engine(other, "onnxruntime", onnx_path=onnx_path)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_a_missing_engine_package_names_the_extra(tmp_path, monkeypatch, engine):
+    model_dir = _small_model(tmp_path / "model")
+    monkeypatch.setitem(sys.modules, engine, None)  # what `import engine` meets when absent
+    with pytest.raises(
+        ValueError, match=rf"needs the {engine} package: pip install 'dpq\[inference\]'"
+    ):
+        open_engine(model_dir, engine)
+    assert not (model_dir / CACHE_FOLDER).exists()  # refused before any export
+
+
+def test_bad_settings_are_one_sentence(exported_encoders):
+    model_dir, onnx_path = exported_encoders["identity"]
+    with pytest.raises(ValueError, match="unknown engine 'tensorrt'; choose one of torch"):
+        open_engine(model_dir, "tensorrt")
+    with pytest.raises(ValueError, match="openvino engine runs precision fp32, not 'int8'"):
+        open_engine(model_dir, "openvino", precision="int8")
+    with pytest.raises(ValueError, match="torch engine runs precision fp32 or bf16 or fp16"):
+        open_engine(model_dir, "torch", precision="int8")
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        open_engine(model_dir, "torch", threads=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        open_engine(model_dir, "torch", batch_size=0)
+    with pytest.raises(ValueError, match="onnx_path is for the onnxruntime and openvino"):
+        open_engine(model_dir, "torch", onnx_path=onnx_path)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        open_engine(model_dir, "onnxruntime", device="cuda")
+
+
+def test_inputs_of_another_shape_are_refused(exported_encoders):
+    _needs("onnxruntime")
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    opened = open_engine(model_dir, "onnxruntime", onnx_path=onnx_path)
+    with pytest.raises(ValueError, match="decode the images at 32x32"):
+        opened.features(np.zeros((2, 48, 48, 3), np.uint8))
+
+
+def test_openvino_refuses_an_antialiased_shrink(tmp_path):
+    _needs("openvino")
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    torch.manual_seed(0)
+    config = DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, image_size=16),
+        quantizer=QuantizerConfig(num_levels=2, codebook_size=4, dim=8),
+    )
+    model_dir = DPQModel(config).eval().save_checkpoint(tmp_path / "model")
+    with pytest.raises(ValueError, match="shrinks the images inside the graph"):
+        open_engine(model_dir, "openvino", image_size=32)
+    opened = open_engine(model_dir, "openvino")  # at the model's own size: no resize
+    images = encoder_inputs("resnet9", 10)[:, :16, :16]
+    np.testing.assert_allclose(
+        opened.features(images), load_network(model_dir).extract_features(images), atol=1e-4
+    )
+    assert record_path(opened.onnx_path).is_file()
+
+
+def test_a_copied_checkpoint_keeps_its_cache_valid(exported_encoders, tmp_path):
+    _needs("onnxruntime")
+    model_dir, _ = exported_encoders["identity"]
+    first = open_engine(model_dir, "onnxruntime", image_size=32)
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    moved = open_engine(copy, "onnxruntime", image_size=32)
+    assert read_export(moved.onnx_path) == read_export(first.onnx_path)
