@@ -6,7 +6,7 @@
 #   benchmarks/cifar10_ablations.sh full end-to-end E E+LS &
 #   benchmarks/cifar10_ablations.sh E+LC two-step no-soft &
 #
-# Rows are appended to results/cifar10_table1.json (+ .md); logs go to runs/abl-NAME.log.
+# Rows are appended to results/cifar10_ablations.json (+ .md); logs go to runs/abl-NAME.log.
 # Environment: DATA (CIFAR-10 source), MINUTES (budget per run, default 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ recipe=runs/ablation-recipe.json
 from dpq.recipes import cifar10_recipe
 open('$recipe', 'w').write(cifar10_recipe().replace(model={'tta_flip': False}).to_json())"
 for name in "$@"; do
-  OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 "$PYTHON" benchmarks/cifar10_table1.py \
+  OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 "$PYTHON" benchmarks/cifar10_ablations.py \
     --config "$name" --minutes "$MINUTES" --threads 1 --recipe "$recipe" \
     --data "$DATA" --quiet > "runs/abl-$name.log" 2>&1
 done

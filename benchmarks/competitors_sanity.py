@@ -1,7 +1,7 @@
 """A quick sanity run of the paper's competitors (and DPQ's other methods) on real images: each
 method trained a few epochs with the ``cifar10`` recipe's backbone and settings on a small
 per-class CIFAR-10 split, its codes indexed and searched by its own distance, mAP printed
-beside a random ranking's. Minutes, not the table (that is ``cifar10_table1.py``).
+beside a random ranking's. Minutes, not the table (that is ``cifar10_ablations.py``).
 
     nice -n 10 python benchmarks/competitors_sanity.py \\
         --data ../shared/data/cifar10/cifar10-jpeg.zip --methods dvsq,dqn,dsh,dhn,hashnet,csq \\
