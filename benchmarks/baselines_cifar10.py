@@ -29,6 +29,7 @@ import numpy as np
 
 from dpq.atomic import write_json_atomic
 from dpq.evaluate.baselines import BASELINES
+from dpq.evaluate.feature_set import FEATURE_FILES, FeatureSet
 from dpq.evaluate.report import (
     format_map_table,
     margin_summary,
@@ -37,15 +38,9 @@ from dpq.evaluate.report import (
     timing_table,
     write_report,
 )
-from dpq.evaluate.retrieval import (
-    FEATURE_FILES,
-    Evaluation,
-    FeatureSet,
-    baseline_methods,
-    dpq_methods,
-    evaluate_methods,
-    float_method,
-)
+from dpq.evaluate.results import Evaluation
+from dpq.evaluate.retrieval import evaluate_methods
+from dpq.evaluate.rows import baseline_methods, dpq_methods, float_method
 from dpq.index import DPQIndex
 
 

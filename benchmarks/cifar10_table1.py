@@ -2,7 +2,7 @@
 
 Each invocation trains and evaluates the named configurations (``--config``: one, a comma
 list, or ``all`` of the Table 2 ablations) for each split seed (``--seeds 0,1,2``) and each
-feature (``--features semantic,class_posterior``), with ``dpq.training.experiments.reproduce_cifar10``
+feature (``--features semantic,class_posterior``), with ``dpq.training.reproduce.reproduce_cifar10``
 (the code of ``dpq reproduce cifar10``), the baselines (``--baselines rq,pq,opq,lsq``) fitted
 on the same 5,000 training features, and exact float search. Every run appends one row to a
 JSON results file; the markdown tables beside it are rewritten from all rows: per
@@ -38,7 +38,8 @@ from dpq.atomic import write_json_atomic, write_text_atomic
 from dpq.config import PRECISIONS
 from dpq.evaluate.report import format_mean_std
 from dpq.recipes import ABLATIONS, load_recipe
-from dpq.training.experiments import reproduce_cifar10
+from dpq.training.experiments import RunSettings
+from dpq.training.reproduce import ReproduceSettings, reproduce_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROW = {"8": 0.814, "16": 0.833, "24": 0.834, "32": 0.831}
@@ -323,20 +324,23 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 arithmetic = f"-{args.precision}" if args.precision else ""
                 run_dir = Path(args.runs) / f"{name}-{feature}-{budget}{arithmetic}-seed{seed}"
-                result = reproduce_cifar10(
-                    run_dir,
+                protocol = ReproduceSettings(
                     data=args.data,
                     ablation=name,
                     base_config=base,
                     minutes=args.minutes,
                     epochs=args.epochs,
-                    word_vectors=args.word_vectors,
-                    progress=not args.quiet,
-                    command=command,
                     baselines=[b for b in args.baselines.split(",") if b],
                     split_seed=seed,
-                    resume=args.resume and (run_dir / "checkpoints").is_dir(),
+                    command=command,
                 )
+                run = RunSettings(
+                    run_dir,
+                    word_vectors=args.word_vectors,
+                    resume=args.resume and (run_dir / "checkpoints").is_dir(),
+                    progress=not args.quiet,
+                )
+                result = reproduce_cifar10(protocol, run)
                 row = _row(result, name, feature, args.minutes, args.recipe)
                 # read just before writing: another run may have appended meanwhile
                 rows = json.loads(results_path.read_text()) if results_path.is_file() else []

@@ -322,6 +322,59 @@ def no_network(monkeypatch):
     return NetworkCallAttempted
 
 
+# --------------------------------------------------------------------------- retrieval methods
+
+
+def method_config(name: str, bits: int = 16, options: dict | None = None, **train):
+    """A feature_config() for a method trained per code length, on feature_data(classes=4):
+    8 epochs of batches of 40."""
+    settings = {"epochs": 8, "batch_size": 40, "lr": 0.05, **train}
+    return feature_config(**settings).replace(
+        model={"num_classes": 4},
+        method={"name": name, "bits": bits, "options": options or {}},
+    )
+
+
+class TrainedMethod:
+    """A method trained by the loop on 400 Gaussian-blob items of 4 classes, its saved model
+    loaded back, its codes in an index of items 40.. searched with queries 0..39.
+
+    Attributes: result (TrainResult), network (loaded from the run), method, data, features
+    (float32 (400, D) of the loaded network), codes, index, ranked (int64 (40, 360)),
+    score (mAP of the ranking), chance (a random ranking's expected mAP), loss_totals (the
+    mean total loss of each epoch).
+    """
+
+    def __init__(self, config, tmp_path: Path, word_vectors=None) -> None:
+        from dpq.evaluate.metrics import map_at_r, relevant_share
+        from dpq.methods import load_network, method_for
+        from dpq.training.loop import train_model
+
+        self.data = feature_data(n=400, classes=4, seed=3)
+        self.result = train_model(config, self.data, word_vectors, tmp_path / "run", **QUIET)
+        self.loss_totals = [record["total"] for record in self.result.history]
+        self.network = load_network(tmp_path / "run" / "model")
+        self.method = method_for(self.network.config)
+        self.features = self.network.extract_features(self.data.images)
+        np.testing.assert_array_equal(
+            self.features, self.result.model.extract_features(self.data.images)
+        )
+        self.codes = self.method.encode(self.network, self.features)
+        self.index = self.method.new_index(self.network, metadata={"method": config.method.name})
+        self.index.add(self.codes[40:], labels=self.data.labels[40:])
+        _, self.ranked = self.method.search(self.index, self.features[:40], k=360)
+        queries, database = self.data.labels[:40], self.data.labels[40:]
+        self.score = map_at_r(self.ranked, queries, database)
+        self.chance = float(relevant_share(queries, database).mean())
+
+    def search_after_reload(self, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The same search on the index saved to ``tmp_path`` and loaded back."""
+        path = self.index.save(tmp_path / "codes.npz")
+        loaded = self.method.load_index(path)
+        assert loaded.ntotal == 360
+        return self.method.search(loaded, self.features[:40], k=360)
+
+
 # --------------------------------------------------------------------------- exported encoders
 
 ENCODER_MODELS = ("identity", "resnet9", "recipe")

@@ -1,12 +1,12 @@
 """dpq.index.binary.BinaryIndex: Hamming search against a numpy reference with many ties
 (equal distances by ascending id), missing results, ids and labels, the checksummed file
-round trip, and its errors."""
+round trip, labels by id, sign codes, and its errors."""
 
 import numpy as np
 import pytest
 
 from dpq.index import DPQIndex, IndexFileError
-from dpq.index.binary import MISSING_DISTANCE, BinaryIndex
+from dpq.index.binary import MISSING_DISTANCE, BinaryIndex, sign_codes
 
 
 def _reference(queries, codes, ids, k):
@@ -95,3 +95,27 @@ def test_bad_input_is_named():
         index.search(np.zeros((1, 2), np.uint8), 0)
     with pytest.raises(ValueError, match="query codes must be uint8"):
         index.search(np.zeros((1, 3), np.uint8), 1)
+
+
+def test_labels_are_looked_up_by_id_with_missing_ids_marked():
+    index = BinaryIndex(8)
+    index.add(np.zeros((3, 1), np.uint8), ids=[30, 10, 20], labels=[3, 1, 2])
+    looked_up = index.labels_of(np.array([[10, -1], [30, 99]]))
+    assert looked_up.dtype == np.int64
+    np.testing.assert_array_equal(looked_up, [[1, -1], [3, -1]])
+    multi = BinaryIndex(8)
+    hot = np.array([[1, 0, 1], [0, 1, 0]], np.uint8)
+    multi.add(np.zeros((2, 1), np.uint8), labels=hot)
+    np.testing.assert_array_equal(multi.labels_of([1, 7, 0]), [hot[1], [0, 0, 0], hot[0]])
+    with pytest.raises(ValueError, match="this index has no labels"):
+        BinaryIndex(8).labels_of([0])
+
+
+def test_sign_codes_pack_the_positive_features():
+    features = np.array([[0.5, -0.1, 0.0, 2.0, -3.0, 0.1, 0.2, -0.2]], np.float32)
+    np.testing.assert_array_equal(sign_codes(features), [[0b10010110]])
+    np.testing.assert_array_equal(np.unpackbits(sign_codes(features), axis=1), features > 0)
+    with pytest.raises(ValueError, match=r"float \(N, bits\) with bits a multiple of 8"):
+        sign_codes(features[:, :6])
+    with pytest.raises(ValueError, match=r"float \(N, bits\)"):
+        sign_codes(np.zeros((1, 8), np.uint8))

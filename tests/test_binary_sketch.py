@@ -105,5 +105,6 @@ def test_its_settings_are_checked():
         SignHashMethod(_config(mixup_alpha=0.2))
     method = SignHashMethod(_config().replace(method={"options": {"alpha": 0.5}}))
     assert (method.margin, method.alpha, method.code_lengths()) == (32.0, 0.5, (16,))
+    assert not method.uses_word_vectors
     with pytest.raises(ValueError, match="16-bit codes only; got bits=32"):
         method.encode(None, np.zeros((2, 16), np.float32), bits=32)

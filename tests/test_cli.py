@@ -500,3 +500,83 @@ def test_encode_partitioned_append_merge_info_and_nprobe_search(tmp_path, capsys
     other = ["encode", "--codebooks", str(tmp_path / "other.npy"), "--features",
              str(tmp_path / "b.npy"), "--out", str(out), "--append", "--quiet"]  # fmt: skip
     assert main(other) == 2 and "codebooks differ" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- another method
+
+
+def test_a_sign_model_trains_encodes_searches_and_evaluates_on_digits(tmp_path, capsys):
+    """`--method sign --bits 16` through train -> encode -> index info -> search -> evaluate:
+    no word vectors asked for, a binary index file, Hamming search through the model's
+    method or by the signs of saved query features, mAP from the model and from saved
+    features the same."""
+    from dpq.index.binary import BinaryIndex
+    from dpq.methods import load_network, method_for
+
+    run, index_path = tmp_path / "run", tmp_path / "sign.npz"
+    assert main([
+        "train", "digits", "--backbone", "small_cnn", "--width", "0.25", "--split", "per-class",
+        "--train-per-class", "26", "--query-per-class", "5", "--epochs", "3", "--batch-size",
+        "64", "--method", "sign", "--bits", "16", "--method-option", "margin=24", "--out",
+        str(run), "--quiet",
+    ]) == 0  # fmt: skip
+    network = load_network(run / "model")
+    assert network.config.method.options == {"margin": 24}
+    method, split = method_for(network.config), Split.load(run / "split.json")
+    source = load_source("digits")
+    database = len(split.database)
+    np.save(tmp_path / "ids.npy", np.arange(database))
+    capsys.readouterr()
+    assert main([
+        "encode", "--model", str(run / "model"), "--images", "digits", "--split",
+        str(run / "split.json"), "--ids", str(tmp_path / "ids.npy"), "--out", str(index_path),
+        "--quiet",
+    ]) == 0  # fmt: skip
+    assert f"{database:,} items, 16-bit binary codes, search Hamming" in capsys.readouterr().out
+    index = BinaryIndex.load(index_path)
+    features = {
+        name: network.extract_features(source.inputs[getattr(split, name)])
+        for name in ("query", "database")
+    }
+    np.testing.assert_array_equal(index.codes, method.encode(network, features["database"]))
+    assert main(["index", "info", str(index_path)]) == 0
+    assert "binary codes of 16 bits; 2 bytes per item" in capsys.readouterr().out
+
+    search = ["search", "--index", str(index_path), "--k", "5"]
+    with_model = [*search, "--model", str(run / "model"), "--images", "digits", "--split",
+                  str(run / "split.json")]  # fmt: skip
+    assert main(with_model) == 0
+    found = json.loads(capsys.readouterr().out)["results"]
+    expected = method.search(index, features["query"], 5)[1]
+    assert [row["ids"] for row in found] == expected.tolist()
+    assert found[0]["labels"] == source.labels[split.database][expected[0]].tolist()
+    np.save(tmp_path / "query_features.npy", features["query"])
+    assert main([*search, "--features", str(tmp_path / "query_features.npy")]) == 0
+    by_signs = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["ids"], r["distances"]) for r in by_signs] == [
+        (r["ids"], r["distances"]) for r in found
+    ]
+    assert len({tuple(row["ids"]) for row in found}) > 3  # the codes tell queries apart
+    assert main([*with_model, "--num-levels", "1"]) == 2
+    assert "num_levels apply to a DPQ index" in capsys.readouterr().err
+
+    results = tmp_path / "evaluation.json"
+    assert main(["evaluate", "--model", str(run / "model"), "--images", "digits", "--split",
+                 str(run / "split.json"), "--out", str(results), "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "16 bit" in printed and " 8 bit" not in printed and "query accuracy" not in printed
+    from_model = json.loads(results.read_text())
+    assert from_model["method"] == "sign" and set(from_model["map"]) == {"16"}
+    np.save(tmp_path / "query_labels.npy", source.labels[split.query])
+    np.save(tmp_path / "db_labels.npy", source.labels[split.database])
+    saved = tmp_path / "saved.json"
+    assert main([
+        "evaluate", "--query-features", str(tmp_path / "query_features.npy"), "--query-labels",
+        str(tmp_path / "query_labels.npy"), "--db-labels", str(tmp_path / "db_labels.npy"),
+        "--index", str(index_path), "--method", "sign", "--out", str(saved), "--quiet",
+    ]) == 0  # fmt: skip
+    from_files = json.loads(saved.read_text())["map"]["sign"]
+    assert from_files == {"16": pytest.approx(from_model["map"]["16"], abs=1e-12)}
+    assert main(["index", "merge", str(index_path), str(index_path), "--out",
+                 str(tmp_path / "m.npz")]) == 2  # fmt: skip
+    assert "holds binary codes" in capsys.readouterr().err

@@ -34,6 +34,7 @@ def test_parse_methods_and_bits():
     assert parse_methods("pq, itq,pq") == ["pq", "itq"]
     assert parse_methods(None) == []
     assert parse_bits("8,16") == [8, 16]
+    assert parse_methods("sign,pq,dpq") == ["sign", "pq", "dpq"]  # registered methods too
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("pq,sh")
     with pytest.raises(ValueError, match="integers"):

@@ -65,3 +65,41 @@ def test_another_backbone_starts_from_its_own_defaults():
     assert recipe_from_args(same, default="cifar10").model.backbone_kwargs == (
         base.model.backbone_kwargs
     )
+
+
+def test_the_method_flags_name_the_method_its_bits_and_options():
+    config = recipe_from_args(
+        _train("--method", "sign", "--bits", "16", "--method-option", "margin=24",
+               "--method-option", "alpha=0.5", "--method-option", "note=text")
+    )  # fmt: skip
+    assert (config.method.name, config.method.bits) == ("sign", 16)
+    assert config.method.options == {"margin": 24, "alpha": 0.5, "note": "text"}
+    assert recipe_from_args(_train()).method == load_recipe("default").method  # dpq, no bits
+    reproduce = build_parser().parse_args(
+        ["reproduce", "cifar10", "--out", "r", "--method", "sign", "--bits", "32"]
+    )
+    config = recipe_from_args(reproduce, default="cifar10")
+    assert config.method.name == "sign" and config.model == load_recipe("cifar10").model
+    with pytest.raises(ValueError, match="--method-option takes KEY=VALUE"):
+        recipe_from_args(_train("--method-option", "margin"))
+
+
+def test_another_method_starts_without_the_recipes_bits_and_options(tmp_path):
+    sign = DPQConfig().replace(method={"name": "sign", "bits": 16, "options": {"margin": 3}})
+    (tmp_path / "sign.json").write_text(sign.to_json())
+    back = recipe_from_args(_train("--config", str(tmp_path / "sign.json"), "--method", "dpq"))
+    assert (back.method.name, back.method.bits, back.method.options) == ("dpq", None, {})
+    more = recipe_from_args(
+        _train("--config", str(tmp_path / "sign.json"), "--method-option", "alpha=0.1")
+    )
+    assert more.method.options == {"margin": 3, "alpha": 0.1} and more.method.bits == 16
+
+
+def test_the_help_lists_the_registered_methods(capsys, monkeypatch):
+    from dpq.methods import available_methods
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the retrieval method: {', '.join(available_methods())}." in text

@@ -439,7 +439,8 @@ def _reproduce_rank(rank: int, port: int, out: str, data: str, word_vectors: str
     os.environ.update(torchrun_environment(rank, 2, port))
     os.environ["DPQ_CACHE_DIR"] = str(Path(out) / f"cache{rank}")
     from dpq.config import DPQConfig, ModelConfig, QuantizerConfig, TrainConfig
-    from dpq.training.experiments import reproduce_cifar10
+    from dpq.training.experiments import RunSettings
+    from dpq.training.reproduce import ReproduceSettings, reproduce_cifar10
 
     recipe = DPQConfig(
         model=ModelConfig(backbone_kwargs={"width": 0.125}),
@@ -447,15 +448,12 @@ def _reproduce_rank(rank: int, port: int, out: str, data: str, word_vectors: str
         train=TrainConfig(batch_size=10),
     )
     result = reproduce_cifar10(
-        Path(out) / "run",
-        data=data,
-        base_config=recipe,
-        epochs=1,
-        word_vectors=word_vectors,
-        train_per_class=2,
-        query_per_class=1,
-        progress=False,
-        log=lambda message: None,
+        ReproduceSettings(
+            data=data, base_config=recipe, epochs=1, train_per_class=2, query_per_class=1
+        ),
+        RunSettings(
+            Path(out) / "run", word_vectors=word_vectors, progress=False, log=lambda message: None
+        ),
     )
     summary = None if result is None else result.evaluation.map_by_bits
     Path(out, f"rank{rank}.json").write_text(json.dumps({"map": summary}))

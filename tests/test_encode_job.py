@@ -1,5 +1,5 @@
 """dpq.encode.job.encode_collection: the one encode path, here in this process (new files
-and appends, with a model or with codebooks); the Ray runner's path is
+and appends, with a model of any method or with codebooks); the Ray runner's path is
 tests/test_ray_encode.py."""
 
 from dataclasses import replace
@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import make_image_folder
+from conftest import make_image_folder, small_config
 from dpq.data import SourceSpec, load_source
 from dpq.encode.build import build_index
 from dpq.encode.job import EncodeSettings, encode_collection
 from dpq.index import DPQIndex
+from dpq.index.binary import BinaryIndex
+from dpq.methods import load_network, method_for
 from dpq.model.network import DPQModel
 
 
@@ -160,3 +163,33 @@ def test_settings_that_do_not_go_together_are_refused(small_model_dir, tmp_path)
     assert not out.exists()
     with pytest.raises(ValueError, match="--actors must be a positive integer"):
         RayRunner(actors=0)
+
+
+def test_a_hashing_model_writes_and_grows_a_binary_index(folder, tmp_path):
+    """A "sign" checkpoint: its method's sign codes in a binary index file, appended to with
+    the ids going on; the DPQ index's settings are refused for it."""
+    torch.manual_seed(0)
+    config = small_config().replace(method={"name": "sign", "bits": 16})
+    method_for(config).build_network().save_checkpoint(tmp_path / "model")
+    out = tmp_path / "codes.npz"
+    settings = EncodeSettings(out, SourceSpec(images=folder), model=tmp_path / "model")
+    result = encode_collection(settings)
+    network = load_network(tmp_path / "model")
+    source = load_source(folder, progress=False)
+    expected = method_for(network.config).encode(network, network.extract_features(source.inputs))
+    written = BinaryIndex.load(out)
+    np.testing.assert_array_equal(written.codes, expected)
+    np.testing.assert_array_equal(written.labels, source.labels)
+    assert written.metadata["model"] == str(tmp_path / "model")
+    assert result.summary().startswith(f"wrote {out}: 7 items, 16-bit binary codes")
+    grown = encode_collection(replace(settings, append=True))
+    assert grown.appended and grown.total == 14
+    np.testing.assert_array_equal(grown.ids, np.arange(7, 14))
+    np.testing.assert_array_equal(BinaryIndex.load(out).codes, np.concatenate([expected] * 2))
+    with pytest.raises(ValueError, match="apply to a DPQ index"):
+        encode_collection(replace(settings, out=tmp_path / "x.npz", partition_levels=1))
+    np.save(tmp_path / "features.npy", np.zeros((2, 16), np.float32))
+    features = SourceSpec(features=tmp_path / "features.npy")
+    dpq = EncodeSettings(out, features, codebooks=np.ones((2, 4, 16), np.float32), append=True)
+    with pytest.raises(ValueError, match="holds binary codes"):
+        encode_collection(dpq)

@@ -1,5 +1,6 @@
 """dpq.evaluate.workflows: the evaluations of `dpq evaluate` equal the same evaluation put
-together by hand from dpq.evaluate.retrieval, on saved features and on a model's split."""
+together by hand from dpq.evaluate.retrieval, on saved features (with a DPQ or a binary
+index) and on a model's split (DPQ, or another method)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import torch
 
 from conftest import digits_config
 from dpq.data import load_source, split_per_class
-from dpq.evaluate.retrieval import (
-    FEATURE_FILES,
-    FeatureSet,
-    baseline_methods,
-    dpq_methods,
-    evaluate_methods,
-    evaluate_retrieval,
-    float_method,
-)
+from dpq.evaluate.feature_set import FEATURE_FILES, FeatureSet
+from dpq.evaluate.metrics import map_at_r
+from dpq.evaluate.retrieval import evaluate_methods, evaluate_retrieval
+from dpq.evaluate.rows import baseline_methods, dpq_methods, float_method
 from dpq.evaluate.workflows import evaluate_checkpoint, evaluate_feature_files, evaluate_split
 from dpq.index import DPQIndex
+from dpq.index.binary import BinaryIndex, sign_codes
+from dpq.methods import method_for
 from dpq.model.network import DPQModel
 
 
@@ -118,3 +116,37 @@ def test_a_checkpoint_evaluation_loads_model_split_and_source(digits_model):
         evaluate_checkpoint(digits_model / "model", "digits", digits_model / "absent.json",
                             device="cpu", progress=False)  # fmt: skip
     assert np.isfinite(evaluation.float_map)
+
+
+def test_a_binary_index_file_is_evaluated_by_the_signs_of_the_query_features(feature_dir, tmp_path):
+    """The rows of a binary index, named as asked ("sign"), at its one length among --bits;
+    the baselines at every length; the mAP that of a Hamming ranking of the sign bits."""
+    features = FeatureSet.from_directory(feature_dir)
+    index = BinaryIndex(16)
+    index.add(sign_codes(features.db_features))
+    path = index.save(tmp_path / "sign.npz")
+    evaluation = evaluate_feature_files(
+        _files(feature_dir), ["sign", "lsh"], bits=[8, 16], index=path, progress=False
+    )
+    assert [(r.method, r.bits) for r in evaluation.results] == [
+        ("sign", 16), ("lsh", 8), ("lsh", 16)
+    ]  # fmt: skip
+    query, database = features.query_features > 0, features.db_features > 0
+    ranking = np.argsort((query[:, None] != database[None]).sum(2), axis=1, kind="stable")
+    expected = map_at_r(ranking, features.query_labels, features.db_labels)
+    assert evaluation.map_table()["sign"][16] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="holds 16-bit codes; ask for --bits 16"):
+        evaluate_feature_files(_files(feature_dir), ["sign"], [8], index=path, progress=False)
+
+
+def test_a_sign_checkpoint_is_evaluated_at_its_length(tmp_path):
+    torch.manual_seed(0)
+    config = digits_config().replace(method={"name": "sign", "bits": 8})
+    method_for(config).build_network().save_checkpoint(tmp_path / "model")
+    split = split_per_class(load_source("digits").labels, 5, 3, seed=1)
+    split.save(tmp_path / "split.json")
+    evaluation = evaluate_checkpoint(
+        tmp_path / "model", "digits", tmp_path / "split.json", device="cpu", progress=False
+    )
+    assert list(evaluation.map_by_bits) == [8] and evaluation.method == "sign"
+    assert evaluation.details.results[0].pr is not None  # curves at its one length

@@ -1,5 +1,6 @@
 """dpq.evaluate.retrieval: every method a searcher scored the same way, against direct computation;
-features checked; the class-probability diagnostic."""
+a trained model of another method than DPQ evaluated by its own codes and distance; the
+class-probability diagnostic."""
 
 from __future__ import annotations
 
@@ -7,20 +8,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from conftest import feature_config, feature_data
 from dpq.evaluate import retrieval as evaluation_module
 from dpq.evaluate.baselines import make_baseline
+from dpq.evaluate.feature_set import FeatureSet
 from dpq.evaluate.metrics import map_at_r, pr_curve, precision_at
-from dpq.evaluate.retrieval import (
-    ExactSearcher,
-    FeatureSet,
-    baseline_methods,
-    class_probability_map,
-    dpq_methods,
-    evaluate_methods,
-    float_method,
-)
+from dpq.evaluate.retrieval import class_probability_map, evaluate_methods, evaluate_retrieval
+from dpq.evaluate.rows import baseline_methods, dpq_methods, float_method
 from dpq.index import DPQIndex
+from dpq.methods import method_for
 
 
 def test_evaluate_methods_matches_direct_computation(feature_dir, monkeypatch):
@@ -115,43 +113,6 @@ def test_evaluate_r_clamped_and_fit_on_database_noted(feature_dir):
     assert any("fitted on the database" in note for note in result.notes)
 
 
-def test_dpq_rows_are_checked_against_the_index(feature_dir):
-    index = DPQIndex.load(feature_dir / "index.npz")
-    assert [m.bits for m in dpq_methods(index)] == [8, 16]
-    with pytest.raises(ValueError, match="not one of them"):
-        dpq_methods(index, [12])
-    with pytest.raises(ValueError, match="holds 870 items but there are 30"):
-        dpq_methods(index, [8], n_database=30)
-    with pytest.raises(ValueError, match="dimension 16 but the query features have 8"):
-        dpq_methods(index, [8], dim=8)
-
-
-def test_exact_searcher_orders_ties_by_id_and_pads_missing():
-    database = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
-    distances, ids = ExactSearcher(database, "l2").search(np.array([[1.0, 0.0]], np.float32), 4)
-    assert ids.tolist() == [[0, 2, 1, -1]] and np.isinf(distances[0, 3])
-    distances, ids = ExactSearcher(database, "ip").search(np.array([[1.0, 0.0]], np.float32), 2)
-    assert ids.tolist() == [[0, 2]] and distances.tolist() == [[-1.0, -1.0]]
-
-
-@pytest.mark.parametrize("part", ["query", "db", "train"])
-def test_non_finite_features_are_named_before_any_search(feature_dir, part):
-    arrays = {
-        name: np.load(feature_dir / f"{name}_features.npy") for name in ("query", "db", "train")
-    }
-    arrays[part] = arrays[part].copy()
-    arrays[part][3, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or inf in 1 row.*first: row 3"):
-        FeatureSet(
-            query_features=arrays["query"],
-            query_labels=np.load(feature_dir / "query_labels.npy"),
-            db_features=arrays["db"],
-            db_labels=np.load(feature_dir / "db_labels.npy"),
-            train_features=arrays["train"],
-            train_labels=np.load(feature_dir / "train_labels.npy"),
-        )
-
-
 def test_class_probability_map_equals_a_full_ranking_by_probability_distance():
     rng = np.random.default_rng(0)
     query_labels, database_labels = rng.integers(0, 4, 37), rng.integers(0, 4, 211)
@@ -176,3 +137,38 @@ def test_class_probability_map_equals_a_full_ranking_by_probability_distance():
         query_labels, database_labels, 211,
     )  # fmt: skip
     assert perfect == pytest.approx(1.0)
+
+
+def test_a_sign_model_is_evaluated_by_hamming_distance_between_its_codes():
+    """evaluate_retrieval on a model of the "sign" method: one row at its 16 bits, equal to
+    a ranking by Hamming distance between sign bits (ties by database order) scored with
+    map_at_r; curves at 16 bits; no classifier, so no accuracy."""
+    torch.manual_seed(0)
+    config = feature_config().replace(method={"name": "sign", "bits": 16})
+    network = method_for(config).build_network().eval()
+    data = feature_data(n=150, seed=4)
+    query, database = slice(0, 30), slice(30, 150)
+    evaluation = evaluate_retrieval(
+        network,
+        data.images[query],
+        data.labels[query],
+        data.images[database],
+        data.labels[database],
+        baselines=["lsh"],
+        train_inputs=data.images[database],
+        train_labels=data.labels[database],
+        curves=True,
+        progress=False,
+    )
+    bits = network.extract_features(data.images) > 0
+    hamming = (bits[query][:, None, :] != bits[database][None, :, :]).sum(2)
+    ranking = np.argsort(hamming, axis=1, kind="stable")
+    expected = map_at_r(ranking, data.labels[query], data.labels[database])
+    assert evaluation.map_by_bits == {16: pytest.approx(expected, abs=1e-12)}
+    assert (evaluation.method, evaluation.search) == ("sign", "Hamming distance")
+    assert evaluation.query_accuracy is None and evaluation.class_probability_map is None
+    details = evaluation.details
+    assert details.map_table().keys() == {"sign", "lsh"} and evaluation.float_map is not None
+    assert list(details.curves(16)[0]) == ["sign", "lsh"]
+    sign_row = next(r for r in details.results if r.method == "sign")
+    assert sign_row.settings["search"] == "Hamming distance (faiss IndexBinaryFlat)"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import feature_config, feature_data
+from conftest import feature_config, feature_data, orthogonal
 from dpq.config import DPQConfig
 from dpq.methods import (
     DPQMethod,
@@ -21,17 +21,23 @@ from dpq.methods.base import Phase, RetrievalMethod, Step
 
 CONFIGS = {
     "dpq": feature_config(),
-    "sign": feature_config().replace(method={"name": "sign", "bits": 16}),
+    **{
+        name: feature_config().replace(method={"name": name, "bits": 16})
+        for name in ("sign", "dvsq", "dqn", "dsh", "dhn", "hashnet", "csq")
+    },
 }
 """A small config per registered method (a new method adds its own here)."""
+WORD_VECTORS = orthogonal(3, 6)
+"""Label word vectors for the configs' 3 classes and D = 6 (methods without L_S ignore them)."""
 
 
 def test_the_registry_finds_methods_by_name_and_names_the_known_ones():
     assert available_methods() == sorted(CONFIGS)
     assert method_class("dpq") is DPQMethod
     assert isinstance(method_for(DPQConfig()), DPQMethod)  # a config without a method: DPQ
-    with pytest.raises(ValueError, match="unknown method 'dvsq'; known methods are dpq, sign"):
-        method_for(DPQConfig().replace(method={"name": "dvsq"}))
+    known = "csq, dhn, dpq, dqn, dsh, dvsq, hashnet, sign"
+    with pytest.raises(ValueError, match=f"unknown method 'nope'; known methods are {known}"):
+        method_for(DPQConfig().replace(method={"name": "nope"}))
     with pytest.raises(ValueError, match="not 'sign'"):
         method_class("sign")(DPQConfig())
     with pytest.raises(TypeError, match="must subclass RetrievalMethod"):
@@ -50,7 +56,7 @@ def test_every_method_trains_encodes_indexes_and_searches(name, tmp_path):
     assert isinstance(method, RetrievalMethod) and method.name == name
     torch.manual_seed(0)
     network = method.build_network()
-    loss = method.build_loss(None)
+    loss = method.build_loss(WORD_VECTORS).to(network.device)
     data = feature_data()
     x = network.prepare_inputs(torch.from_numpy(data.images[:16]))
     targets = torch.from_numpy(data.labels[:16])

@@ -93,6 +93,8 @@ def test_codebook_hooks_guards_and_settings():
     with pytest.raises(ValueError, match="takes no method.options"):
         DPQMethod(config.replace(method={"options": {"margin": 2}}))
     assert DPQMethod(config.replace(method={"bits": 6})).code_lengths() == (3, 6)
+    assert not method.uses_word_vectors  # the semantic loss is off in this config
+    assert DPQMethod(config.replace(loss={"use_semantic": True})).uses_word_vectors
 
 
 def test_codes_index_and_search_at_every_prefix():

@@ -21,7 +21,7 @@ from dpq.evaluate.report import (
     timing_table,
     write_report,
 )
-from dpq.evaluate.retrieval import RetrievalEvaluation
+from dpq.evaluate.results import RetrievalEvaluation
 
 MAP_TABLE = {"dpq": {8: 0.81, 32: 0.83}, "pq": {8: 0.52, 16: 0.60, 32: 0.85}}
 

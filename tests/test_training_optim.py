@@ -85,3 +85,21 @@ def test_weight_average_warms_up_averages_floats_copies_integers_and_resets_by_n
     average.reset(model, ["codebooks"])
     torch.testing.assert_close(average.state["codebooks"], model.codebooks.detach())
     torch.testing.assert_close(average.state["head.weight"], torch.full_like(weight, 9 / 11))
+
+
+def test_build_optimizers_scale_the_network_by_the_methods_lr_scale():
+    from conftest import method_config
+    from dpq.methods import method_for
+    from dpq.training.optim import build_optimizers
+
+    scales = {}
+    for options in ({}, {"lr_scale": 0.5}):
+        config = method_config("dqn", options=options).replace(train={"backbone_lr_scale": 0.1})
+        method = method_for(config)
+        optimizers = build_optimizers(method.build_network(), method, config.train)
+        assert set(optimizers) == {"network", "codebooks"}
+        scales[method.network_lr_scale()] = sorted(
+            g["lr_scale"] for g in optimizers["network"].param_groups
+        )
+    assert scales[1.0] == pytest.approx([1.0, 1.0])  # the head (identity backbone: no params)
+    assert scales[0.5] == pytest.approx([0.5, 0.5])

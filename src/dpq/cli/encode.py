@@ -26,11 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "encode",
         help="encode a database into an index file (codes + codebooks)",
         description="Encode items with a model's codebooks (greedy residual hard assignment, "
-        "the model's rule) and write one index file (.npz, no pickle, with a checksum) that "
-        "`dpq search`, `dpq evaluate --index` and dpq.index.DPQIndex.load read.",
+        "the model's rule; a model of another method: its own codes, e.g. the sign bits of a "
+        "hashing method in a binary index) and write one index file (.npz, no pickle, with a "
+        "checksum) that `dpq search`, `dpq evaluate --index` and dpq.index.load_any read.",
     )
     books = parser.add_mutually_exclusive_group(required=True)
-    books.add_argument("--model", metavar="CKPT_DIR", help="a DPQ checkpoint directory")
+    books.add_argument(
+        "--model", metavar="CKPT_DIR", help="a checkpoint directory (DPQ or another method)"
+    )
     books.add_argument(
         "--codebooks",
         metavar="NPY",
@@ -156,6 +159,7 @@ def items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None, 
 def run(args: argparse.Namespace) -> int:
     from dpq.data import Split
     from dpq.encode.job import EncodeSettings, encode_collection
+    from dpq.index import DPQIndex
     from dpq.index.usage import code_usage
 
     runner = None
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = encode_collection(settings)
     print(result.summary())
-    for line in code_usage(result.index.codes, result.index.codebook_size).report_lines():
-        print(f"dpq encode: {line}", file=sys.stderr)
+    if isinstance(result.index, DPQIndex):  # binary codes have no codewords to count
+        for line in code_usage(result.index.codes, result.index.codebook_size).report_lines():
+            print(f"dpq encode: {line}", file=sys.stderr)
     return 0

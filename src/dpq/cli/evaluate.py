@@ -1,4 +1,5 @@
-"""``dpq evaluate``: mAP@R of DPQ and baselines, on saved features or a trained model."""
+"""``dpq evaluate``: mAP@R of a retrieval method (DPQ or another) and baselines, on saved
+features with an index file, or a trained model of any method."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from dpq.cli.options import (
+    METHODS_PLACEHOLDER,
     add_command,
     add_device_options,
     add_quiet_option,
@@ -48,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     saved.add_argument("--query-labels", help="query labels .npy, int (nq,) or multi-hot (nq, C)")
     saved.add_argument(
         "--db-features",
-        help="float (N, D) .npy database features (needed by baselines; optional for --method dpq)",
+        help="float (N, D) .npy database features (needed by baselines; optional for the rows "
+        "of --index)",
     )
     saved.add_argument("--db-labels", help="database labels .npy, int (N,) or multi-hot (N, C)")
     saved.add_argument(
@@ -58,12 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     saved.add_argument("--train-labels", help="labels of --train-features (used by itq-cca)")
     saved.add_argument(
         "--method",
-        help="one method: dpq (needs --index), a baseline name (pq, opq, rq, lsq, itq, itq-cca, "
-        "lsh) or float (exhaustive search on the unquantized features)",
+        help=f"one method: a retrieval method ({METHODS_PLACEHOLDER}; the rows of --index "
+        "under that name), a baseline name (pq, opq, rq, lsq, itq, itq-cca, lsh) or float "
+        "(exhaustive search on the unquantized features)",
     )
     saved.add_argument(
         "--index",
-        help="DPQ index file (dpq.index.DPQIndex) of the database, items in --db-labels order",
+        help="index file of the database (`dpq encode`: a DPQ index, searched at each prefix "
+        "in --bits, or a binary index, searched by the signs of the query features at its "
+        "one length), items in --db-labels order",
     )
     saved.add_argument(
         "--metric",
@@ -90,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_quiet_option(parser)
     parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
     trained = parser.add_argument_group("a trained model instead of saved features")
-    trained.add_argument("--model", metavar="CKPT_DIR", help="a DPQ checkpoint directory")
+    trained.add_argument("--model", metavar="CKPT_DIR", help="a checkpoint directory of any method")
     trained.add_argument(
         "--images",
         metavar="SOURCE",
@@ -186,10 +192,10 @@ def _trained_model(args: argparse.Namespace) -> int:
         **source_options(args),
     )
     if args.bits != DEFAULT_BITS:
-        lengths = sorted(evaluation.map_by_bits)
+        lengths = ", ".join(str(bits) for bits in evaluation.map_by_bits)
         print(
-            "note: with --model every prefix of the model's codes is scored "
-            f"({len(lengths)} levels of {lengths[0]} bits); --bits is ignored.",
+            f"note: with --model the model's code lengths are scored ({lengths} bits); "
+            "--bits is ignored.",
             file=sys.stderr,
         )
     print(

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="what an index file holds: items, code lengths, cells",
         description="Print an index file's size, code lengths, bytes per item, search mode, "
-        "assignment rule, partition levels and the start of its codebooks' checksum.",
+        "assignment rule, partition levels and the start of its codebooks' checksum (a "
+        "binary index: its size, code length and bytes per item).",
     )
     info.add_argument("index", help="an index file written by `dpq encode`")
     merge = add_command(
@@ -48,9 +49,16 @@ def run(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dpq.index import DPQIndex
+    from dpq.index.kinds import kind_of, load_any
 
-    index = DPQIndex.load(args.index, mmap=True)
+    index = load_any(args.index, mmap=True)
+    labelled = "yes" if index.labels is not None else "no"
+    if kind_of(index) == "binary":
+        print(
+            f"{args.index}: {index.ntotal:,} items; binary codes of {index.bits} bits; "
+            f"{index.code_bytes} bytes per item (+ 8 of id); search Hamming; labels {labelled}"
+        )
+        return 0
     bits = int(round(np.log2(index.codebook_size))) if index.codebook_size > 1 else 0
     lengths = ", ".join(str(level * bits) for level in range(1, index.num_levels + 1))
     print(
@@ -58,7 +66,7 @@ def _info(args: argparse.Namespace) -> int:
         f"{index.codebook_size} codewords, dim {index.dim}: codes of {lengths} bits; "
         f"{index.bytes_per_item()} bytes per item (+ 8 of id); search {index.search_mode}, "
         f"assignment {index.assignment}; partition levels {index.partition_levels}; labels "
-        f"{'yes' if index.labels is not None else 'no'}; codebooks {index.codebook_sha256[:12]}"
+        f"{labelled}; codebooks {index.codebook_sha256[:12]}"
     )
     return 0
 
@@ -66,8 +74,15 @@ def _info(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from dpq.atomic import check_writable_file
     from dpq.index import DPQIndex, merge_index_files
+    from dpq.index.kinds import index_kind
 
     check_writable_file(args.out, "--out")
+    binary = [path for path in args.inputs if index_kind(path) != "dpq"]
+    if binary:
+        raise ValueError(
+            f"{binary[0]} holds binary codes; `dpq index merge` merges DPQ index files. Encode "
+            "the items into one binary index instead (`dpq encode --append`)."
+        )
     path = merge_index_files(args.inputs, args.out, renumber_ids=args.renumber_ids)
     print(
         f"wrote {path}: {DPQIndex.load(path, mmap=True).ntotal:,} items from {len(args.inputs)} files"

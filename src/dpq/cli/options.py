@@ -21,12 +21,22 @@ SOURCE_HELP = (
 )
 
 
+METHODS_PLACEHOLDER = "{methods}"
+"""In a help text: the registered retrieval methods, filled in when the help is shown (so
+that building the parser imports no method, and no torch)."""
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, with ``(default: X)`` after each option that has a default
-    (not None or off) and whose help does not already say it."""
+    (not None or off) and whose help does not already say it, and the registered methods
+    in place of :data:`METHODS_PLACEHOLDER`."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
+        if text and METHODS_PLACEHOLDER in text:
+            from dpq.methods import available_methods
+
+            text = text.replace(METHODS_PLACEHOLDER, ", ".join(available_methods()))
         default = action.default
         if (
             text is None
@@ -142,12 +152,13 @@ def source_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def source_spec(args: argparse.Namespace):  # -> SourceSpec
-    """--images or --features (where the command has them) with the source flags."""
+def source_spec(args: argparse.Namespace, images: str | None = None):  # -> SourceSpec
+    """--images (or ``images``, a command's positional source) or --features (where the
+    command has them) with the source flags."""
     from dpq.data import SourceSpec
 
     return SourceSpec(
-        images=getattr(args, "images", None),
+        images=images if images is not None else getattr(args, "images", None),
         features=getattr(args, "features", None),
         image_root=args.image_root,
         image_size=args.image_size,
@@ -211,12 +222,12 @@ def add_device_options(parser: argparse.ArgumentParser, precision: bool = False)
         )
 
 
-def load_model(args: argparse.Namespace, path: str):  # -> DPQModel on --device
-    """The checkpoint at ``path`` on ``--device``."""
+def load_model(args: argparse.Namespace, path: str):  # -> RetrievalNetwork on --device
+    """The checkpoint at ``path``, of any method, on ``--device``."""
     from dpq.devices import resolve_device
-    from dpq.model.network import DPQModel
+    from dpq.methods import load_network
 
-    return DPQModel.from_checkpoint(path, device=resolve_device(args.device))
+    return load_network(path, device=resolve_device(args.device))
 
 
 # ---------------------------------------------------------------------------- output
@@ -250,7 +261,9 @@ def check_out(args: argparse.Namespace) -> None:
 
 
 def parse_methods(text: str | None) -> list[str]:
-    """``"all"`` -> every baseline; ``"pq,opq"`` -> ["pq", "opq"]; None/"" -> []."""
+    """``"all"`` -> every baseline; ``"pq,opq"`` -> ["pq", "opq"]; None/"" -> []. Names are
+    baselines, "float", or retrieval methods (:func:`dpq.methods.available_methods`, looked
+    up only for a name that is neither, so that DPQ and the baselines import no torch)."""
     from dpq.evaluate.baselines import BASELINES
 
     if not text:
@@ -258,7 +271,11 @@ def parse_methods(text: str | None) -> list[str]:
     if text.strip() == "all":
         return list(BASELINES)
     names = [name.strip() for name in text.split(",") if name.strip()]
-    known = (*BASELINES, "dpq", "float")
+    known: tuple[str, ...] = (*BASELINES, "dpq", "float")
+    if any(name not in known for name in names):
+        from dpq.methods import available_methods
+
+        known = (*BASELINES, *available_methods(), "float")
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(

@@ -1,6 +1,7 @@
 """The recipe flags of ``dpq train`` and ``dpq reproduce``: a recipe (a name or a config
-file), an ablation of the paper's Table 2, then single settings on top; and the flags of a
-run folder (``--out``, ``--resume``, ``--word-vectors``).
+file), an ablation of the paper's Table 2, then single settings on top (the retrieval method
+among them: ``--method``, ``--bits``, ``--method-option``); and the flags of a run folder
+(``--out``, ``--resume``, ``--word-vectors``).
 
 :func:`recipe_from_args` turns them into one :class:`~dpq.config.DPQConfig`; each flag
 below is one field of it (:data:`FLAG_FIELDS`).
@@ -9,11 +10,14 @@ below is one field of it (:data:`FLAG_FIELDS`).
 from __future__ import annotations
 
 import argparse
+import json
 
-from dpq.cli.options import add_device_options, add_quiet_option
+from dpq.cli.options import METHODS_PLACEHOLDER, add_device_options, add_quiet_option, log_for
 
 # flag destination -> (config section, field); the flags whose value is the field as given
 FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    "method": ("method", "name"),
+    "bits": ("method", "bits"),
     "backbone": ("model", "backbone"),
     "tta_flip": ("model", "tta_flip"),
     "feature": ("model", "feature"),
@@ -64,12 +68,36 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
         choices=list(ABLATIONS),
         help="a named configuration of the paper's Table 2 applied on top of the recipe",
     )
+    _add_method_flags(parser.add_argument_group("retrieval method (default: the recipe's, dpq)"))
     _add_model_flags(parser.add_argument_group("model (default: the recipe's)"))
     loss = parser.add_argument_group("losses (default: the recipe's)")
     loss.add_argument("--tau", type=float, help="weight of the quantization loss E")
     loss.add_argument("--lambda-cls", type=float, help="weight of the classification loss")
     loss.add_argument("--label-smoothing", type=float, help="label smoothing of L_C")
     _add_training_flags(parser.add_argument_group("training (default: the recipe's)"))
+
+
+def _add_method_flags(method: argparse._ArgumentGroup) -> None:
+    method.add_argument(
+        "--method",
+        metavar="NAME",
+        help=f"the retrieval method: {METHODS_PLACEHOLDER}. dpq gives every code length "
+        "L log2 K from one model; the others train one model per code length (--bits)",
+    )
+    method.add_argument(
+        "--bits",
+        type=int,
+        metavar="B",
+        help="code length of a method that trains one model per length (a multiple of 8 for "
+        "binary codes); dpq's lengths come from --num-levels and --codebook-size",
+    )
+    method.add_argument(
+        "--method-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting of the method (e.g. margin=32 for sign); the value is read as JSON "
+        "(numbers, true, false) or else as text; repeat the flag for several",
+    )
 
 
 def _add_model_flags(model: argparse._ArgumentGroup) -> None:
@@ -183,17 +211,45 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add_quiet_option(parser, "progress or log lines")
 
 
+def run_settings(args: argparse.Namespace):  # -> RunSettings
+    """The run flags (``add_run_options``) as a :class:`dpq.training.experiments.RunSettings`."""
+    from dpq.training.experiments import RunSettings
+
+    return RunSettings(
+        args.out,
+        word_vectors=args.word_vectors,
+        resume=args.resume,
+        progress=not args.quiet,
+        log=log_for(args),
+        device=args.device,
+        workers=args.workers,
+    )
+
+
 def recipe_from_args(args: argparse.Namespace, default: str = "default"):  # -> DPQConfig
     """The recipe (``--config``, else ``default``) with the flags that were given on top,
     then ``--ablation``."""
     from dpq.recipes import ablation_config, load_recipe
 
     base = load_recipe(args.config or default)
-    sections: dict[str, dict[str, object]] = {"model": {}, "quantizer": {}, "loss": {}, "train": {}}
+    sections: dict[str, dict[str, object]] = {
+        "model": {},
+        "quantizer": {},
+        "loss": {},
+        "train": {},
+        "method": {},
+    }
     for dest, (section, name) in FLAG_FIELDS.items():
         value = getattr(args, dest)
         if value is not None:
             sections[section][name] = value
+    method = sections["method"]
+    if args.method is not None and args.method != base.method.name:  # another method: its own
+        method.setdefault("bits", None)
+        method["options"] = {}
+    if args.method_option:
+        known = method.get("options", base.method.options)
+        method["options"] = {**known, **method_options(args.method_option)}
     if args.width is not None:
         sections["model"]["backbone_kwargs"] = {**base.model.backbone_kwargs, "width": args.width}
     if args.backbone is not None and args.width is None and args.backbone != base.model.backbone:
@@ -203,3 +259,19 @@ def recipe_from_args(args: argparse.Namespace, default: str = "default"):  # -> 
     if args.minutes is not None:
         sections["train"]["time_budget_minutes"] = args.minutes
     return ablation_config(args.ablation, base.replace(**sections))
+
+
+def method_options(pairs: list[str]) -> dict[str, object]:
+    """``["margin=32", "name=x"]`` -> ``{"margin": 32, "name": "x"}`` (values read as JSON,
+    else kept as text)."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-option takes KEY=VALUE (e.g. margin=32); got {pair!r}.")
+        try:
+            value: object = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key.strip()] = value
+    return options

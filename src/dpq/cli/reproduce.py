@@ -1,4 +1,4 @@
-"""``dpq reproduce cifar10``: the paper's CIFAR-10 protocol with one model."""
+"""``dpq reproduce cifar10``: the paper's CIFAR-10 protocol with one model of any method."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import shlex
 import sys
 
-from dpq.cli.options import add_command, add_workers_option, log_for, parse_methods
-from dpq.cli.recipe import add_recipe_options, add_run_options, recipe_from_args
+from dpq.cli.options import add_command, add_workers_option, parse_methods
+from dpq.cli.recipe import add_recipe_options, add_run_options, recipe_from_args, run_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Merge CIFAR-10's 60,000 images, draw 500 training and 100 query images "
         "per class (seed --split-seed), train one model on the 5,000, encode the other "
         "54,000, search them for the 1,000 queries and report mAP@54000 per code length. "
-        "Writes results.json, results.md and report/ into --out.",
+        "The model is DPQ's (the cifar10 recipe), or with --method NAME --bits B another "
+        "method's on the same recipe. Writes results.json, results.md and report/ into --out.",
     )
     parser.add_argument("dataset", choices=["cifar10"], help="the benchmark")
     parser.add_argument(
@@ -42,24 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dpq.evaluate.report import format_results_table
-    from dpq.training.experiments import reproduce_cifar10
+    from dpq.training.reproduce import ReproduceSettings, reproduce_cifar10
 
     argv = getattr(args, "argv", None) or sys.argv[1:]
-    result = reproduce_cifar10(
-        args.out,
+    protocol = ReproduceSettings(
         data=args.data,
         ablation=args.ablation,
         base_config=recipe_from_args(args, default="cifar10"),
-        word_vectors=args.word_vectors,
-        resume=args.resume,
-        progress=not args.quiet,
-        log=log_for(args),
-        command="dpq " + " ".join(shlex.quote(a) for a in argv),
         baselines=parse_methods(args.baselines),
         split_seed=args.split_seed,
-        device=args.device,
-        workers=args.workers,
+        command="dpq " + " ".join(shlex.quote(a) for a in argv),
     )
+    result = reproduce_cifar10(protocol, run_settings(args))
     if result is None:  # a torchrun rank other than 0: rank 0 evaluates and reports
         return 0
     print(

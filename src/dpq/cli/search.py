@@ -25,15 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="the top k of an index for query features or images",
         description="Rank the index items for each query by Asymmetric Quantization Distance "
-        "(lookup tables over the first --num-levels codes) and print the top k ids, "
-        "distances and, when the index has them, labels.",
+        "(lookup tables over the first --num-levels codes; a binary index of a hashing method: "
+        "by Hamming distance, through the model's method with --model, else by the signs of "
+        "float query features) and print the top k ids, distances and, when the index has "
+        "them, labels.",
     )
     parser.add_argument("--index", required=True, help="an index file written by `dpq encode`")
     queries = parser.add_mutually_exclusive_group(required=True)
     queries.add_argument(
         "--features",
         metavar="NPY",
-        help="float .npy queries: semantic features (nq, D), or model inputs with --model",
+        help="float .npy queries: semantic features (nq, D) (a binary index: (nq, bits), their "
+        "signs are the bits, or uint8 packed codes), or model inputs with --model",
     )
     queries.add_argument(
         "--images", metavar="SOURCE", help="query images (needs --model); any `dpq encode` source"
@@ -113,34 +116,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpq.evaluate.report import format_search_results
     from dpq.index import DPQIndex
+    from dpq.index.kinds import check_compatible, load_any, search_features
 
     check_out(args)
-    index = DPQIndex.load(args.index)
+    index = load_any(args.index)
     queries, _, query_ids, _ = items(args, args.subset)
+    options = {
+        "num_levels": args.num_levels,
+        "mode": args.search_mode,
+        "rerank_from": args.rerank_from,
+        "rerank_candidates": args.rerank_candidates,
+        "nprobe": args.nprobe,
+    }
+    method = None
     if args.model is not None:
+        from dpq.methods import method_for
+
         model = load_model(args, args.model)
-        index.check_compatible(model.codebooks(), source=f"model {args.model}")
+        method = method_for(model.config)
+        check_compatible(index, method.new_index(model), source=f"model {args.model}")
         began = time.perf_counter()
         queries = model.extract_features(
             queries, batch_size=args.batch_size, progress=not args.quiet, workers=args.workers
         )
         seconds = time.perf_counter() - began
         say(args, f"features of {len(queries):,} queries in {seconds:.1f} s")
-    if args.nprobe is not None and index.partition_levels == 0:
+    if isinstance(index, DPQIndex) and args.nprobe is not None and index.partition_levels == 0:
         raise ValueError(
             f"--nprobe needs a partitioned index, but {args.index} scans every item (it was "
             "encoded without --partition-levels); re-encode it with `dpq encode "
             "--partition-levels 1` (or 2), or leave --nprobe out."
         )
-    distances, ids = index.search(
-        queries,
-        args.k,
-        num_levels=args.num_levels,
-        mode=args.search_mode,
-        rerank_from=args.rerank_from,
-        rerank_candidates=args.rerank_candidates,
-        nprobe=args.nprobe,
-    )
+    distances, ids = search_features(index, queries, args.k, method=method, **options)
     text = format_search_results(index, distances, ids, args.format, query_ids=query_ids)
     if args.out is None:
         sys.stdout.write(text)

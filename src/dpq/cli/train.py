@@ -1,11 +1,11 @@
-"""``dpq train``: one DPQ model from a labelled source or saved features."""
+"""``dpq train``: one model of any retrieval method from a labelled source or saved features."""
 
 from __future__ import annotations
 
 import argparse
 
-from dpq.cli.options import SOURCE_HELP, add_command, add_source_options, log_for
-from dpq.cli.recipe import add_recipe_options, add_run_options, recipe_from_args
+from dpq.cli.options import SOURCE_HELP, add_command, add_source_options, source_spec
+from dpq.cli.recipe import add_recipe_options, add_run_options, recipe_from_args, run_settings
 
 SPLIT_NAMES = ("auto", "all", "per-class")
 
@@ -14,9 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers,
         "train",
-        help="train a DPQ model on a labelled collection",
+        help="train a model (DPQ or --method) on labelled data",
         description="Train one DPQ model (backbone, semantic head, classifier, L quantization "
-        "levels). Checkpoints are written every epoch into --out/checkpoints (continue an "
+        "levels), or with --method another retrieval method's at --bits bits. Checkpoints are written every epoch into --out/checkpoints (continue an "
         "interrupted run with --resume); the final model goes to --out/model "
         "(model.safetensors + config.json). The output folder is locked while a run trains "
         "into it.",
@@ -51,28 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpq.training.experiments import train_from_source
+    import dataclasses
 
+    from dpq.training.experiments import SplitSettings, train_from_source
+
+    source = dataclasses.replace(source_spec(args, images=args.data), labels=args.labels)
     result = train_from_source(
         recipe_from_args(args),
-        args.out,
-        source=args.data,
-        features=args.features,
-        labels=args.labels,
-        image_root=args.image_root,
-        image_size=args.image_size,
-        skip_corrupt=args.skip_corrupt,
-        split=_split(args.split),
-        train_per_class=args.train_per_class,
-        query_per_class=args.query_per_class,
-        split_seed=args.split_seed,
-        word_vectors=args.word_vectors,
-        resume=args.resume,
-        progress=not args.quiet,
-        log=log_for(args),
-        device=args.device,
-        workers=args.workers,
-        in_memory=_loading(args),
+        source,
+        run_settings(args),
+        SplitSettings(
+            _split(args.split), args.train_per_class, args.query_per_class, args.split_seed
+        ),
     )
     if not result.is_main:  # under torchrun, rank 0 reports
         return 0
@@ -97,9 +87,3 @@ def _split(value: str):  # -> str | Split
             f"--split {value!r} is neither auto, all, per-class nor an existing split file."
         )
     return Split.load(value)
-
-
-def _loading(args: argparse.Namespace):  # -> bool | str
-    from dpq.data.sources import loading_mode
-
-    return loading_mode(args.loading)

@@ -64,8 +64,9 @@ class SourceSpec:
         if isinstance(self.image_size, list):
             object.__setattr__(self, "image_size", tuple(self.image_size))
         if (self.images is None) == (self.features is None):
+            both = ", not both" if self.images is not None else ""
             raise ValueError(
-                "give exactly one of images (a data source) and features (an array file)."
+                f"give exactly one of images (a data source) and features (an array file){both}."
             )
         if self.labels is not None and self.features is None:
             raise ValueError(

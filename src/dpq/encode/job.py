@@ -43,6 +43,7 @@ from dpq.encode.shards import (
     take_rows,
 )
 from dpq.index import DPQIndex, append_to_index_file
+from dpq.index.kinds import AnyIndex, check_compatible, load_any
 
 DEFAULT_SHARDS = 8
 ArrayOrPath = np.ndarray | str | os.PathLike[str]
@@ -56,7 +57,9 @@ class EncodeSettings:
         out: the index file to write (.npz), or to grow with ``append``.
         source: the items: images, or a features file (model inputs with ``model``,
             semantic features (N, D) with ``codebooks``).
-        model: a DPQ checkpoint directory (with a runner: the same path on every node).
+        model: a checkpoint directory of any method (with a runner: the same path on every
+            node); its method encodes the items into its kind of index (a DPQ index, or a
+            binary index of a hashing method).
         codebooks: instead of ``model``: float32 (L, K, D) codebooks, an array or a file.
         assignment: with ``codebooks``: the hard assignment rule (default "euclidean").
         rows: int (n,) source rows to encode, in order (e.g. ``Split.load(p).database``);
@@ -65,13 +68,15 @@ class EncodeSettings:
             given or with a runner, else the index's counter, which ``append`` continues).
         labels: int (n,) or multi-hot (n, C) labels, an array or a file (default: the
             source's).
-        append: add the items to the existing index file ``out`` (its codebooks checked).
+        append: add the items to the existing index file ``out`` (its codebooks, or code
+            length, checked).
         batch_size: inputs per forward pass.
         device: where the model runs in this process ("auto", "cpu", "cuda", "cuda:N", "mps").
         workers: processes decoding images read on demand in this process (default: one
             per core, up to 8; 0: this process).
-        search_mode: how a new index is searched (default: the model's; "aqd" with codebooks).
-        partition_levels: a new index's items grouped by their first 0, 1 or 2 codes.
+        search_mode: how a new DPQ index is searched (default: the model's; "aqd" with
+            codebooks).
+        partition_levels: a new DPQ index's items grouped by their first 0, 1 or 2 codes.
         metadata: more JSON-ready metadata of a new index.
         runner: where the shards are encoded (e.g. :class:`dpq.encode.ray.RayRunner`); None:
             in this process, in one piece.
@@ -145,7 +150,7 @@ class EncodeResult:
         shards: what the runner did (None in this process).
     """
 
-    index: DPQIndex
+    index: AnyIndex
     path: Path
     ids: np.ndarray
     total: int
@@ -164,6 +169,12 @@ class EncodeResult:
                 f"{timing}"
             )
         index = self.index
+        if not isinstance(index, DPQIndex):
+            line = (
+                f"wrote {self.path}: {index.ntotal:,} items, {index.bits}-bit binary codes, "
+                f"search Hamming, labels {'yes' if index.labels is not None else 'no'}; {timing}"
+            )
+            return line if self.shards is None else f"{line}; {self.shards.summary()}"
         bits = index.num_levels * int(np.log2(index.codebook_size))
         line = (
             f"wrote {self.path}: {index.ntotal:,} items, {index.num_levels} levels x "
@@ -267,7 +278,7 @@ def encode_collection(settings: EncodeSettings) -> EncodeResult:
     began = time.perf_counter()
     settings.check()
     out = check_writable_file(settings.out, "--out")
-    existing = DPQIndex.load(out, mmap=True) if settings.append else None
+    existing = load_any(out, mmap=True) if settings.append else None
     source = settings.source
     if settings.runner is not None and source.images is not None and source.loading == "auto":
         source = replace(source, loading="stream")  # each worker reads only its shards' images
@@ -283,8 +294,9 @@ def encode_collection(settings: EncodeSettings) -> EncodeResult:
         )
     seconds = time.perf_counter() - began
     if existing is not None:
-        added = append_to_index_file(out, index.codes, ids=items.ids, labels=index.labels)
-        return EncodeResult(index, out, added, existing.ntotal + len(added), True, seconds)
+        before = existing.ntotal
+        added = _append(existing, out, index, items.ids)
+        return EncodeResult(index, out, added, before + len(added), True, seconds)
     path = index.save(out)
     if report is not None:
         seconds = time.perf_counter() - began  # with a runner: the whole call
@@ -306,17 +318,28 @@ def _metadata(settings: EncodeSettings, source: SourceSpec, items: Items) -> dic
     return {**metadata, **(settings.metadata or {})}
 
 
+def _append(existing: AnyIndex, out: Path, index: AnyIndex, ids: np.ndarray | None) -> np.ndarray:
+    """Add the items of ``index`` to the file ``out`` that ``existing`` was loaded from;
+    returns their ids."""
+    if isinstance(existing, DPQIndex):  # grows the file in place, memory-mapped
+        return append_to_index_file(out, index.codes, ids=ids, labels=index.labels)
+    added = existing.add(index.codes, ids=ids, labels=index.labels)  # held in memory
+    existing.save(out)
+    return added
+
+
 def _encode_here(
-    settings: EncodeSettings, items: Items, metadata: dict[str, Any], existing: DPQIndex | None
-) -> DPQIndex:
+    settings: EncodeSettings, items: Items, metadata: dict[str, Any], existing: AnyIndex | None
+) -> AnyIndex:
     """The items encoded in this process, in one piece."""
     if settings.model is not None:
         from dpq.devices import resolve_device
-        from dpq.model.network import DPQModel
+        from dpq.methods import load_network, method_for
 
-        model = DPQModel.from_checkpoint(settings.model, device=resolve_device(settings.device))
+        model = load_network(settings.model, device=resolve_device(settings.device))
         if existing is not None:
-            existing.check_compatible(model.codebooks(), source=f"model {settings.model}")
+            fresh = method_for(model.config).new_index(model)
+            check_compatible(existing, fresh, source=f"model {settings.model}")
         return build_index(
             model,
             items.selected(),
@@ -330,6 +353,11 @@ def _encode_here(
             partition_levels=settings.partition_levels,
         )
     codebooks = _array(settings.codebooks, read_array, "--codebooks")
+    if not isinstance(existing, DPQIndex | None):
+        raise ValueError(
+            f"{settings.out} holds binary codes; --codebooks encode into a DPQ index: write a "
+            "new file."
+        )
     if existing is not None:
         existing.check_compatible(codebooks, source=f"--codebooks {settings.codebooks}")
     index = DPQIndex(
@@ -353,10 +381,10 @@ def _encode_in_shards(
     items: Items,
     metadata: dict[str, Any],
     out: Path,
-) -> tuple[DPQIndex, ShardReport]:
+) -> tuple[AnyIndex, ShardReport]:
     """The items encoded in shards where ``settings.runner`` places them, then merged."""
+    from dpq.methods import load_network
     from dpq.model.files import read_checkpoint_config
-    from dpq.model.network import DPQModel
 
     _config, record = read_checkpoint_config(model_path)
     rows = items.rows if items.rows is not None else np.arange(items.source_items, dtype=np.int64)
@@ -383,7 +411,7 @@ def _encode_in_shards(
     run = runner.run(folder, missing, settings.progress, say) if missing else ShardRun()
     check_failures(run, plan, folder)
     merging = time.perf_counter()
-    model = DPQModel.from_checkpoint(plan.model)
+    model = load_network(plan.model)
     empty = empty_index(model, metadata, settings.search_mode, settings.partition_levels)
     index = merge_shards(empty, folder, plan)
     merge_seconds = time.perf_counter() - merging

@@ -199,8 +199,8 @@ class ShardEncoder:
         self.setup_cpu_seconds = time.process_time()
 
     def _open(self, device: str) -> None:
+        from dpq.methods import load_network
         from dpq.model.files import read_checkpoint_config
-        from dpq.model.network import DPQModel
 
         self.plan = EncodePlan.load(self.folder)
         _config, record = read_checkpoint_config(self.plan.model)
@@ -209,7 +209,7 @@ class ShardEncoder:
                 f"the model {self.plan.model} on {self.host} is not the one the plan was "
                 "made with (another weights checksum); every node must see the same model."
             )
-        self.model = DPQModel.from_checkpoint(self.plan.model, device=device)
+        self.model = load_network(self.plan.model, device=device)
         self.inputs, _labels, _classes = self.plan.source.open(progress=False)
         if len(self.inputs) != self.plan.source_items:
             raise ValueError(

@@ -7,7 +7,7 @@ shard folder (default ``<out>.shards/``):
   source rows are encoded, under which ids and labels, cut into which shards, with which
   model (its weights' SHA-256); a fingerprint of all that names the plan.
 - ``shard-NNNNN.npz``, one per shard: an index file in the index's own format
-  (:meth:`dpq.index.DPQIndex.save`: checksummed, written atomically) holding the shard's
+  (``index.save`` of a DPQ or binary index: checksummed, written atomically) holding the shard's
   items, encoded by :func:`dpq.encode.build.build_index`; its metadata ``encode_shard``
   names the plan and the shard's range.
 
@@ -32,7 +32,7 @@ import numpy as np
 from dpq.atomic import atomic_writer, write_json_atomic
 from dpq.data.spec import SourceSpec
 from dpq.encode.build import build_index
-from dpq.index import DPQIndex
+from dpq.index.kinds import AnyIndex, load_any, same_codes
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "dpq-encode-plan"
@@ -223,7 +223,7 @@ def shard_is_done(folder: Path, plan: EncodePlan, shard: int) -> bool:
     """Whether the shard's file is on disk, readable as an index file (its header checksum
     and array sizes; the merge verifies the arrays), and written for this plan and range."""
     try:
-        index = DPQIndex.load(shard_path(folder, shard), mmap=True, verify=False)
+        index = load_any(shard_path(folder, shard), mmap=True, verify=False)
     except (OSError, ValueError):  # absent, truncated, of another format
         return False
     return index.metadata.get(SHARD_KEY) == shard_identity(plan, shard)
@@ -262,18 +262,19 @@ def take_rows(inputs: Any, rows: np.ndarray) -> Any:
     return np.asarray(inputs[rows])
 
 
-def merge_shards(index: DPQIndex, folder: Path, plan: EncodePlan) -> DPQIndex:
+def merge_shards(index: AnyIndex, folder: Path, plan: EncodePlan) -> AnyIndex:
     """Add every shard of ``plan`` (checksums verified), in order, to ``index``; returns it.
 
     Raises ValueError when a shard is missing, of another plan, damaged (an
-    :class:`~dpq.index.IndexFileError` naming the file) or made with other codebooks.
+    :class:`~dpq.index.IndexFileError` naming the file) or made with other codebooks (or
+    codes of another kind or length).
     """
     for shard in range(plan.num_shards):
         path = shard_path(folder, shard)
         if not shard_is_done(folder, plan, shard):
             raise ValueError(f"{path} is missing or belongs to another plan; encode it again.")
-        part = DPQIndex.load(path, mmap=True)
-        if part.codebook_sha256 != index.codebook_sha256:
+        part = load_any(path, mmap=True)
+        if not same_codes(index, part):
             raise ValueError(
                 f"{path} was encoded with other codebooks than the index's; encode it again."
             )

@@ -141,7 +141,7 @@ def margin_summary(map_table: Mapping[str, Mapping[int, float]], method: str = "
 
 
 def format_results_table(evaluation: Any, title: str = "") -> str:
-    """A model's :class:`dpq.evaluate.retrieval.RetrievalEvaluation` as plain text: one row per code
+    """A model's :class:`dpq.evaluate.results.RetrievalEvaluation` as plain text: one row per code
     length, the float-feature ceiling, the classifier's accuracy and diagnostics."""
     lines = [title] if title else []
     lines.append(f"{'code':>10}  mAP@{evaluation.r}")

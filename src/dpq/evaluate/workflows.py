@@ -1,10 +1,11 @@
 """Whole evaluations from what a user has on disk (``dpq evaluate``'s two inputs).
 
-- :func:`evaluate_feature_files`: saved query / database / training features (.npy) and,
-  for DPQ, an index file of the database: the named methods at each code length.
-- :func:`evaluate_checkpoint`: a trained model with a labelled source and a split file:
-  :func:`evaluate_split` (its codes at every prefix, the float features, baselines fitted on
-  the split's training rows).
+- :func:`evaluate_feature_files`: saved query / database / training features (.npy) and an
+  index file of the database (a DPQ index or a binary one, :func:`dpq.index.load_any`): the
+  named methods at each code length.
+- :func:`evaluate_checkpoint`: a trained model of any method with a labelled source and a
+  split file: :func:`evaluate_split` (its codes at each of its code lengths, the float
+  features, baselines fitted on the split's training rows).
 """
 
 from __future__ import annotations
@@ -13,21 +14,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dpq.evaluate.retrieval import (
-    DEFAULT_BITS,
-    Evaluation,
-    FeatureSet,
-    RetrievalEvaluation,
-    baseline_methods,
-    dpq_methods,
-    evaluate_methods,
-    evaluate_retrieval,
-    float_method,
-)
+from dpq.evaluate.baselines import BASELINES
+from dpq.evaluate.feature_set import FeatureSet
+from dpq.evaluate.results import Evaluation, RetrievalEvaluation
+from dpq.evaluate.retrieval import evaluate_methods, evaluate_retrieval
+from dpq.evaluate.rows import DEFAULT_BITS, baseline_methods, float_method, index_methods
 
 PathLike = str | os.PathLike[str]
-# method names beside the baselines: a DPQ index at each prefix, exact float search
-OWN_METHODS = ("dpq", "float")
+FLOAT = "float"
+"""The name of exact search over the float features (a reference row)."""
 
 
 def evaluate_feature_files(
@@ -47,36 +42,37 @@ def evaluate_feature_files(
             (``query_features``, ``query_labels``, ``db_labels`` required; ``db_features``
             for baselines and float search; ``train_features`` + ``train_labels`` to fit
             the baselines on, else they are fitted on the database). Never unpickled.
-        methods: "dpq" (needs ``index``), "float" (exact search, a reference row) and
-            :data:`~dpq.evaluate.baselines.BASELINES` names; rows in this order, float last.
-        bits: code lengths (DPQ: multiples of log2 K up to L log2 K).
-        index: a DPQ index file of the database, items in ``db_labels`` order.
+        methods: "float" (exact search, a reference row),
+            :data:`~dpq.evaluate.baselines.BASELINES` names, and any other name (a retrieval
+            method's, e.g. "dpq" or "sign") for the rows of ``index`` under that name; rows
+            in this order, float last.
+        bits: code lengths (a DPQ index: multiples of log2 K up to L log2 K; a binary
+            index answers at its one length, which must be among them).
+        index: an index file of the database (DPQ or binary), items in ``db_labels`` order.
         metric: how float features and quantization baselines rank, "l2" or "ip"; default:
             "ip" when ``index`` is searched by inner product, else "l2".
         r: mAP@R cutoff (default: the whole database).
         seed: seed of every baseline.
         progress: report progress on stderr.
     """
-    loaded = None
-    if index is not None:
-        from dpq.index import DPQIndex
+    from dpq.index.kinds import load_any, search_mode
 
-        loaded = DPQIndex.load(index)
+    loaded = None if index is None else load_any(index)
     if metric is None:
-        metric = "ip" if loaded is not None and loaded.search_mode == "ip" else "l2"
+        metric = "ip" if loaded is not None and search_mode(loaded) == "ip" else "l2"
     features = FeatureSet.from_files(**files, metric=metric)
     names = list(dict.fromkeys(methods))
     rows = []
-    if "dpq" in names:
+    for name in [name for name in names if name not in BASELINES and name != FLOAT]:
         if loaded is None:
             raise ValueError(
-                "method 'dpq' needs a DPQ index: pass the index file of the database "
-                "(--index PATH; `dpq encode` writes one)."
+                f"method {name!r} needs a DPQ index or a binary index of the database: pass "
+                "its file (--index PATH; `dpq encode` writes one)."
             )
-        rows += dpq_methods(loaded, bits, len(features.db_labels), features.dim)
-    baselines = [name for name in names if name not in OWN_METHODS]
+        rows += index_methods(loaded, name, bits, len(features.db_labels), features.dim)
+    baselines = [name for name in names if name in BASELINES]
     rows += baseline_methods(baselines, bits, features, seed=seed)
-    if "float" in names:
+    if FLOAT in names:
         rows.append(float_method(features))
     return evaluate_methods(features, rows, r=r, progress=progress)
 
@@ -96,7 +92,7 @@ def evaluate_split(
     training rows; images read on demand are decoded by ``workers`` processes.
 
     Args:
-        model: a trained :class:`~dpq.model.network.DPQModel`.
+        model: a trained network of any method (:func:`dpq.methods.load_network`).
         source: a :class:`~dpq.data.Source` the split indexes.
         split: a :class:`~dpq.data.Split` of it.
         baselines, r, curves, progress, workers: as in ``evaluate_retrieval``.
@@ -134,7 +130,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     **source_options: Any,
 ) -> RetrievalEvaluation:
-    """The model saved in ``model_dir``, on ``device``, evaluated on the split file ``split``
+    """The model of any method saved in ``model_dir``, on ``device``, evaluated on the split file ``split``
     of the source ``images`` (:func:`evaluate_split`, with PR and precision@R curves).
 
     ``source_options`` go to :func:`dpq.data.load_source` (``image_root``, ``image_size``,
@@ -143,9 +139,9 @@ def evaluate_checkpoint(
     """
     from dpq.data import Split, load_source
     from dpq.devices import resolve_device
-    from dpq.model.network import DPQModel
+    from dpq.methods import load_network
 
-    model = DPQModel.from_checkpoint(model_dir, device=resolve_device(device))
+    model = load_network(model_dir, device=resolve_device(device))
     loaded_split = Split.load(split)
     source = load_source(images, **source_options, progress=progress)
     return evaluate_split(

@@ -1,6 +1,8 @@
 """The coded database and its search: :class:`DPQIndex` (AQD lookup-table scans at any code
 prefix, optionally partitioned by its own first codes), its file format, faiss interop, and
-file-level operations for indexes larger than memory.
+file-level operations for indexes larger than memory; :class:`~dpq.index.binary.BinaryIndex`
+(binary codes, Hamming search) in the same file format, and :func:`load_any` for a file of
+either kind (:mod:`dpq.index.kinds`).
 
 The parts under the facade: :mod:`~dpq.index.store` (:class:`CodeStore`: codes, ids,
 labels, norms, cells), :mod:`~dpq.index.search` (:class:`SearchParameters`, the full scan,
@@ -29,6 +31,7 @@ _EXPORTS = {
     "append_to_index_file": "dpq.index.files",
     "check_k": "dpq.index.checks",
     "greedy_residual_encode": "dpq.index.codebooks",
+    "load_any": "dpq.index.kinds",
     "load_faiss_index": "dpq.index.faiss_interop",
     "merge_index_files": "dpq.index.files",
     "write_faiss_ivf_ondisk": "dpq.index.faiss_interop",
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpq.index.dpq_index import DPQIndex
     from dpq.index.faiss_interop import load_faiss_index, write_faiss_ivf_ondisk
     from dpq.index.files import append_to_index_file, merge_index_files
+    from dpq.index.kinds import load_any
     from dpq.index.search import SearchParameters
     from dpq.index.storage import FORMAT_VERSION, IndexFileError
     from dpq.index.store import CodeStore
@@ -54,6 +58,7 @@ __all__ = [  # noqa: F822 - the names are loaded lazily by __getattr__
     "append_to_index_file",
     "check_k",
     "greedy_residual_encode",
+    "load_any",
     "load_faiss_index",
     "merge_index_files",
     "write_faiss_ivf_ondisk",

@@ -28,6 +28,19 @@ MISSING_DISTANCE = np.iinfo(np.int32).max
 """Distance reported where fewer than k items exist (faiss's value)."""
 
 
+def sign_codes(features: Any) -> np.ndarray:
+    """The packed signs of float (N, bits) features: uint8 (N, bits / 8), bit b of an item
+    1 where its feature b is > 0 (``np.packbits`` order): the codes of a hashing method's
+    real-valued outputs (e.g. tanh), and the queries of a search by those outputs."""
+    arr = np.asarray(features)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating) or arr.shape[1] % 8:
+        raise ValueError(
+            f"features must be float (N, bits) with bits a multiple of 8; got {arr.dtype} "
+            f"{arr.shape}."
+        )
+    return np.packbits(arr > 0, axis=1)
+
+
 def _check_bits(bits: Any) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or bits < 8 or bits % 8:
         raise ValueError(f"bits must be a positive multiple of 8 (e.g. 32); got {bits!r}.")
@@ -81,6 +94,26 @@ class BinaryIndex:
 
     def __repr__(self) -> str:
         return f"BinaryIndex(bits={self.bits}, ntotal={self.ntotal})"
+
+    def labels_of(self, ids: Any) -> np.ndarray:
+        """Labels of items by id, any shape of ids (e.g. search results (nq, k)).
+
+        Single labels: int64, -1 where the id is -1 or unknown. Multi-hot: (..., C), all
+        zeros there. Raises ValueError if the index has no labels.
+        """
+        labels = self.labels
+        if labels is None:
+            raise ValueError("this index has no labels; build it with labels to look them up.")
+        wanted = np.asarray(ids, dtype=np.int64)
+        flat = wanted.ravel()
+        order = np.argsort(self.ids, kind="stable")  # an index with labels has items
+        known = self.ids[order]
+        rows = order[np.minimum(np.searchsorted(known, flat), len(known) - 1)]
+        found = self.ids[rows] == flat
+        if labels.ndim == 1:
+            return np.where(found, labels[rows], -1).astype(np.int64).reshape(wanted.shape)
+        picked = labels[rows] * found[:, None].astype(labels.dtype)
+        return picked.reshape(*wanted.shape, labels.shape[1])
 
     def _column(self, name: str, empty: tuple[int, ...], dtype: type) -> np.ndarray:
         return self._rows.get(name) if name in self._rows else np.empty(empty, dtype)

@@ -4,7 +4,14 @@ registry of methods by the name ``config.method.name`` gives:
 
 - "dpq" (:mod:`.dpq`): Deep Progressive Quantization, the default;
 - "sign" (:mod:`.binary_sketch`): sign codes of a tanh head with DSH's contrastive loss,
-  searched by Hamming distance (a sketch of the hashing competitors).
+  searched by Hamming distance (a sketch of the hashing competitors);
+- the competitors of the paper's Table 1, each trained once per code length
+  (``method.bits``): the deep quantization methods "dvsq" (:mod:`.dvsq`) and "dqn"
+  (:mod:`.dqn`), codebooks searched by a :class:`~dpq.index.DPQIndex`
+  (:mod:`.quantization_method`), and the deep hashing methods "dsh" (:mod:`.dsh`), "dhn"
+  (:mod:`.dhn`), "hashnet" (:mod:`.hashnet`) and "csq" (:mod:`.csq`), sign codes searched by
+  Hamming distance (:mod:`.hashing_method`). Their settings are ``method.options``
+  (:mod:`.per_length`).
 
 The losses of DPQ (and of the methods that share them) are :mod:`.losses`. A new method
 subclasses :class:`~dpq.methods.base.RetrievalMethod` and is added with
@@ -20,7 +27,13 @@ import torch
 from dpq.config import DPQConfig
 from dpq.methods.base import RetrievalMethod
 from dpq.methods.binary_sketch import SignHashMethod
+from dpq.methods.csq import CSQMethod
+from dpq.methods.dhn import DHNMethod
 from dpq.methods.dpq import DPQMethod
+from dpq.methods.dqn import DQNMethod
+from dpq.methods.dsh import DSHMethod
+from dpq.methods.dvsq import DVSQMethod
+from dpq.methods.hashnet import HashNetMethod
 from dpq.model.files import read_checkpoint_config
 from dpq.model.retrieval_network import RetrievalNetwork
 
@@ -68,11 +81,26 @@ def load_network(
     return network.from_checkpoint(path, config, device, channels_last)
 
 
-register_method(DPQMethod)
-register_method(SignHashMethod)
+for _method in (
+    DPQMethod,
+    SignHashMethod,
+    DVSQMethod,
+    DQNMethod,
+    DSHMethod,
+    DHNMethod,
+    HashNetMethod,
+    CSQMethod,
+):
+    register_method(_method)
 
 __all__ = [
+    "CSQMethod",
+    "DHNMethod",
     "DPQMethod",
+    "DQNMethod",
+    "DSHMethod",
+    "DVSQMethod",
+    "HashNetMethod",
     "RetrievalMethod",
     "SignHashMethod",
     "available_methods",

@@ -155,6 +155,12 @@ class RetrievalMethod(ABC):
         """A freshly initialised network (seed torch first for a reproducible one)."""
         return self.network_class(self.config)
 
+    @property
+    def uses_word_vectors(self) -> bool:
+        """Whether :meth:`build_loss` needs label word vectors (C, ``quantizer.dim``): a run
+        then asks for them (a file, or "orthogonal") before it loads anything."""
+        return False
+
     @abstractmethod
     def build_loss(self, word_vectors: np.ndarray | None) -> nn.Module:
         """The loss module (moved to the network's device by the caller).
@@ -246,6 +252,11 @@ class RetrievalMethod(ABC):
     def learning_rates(self) -> dict[str, float]:
         """Learning rates besides the network's, named for a divergence message."""
         return {}
+
+    def network_lr_scale(self) -> float:
+        """Multiplier of the network's learning rate (``train.lr`` and its schedule) for this
+        method: 1 (the recipe's rate) unless the method's options say otherwise."""
+        return 1.0
 
     def divergence_hint(self, bad_terms: Iterable[str]) -> str:
         """Advice (starting with "; ") when these loss parts became non-finite, or ""."""

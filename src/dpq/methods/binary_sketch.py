@@ -12,42 +12,22 @@ d_ij = ||u_i - u_j||^2,
 with margin m = 2 bits (``method.options["margin"]``) and alpha = 0.01
 (``method.options["alpha"]``). One phase, no codebooks, no classifier; one trained network
 per code length (``method.bits``). Under DistributedDataParallel the pairs are those within
-each rank's share of the batch.
+each rank's share of the batch. The network, codes, index and guards are those every hashing
+method shares (:mod:`dpq.methods.hashing_method`); the full DSH method is :mod:`.dsh`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpq.config import DPQConfig
-from dpq.devices import autocast
-from dpq.methods.base import LossOutput, RetrievalMethod, Step, StepOutput
-from dpq.model.retrieval_network import RetrievalNetwork
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dpq.index.binary import BinaryIndex
+from dpq.methods.base import LossOutput
+from dpq.methods.hashing_losses import pair_similarity
+from dpq.methods.hashing_method import BinaryHashMethod, HashingNetwork
+from dpq.methods.per_length import Option
 
 DEFAULT_ALPHA = 0.01
-OPTIONS = ("margin", "alpha")
-
-
-def pair_similarity(targets: torch.Tensor) -> torch.Tensor:
-    """float (B, B): 1 where two items share a label (same class id; a common label of
-    multi-hot rows), else 0.
-
-    Args:
-        targets: int64 (B,) class ids or multi-hot (B, C).
-    """
-    if targets.ndim == 1:
-        return (targets[:, None] == targets[None, :]).float()
-    labels = targets.float()
-    return (labels @ labels.t() > 0).float()
 
 
 class ContrastiveHashLoss(nn.Module):
@@ -67,7 +47,7 @@ class ContrastiveHashLoss(nn.Module):
         """The loss of float (B, bits) outputs u with their labels (int64 (B,) or (B, C))."""
         u = outputs.float()
         n = u.shape[0]
-        similar = pair_similarity(targets)
+        similar = pair_similarity(targets).to(u.device).float()
         squared = (u[:, None, :] - u[None, :, :]).pow(2).sum(dim=2)
         per_pair = 0.5 * similar * squared + 0.5 * (1 - similar) * torch.relu(self.margin - squared)
         upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=u.device), diagonal=1)
@@ -82,134 +62,37 @@ class ContrastiveHashLoss(nn.Module):
         return LossOutput(total, parts)
 
 
-class SignHashNetwork(RetrievalNetwork):
-    """backbone -> Linear(F, bits) -> tanh; the searched features are the tanh outputs."""
+class SignHashNetwork(HashingNetwork):
+    """backbone -> Linear(F, bits) -> tanh; the searched features are the tanh outputs. The
+    hash layer keeps torch's default initialisation."""
 
     method_name = "sign"
-
-    def __init__(self, config: DPQConfig) -> None:
-        super().__init__(config)
-        bits = config.method.bits
-        if bits is None:
-            raise ValueError("the sign method needs method.bits (a multiple of 8, e.g. 32).")
-        self.hash_head = nn.Linear(int(self.backbone.out_features), bits)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.hash_head.out_features
-
-    @property
-    def logits_dim(self) -> int:
-        return 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 (B, bits) outputs u = tanh(W f + b) of prepared inputs."""
-        return torch.tanh(self.hash_head(self.backbone(x))).float()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)
-
-    @torch.no_grad()
-    def searched_features(
-        self, x: torch.Tensor, tta_flip: bool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self(x)
-        flip = self.config.model.tta_flip if tta_flip is None else tta_flip
-        if flip and self.input_kind == "images":
-            features = 0.5 * (features + self(x.flip(3)))
-        return features, features.new_zeros((len(features), 0))
+    HEAD_INIT_STD = None
 
 
-class SignHashMethod(RetrievalMethod):
+class SignHashMethod(BinaryHashMethod):
     """Sign codes of a tanh head trained with DSH's contrastive loss (module docstring)."""
 
     name = "sign"
     network_class = SignHashNetwork
     shown_losses = (("total", "loss"), ("pairs", "pairs"))
 
-    def __init__(self, config: DPQConfig) -> None:
-        super().__init__(config)
-        method = config.method
-        if method.bits is None or method.bits % 8:
-            raise ValueError(
-                f"the sign method needs method.bits, a multiple of 8 (e.g. 32); got {method.bits}."
-            )
-        unknown = sorted(set(method.options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"method.options {unknown} are not settings of the sign method; it knows "
-                f"{list(OPTIONS)}."
-            )
-        self.bits = method.bits
-        self.margin = float(method.options.get("margin", 2.0 * method.bits))
-        self.alpha = float(method.options.get("alpha", DEFAULT_ALPHA))
-        if not (self.margin > 0 and self.alpha >= 0):
-            raise ValueError(
-                "method.options margin must be > 0 and alpha >= 0; got "
-                f"margin {self.margin} and alpha {self.alpha}."
-            )
-        if config.train.mixup_alpha > 0:
-            raise ValueError(
-                "the sign method's pairs need each item's own labels: set train.mixup_alpha to 0."
-            )
+    def option_table(self) -> dict[str, Option]:
+        return {
+            "margin": Option(2.0 * (self.config.method.bits or 0), strict=True),
+            "alpha": Option(DEFAULT_ALPHA),
+        }
+
+    @property
+    def margin(self) -> float:
+        """m, the squared distance dissimilar pairs are pushed beyond."""
+        return self.options["margin"]
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the regulariser."""
+        return self.options["alpha"]
 
     def build_loss(self, word_vectors: np.ndarray | None) -> ContrastiveHashLoss:
         """The loss (label word vectors are not used)."""
         return ContrastiveHashLoss(self.margin, self.alpha)
-
-    def forward_loss(
-        self,
-        network: RetrievalNetwork,
-        loss: nn.Module,
-        x: torch.Tensor,
-        targets: torch.Tensor,
-        step: Step,
-        precision: str,
-    ) -> StepOutput:
-        with autocast(network.device, precision):
-            outputs = network(x)
-        return StepOutput(loss(outputs, targets), None)
-
-    def code_lengths(self) -> tuple[int, ...]:
-        return (self.bits,)
-
-    def _check_bits(self, bits: int | None) -> None:
-        if bits is not None and bits != self.bits:
-            raise ValueError(
-                f"this sign model gives {self.bits}-bit codes only; got bits={bits} (train one "
-                "model per code length)."
-            )
-
-    def encode(
-        self, network: RetrievalNetwork, features: np.ndarray, bits: int | None = None
-    ) -> np.ndarray:
-        """uint8 (N, bits / 8): bit b of an item is 1 where u_b > 0 (``np.packbits`` order)."""
-        self._check_bits(bits)
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.bits:
-            raise ValueError(
-                f"features must be float (N, {self.bits}); got shape {features.shape}."
-            )
-        return np.packbits(features > 0, axis=1)
-
-    def new_index(
-        self, network: RetrievalNetwork, metadata: Mapping[str, Any] | None = None
-    ) -> BinaryIndex:
-        from dpq.index.binary import BinaryIndex
-
-        return BinaryIndex(self.bits, metadata)
-
-    def load_index(self, path: str | Path) -> BinaryIndex:
-        from dpq.index.binary import BinaryIndex
-
-        return BinaryIndex.load(path)
-
-    def search(
-        self,
-        index: BinaryIndex,  # type: ignore[override]
-        queries: np.ndarray,
-        k: int,
-        bits: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Hamming search of the queries' sign codes."""
-        return index.search(self.encode(None, queries, bits), k)  # type: ignore[arg-type]

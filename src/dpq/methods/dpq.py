@@ -78,6 +78,11 @@ class DPQMethod(RetrievalMethod):
 
     # ------------------------------------------------------------------ network and loss
 
+    @property
+    def uses_word_vectors(self) -> bool:
+        """The semantic loss L_S (``loss.use_semantic``) reads them."""
+        return self.config.loss.use_semantic
+
     def build_loss(self, word_vectors: np.ndarray | None) -> DPQLoss:
         config = self.config
         return DPQLoss(

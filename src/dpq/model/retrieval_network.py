@@ -7,7 +7,8 @@ the network; or float32 features (N, F) for the "identity" backbone), frozen bac
 stages, channels-last memory, feature extraction over a collection (in memory or read on
 demand by worker processes) and the checkpoint files (:mod:`dpq.model.files`). A method's
 network (:class:`dpq.model.network.DPQModel`, the sign-hash sketch's network) adds its heads
-and says what its searched features are (:meth:`RetrievalNetwork.searched_features`).
+and says what its searched features are (:meth:`RetrievalNetwork.searched_features`);
+:class:`HeadNetwork` is the base of a network that searches its own output (no classifier).
 """
 
 from __future__ import annotations
@@ -373,3 +374,45 @@ class RetrievalNetwork(nn.Module, metaclass=ABCMeta):
             saved_config.train.channels_last if channels_last is None else channels_last
         )
         return model.to(device).eval()
+
+
+class HeadNetwork(RetrievalNetwork):
+    """A network without a classifier whose output is what it searches: :meth:`forward`
+    maps prepared inputs to float32 (B, :attr:`feature_dim`) features; the searched features
+    are those outputs in eval mode, averaged with the mirrored image's when
+    ``model.tta_flip`` (images only). Subclasses build the head (:meth:`new_head`) and
+    define :meth:`forward` and :attr:`feature_dim`."""
+
+    HEAD_INIT_STD: ClassVar[float | None] = 0.01
+    """Standard deviation of the head's initial weights (biases start at 0), as the deep
+    hashing and quantization authors initialise their new last layer (DeepHash's fc8,
+    HashNet's hash layer): small outputs at the start, so a squashing tanh does not begin
+    saturated on backbone features that share a large common component. None: torch's
+    default initialisation of ``nn.Linear``."""
+
+    def new_head(self, width: int) -> nn.Linear:
+        """Linear(F, width) on the backbone's F features, initialised as
+        :attr:`HEAD_INIT_STD` says."""
+        head = nn.Linear(int(self.backbone.out_features), width)
+        if self.HEAD_INIT_STD is not None:
+            nn.init.normal_(head.weight, std=self.HEAD_INIT_STD)
+            nn.init.zeros_(head.bias)
+        return head
+
+    @property
+    def logits_dim(self) -> int:
+        """0: no classifier."""
+        return 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+    @torch.no_grad()
+    def searched_features(
+        self, x: torch.Tensor, tta_flip: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self(x)
+        flip = self.config.model.tta_flip if tta_flip is None else tta_flip
+        if flip and self.input_kind == "images":
+            features = 0.5 * (features + self(x.flip(3)))
+        return features, features.new_zeros((len(features), 0))

@@ -96,9 +96,14 @@ def build_optimizers(
     model: nn.Module, method: RetrievalMethod, config: TrainConfig
 ) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a run by name (the names its checkpoints use): "network" over the
-    network's parameter groups without the codebooks, and the codebooks' own."""
+    network's parameter groups without the codebooks, each group's ``lr_scale`` times the
+    method's :meth:`~dpq.methods.base.RetrievalMethod.network_lr_scale`, and the codebooks'
+    own."""
     codebooks = method.codebook_parameters(model)  # type: ignore[arg-type]
     groups = network_parameter_groups(model, config, codebooks)
+    scale = method.network_lr_scale()
+    for group in groups:
+        group["lr_scale"] *= scale
     return {"network": network_optimizer(groups, config), **codebook_optimizers(model, method)}
 
 

@@ -9,7 +9,7 @@ Quantizers (faiss, asymmetric distance: float query vs codes): ``pq``, ``opq``, 
     pq.add(db_features)
     distances, ids = pq.search(query_features, k=100)  # float32 (nq, 100), int64 (nq, 100)
 
-:mod:`dpq.evaluate.retrieval` runs them (and a DPQ index) on one feature set and scores mAP@R
+:mod:`dpq.evaluate.retrieval` runs them (and a trained model's index) on one feature set and scores mAP@R
 with :mod:`dpq.evaluate.metrics`.
 """
 
