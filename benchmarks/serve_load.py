@@ -714,16 +714,25 @@ def scenario_images(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def cpu_facts() -> str:
-    """The CPU's model name and the vector flags that matter to the scan."""
+def cpu_flags() -> tuple[str, list[str]]:
+    """(model name, flags) of this machine's CPU from `lscpu` (/proc/cpuinfo without it)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        return fields.get("Model name", "unknown").strip(), fields.get("Flags", "").split()
+    except (OSError, subprocess.CalledProcessError):
+        pass
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "CPU unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "unknown")  # fmt: skip
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
+        return "unknown", []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return fields.get("model name\t", "unknown").strip(), fields.get("flags\t\t", "").split()
+
+
+def cpu_facts() -> str:
+    """The CPU's model name and the vector flags that matter to the scan."""
+    name, flags = cpu_flags()
     wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")
     return f"{name}; flags {' '.join(flag for flag in wanted if flag in flags)}"
 
@@ -784,6 +793,8 @@ def print_ratios(rows: list[dict]) -> None:
 
 def main() -> None:
     args = _parse_args()
+    name, flags = cpu_flags()
+    print(f"CPU (lscpu): {name}, {os.cpu_count()} CPUs; flags: {' '.join(flags)}", flush=True)
     for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
     rows = []
