@@ -10,11 +10,23 @@ vectors also a phase of batch requests (POST /search/batch with --batch queries 
 compares batch against single queries at equal work. The server runs with
 --allow-open-writes (writes are closed by default; the adds come from no browser page).
 
-For every phase, --clients concurrent clients (default 50) send requests back to back for
---seconds (default 30); the table gives requests/s, latency p50/p95/p99, errors (anything but
-2xx, or no answer), and the in-process rate of the same queries measured in the same run:
-one query per DPQIndex.search call (plus decode and model for images), one thread. Server
-and clients share this machine's cores: the CPU seconds of each are printed.
+For every closed-loop phase, --clients concurrent clients (default 50) send requests back
+to back for --seconds (default 30); the table gives requests/s, latency p50/p95/p99, errors
+(anything but 2xx, or no answer), and the in-process rate of the same queries measured in the
+same run: one query per DPQIndex.search call (plus decode and model for images), one thread.
+Server and clients share this machine's cores: the CPU seconds of each are printed.
+
+Open loop (issue 25): after the closed-loop phase has measured the capacity (its requests/s),
+requests arrive at a fixed rate, --open-loop fractions of it (default 50 %, 80 %, 95 %),
+Poisson (default) or evenly spaced (--arrivals), whatever the answers do; latency counts
+from each request's scheduled time (no coordinated omission), and requests the client could
+not send in time show as lag.
+
+Micro-batching (issue 25): --batching both (default) runs every scenario twice, on a fresh
+copy of the index each time, with the service's micro-batching off (--batch-max 1: one index
+search per request, as before) and on (the service's defaults, or --batch-max /
+--batch-wait-ms); the last table gives "on" against "off" phase by phase, and "mean batch"
+is the queries per index search the service reports (/metrics).
 
 Durability cost: the latency of an acknowledged add (journal append + fsync, from the mix)
 beside what saving the whole index atomically (the alternative) takes at this size.
@@ -22,7 +34,7 @@ beside what saving the whole index atomically (the alternative) takes at this si
     python benchmarks/serve_load.py --scenario vectors                       # 1M items
     python benchmarks/serve_load.py --scenario images --index db.index.npz \
         --model runs/m/model --images cifar10-jpeg.zip --split split.json
-    python benchmarks/serve_load.py --scenario vectors --n 100000 --seconds 5  # quick check
+    python benchmarks/serve_load.py --scenario vectors --items 20000 --seconds 5  # quick check
     python benchmarks/serve_load.py --scenario vectors --partition-levels 2 --nprobe 64
 
 Loopback only, bounded in time (each phase stops after --seconds), never run by CI.
@@ -36,6 +48,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +64,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=["vectors", "images", "all"], default="vectors")
-    parser.add_argument("--n", type=int, default=1_000_000, help="synthetic items (vectors)")
+    parser.add_argument(
+        "--n", "--items", dest="n", type=int, default=1_000_000, help="synthetic items (vectors)"
+    )
     parser.add_argument("--dim", type=int, default=300, help="synthetic feature dimension")
     parser.add_argument("--index", help="images: the index from `dpq encode`")
     parser.add_argument("--model", help="images: the checkpoint that built --index")
@@ -81,6 +96,31 @@ def _parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--model-threads", type=int, default=None, help="images: the server's torch threads"
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["off", "on", "both"],
+        default="both",
+        help="the service's micro-batching: off (--batch-max 1), on, or both in turn",
+    )
+    parser.add_argument("--batch-max", type=int, help="on: the server's --batch-max")
+    parser.add_argument("--batch-wait-ms", type=float, help="on: the server's --batch-wait-ms")
+    parser.add_argument(
+        "--open-loop",
+        default="0.5,0.8,0.95",
+        help="open-loop arrival rates as fractions of the closed-loop capacity ('': none)",
+    )
+    parser.add_argument(
+        "--arrivals", choices=["poisson", "uniform"], default="poisson", help="open loop"
+    )
+    parser.add_argument(
+        "--open-loop-of",
+        choices=["own", "off"],
+        default="own",
+        help="open-loop rates: fractions of each mode's own capacity, or of batching off's",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=1000, help="open loop: connections at most"
     )
     parser.add_argument("--queries", type=int, default=500, help="distinct queries")
     parser.add_argument("--baseline-seconds", type=float, default=10.0, help="in-process timing")
@@ -276,6 +316,89 @@ async def _load(
     return results
 
 
+async def _open_loop(
+    port: int,
+    searches: list[bytes],
+    rate: float,
+    seconds: float,
+    seed: int,
+    arrivals: str,
+    max_connections: int,
+) -> dict[str, list]:
+    """Requests sent at ``rate`` per second for ``seconds`` (Poisson or evenly spaced
+    arrivals), each on an idle keep-alive connection or a new one, whether or not earlier
+    ones were answered. Latency counts from the scheduled time; ``lag`` is how late each
+    request left (the client's own delay)."""
+    rng = random.Random(seed)
+    results: dict[str, list] = {"search": [], "errors": [], "lag": []}
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened = [0]
+    running: set[asyncio.Task] = set()
+
+    async def one(scheduled: float, request: bytes) -> None:
+        results["lag"].append(time.perf_counter() - scheduled)
+        if idle:
+            reader, writer = idle.pop()
+        elif opened[0] >= max_connections:
+            results["errors"].append(f"client: all {max_connections} connections busy")
+            return
+        else:
+            opened[0] += 1
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError as exc:
+                opened[0] -= 1
+                results["errors"].append(f"{type(exc).__name__}: {exc}")
+                return
+        try:
+            status, body = await asyncio.wait_for(_exchange(reader, writer, request), 60)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+            results["errors"].append(f"{type(exc).__name__}: {exc}")
+            writer.close()
+            opened[0] -= 1
+            return
+        if 200 <= status < 300:
+            results["search"].append(time.perf_counter() - scheduled)
+        else:
+            results["errors"].append(f"HTTP {status}: {body[:120]!r}")
+        idle.append((reader, writer))
+
+    started = time.perf_counter()
+    offset = 0.0
+    while True:
+        offset += rng.expovariate(rate) if arrivals == "poisson" else 1.0 / rate
+        if offset >= seconds:
+            break
+        scheduled = started + offset
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.ensure_future(one(scheduled, searches[rng.randrange(len(searches))]))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    if running:
+        await asyncio.gather(*running)
+    results["wall"] = [time.perf_counter() - started]
+    for _, writer in idle:
+        writer.close()
+    return results
+
+
+def batch_counts(server: Server) -> tuple[float, float]:
+    """(index searches, queries in them) of single searches so far, from the server's
+    /metrics (dpq_search_batch_queries); (0, 0) for a server without it."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    values = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for name in values:
+            if line.startswith(f"dpq_search_batch_queries_{name} "):
+                values[name] = float(line.split()[1])
+    return values["count"], values["sum"]
+
+
 def idle_add_latency(server: Server, adds: list[bytes], count: int = 30) -> tuple[float, float]:
     """(p50, max) ms of ``count`` adds sent one at a time to an otherwise idle server: the
     cost of a durable add (encode, index add, journal append + fsync) without queueing."""
@@ -296,48 +419,183 @@ def idle_add_latency(server: Server, adds: list[bytes], count: int = 30) -> tupl
     return float(np.median(took)), float(max(took))
 
 
-def run_phase(
-    name: str, server: Server, searches, adds, add_fraction, args, queries_per_request: int = 1
-) -> dict:
-    """One phase of load; searches/s counts queries (``queries_per_request`` per search
-    request: a batch), latencies are per request."""
-    cpu_server = server.cpu_seconds()
-    cpu_client = time.process_time()
-    results = asyncio.run(
-        _load(server.port, searches, adds, add_fraction, args.clients, args.seconds, args.seed)
-    )
-    wall = results["wall"][0]
+def _latency_row(name: str, server: Server, results: dict, wall: float, before: dict) -> dict:
+    """The fields every phase reports: percentiles of the search latencies (ms), errors, CPU
+    seconds of server and client since ``before``, and the mean batch of the service."""
     searches = np.array(results["search"]) * 1000
-    adds = np.array(results["add"]) * 1000
-    row = {
+    count, total = batch_counts(server)
+    searched = count - before["batches"][0]
+    return {
         "phase": name,
-        "requests_per_s": (len(searches) + len(adds) + len(results["errors"])) / wall,
-        "searches_per_s": len(searches) * queries_per_request / wall,
         "p50": float(np.percentile(searches, 50)) if len(searches) else float("nan"),
         "p95": float(np.percentile(searches, 95)) if len(searches) else float("nan"),
         "p99": float(np.percentile(searches, 99)) if len(searches) else float("nan"),
         "errors": len(results["errors"]),
-        "adds": len(adds),
-        "add_p50": float(np.percentile(adds, 50)) if len(adds) else float("nan"),
-        "add_p99": float(np.percentile(adds, 99)) if len(adds) else float("nan"),
-        "cpu_server": server.cpu_seconds() - cpu_server,
-        "cpu_client": time.process_time() - cpu_client,
+        "cpu_server": server.cpu_seconds() - before["cpu_server"],
+        "cpu_client": time.process_time() - before["cpu_client"],
         "wall": wall,
+        "mean_batch": (total - before["batches"][1]) / searched if searched else float("nan"),
         "first_errors": results["errors"][:3],
     }
+
+
+def _before(server: Server) -> dict:
+    return {
+        "cpu_server": server.cpu_seconds(),
+        "cpu_client": time.process_time(),
+        "batches": batch_counts(server),
+    }
+
+
+def _say(row: dict, extra: str = "") -> None:
     print(
-        f"  {name}: {row['requests_per_s']:,.0f} req/s, p50/p95/p99 {row['p50']:.1f}/"
-        f"{row['p95']:.1f}/{row['p99']:.1f} ms, {row['errors']} errors, {row['adds']} adds; "
-        f"CPU s server {row['cpu_server']:.0f}, client {row['cpu_client']:.0f} of "
-        f"{wall * (os.cpu_count() or 1):.0f}; load average {os.getloadavg()[0]:.1f}",
+        f"  {row['phase']}: {row['requests_per_s']:,.0f} req/s{extra}, p50/p95/p99 "
+        f"{row['p50']:.1f}/{row['p95']:.1f}/{row['p99']:.1f} ms, {row['errors']} errors, "
+        f"mean batch {row['mean_batch']:.1f}; CPU s server {row['cpu_server']:.0f}, client "
+        f"{row['cpu_client']:.0f} of {row['wall'] * (os.cpu_count() or 1):.0f}; load average "
+        f"{os.getloadavg()[0]:.1f}",
         flush=True,
     )
     for error in row["first_errors"]:
         print(f"    error: {error}", flush=True)
+
+
+def run_phase(
+    name: str, server: Server, searches, adds, add_fraction, args, queries_per_request: int = 1
+) -> dict:
+    """One closed-loop phase; searches/s counts queries (``queries_per_request`` per search
+    request: a batch), latencies are per request."""
+    before = _before(server)
+    results = asyncio.run(
+        _load(server.port, searches, adds, add_fraction, args.clients, args.seconds, args.seed)
+    )
+    wall = results["wall"][0]
+    adds = np.array(results["add"]) * 1000
+    row = _latency_row(name, server, results, wall, before)
+    found = len(results["search"])
+    row.update(
+        requests_per_s=(found + len(adds) + len(results["errors"])) / wall,
+        searches_per_s=found * queries_per_request / wall,
+        adds=len(adds),
+        add_p50=float(np.percentile(adds, 50)) if len(adds) else float("nan"),
+        add_p99=float(np.percentile(adds, 99)) if len(adds) else float("nan"),
+        offered=None,
+    )
+    _say(row, f", {row['adds']} adds")
     return row
 
 
+def run_open_phase(name: str, server: Server, searches, rate: float, args) -> dict:
+    """One open-loop phase at ``rate`` requests per second."""
+    before = _before(server)
+    results = asyncio.run(
+        _open_loop(
+            server.port,
+            searches,
+            rate,
+            args.seconds,
+            args.seed,
+            args.arrivals,
+            args.max_connections,
+        )
+    )
+    wall = results["wall"][0]
+    row = _latency_row(name, server, results, wall, before)
+    lag = np.array(results["lag"]) * 1000
+    found = len(results["search"])
+    row.update(
+        requests_per_s=(found + len(results["errors"])) / wall,
+        searches_per_s=found / wall,
+        adds=0,
+        add_p50=float("nan"),
+        add_p99=float("nan"),
+        offered=rate,
+        lag_p99=float(np.percentile(lag, 99)) if len(lag) else float("nan"),
+    )
+    _say(row, f" (offered {rate:,.0f}, client lag p99 {row['lag_p99']:.1f} ms)")
+    return row
+
+
+def batching_modes(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(mode, extra `dpq serve` flags) of each micro-batching mode to run, "off" first."""
+    on = []
+    if args.batch_max is not None:
+        on += ["--batch-max", str(args.batch_max)]
+    if args.batch_wait_ms is not None:
+        on += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    modes = {"off": ["--batch-max", "1"], "on": on}
+    chosen = ["off", "on"] if args.batching == "both" else [args.batching]
+    return [(mode, modes[mode]) for mode in chosen]
+
+
+def open_loop_fractions(args: argparse.Namespace) -> list[float]:
+    return [float(part) for part in args.open_loop.split(",") if part.strip()]
+
+
+def run_mode(
+    mode: str, server: Server, searches, adds, args, capacity_off: float | None
+) -> list[dict]:
+    """Closed loop (the capacity), open loop at fractions of it (or of ``capacity_off``
+    with --open-loop-of off), then the mix with adds; every row tagged with ``mode``."""
+    idle = idle_add_latency(server, adds)
+    print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
+    closed = run_phase("closed loop", server, searches, adds, 0.0, args)
+    rows = [closed]
+    base = capacity_off if args.open_loop_of == "off" and capacity_off else None
+    capacity = base or closed["requests_per_s"]
+    for fraction in open_loop_fractions(args):
+        name = f"open loop {fraction:.0%}"
+        rows.append(run_open_phase(name, server, searches, fraction * capacity, args))
+    rows.append(
+        run_phase(
+            f"+ {args.add_fraction:.0%} adds", server, searches, adds, args.add_fraction, args
+        )
+    )
+    for row in rows:
+        row.update(mode=mode, idle_add=idle)
+    return rows
+
+
 # ---------------------------------------------------------------- scenarios
+
+
+def serve_modes(
+    args: argparse.Namespace,
+    original: Path,
+    server_flags: list[str],
+    searches: list[bytes],
+    adds: list[bytes],
+    client_batches: list[bytes] | None = None,
+) -> list[dict]:
+    """Every batching mode in turn, each on a fresh copy of ``original`` (the adds of one
+    mode never reach the next); the client-batch phase (``/search/batch``) in the first
+    mode only, since the service's micro-batching does not touch it."""
+    rows: list[dict] = []
+    capacity_off = None
+    for mode, flags in batching_modes(args):
+        path = original.with_name(f"{mode}-{original.name}")
+        shutil.copy(original, path)
+        print(f" batching {mode} ({' '.join(flags) or 'the service defaults'}):", flush=True)
+        server = Server(str(path), *server_flags, *flags)
+        try:
+            mode_rows = run_mode(mode, server, searches, adds, args, capacity_off)
+            if client_batches and not rows:
+                name = f"client batches of {args.batch}"
+                row = run_phase(name, server, client_batches, adds, 0.0, args, args.batch)
+                row.update(mode=mode, idle_add=mode_rows[0]["idle_add"])
+                mode_rows.insert(1, row)
+        finally:
+            stop_seconds = server.stop()
+        print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+        if mode == "off":
+            capacity_off = mode_rows[0]["requests_per_s"]
+        rows += mode_rows
+        for leftover in path.parent.glob(f"{path.name}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+    return rows
 
 
 def scenario_vectors(args: argparse.Namespace) -> list[dict]:
@@ -363,6 +621,16 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
         args.baseline_seconds,
     )
     print(f"  in-process DPQIndex.search, one query per call: {rate:,.0f} queries/s", flush=True)
+    per_call = min(64, len(queries))
+    starts = len(queries) - per_call + 1
+    many = per_call * in_process_rate(
+        lambda i: index.search(
+            queries[i % starts : i % starts + per_call], args.k, num_levels=levels, **probe
+        ),
+        len(queries),
+        args.baseline_seconds,
+    )
+    print(f"  in-process, {per_call} queries per call: {many:,.0f} queries/s", flush=True)
     if probe:
         _, probed = index.search(queries, args.k, num_levels=levels, **probe)
         _, exhaustive = index.search(queries, args.k, num_levels=levels)
@@ -379,25 +647,11 @@ def scenario_vectors(args: argparse.Namespace) -> list[dict]:
     for start in range(0, len(queries) - args.batch + 1, args.batch) if args.batch > 1 else []:
         chosen = [{"vector": q.tolist()} for q in queries[start : start + args.batch]]
         batches.append(json_request("/search/batch", {"queries": chosen, "k": args.k, **extra}))
-    rows = []
-    server = Server(str(path), "--threads", str(args.threads), "--allow-open-writes")
-    try:
-        idle = idle_add_latency(server, adds)
-        print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
-        rows.append(run_phase("vectors", server, searches, adds, 0.0, args))
-        if batches:
-            name = f"vectors, batches of {args.batch}"
-            rows.append(run_phase(name, server, batches, adds, 0.0, args, args.batch))
-        rows.append(
-            run_phase("vectors + 5 % adds", server, searches, adds, args.add_fraction, args)
-        )
-    finally:
-        stop_seconds = server.stop()
-    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    flags = ["--threads", str(args.threads), "--allow-open-writes"]
+    rows = serve_modes(args, path, flags, searches, adds, batches)
     for row in rows:
-        row.update(in_process=rate, save_ms=save_seconds * 1000, items=args.n, idle_add=idle)
-    for leftover in (path, path.with_name(path.name + ".journal")):
-        leftover.unlink(missing_ok=True)
+        row.update(scenario="vectors", in_process=rate, save_ms=save_seconds * 1000, items=args.n)
+    path.unlink(missing_ok=True)
     return rows
 
 
@@ -446,66 +700,101 @@ def scenario_images(args: argparse.Namespace) -> list[dict]:
     extra = {"k": str(args.k)} if args.bits is None else {"k": str(args.k), "bits": str(args.bits)}
     searches = [multipart_request("/search", "file", data, extra) for data in uploads]
     adds = [multipart_request("/items", "files", data, {}) for data in uploads]
-    rows = []
     model_threads = (
         [] if args.model_threads is None else ["--model-threads", str(args.model_threads)]
     )
-    server = Server(
-        str(path),
-        "--model",
-        args.model,
-        "--images",
-        args.images,
-        "--threads",
-        str(args.threads),
-        "--allow-open-writes",
-        *model_threads,
-    )
-    try:
-        idle = idle_add_latency(server, adds)
-        print(f"  idle server, one add at a time: p50 {idle[0]:.1f} ms, max {idle[1]:.1f} ms")
-        rows.append(run_phase("images", server, searches, adds, 0.0, args))
-        rows.append(run_phase("images + 5 % adds", server, searches, adds, args.add_fraction, args))
-    finally:
-        stop_seconds = server.stop()
-    print(f"  shutdown with compaction: {stop_seconds:.1f} s", flush=True)
+    flags = ["--model", args.model, "--images", args.images, "--threads", str(args.threads)]
+    flags += ["--allow-open-writes", *model_threads]
+    rows = serve_modes(args, path, flags, searches, adds)
     for row in rows:
-        row.update(in_process=rate, save_ms=save_seconds * 1000, items=index.ntotal, idle_add=idle)
-    for leftover in workdir.glob("images.index.npz*"):
-        if leftover.is_dir():
-            for file in leftover.iterdir():
-                file.unlink()
-            leftover.rmdir()
-        else:
-            leftover.unlink()
+        row.update(
+            scenario="images", in_process=rate, save_ms=save_seconds * 1000, items=index.ntotal
+        )
+    path.unlink(missing_ok=True)
     return rows
+
+
+def cpu_flags() -> tuple[str, list[str]]:
+    """(model name, flags) of this machine's CPU from `lscpu` (/proc/cpuinfo without it)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        return fields.get("Model name", "unknown").strip(), fields.get("Flags", "").split()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown", []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return fields.get("model name\t", "unknown").strip(), fields.get("flags\t\t", "").split()
+
+
+def cpu_facts() -> str:
+    """The CPU's model name and the vector flags that matter to the scan."""
+    name, flags = cpu_flags()
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")
+    return f"{name}; flags {' '.join(flag for flag in wanted if flag in flags)}"
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print()
     print(
-        f"{args.clients} clients x {args.seconds:g} s per phase, k={args.k}, "
+        f"{args.clients} clients x {args.seconds:g} s per phase, open loop "
+        f"{args.arrivals} at {args.open_loop or 'none'} of the "
+        f"{'own' if args.open_loop_of == 'own' else 'batching-off'} capacity, k={args.k}, "
         f"bits={args.bits or 'all'}, partition levels {args.partition_levels}, nprobe "
         f"{args.nprobe or 'all cells'}, server threads {args.threads}, model threads "
-        f"{args.model_threads or 'torch default'}, {os.cpu_count()} CPUs"
+        f"{args.model_threads or 'torch default'}, {os.cpu_count()} CPUs ({cpu_facts()})"
     )
     print(
-        "| phase | items | requests/s | searches/s | x in-process | p50 ms | p95 ms | p99 ms "
-        "| errors | adds | add p50 / p99 ms | idle add p50 ms | atomic save ms | in-process q/s |"
+        "| scenario | batching | phase | items | offered req/s | requests/s | searches/s "
+        "| x in-process | mean batch | p50 ms | p95 ms | p99 ms | errors | adds "
+        "| add p50 / p99 ms | idle add p50 ms | atomic save ms | in-process q/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
         add = f"{r['add_p50']:.1f} / {r['add_p99']:.1f}" if r["adds"] else "-"
+        offered = "-" if r["offered"] is None else f"{r['offered']:,.0f}"
         print(
-            f"| {r['phase']} | {r['items']:,} | {r['requests_per_s']:,.0f} | "
-            f"{r['searches_per_s']:,.0f} | {r['searches_per_s'] / r['in_process']:.2f} | "
+            f"| {r['scenario']} | {r['mode']} | {r['phase']} | {r['items']:,} | {offered} | "
+            f"{r['requests_per_s']:,.0f} | {r['searches_per_s']:,.0f} | "
+            f"{r['searches_per_s'] / r['in_process']:.2f} | {r['mean_batch']:.1f} | "
             f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | {r['adds']} | "
             f"{add} | {r['idle_add'][0]:.1f} | {r['save_ms']:.0f} | {r['in_process']:,.0f} |"
         )
 
 
+def print_ratios(rows: list[dict]) -> None:
+    """Micro-batching on against off, phase by phase (off is the baseline: ratios > 1 mean
+    more requests/s, or longer latencies)."""
+    off = {(r["scenario"], r["phase"]): r for r in rows if r["mode"] == "off"}
+    pairs = [(off[(r["scenario"], r["phase"])], r) for r in rows
+             if r["mode"] == "on" and (r["scenario"], r["phase"]) in off]  # fmt: skip
+    if not pairs:
+        return
+    print()
+    print("batching on / off, same run, same phase (open loop: own capacities unless "
+          "--open-loop-of off):")  # fmt: skip
+    print("| scenario | phase | requests/s on/off | p50 on/off | p95 on/off | p99 on/off "
+          "| p99 ms off -> on | errors off, on |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for base, new in pairs:
+        print(
+            f"| {new['scenario']} | {new['phase']} | "
+            f"{new['requests_per_s'] / base['requests_per_s']:.2f} | "
+            f"{new['p50'] / base['p50']:.2f} | {new['p95'] / base['p95']:.2f} | "
+            f"{new['p99'] / base['p99']:.2f} | {base['p99']:.1f} -> {new['p99']:.1f} | "
+            f"{base['errors']}, {new['errors']} |"
+        )
+
+
 def main() -> None:
     args = _parse_args()
+    name, flags = cpu_flags()
+    print(f"CPU (lscpu): {name}, {os.cpu_count()} CPUs; flags: {' '.join(flags)}", flush=True)
     for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
     rows = []
@@ -514,6 +803,7 @@ def main() -> None:
     if args.scenario in ("vectors", "all"):
         rows += scenario_vectors(args)
     print_table(rows, args)
+    print_ratios(rows)
 
 
 if __name__ == "__main__":

@@ -604,6 +604,11 @@ def test_cli_serve_options_and_warnings(built, tmp_path, capsys):
     )
     assert main(["serve", "--index", str(tmp_path / "missing.npz"), "--port", "0"]) == 2
     assert "index file not found" in capsys.readouterr().err
+    batching = ["--batch-max", "1", "--batch-wait-ms", "0.5"]
+    args = build_parser().parse_args(["serve", "--index", "x.npz", *batching])
+    assert (args.batch_max, args.batch_wait_ms) == (1, 0.5)
+    assert main(["serve", "--index", "x.npz", "--port", "0", "--batch-max", "0"]) == 2
+    assert "batch_max must be in 1..4096; got 0" in capsys.readouterr().err
     assert (
         main(
             ["serve", "--index", str(built["index"]), "--model", str(built["model"]), "--port", "0"]

@@ -40,6 +40,10 @@ def test_derived_threads_and_burst():
     assert ServeSettings("x", rate_limit=2.5).burst == 5
     assert ServeSettings("x", rate_limit=0.2).burst == 1
     assert ServeSettings("x", rate_limit=2.5, rate_burst=9).burst == 9
+    assert ServeSettings("x", threads=3).batch_slots == 3  # batches gather while 3 run
+    assert ServeSettings("x", threads=3, batch_max=1).batch_slots is None  # no batching
+    batching = ServeSettings("x")
+    assert (batching.batch_max, batching.batch_wait_ms) == (64, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,11 @@ def test_derived_threads_and_burst():
         ({"max_image_pixels": 0}, ValueError, "max_image_pixels must be at least 1"),
         ({"max_pending": 0}, ValueError, "max_pending must be at least 1"),
         ({"thumbnail_size": 0}, ValueError, "thumbnail_size must be at least 1"),
+        ({"batch_max": 0}, ValueError, "batch_max must be in 1..4096; got 0"),
+        ({"batch_max": 2.0}, TypeError, "batch_max must be an integer"),
+        ({"batch_wait_ms": -1}, ValueError, "batch_wait_ms must be a number of milliseconds"),
+        ({"batch_wait_ms": float("nan")}, ValueError, "batch_wait_ms must be a number"),
+        ({"batch_wait_ms": "2"}, ValueError, "batch_wait_ms must be a number"),
         ({"compact_bytes": -1}, ValueError, "compact_bytes must be at least 0"),
         ({"port": 70_000}, ValueError, "port must be in 0..65535"),
         ({"rate_limit": -1.0}, ValueError, "rate_limit must be 0 (no limit) or positive"),

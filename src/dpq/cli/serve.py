@@ -70,6 +70,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-pending", type=int, default=256, help="requests waiting beyond this get 503"
     )
+    parser.add_argument(
+        "--batch-max",
+        type=int,
+        metavar="N",
+        help="single searches that arrive together are searched in one index call, N at "
+        "most (1: no micro-batching; default 64)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        metavar="MS",
+        help="how long a search may wait for others while one is running (an idle service "
+        "searches at once; default 2)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_device_options(parser)
     parser.set_defaults(run=run)
@@ -78,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpq.serve import ServeSettings, serve
 
+    given = {"batch_max": args.batch_max, "batch_wait_ms": args.batch_wait_ms}
+    batching = {name: value for name, value in given.items() if value is not None}
     settings = ServeSettings(
         index=args.index,
         model=args.model,
@@ -98,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         model_threads=args.model_threads,
         max_pending=args.max_pending,
         device=args.device,
+        **batching,
     )
     serve(settings)
     return 0

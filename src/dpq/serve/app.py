@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from dpq import __version__
+from dpq.serve.batching import MicroBatcher
 from dpq.serve.collection import UnknownItemError, open_collection
 from dpq.serve.context import ServiceContext, Workers
 from dpq.serve.images import NotAnImageError
@@ -32,6 +33,7 @@ from dpq.serve.limits import BodyLimit, RateLimit, TokenBuckets
 from dpq.serve.metrics import RequestMetrics, ServiceMetrics
 from dpq.serve.routes import STATIC_DIR, router
 from dpq.serve.schemas import request_schemas
+from dpq.serve.searches import answer_queries
 from dpq.serve.settings import ServeSettings
 
 __all__ = ["create_app", "writes_note"]
@@ -106,12 +108,19 @@ def create_app(
     collection.warm_up()
     metrics = ServiceMetrics(items=lambda: len(collection))
     workers = Workers(settings.search_threads, settings.max_pending, metrics.pending)
-    service = ServiceContext(settings, collection, metrics, workers)
+    searches = MicroBatcher(
+        lambda _key, queries: answer_queries(service, queries),
+        workers.search_pool,
+        max_batch=settings.batch_max,
+        max_wait=settings.batch_wait_ms / 1000,
+        slots=settings.batch_slots,
+    )
+    service = ServiceContext(settings, collection, metrics, workers, searches)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        service.close()
+        await service.shutdown()
 
     app = FastAPIOffline(
         title="dpq search service",

@@ -1,19 +1,21 @@
 """What the routes reach: the app's :class:`ServiceContext` (settings, collection, metrics,
-workers), kept in ``app.state.service`` and handed to each route by the FastAPI dependency
+workers, the search batcher), kept in ``app.state.service`` and handed to each route by the FastAPI dependency
 :func:`service_context`; and who may write (:func:`check_write`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
 
+from dpq.serve.batching import MicroBatcher
 from dpq.serve.collection import Collection
 from dpq.serve.metrics import ServiceMetrics
 from dpq.serve.settings import ServeSettings
@@ -44,8 +46,10 @@ class Workers:
         self._lock = threading.Lock()
         self._gauge = pending
 
-    async def run(self, pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
-        """job() on ``pool``, awaited; HTTPException 503 when too many jobs are pending."""
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count the block as one pending job; HTTPException 503 when too many are pending
+        (a search waiting in the batcher counts as one, as a job on a pool does)."""
         with self._lock:
             if self._pending >= self.max_pending:
                 raise HTTPException(
@@ -57,11 +61,16 @@ class Workers:
             self._pending += 1
             self._gauge.set(self._pending)
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, job)
+            yield
         finally:
             with self._lock:
                 self._pending -= 1
                 self._gauge.set(self._pending)
+
+    async def run(self, pool: ThreadPoolExecutor, job: Callable[[], T]) -> T:
+        """job() on ``pool``, awaited; HTTPException 503 when too many jobs are pending."""
+        with self.admitted():
+            return await asyncio.get_running_loop().run_in_executor(pool, job)
 
     async def search(self, job: Callable[[], T]) -> T:
         """job() on the search pool (reads, decoding, model calls)."""
@@ -78,15 +87,22 @@ class Workers:
 
 @dataclass(frozen=True)
 class ServiceContext:
-    """Everything a route of one app uses."""
+    """Everything a route of one app uses; ``searches`` batches single searches
+    (:mod:`dpq.serve.batching`, run on the search pool)."""
 
     settings: ServeSettings
     collection: Collection
     metrics: ServiceMetrics
     workers: Workers
+    searches: MicroBatcher
+
+    async def shutdown(self) -> None:
+        """Answer the searches still waiting, then :meth:`close` (app shutdown)."""
+        await self.searches.drain()
+        self.close()
 
     def close(self) -> None:
-        """Stop the workers, then compact and close the collection (app shutdown)."""
+        """Stop the workers, then compact and close the collection."""
         self.workers.close()
         self.collection.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 
 import numpy as np
@@ -17,6 +19,7 @@ from dpq.data.decode import (
 __all__ = [
     "BadImageError",
     "NotAnImageError",
+    "decode_base64",
     "decode_upload",
     "model_input",
     "png_bytes",
@@ -34,6 +37,19 @@ class NotAnImageError(ValueError):
 
 class BadImageError(ValueError):
     """An image that is damaged, truncated or too large once decoded (the service answers 422)."""
+
+
+def decode_base64(data: str, what: str) -> bytes:
+    """The file bytes of base64 text (a ``data:...;base64,`` URL too); ValueError naming
+    ``what`` when it is not base64."""
+    try:
+        return base64.b64decode(
+            data.split(",", 1)[1] if data.startswith("data:") else data, validate=True
+        )
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"{what} is not valid base64; send the file's bytes base64-encoded."
+        ) from None
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -10,8 +10,9 @@ from typing import Any
 
 from starlette.routing import Match
 
-__all__ = ["LATENCY_BUCKETS", "RequestMetrics", "ServiceMetrics"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "RequestMetrics", "ServiceMetrics"]
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -45,6 +46,12 @@ class ServiceMetrics:
             "features), search (index scan), write (add/remove, durable).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_queries = Histogram(
+            "dpq_search_batch_queries",
+            "Queries per index search of single searches (micro-batching; 1: searched alone).",
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         gauge = Gauge("dpq_items", "Items in the collection.", registry=self.registry)

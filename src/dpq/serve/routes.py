@@ -3,15 +3,15 @@ service facts (health, stats, metrics) and the web page.
 
 Each route gets its app's :class:`~dpq.serve.context.ServiceContext` through a FastAPI
 dependency and runs the work on its workers (searches, decoding and model calls on the
-search pool, writes on the single writer thread), never on the event loop. A ``ValueError``
+search pool, writes on the single writer thread), never on the event loop; single searches
+go through the app's micro-batcher (:mod:`dpq.serve.batching`), which searches the queries
+that arrive together in one call (:mod:`dpq.serve.searches`). A ``ValueError``
 raised here or below answers 422, a :class:`~dpq.serve.images.NotAnImageError` 415 (the
 app's exception handlers).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import time
@@ -27,10 +27,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from dpq.serve.bounds import MAX_ID, MAX_IMAGES_PER_REQUEST, MAX_RESULTS
-from dpq.serve.collection import SearchHits
 from dpq.serve.context import ServiceContext, check_write, service_context
-from dpq.serve.images import decode_upload, model_input
-from dpq.serve.labels import label_filter
+from dpq.serve.images import decode_base64
 from dpq.serve.schemas import (
     ADD_REQUEST_BODY,
     BATCH_REQUEST_BODY,
@@ -42,9 +40,17 @@ from dpq.serve.schemas import (
     BatchSearchResponse,
     Item,
     ItemList,
-    SearchOptions,
     SearchRequest,
     SearchResponse,
+)
+from dpq.serve.searches import (
+    SearchQuery,
+    Upload,
+    answer_batch,
+    batch_key,
+    check_one_query,
+    image_input,
+    image_query,
 )
 
 __all__ = ["STATIC_DIR", "router"]
@@ -54,7 +60,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
 Service = Annotated[ServiceContext, Depends(service_context)]
 ItemIdPath = Annotated[int, PathParam(ge=0, le=MAX_ID, description="an item id (int64, >= 0)")]
-Upload = tuple[bytes, str]  # (file bytes, a name for messages)
 _INTEGER = re.compile(r"-?[0-9]+")
 _NOT_FOUND = {404: {"description": "no item with that id"}}
 
@@ -89,17 +94,6 @@ def _validated(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
-
-
-def _b64(data: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(
-            data.split(",", 1)[1] if data.startswith("data:") else data, validate=True
-        )
-    except (binascii.Error, ValueError):
-        raise ValueError(
-            f"{what} is not valid base64; send the file's bytes base64-encoded."
-        ) from None
 
 
 def _form_value(form: Any, name: str) -> Any:
@@ -143,7 +137,8 @@ async def _add_request(request: Request) -> tuple[AddRequest, list[Upload]]:
     if _media_type(request) != "multipart/form-data":
         body = _validated(AddRequest, await _json_body(request))
         uploads = [
-            (_b64(b, f"images[{i}]"), f"images[{i}]") for i, b in enumerate(body.images or [])
+            (decode_base64(b, f"images[{i}]"), f"images[{i}]")
+            for i, b in enumerate(body.images or [])
         ]
         return body, uploads
     uploads: list[Upload] = []
@@ -156,175 +151,6 @@ async def _add_request(request: Request) -> tuple[AddRequest, list[Upload]]:
 
 
 # ---------------------------------------------------------------- work on the worker threads
-
-
-def _image_array(service: ServiceContext, upload: Upload) -> tuple[np.ndarray, Any]:
-    """(model input uint8 (H, W, 3), decoded image) of uploaded bytes; times 'decode'."""
-    collection = service.collection
-    if not collection.accepts_images or collection.image_size is None:
-        raise ValueError(
-            "this service has no model, so it cannot take images; send a vector or an "
-            "id, or restart it with --model."
-        )
-    data, name = upload
-    with service.metrics.stage("decode"):
-        picture = decode_upload(data, name, service.settings.max_image_pixels)
-        return model_input(picture, collection.image_size), picture
-
-
-def _vector(service: ServiceContext, values: list[float]) -> np.ndarray:
-    vector = np.asarray(values, np.float32)
-    if vector.shape != (service.collection.index.dim,):
-        raise ValueError(
-            f"the vector has {vector.size} values but this index expects "
-            f"{service.collection.index.dim} (its feature dimension D)."
-        )
-    return vector
-
-
-def _query_vector(
-    service: ServiceContext, params: SearchRequest, upload: Upload | None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """float32 (D,) query of exactly one of an upload, base64 image, vector or id, and the
-    answer's ``query`` field (the id and its label for an id query; what the model predicts
-    for an image)."""
-    collection = service.collection
-    given = [params.image is not None or upload is not None, params.vector is not None]
-    given.append(params.id is not None)
-    if sum(given) != 1:
-        raise ValueError(
-            "give exactly one query: an uploaded image, 'image' (base64), 'vector' or 'id'."
-        )
-    if params.id is not None:
-        vector = collection.vectors_of([params.id])[0]
-        return vector, {"id": params.id, "label": collection.label_of(params.id)}
-    if params.vector is not None:
-        return _vector(service, params.vector), {}
-    if upload is None:
-        upload = (_b64(params.image or "", "image"), "image")
-    pixels, _ = _image_array(service, upload)
-    with service.metrics.stage("encode"):
-        multi_label = collection.index.label_shape not in (None, ())
-        features, predictions = collection.model().predictions(
-            pixels[None], multi_label, collection.classes
-        )
-    return features[0], predictions[0]
-
-
-def _search_pages(
-    service: ServiceContext,
-    vectors: np.ndarray,
-    query_ids: list[int | None],
-    params: SearchOptions,
-) -> list[SearchHits]:
-    """Pages of float32 (nq, D) queries with the options of a request; an id query leaves
-    its own item out when ``exclude_query`` (the default)."""
-    collection = service.collection
-    chosen = None
-    if params.filter is not None:
-        chosen = label_filter(
-            params.filter.labels,
-            params.filter.match,
-            collection.index.label_shape,
-            collection.classes,
-        )
-    exclude = None
-    own = [query_id is not None and params.exclude_query for query_id in query_ids]
-    if params.exclude or any(own):
-        base = list(params.exclude or [])
-        exclude = [
-            base + [query_id] if mine else base
-            for query_id, mine in zip(query_ids, own, strict=True)
-        ]
-    with service.metrics.stage("search"):
-        return collection.search_many(
-            vectors,
-            k=params.k,
-            bits=params.bits,
-            offset=params.offset,
-            rerank=params.rerank,
-            rerank_candidates=params.rerank_candidates,
-            nprobe=params.nprobe,
-            label_filter=chosen,
-            exclude=exclude,
-            with_codes=params.with_codes,
-        )
-
-
-def _page_body(service: ServiceContext, hits: SearchHits, query: dict[str, Any]) -> dict[str, Any]:
-    """The JSON of one query's QueryResults."""
-    results = []
-    for i, (item_id, distance) in enumerate(
-        zip(hits.ids.tolist(), hits.distances.tolist(), strict=True)
-    ):
-        has_image = service.collection.has_image(item_id)
-        result = {
-            "rank": hits.offset + i,
-            "id": item_id,
-            "distance": float(f"{distance:.6g}"),
-            "label": None if hits.labels is None else hits.labels[i],
-            "image_url": f"/items/{item_id}/image" if has_image else None,
-        }
-        if hits.codes is not None:
-            result["codes"] = hits.codes[i].tolist()
-        results.append(result)
-    groups = [
-        {
-            "start": g.start,
-            "end": g.end,
-            "distance": float(f"{g.distance:.6g}"),
-            "complete": g.complete,
-        }
-        for g in hits.tie_groups
-    ]
-    return {"results": results, "tie_groups": groups, "query": query}
-
-
-def _answer_facts(hits: SearchHits, params: SearchOptions, started: float) -> dict[str, Any]:
-    return {
-        "bits": hits.bits,
-        "took_ms": round((time.perf_counter() - started) * 1000, 3),
-        "k": params.k,
-        "offset": params.offset,
-        "total": hits.total,
-        "matching": hits.matching,
-    }
-
-
-def _run_search(
-    service: ServiceContext, params: SearchRequest, upload: Upload | None, started: float
-) -> dict[str, Any]:
-    vector, query = _query_vector(service, params, upload)
-    hits = _search_pages(service, vector[None], [params.id], params)[0]
-    return {**_page_body(service, hits, query), **_answer_facts(hits, params, started)}
-
-
-def _run_batch(
-    service: ServiceContext, params: BatchSearchRequest, started: float
-) -> dict[str, Any]:
-    collection = service.collection
-    for number, one in enumerate(params.queries):
-        if (one.vector is None) == (one.id is None):
-            raise ValueError(f"queries[{number}] must give exactly one of 'vector' or 'id'.")
-    ids = [one.id for one in params.queries if one.id is not None]
-    by_id = dict(zip(ids, collection.vectors_of(ids), strict=True)) if ids else {}
-    vectors = np.stack(
-        [
-            by_id[one.id] if one.id is not None else _vector(service, one.vector)
-            for one in params.queries
-        ]
-    )
-    query_ids = [one.id for one in params.queries]
-    pages = _search_pages(service, vectors, query_ids, params)
-    responses = [
-        _page_body(
-            service,
-            hits,
-            {} if query_id is None else {"id": query_id, "label": collection.label_of(query_id)},
-        )
-        for hits, query_id in zip(pages, query_ids, strict=True)
-    ]
-    return {"responses": responses, **_answer_facts(pages[0], params, started)}
 
 
 def _item_body(service: ServiceContext, item_id: int) -> dict[str, Any]:
@@ -364,7 +190,7 @@ def _items_to_add(
                     "the vectors down (features are of the order of 1)."
                 )
         return vectors, None, list(body.names or [None] * len(vectors))
-    decoded = [_image_array(service, upload) for upload in uploads]
+    decoded = [image_input(service, upload) for upload in uploads]
     with service.metrics.stage("encode"):
         features = collection.model().features(np.stack([pixels for pixels, _ in decoded]))
     return features, [picture for _, picture in decoded], [name for _, name in uploads]
@@ -390,7 +216,13 @@ async def search(request: Request, service: Service) -> Response:
     fields (`filter` as JSON text)."""
     started = time.perf_counter()
     params, upload = await _search_request(request)
-    body = await service.workers.search(lambda: _run_search(service, params, upload, started))
+    check_one_query(params, upload)
+    query = SearchQuery(params, started)
+    if upload is not None or params.image is not None:  # the model batches the images
+        vector, shown = await service.workers.search(lambda: image_query(service, params, upload))
+        query = SearchQuery(params, started, vector, shown)
+    with service.workers.admitted():  # searched with the queries that wait with it
+        body = await service.searches.submit(batch_key(params), query)
     return JSONResponse(body)
 
 
@@ -406,7 +238,7 @@ async def search_batch(request: Request, service: Service) -> Response:
     each, answered by one search of the index (queries share its scan)."""
     started = time.perf_counter()
     params = _validated(BatchSearchRequest, await _json_body(request))
-    body = await service.workers.search(lambda: _run_batch(service, params, started))
+    body = await service.workers.search(lambda: answer_batch(service, params, started))
     return JSONResponse(body)
 
 

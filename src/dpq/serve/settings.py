@@ -16,6 +16,8 @@ from dpq.serve.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "API_KEY_ENV",
+    "DEFAULT_BATCH_MAX",
+    "DEFAULT_BATCH_WAIT_MS",
     "DEFAULT_COMPACT_BYTES",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "LOG_LEVELS",
@@ -27,6 +29,9 @@ API_KEY_ENV = "DPQ_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 # Compact (save the index, start a new journal) once the journal grows past this.
 DEFAULT_COMPACT_BYTES = 64 * 2**20
+# Micro-batching defaults (measured with benchmarks/serve_load.py; see docs/RESULTS.md).
+DEFAULT_BATCH_MAX = 64
+DEFAULT_BATCH_WAIT_MS = 2.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -87,6 +92,14 @@ class ServeSettings:
         threads: search threads (None: the CPU count).
         max_pending: requests running or waiting beyond this get 503.
 
+    Micro-batching (:mod:`dpq.serve.batching`; single searches only, ``/search/batch`` is
+    batched by its client):
+        batch_max: queries searched together in one index call at most (1: each query alone,
+            no batching).
+        batch_wait_ms: how long a query may wait for others while a search is already
+            running (an idle service searches at once; 0: never wait, batch only what
+            queues up while the search threads are busy).
+
     Storage:
         thumbnail_size: longer side of thumbnails in pixels.
         compact_bytes: compact the journal once it is larger than this.
@@ -115,6 +128,8 @@ class ServeSettings:
     rate_burst: int | None = None
     threads: int | None = None
     max_pending: int = 256
+    batch_max: int = DEFAULT_BATCH_MAX
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     thumbnail_size: int = 128
     compact_bytes: int = DEFAULT_COMPACT_BYTES
     fsync: bool = True
@@ -144,6 +159,12 @@ class ServeSettings:
         for name in ("max_upload_bytes", "max_image_pixels", "max_pending", "thumbnail_size"):
             _check_int(name, getattr(self, name), 1)
         _check_int("compact_bytes", self.compact_bytes, 0)
+        _check_int("batch_max", self.batch_max, 1, 4096)
+        wait = self.batch_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 1000:
+            raise ValueError(
+                f"batch_wait_ms must be a number of milliseconds in 0..1000; got {wait!r}."
+            )
         _check_int("port", self.port, 0, 65535)
         rate = self.rate_limit
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
@@ -173,6 +194,13 @@ class ServeSettings:
     def search_threads(self) -> int:
         """Threads of the search pool: :attr:`threads`, or the CPU count."""
         return self.threads or os.cpu_count() or 2
+
+    @property
+    def batch_slots(self) -> int | None:
+        """Batches searched at once: :attr:`search_threads` when batching (queries gather
+        while they are busy), None (no bound: each query goes to the pool at once) when
+        :attr:`batch_max` is 1."""
+        return None if self.batch_max == 1 else self.search_threads
 
     @property
     def burst(self) -> int:
