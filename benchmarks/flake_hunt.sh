@@ -11,7 +11,8 @@
 #   PYTEST SELECTION  what to run (default: the process tests below)
 #   LOAD=1            keep one core busy with a spinning process beside the tests, as a CI
 #                     machine running other work would
-#   SRC=path/to/src   test another checkout's code (PYTHONPATH, ahead of the installed one)
+#   SRC=path/to/src   the code to test (default: this checkout's src/, put on PYTHONPATH ahead
+#                     of the installed one, which may be another checkout's editable install)
 #   PYTHON=...        the interpreter (default .venv/bin/python of this checkout, else of the
 #                     main checkout when this is a git worktree, else python3)
 #   RUN_TIMEOUT=s     a run still going after this many seconds is killed and counts as
@@ -51,9 +52,7 @@ if [ ! -x "$python" ] && [ -z "${PYTHON:-}" ]; then
 fi
 logs=${LOGS:-$(mktemp -d -t flake-hunt.XXXXXX)}
 mkdir -p "$logs"
-if [ -n "${SRC:-}" ]; then
-    export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
-fi
+export PYTHONPATH="${SRC:-$PWD/src}${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 spinner=""
@@ -71,9 +70,10 @@ started=$(date +%s)
 for run in $(seq 1 "$runs"); do
     log="$logs/run-$(printf %03d "$run").log"
     begin=$(date +%s)
-    # -rf lists the failures by id at the end of each log.
+    # -rf lists the failures by id at the end of each log; -q comes from pyproject's addopts
+    # (a second one would drop the "N passed" line).
     timeout -k 30 "${RUN_TIMEOUT:-1800}" \
-        "$python" -m pytest -q -rf -p no:cacheprovider "${selection[@]}" >"$log" 2>&1
+        "$python" -m pytest -rf -p no:cacheprovider "${selection[@]}" >"$log" 2>&1
     code=$?
     summary=$(tail -n 1 "$log")
     [ "$code" -eq 124 ] && summary="killed after ${RUN_TIMEOUT:-1800} s (a hang)"
