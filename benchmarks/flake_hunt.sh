@@ -75,7 +75,7 @@ for run in $(seq 1 "$runs"); do
     timeout -k 30 "${RUN_TIMEOUT:-1800}" \
         "$python" -m pytest -rf -p no:cacheprovider "${selection[@]}" >"$log" 2>&1
     code=$?
-    summary=$(tail -n 1 "$log")
+    summary=$(grep -v "^[[:space:]]*$" "$log" | tail -n 1)
     [ "$code" -eq 124 ] && summary="killed after ${RUN_TIMEOUT:-1800} s (a hang)"
     if [ "$code" -ne 0 ]; then
         failed=$((failed + 1))
