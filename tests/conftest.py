@@ -7,7 +7,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import io  # noqa: E402
 import struct  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 import zipfile  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -71,6 +74,54 @@ def digits():
     dataset = load_digits()
     keep = np.concatenate([np.flatnonzero(dataset.labels == c)[:24] for c in range(10)])
     return ArrayDataset(np.asarray(dataset.images)[keep], dataset.labels[keep])
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.01,
+) -> None:
+    """Call ``predicate`` every ``interval`` s until it returns something true; after
+    ``timeout`` s raise AssertionError("timed out after <timeout> s waiting for <what>")
+    (``what`` may be a function, called then, for a message that shows the state)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {described}")
+        time.sleep(interval)
+
+
+def join_threads(threads: Sequence[threading.Thread], timeout: float, what: str) -> None:
+    """Join every thread of ``threads`` within ``timeout`` s in all, or raise AssertionError
+    ("timed out after <timeout> s waiting for <what>")."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    wait_until(lambda: not any(thread.is_alive() for thread in threads), 0.0, what)
+
+
+class StreamLines:
+    """The lines of a text stream (a child process's pipe), read on a daemon thread so that
+    a test waits for them with :func:`wait_until` instead of a readline that may never
+    return. ``lines``: the lines so far; ``closed``: the stream has ended."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        try:
+            for line in stream:
+                self.lines.append(line)
+        finally:
+            self.closed = True
+
+    def text(self, start: int = 0) -> str:
+        """The lines from line ``start`` on, joined."""
+        return "".join(self.lines[start:])
 
 
 class FakeClock:

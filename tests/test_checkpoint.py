@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import QUIET, feature_config, feature_data, small_config
+from conftest import QUIET, StreamLines, feature_config, feature_data, small_config, wait_until
 from dpq.config import TrainConfig
 from dpq.model.network import DPQModel
 from dpq.training.checkpoints import CheckpointStore, RunDirectory, RunInProgressError
@@ -100,13 +100,15 @@ def test_the_lock_refuses_a_second_process_and_names_the_first(tmp_path):
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        stdout = StreamLines(holder.stdout)
+        wait_until(lambda: stdout.lines or stdout.closed, 60, "the holder to print 'locked'")
+        assert (stdout.lines or [""])[0].strip() == "locked"
         with pytest.raises(RunInProgressError, match=f"pid {holder.pid}"):
             with run.lock():
                 pass
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(30)
     with run.lock(), run.lock():  # free again, and re-entrant for the same object
         assert (run.path / ".dpq-run.lock").read_text().startswith(f"pid {os.getpid()}")
 
@@ -114,7 +116,7 @@ def test_the_lock_refuses_a_second_process_and_names_the_first(tmp_path):
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     run = RunDirectory(tmp_path / "run")
     script = f"from dpq.training.checkpoints import RunDirectory\nRunDirectory({str(run.path)!r}).lock().__enter__()\nimport os; os._exit(9)"
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
     with run.lock():
         pass
 

@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from conftest import StreamLines, make_image_folder, wait_until
 from dpq.cli import main
 from dpq.data import Split
 
@@ -381,28 +380,37 @@ def _start_training(out: Path, epochs: int = 10_000) -> subprocess.Popen:
     return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=_env())
 
 
-def _wait_for_first_epoch(process: subprocess.Popen) -> list[str]:
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        lines.append(line)
-        if line.startswith("epoch 1/") or not line:
-            return lines
-    raise AssertionError(f"no epoch line within 120 s: {lines}")
+def _wait_for_first_epoch(process: subprocess.Popen) -> tuple[StreamLines, list[str]]:
+    """The process's stderr (read on a thread from now on) and its lines up to the first
+    epoch line (or all of them and "", if stderr closed before one)."""
+    stderr = StreamLines(process.stderr)
+
+    def first_epoch() -> int | None:
+        return next((i for i, s in enumerate(stderr.lines) if s.startswith("epoch 1/")), None)
+
+    wait_until(
+        lambda: first_epoch() is not None or stderr.closed,
+        120,
+        lambda: f"an 'epoch 1/' line on stderr: {stderr.lines}",
+    )
+    end = first_epoch()
+    if end is None:  # closed first: its lines, then the "" a readline() gives at the end
+        return stderr, [*stderr.lines, ""]
+    return stderr, stderr.lines[: end + 1]
 
 
 def test_ctrl_c_stops_with_130_and_no_traceback(tmp_path):
     process = _start_training(tmp_path / "run")
     try:
-        lines = _wait_for_first_epoch(process)
+        stderr, lines = _wait_for_first_epoch(process)
         assert lines[-1].startswith("epoch 1/"), lines
         process.send_signal(signal.SIGINT)
-        rest = process.stderr.read()
         assert process.wait(timeout=60) == 130
+        wait_until(lambda: stderr.closed, 10, "the end of stderr")
+        rest = stderr.text(len(lines))
     finally:
         process.kill()
-        process.wait()
+        process.wait(30)
     assert "Traceback" not in rest and "dpq: interrupted" in rest
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001").is_dir()  # resumable
 
@@ -419,7 +427,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(tmp
         assert f"pid {process.pid}" in capsys.readouterr().err
     finally:
         process.kill()
-        process.wait()
+        process.wait(30)
 
 
 def test_progress_written_to_a_file_is_one_line_per_epoch(tmp_path):
@@ -472,7 +480,9 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path):
 
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: a read-only folder cannot be tried")
-    probe = subprocess.run(_as_nobody([sys.executable, "-c", "import dpq.cli"]), env=_env())
+    probe = subprocess.run(
+        _as_nobody([sys.executable, "-c", "import dpq.cli"]), env=_env(), timeout=120
+    )
     if probe.returncode != 0:
         pytest.skip("the unprivileged user cannot read this checkout (import dpq failed)")
     import tempfile
@@ -487,7 +497,11 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path):
         ["encode", "--model", "m", "--images", "digits", "--out", str(locked / "index.npz")],
     ):
         result = subprocess.run(
-            _as_nobody([*DPQ, *argv, "--quiet"]), capture_output=True, text=True, env=_env()
+            _as_nobody([*DPQ, *argv, "--quiet"]),
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
         )
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "is not writable" in result.stderr

@@ -2,6 +2,7 @@
 gathered rows, averaged buffers, per-rank batches, and a dead rank that fails with a clear
 message instead of a hang. Two gloo processes on 127.0.0.1 (torch.multiprocessing)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -15,11 +16,43 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import feature_config, feature_data
+from conftest import feature_config, feature_data, wait_until
 from dpq.training import ddp
 from dpq.training.ddp import DistributedContext, free_loopback_port, local_torchrun_command
 
 free_port = free_loopback_port
+PORT_TAKEN = ("EADDRINUSE", "address already in use")
+"""What a rendezvous says when its port was taken between choosing and binding it."""
+
+
+def run_ranks(function, *args, timeout: float = 300.0, attempts: int = 3) -> None:
+    """Run ``function(rank, port, *args)`` in two processes (torch.multiprocessing) at a
+    free loopback port and wait for both, at most ``timeout`` s (AssertionError naming the
+    function; the ranks are killed). A rank's exception is raised here as
+    torch.multiprocessing's join raises it; a rendezvous whose port another process took
+    in the meantime (EADDRINUSE) is tried again at another port, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        context = mp.start_processes(function, args=(free_port(), *args), nprocs=2, join=False)
+        try:
+            wait_until(
+                lambda context=context: context.join(timeout=0.2),
+                timeout,
+                f"both ranks of {function.__name__} to finish",
+            )
+            return
+        except mp.ProcessRaisedException as exc:
+            if attempt == attempts or not any(text in str(exc) for text in PORT_TAKEN):
+                raise
+        finally:
+            _end_ranks(context)
+
+
+def _end_ranks(context) -> None:
+    """Kill the ranks of ``context`` still running (after a failed wait) and reap them."""
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join(10)
 
 
 def torchrun_environment(rank: int, world: int, port: int, timeout: float = 60.0) -> dict:
@@ -114,7 +147,7 @@ def test_leaving_the_group_waits_for_every_rank_and_frees_unused_ddp_wrappers(tm
     """ddp.shutdown: a DistributedDataParallel wrapper left in a reference cycle is freed
     before the group is destroyed (not at interpreter teardown, where destroying the gloo
     backend it holds aborts the process), and no rank leaves before the others arrive."""
-    mp.start_processes(_leaving_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_leaving_rank, str(tmp_path))
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result == {"ddp_alive": 0, "rank0": True}, rank
@@ -134,9 +167,12 @@ def test_leaving_the_group_after_a_rank_died_does_not_wait_for_it_forever(tmp_pa
     context = mp.start_processes(
         _orphaned_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False
     )
-    for process in context.processes:
-        process.join(timeout=60)
-        assert process.exitcode is not None, "a rank was still running after 60 s"
+    try:
+        for process in context.processes:
+            process.join(timeout=60)
+            assert process.exitcode is not None, "a rank was still running after 60 s"
+    finally:
+        _end_ranks(context)
     assert [p.exitcode for p in context.processes] == [0, 17]
     assert (tmp_path / "rank0.txt").read_text() == "left: True"
 
@@ -192,7 +228,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_agree_on_rank_0s_decisions_gathered_rows_and_averaged_buffers(tmp_path):
-    mp.start_processes(_collectives, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_collectives, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(results):
         assert (result["rank"], result["world"]) == (rank, 2)
@@ -229,8 +265,12 @@ def test_a_rank_that_dies_or_hangs_fails_the_others_with_a_clear_message(tmp_pat
     context = mp.start_processes(
         _failing_rank, args=(free_port(), str(tmp_path), how), nprocs=2, join=False
     )
-    for process in context.processes:  # joined one by one: join() would kill rank 0
-        process.join(timeout=60)
+    try:
+        for process in context.processes:  # joined one by one: join() would kill rank 0
+            process.join(timeout=60)
+            assert process.exitcode is not None, "a rank was still running after 60 s"
+    finally:
+        _end_ranks(context)
     assert [p.exitcode for p in context.processes] == [0, 17]
     seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     # a death is seen at once (the connection closes); a hang when the 2 s timeout expires
@@ -324,7 +364,7 @@ def test_two_ranks_of_batch_32_stay_identical_and_train_like_one_process_of_batc
     budget with clocks that disagree across the ranks: both train rank 0's plan."""
     from dpq.training.loop import ArrayDataset, train_model
 
-    mp.start_processes(_train_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_train_rank, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     digests = [[record["state_sha256"] for record in r["history"]] for r in ranks]
     assert digests[0] == digests[1] and len(set(digests[0])) == 4  # equal, and changing
@@ -395,26 +435,39 @@ def test_a_killed_torchrun_run_resumes_under_torchrun(tmp_path):
     args += ["--split", "all", "--config", str(tmp_path / "config.json"), "--out", str(run)]
     path = os.pathsep.join(p for p in (str(REPO_SRC), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(
-        _torchrun(args),
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "epoch-0002").is_dir() and time.monotonic() < deadline:
-        assert job.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.01)
-    for pid in [job.pid, *_descendants(job.pid)]:  # the launcher and its workers, at once
-        os.kill(pid, signal.SIGKILL)
-    job.wait(timeout=30)
+    log = tmp_path / "first.log"
+    for attempt in range(1, 4):  # another port when the rendezvous's was taken meanwhile
+        with log.open("w") as handle:
+            job = subprocess.Popen(
+                _torchrun(args), env=env, start_new_session=True, stdout=handle, stderr=handle
+            )
+        try:
+            wait_until(
+                lambda job=job: (
+                    (run / "checkpoints" / "epoch-0002").is_dir() or job.poll() is not None
+                ),
+                120,
+                "epoch 2's checkpoint under torchrun",
+            )
+            ended = job.poll() is not None
+            if ended and attempt < 3 and any(text in log.read_text() for text in PORT_TAKEN):
+                continue
+            assert not ended, f"the run ended before it could be killed:\n{log.read_text()}"
+        finally:
+            for pid in [job.pid, *_descendants(job.pid)]:  # the launcher and its workers
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            job.wait(timeout=30)
+        break
     assert not (run / "model").exists()
     done = sorted(p.name for p in (run / "checkpoints").glob("epoch-*"))
 
-    resumed = subprocess.run(
-        _torchrun([*args, "--resume"]), env=env, capture_output=True, text=True, timeout=300
-    )
+    for _ in range(3):
+        resumed = subprocess.run(
+            _torchrun([*args, "--resume"]), env=env, capture_output=True, text=True, timeout=300
+        )
+        if resumed.returncode == 0 or not any(text in resumed.stderr for text in PORT_TAKEN):
+            break
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints' / done[-1]}" in resumed.stderr
     assert "trained 6 epochs" in resumed.stdout and resumed.stdout.count("trained") == 1
@@ -471,8 +524,7 @@ def test_reproduce_under_two_ranks_trains_on_both_and_reports_from_rank_0(
     from dpq.evaluate.workflows import evaluate_split
     from dpq.model.network import DPQModel
 
-    args = (free_port(), str(tmp_path), str(small_cifar_zip), str(WORDVEC / "cifar10.txt"))
-    mp.start_processes(_reproduce_rank, args=args, nprocs=2, join=True)
+    run_ranks(_reproduce_rank, str(tmp_path), str(small_cifar_zip), str(WORDVEC / "cifar10.txt"))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[1]["map"] is None and set(ranks[0]["map"]) == {"4", "8"}  # L=2, K=16
     saved = json.loads((tmp_path / "run" / "results.json").read_text())

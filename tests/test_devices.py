@@ -37,6 +37,7 @@ def test_an_instruction_set_limit_to_avx2_means_no_native_bf16(limit):
         capture_output=True,
         text=True,
         check=True,
+        timeout=120,
     )
     assert out.stdout.split() == ["False", "fp32"]
 

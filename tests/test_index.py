@@ -486,8 +486,11 @@ def test_concurrent_searches_of_an_index_with_waiting_items_agree(codebooks, cod
         def search(_, part=part):
             return part.search(queries, 10, nprobe=6)
 
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            results = list(pool.map(search, range(12)))
+        pool = ThreadPoolExecutor(max_workers=6)
+        try:  # bounded: a deadlocked search raises TimeoutError here instead of hanging
+            results = list(pool.map(search, range(12), timeout=60))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         for dist, ids in results:
             np.testing.assert_array_equal(ids, expected[1])
             np.testing.assert_array_equal(dist, expected[0])
@@ -1082,7 +1085,7 @@ def test_bad_codebooks_are_rejected():
 
 def test_index_module_does_not_import_torch():
     code = "import sys, dpq.index; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # ------------------------------------------------------------------ command line

@@ -54,4 +54,4 @@ def test_checks_import_with_numpy_alone():
         "import sys, dpq.index.checks; "
         "assert not {'numba', 'faiss', 'torch'} & set(sys.modules), sorted(sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("multipart")
 
+from conftest import join_threads, wait_until  # noqa: E402
 from dpq.index import DPQIndex  # noqa: E402
 from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from dpq.serve.limits import TokenBuckets  # noqa: E402
@@ -453,17 +454,19 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_add(built, tmp_path):
     try:
         for thread in writers:
             thread.start()
-        deadline = time.monotonic() + 30
-        while len(acknowledged) < 60 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(
+            lambda: len(acknowledged) >= 60 or not any(t.is_alive() for t in writers),
+            30,
+            lambda: f"60 acknowledged adds (have {len(acknowledged)}, failures {failures})",
+        )
         process.send_signal(signal.SIGKILL)  # mid-stream: requests are in flight
         process.wait(10)
     finally:
         stop.set()
-        for thread in writers:
-            thread.join(10)
         if process.poll() is None:
             process.kill()
+            process.wait(10)
+    join_threads(writers, 10, "the three writers to stop after the kill")
     assert len(acknowledged) >= 60 and failures, "the kill did not interrupt the stream"
     assert DPQIndex.load(index_path).ntotal == 500  # the index file itself is whole
     assert "writes are OPEN to anyone" in (tmp_path / "first.log").read_text()
@@ -509,14 +512,12 @@ def test_search_never_sees_half_a_batch(built, tmp_path):
         for thread in searchers:
             thread.start()
         with httpx.Client(base_url=url, timeout=10) as client:
-            while not seen:
-                time.sleep(0.005)
+            wait_until(lambda: seen, 60, "the first search's answer")
             for _ in range(6):
                 answer = client.post("/items", json={"vectors": [target.tolist()] * 50})
                 assert answer.status_code == 201
         adds_done.set()
-        for thread in searchers:
-            thread.join(60)
+        join_threads(searchers, 60, "the searchers to see all 300 copies")
     assert seen[0] == 0 and seen[-1] == 300, seen
     assert all(count % 50 == 0 for count in seen), seen
 
@@ -567,12 +568,13 @@ def test_busy_service_answers_503(built, tmp_path):
                 target=lambda: answers.append(client.post("/search", json={"id": 1}).status_code)
             )
             first.start()
-            deadline = time.monotonic() + 10
-            while "dpq_pending 1.0" not in client.get("/metrics").text:
-                assert time.monotonic() < deadline, "the first search never started"
-                time.sleep(0.01)
+            wait_until(
+                lambda: "dpq_pending 1.0" in client.get("/metrics").text,
+                10,
+                "the first search to wait for a worker (dpq_pending 1)",
+            )
             busy = client.post("/search", json={"id": 2})
-        first.join(10)
+        join_threads([first], 10, "the first search's answer")
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert "busy" in busy.json()["detail"] and answers == [200]
 
@@ -793,6 +795,7 @@ def _mount_tmpfs(folder: Path, size: str) -> None:
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
+        timeout=60,
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
@@ -856,7 +859,7 @@ def test_a_full_tmpfs_loses_no_acknowledged_write(built, tmp_path):
             process.send_signal(signal.SIGTERM)
             process.wait(30)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False, timeout=60)
 
 
 def test_an_older_index_file_beside_a_newer_journal_is_refused(built, tmp_path, capsys):

@@ -34,8 +34,8 @@ def test_workers_refuse_beyond_max_pending_and_count_pending():
 
     async def scenario() -> tuple[str, HTTPException, float]:
         first = asyncio.ensure_future(workers.search(blocking))
-        while not started.is_set():  # bounded: blocking() sets it once a thread runs it
-            await asyncio.sleep(0.005)
+        started_in_time = await asyncio.to_thread(started.wait, 10)  # the loop keeps running
+        assert started_in_time, "timed out after 10 s waiting for the first job to start"
         with pytest.raises(HTTPException) as refused:
             await workers.write(lambda: "never runs")
         during = _pending(metrics)

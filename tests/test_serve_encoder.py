@@ -5,7 +5,6 @@ codebooks, its input kind), with a small real DPQModel."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 torch = pytest.importorskip("torch")
 
+from conftest import join_threads, wait_until  # noqa: E402
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig  # noqa: E402
 from dpq.index import DPQIndex  # noqa: E402
 from dpq.model.network import DPQModel  # noqa: E402
@@ -66,13 +66,11 @@ def test_waiting_requests_share_one_forward_pass():
         assert gated.entered.wait(10), "the first request never reached the model"
         for thread in threads[1:]:
             thread.start()
-        deadline = time.monotonic() + 10
-        while encoder._queue.qsize() < 2:  # both later requests wait behind the first
-            assert time.monotonic() < deadline, "the later requests never queued"
-            time.sleep(0.005)
+        wait_until(  # both later requests wait behind the first
+            lambda: encoder._queue.qsize() >= 2, 10, "the two later requests to queue"
+        )
         gated.release.set()
-        for thread in threads:
-            thread.join(10)
+        join_threads(threads, 10, "the three requests' features")
     finally:
         gated.release.set()
         encoder.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from conftest import join_threads, wait_until
 from dpq.serve.locks import ReadWriteLock
 
 
@@ -26,8 +27,7 @@ def test_readers_share_and_a_writer_waits_for_them():
     readers = [threading.Thread(target=reader, args=(name,)) for name in "ab"]
     for thread in readers:
         thread.start()
-    while len(events) < 2:  # bounded by the barrier's timeout in the readers
-        threading.Event().wait(0.005)
+    wait_until(lambda: len(events) >= 2, 20, "both readers inside the lock at once")
     writing = threading.Thread(target=writer)
     writing.start()
     writing.join(0.2)
@@ -43,6 +43,5 @@ def test_readers_share_and_a_writer_waits_for_them():
     late_reader.join(0.2)
     assert late == []  # a waiting writer holds off a new reader
     release.set()
-    for thread in [*readers, writing, late_reader]:
-        thread.join(10)
+    join_threads([*readers, writing, late_reader], 10, "the readers and the writer to finish")
     assert events[-1] == "writer" and len(late) == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="the page test needs the playwright package (the dev extra)"
 )
 
+from conftest import wait_until  # noqa: E402
 from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from test_serve import _png, built  # noqa: E402, F401  (the module fixture: model + index)
 
@@ -180,10 +180,12 @@ def test_a_page_on_another_port_cannot_write(built, tmp_path, browser):  # noqa:
             page.set_input_files("#multipart input[type=file]", str(upload))
             for form in ("urlencoded", "multipart", "plain"):
                 page.evaluate(f"document.getElementById('{form}').submit()")
-            deadline = time.monotonic() + 20
-            while _post_items_answers(client).get("403", 0) < 6:  # 3 fetches + 3 forms
-                assert time.monotonic() < deadline, _post_items_answers(client)
-                time.sleep(0.05)
+            wait_until(  # 3 fetches + 3 forms
+                lambda: _post_items_answers(client).get("403", 0) >= 6,
+                20,
+                lambda: f"6 refused POST /items (answers: {_post_items_answers(client)})",
+                interval=0.05,
+            )
             page.close()
         finally:
             other.shutdown()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUIET, FakeClock, digits_config, feature_config, feature_data, orthogonal
+from conftest import (
+    QUIET,
+    FakeClock,
+    digits_config,
+    feature_config,
+    feature_data,
+    orthogonal,
+    wait_until,
+)
 from dpq.model.network import DPQModel
 from dpq.training.loop import ArrayDataset, Trainer, TrainingDiverged, train_model
 
@@ -121,14 +128,18 @@ def test_resume_after_the_process_is_killed(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-c", script], env=env)
     marker = tmp_path / "checkpoints" / "epoch-0002"
-    deadline = time.monotonic() + 120
     try:
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(
+            lambda: marker.exists() or process.poll() is not None,
+            120,
+            "epoch 2's checkpoint (or the training's end)",
+            interval=0.02,
+        )
         assert process.poll() is None, "the training finished before it could be killed"
         os.kill(process.pid, signal.SIGKILL)
     finally:
-        process.wait()
+        process.kill()  # a no-op after the SIGKILL above; ends it when a wait failed
+        process.wait(30)
     saved = max(int(p.name[6:]) for p in (tmp_path / "checkpoints").glob("epoch-*"))
     assert 2 <= saved < 100 and not (tmp_path / "model").exists()
     result = train_model(

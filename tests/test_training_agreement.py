@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import FakeClock
@@ -28,7 +27,7 @@ from dpq.training.agreement import (
 )
 from dpq.training.budget import EpochPlanner
 from dpq.training.checkpoints import RunDirectory, RunInProgressError
-from test_ddp import free_port, torchrun_environment
+from test_ddp import run_ranks, torchrun_environment
 
 
 def _planner(clock, minutes):
@@ -98,7 +97,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_agree_on_means_plans_and_statistics(tmp_path):
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in ranks:
         assert report["parts"] == {"total": 0.5, "E": 1.0}
