@@ -512,3 +512,42 @@ def encoder_references(exported_encoders) -> dict[str, tuple[np.ndarray, np.ndar
         inputs = encoder_inputs(name, 400)
         made[name] = (inputs, load_network(model_dir).extract_features(inputs))
     return made
+
+
+# ---------------------------------------------------------------- headless Chromium (page tests)
+
+CHROMIUM = Path(os.environ.get("DPQ_CHROMIUM", "/usr/bin/chromium"))
+# Without the background-networking flags Chromium keeps calling home, which on a closed
+# network means a flood of failing connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.is_file(),
+    reason=f"no Chromium at {CHROMIUM}: install Debian's (`apt-get install chromium`; "
+    ".ci/run does) or point DPQ_CHROMIUM at a Chromium binary",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium (Debian's, driven by Playwright) per test module; each test
+    opens its own pages."""
+    playwright_api = pytest.importorskip(
+        "playwright.sync_api", reason="the page tests need the playwright package (the dev extra)"
+    )
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()

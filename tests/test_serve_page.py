@@ -4,52 +4,20 @@ another origin tries to write; the API docs render with no network."""
 
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
-playwright_api = pytest.importorskip(
+pytest.importorskip(
     "playwright.sync_api", reason="the page test needs the playwright package (the dev extra)"
 )
 
-from conftest import wait_until  # noqa: E402
+from conftest import needs_chromium, wait_until  # noqa: E402
 from dpq.serve import ServeSettings, create_app, running  # noqa: E402
 from test_serve import _png, built  # noqa: E402, F401  (the module fixture: model + index)
 
-CHROMIUM = Path(os.environ.get("DPQ_CHROMIUM", "/usr/bin/chromium"))
-# Without the background-networking flags Chromium keeps calling home, which on a closed
-# network means a flood of failing connections.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason=f"no Chromium at {CHROMIUM}: install Debian's (`apt-get install chromium`; "
-    ".ci/run does) or point DPQ_CHROMIUM at a Chromium binary",
-)
-
-
-@pytest.fixture
-def browser():
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+pytestmark = needs_chromium
 
 
 def _ranked_ids(page) -> list[str]:
