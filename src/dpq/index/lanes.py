@@ -27,8 +27,9 @@ from dpq.index import kernels
 __all__ = ["LANE_WIDTHS", "lane_scan_kernel", "lane_sums_below", "lanes_for", "scan_rows"]
 
 # Group sizes compiled; the widest is the group a long batch is cut into. 16 float32 lanes
-# are one AVX-512 register or two AVX2 ones; on both the 16-lane table (64 KiB at L=4,
-# K=256) scores more queries per item read than the 8-lane one loses to L1 misses.
+# are one AVX-512 register or two AVX2 ones. On Zen 4 the 16-lane table (64 KiB at L=4,
+# K=256, twice L1) still beats 8 lanes, and 32 lanes gain little more (docs/RESULTS.md,
+# "Scan profile").
 LANE_WIDTHS = (4, 8, 16)
 
 
