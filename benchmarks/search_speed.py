@@ -22,6 +22,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 THREADS_DEFAULT = 2
 
@@ -42,6 +43,13 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
     parser.add_argument(
         "--shortlist", type=int, default=1000, help="rerank shortlist size (default 1000 = 10 k)"
+    )
+    parser.add_argument(
+        "--nprobe",
+        type=int,
+        default=0,
+        help="also time a partitioned copy (partition_levels=1) probing this many cells "
+        "(default 0: none)",
     )
     parser.add_argument("--no-flat", action="store_true", help="skip exact IndexFlatL2 search")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -87,6 +95,11 @@ def main() -> None:
     )
     queries = queries.astype(np.float32)
 
+    partitioned = None
+    if args.nprobe:
+        partitioned = DPQIndex(codebooks, partition_levels=1)
+        partitioned.add(codes)
+
     t0 = time.perf_counter()
     rq_index = index.to_faiss()
     print(f"# to_faiss: {time.perf_counter() - t0:.2f} s")
@@ -96,13 +109,6 @@ def main() -> None:
         flat = faiss.IndexFlatL2(D)
         for start in tqdm(range(0, N, 100_000), desc="decode for IndexFlatL2", leave=False):
             flat.add(index.decode(codes[start : start + 100_000]))
-
-    # warm-up: compile every kernel once (numba caches machine code on disk)
-    for levels in range(1, L + 1):
-        index.search(queries[:4], k, num_levels=levels)
-    for r0 in range(1, L):
-        index.search(queries[:4], k, rerank_from=r0, rerank_candidates=args.shortlist)
-    index.search(queries[:4], k, mode="ip")
 
     methods: dict[str, Callable[[], tuple]] = {}
     for levels in range(1, L + 1):
@@ -116,9 +122,19 @@ def main() -> None:
     methods[f"DPQIndex {L * bits_per_level}-bit, mode=ip"] = lambda: index.search(
         queries, k, mode="ip"
     )
+    if partitioned is not None:
+        methods[f"DPQIndex {L * bits_per_level}-bit, p=1, nprobe={args.nprobe}"] = lambda: (
+            partitioned.search(queries, k, nprobe=args.nprobe)
+        )
     methods["faiss IndexResidualQuantizer ST_norm_float"] = lambda: rq_index.search(queries, k)
     if flat is not None:
         methods["faiss IndexFlatL2 (decoded, batched)"] = lambda: flat.search(queries, k)
+
+    # warm-up: one untimed pass of every DPQIndex method over the whole batch compiles each
+    # kernel its shapes use (numba caches machine code on disk)
+    for name, run in methods.items():
+        if name.startswith("DPQIndex"):
+            run()
 
     best = {name: float("inf") for name in methods}
     best_cpu = {name: float("inf") for name in methods}
@@ -148,7 +164,7 @@ def main() -> None:
         if name.startswith("DPQIndex"):
             if "mode=ip" in name:
                 return f"{index.bytes_per_item(1)}"  # codes only: no norm in ip mode
-            levels = L if "rerank" in name else int(name.split("L=")[1].split(")")[0])
+            levels = L if "L=" not in name else int(name.split("L=")[1].split(")")[0])
             return f"{index.bytes_per_item(levels)}"
         if name == faiss_name:
             return f"{rq_index.code_size}"
@@ -186,6 +202,13 @@ def main() -> None:
         f"{index.memory_bytes() / N:.1f} bytes/item (codes, all cached norms, int64 ids)"
     )
     print(f"numba threading layer: {numba.threading_layer()}")
+    flags = (
+        set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    )
+    simd = [
+        f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl") if f in flags
+    ]
+    print(f"CPU SIMD flags: {' '.join(simd) or 'unknown'}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,32 @@ def test_split_top_k_gives_one_answer_however_the_work_is_split(threads, nq):
         np.testing.assert_array_equal(dist[q], scores[q, order])
 
 
+@pytest.mark.parametrize("nq", [3, 9, 13])
+def test_split_top_k_hands_out_queries_in_blocks_of_one_pass(nq):
+    scores = np.random.default_rng(4).integers(0, 20, size=(nq, 40)).astype(np.float32)
+    calls = []
+
+    def scan(q0, q1, first, stop, out_d, out_r):
+        calls.append((q0, q1, first, stop))
+        for q in range(q0, q1):
+            order = np.lexsort((np.arange(first, stop), scores[q, first:stop]))[: out_d.shape[1]]
+            out_d[q - q0] = np.inf
+            out_r[q - q0] = -1
+            out_d[q - q0, : len(order)] = scores[q, first + order]
+            out_r[q - q0, : len(order)] = first + order
+
+    dist, rows = split_top_k(scan, nq, 7, 40, 2, reach=lambda a, b: b - a, queries_per_pass=4)
+    for q in range(nq):
+        order = np.lexsort((np.arange(40), scores[q]))[:7]
+        np.testing.assert_array_equal(rows[q], order)
+        np.testing.assert_array_equal(dist[q], scores[q, order])
+    if nq >= 8:  # split by queries: every job starts a block of 4, only the last is short
+        assert all(q0 % 4 == 0 and (q1 - q0 == 4 or q1 == nq) for q0, q1, _, _ in calls)
+        assert sorted(q0 for q0, _, _, _ in calls) == list(range(0, nq, 4))
+    else:  # fewer queries than two passes: every job scans all of them over a piece of rows
+        assert all((q0, q1) == (0, nq) for q0, q1, _, _ in calls) and len(calls) > 1
+
+
 @pytest.mark.parametrize("mode", ["aqd", "ip"])
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_full_scan_returns_the_top_k_of_every_row(books, codes, queries, mode, levels):

@@ -17,13 +17,11 @@ from typing import Any
 import numba
 import numpy as np
 
-# Items scored per pass before their scores are compared with the heap's worst (L1-resident).
-SCAN_CHUNK = 256
 # Jobs with fewer (query, item, level) lookups than this run on the calling thread alone.
 PARALLEL_MIN_WORK = 1 << 24
 
 
-def _jit(inline: str = "never", **options: Any):
+def jit(inline: str = "never", **options: Any):
     """numba.njit(nogil=True) with an on-disk cache when a writable cache directory exists
     (a read-only install, e.g. site-packages of another user, compiles once per process)."""
 
@@ -77,18 +75,20 @@ def run_split(job: Callable[[int, int], None], total: int, threads: int) -> None
 # (k,), heap_r int64 (k,). topk_new allocates it, topk_start empties it, topk_push offers one
 # pair, topk_push_chunk a chunk of consecutive rows, topk_finish writes it ascending.
 # topk_start and topk_push_chunk return the worst score, which a scan keeps as its threshold:
-# its hot loop only compares a chunk's best score with it. The entry points are inlined into
+# its hot loop only compares each score with it; the rare score below it visits the heap
+# (the scans push one pair at a time: a chunk's scores kept in a buffer first cost more, the
+# profile in docs/RESULTS.md "Scan profile"). The entry points are inlined into
 # each kernel (no call per item); replacing the worst entry (a sift-down, on the rare scores
 # that beat it) stays one out-of-line function, as LLVM decides.
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def topk_new(k):
     """A list of k slots, to be started: (heap_d float32 (k,), heap_r int64 (k,))."""
     return np.empty(k, np.float32), np.empty(k, np.int64)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def topk_start(heap_d, heap_r):
     """Empty the list: every slot (inf, -1), the padding of results with fewer items.
     Returns the worst score (inf)."""
@@ -97,7 +97,7 @@ def topk_start(heap_d, heap_r):
     return heap_d[0]
 
 
-@_jit()
+@jit()
 def _sift_down(heap_d, heap_r, pos, size):
     """Restore the max-heap order on (score, row) below ``pos``."""
     d = heap_d[pos]
@@ -122,7 +122,7 @@ def _sift_down(heap_d, heap_r, pos, size):
     heap_r[pos] = r
 
 
-@_jit()
+@jit()
 def _replace_worst(heap_d, heap_r, d, r):
     """Put (d, r) in the worst entry's place and restore the heap order."""
     heap_d[0] = d
@@ -130,14 +130,14 @@ def _replace_worst(heap_d, heap_r, d, r):
     _sift_down(heap_d, heap_r, 0, heap_d.shape[0])
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def topk_push(heap_d, heap_r, d, r):
     """Keep (d, r) when it ranks before the current worst by (score, row)."""
     if d < heap_d[0] or (d == heap_d[0] and r < heap_r[0]):
         _replace_worst(heap_d, heap_r, d, r)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def topk_push_chunk(heap_d, heap_r, scores, count, first_row, rows_in_order):
     """Offer scores[0:count] (float32 (>= count,)) of rows first_row..first_row+count-1.
 
@@ -153,7 +153,7 @@ def topk_push_chunk(heap_d, heap_r, scores, count, first_row, rows_in_order):
     return worst
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def topk_finish(heap_d, heap_r, out_d, out_r):
     """Write the list ascending by (score, row) into out_d float32 (k,) / out_r int64 (k,);
     leaves the heap to be started again."""
@@ -165,123 +165,124 @@ def topk_finish(heap_d, heap_r, out_d, out_r):
         _sift_down(heap_d, heap_r, 0, last)
 
 
-def _make_item_score(num_levels: int, stride: int, packed: bool):
-    """Compiled ``score(codes, lut, codebook_size, row)``: sum of the row's table entries.
+def item_score(num_levels: int, stride: int, packed: bool):
+    """Compiled ``score(codes, lut, row)``: sum of the row's table entries, level 0 first.
 
     packed: codes is uint32 (N * stride,) holding 4 uint8 codes per word (little-endian, so
-    K <= 256); else codes is (N, >= num_levels). The table is float32
-    (num_levels * codebook_size,). ``num_levels`` and ``stride`` are compile-time
-    constants, so the level loop unrolls and row addressing costs no multiply.
+    K <= 256); else codes is (N, >= num_levels). The table is float32 (num_levels, K), one
+    row per level: a level's entry is found without a multiply by K or a negative-index
+    fix-up (codes are unsigned). ``num_levels`` and ``stride`` are compile-time constants,
+    so the level loop unrolls and row addressing costs no multiply.
     """
     n_words = -(-num_levels // 4)
     if packed:
 
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row):
+        @jit(inline="always")
+        def score(codes, lut, row):
             base = row * stride
             c = codes[base]
-            total = lut[c & 255]
+            total = lut[0, c & 255]
             if num_levels > 1:
-                total += lut[codebook_size + ((c >> 8) & 255)]
+                total += lut[1, (c >> 8) & 255]
             if num_levels > 2:
-                total += lut[2 * codebook_size + ((c >> 16) & 255)]
+                total += lut[2, (c >> 16) & 255]
             if num_levels > 3:
-                total += lut[3 * codebook_size + (c >> 24)]
+                total += lut[3, c >> 24]
             for word in range(1, n_words):
                 c = codes[base + word]
                 level = 4 * word
-                total += lut[level * codebook_size + (c & 255)]
+                total += lut[level, c & 255]
                 if num_levels > level + 1:
-                    total += lut[(level + 1) * codebook_size + ((c >> 8) & 255)]
+                    total += lut[level + 1, (c >> 8) & 255]
                 if num_levels > level + 2:
-                    total += lut[(level + 2) * codebook_size + ((c >> 16) & 255)]
+                    total += lut[level + 2, (c >> 16) & 255]
                 if num_levels > level + 3:
-                    total += lut[(level + 3) * codebook_size + (c >> 24)]
+                    total += lut[level + 3, c >> 24]
             return total
 
     else:
 
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row):
-            total = lut[codes[row, 0]]
+        @jit(inline="always")
+        def score(codes, lut, row):
+            total = lut[0, codes[row, 0]]
             for level in range(1, num_levels):
-                total += lut[level * codebook_size + codes[row, level]]
+                total += lut[level, codes[row, level]]
             return total
 
     return score
 
 
+@jit(inline="always")
+def level_tables(luts, q, num_levels, codebook_size):
+    """Query q's table of luts float32 (nq, num_levels * K) as float32 (num_levels, K)."""
+    return luts[q].reshape((num_levels, codebook_size))
+
+
 @functools.cache
 def scan_kernel(num_levels: int, stride: int, packed: bool):
-    """Compiled top-k scan for one prefix length and storage layout (built once per process;
-    numba caches the machine code on disk).
+    """Compiled top-k scan for one prefix length and storage layout, one query at a time
+    (built once per process; numba caches the machine code on disk).
 
     ``scan(codes, first, stop, codebook_size, norms, luts, k, out_d, out_r)`` scores rows
     first..stop-1 by ``norms[row] + sum_l luts[q, l * K + code_l]`` (norms float32 (N,), or
     (0,) for none; luts float32 (nq, l * K)) and writes per query the k best rows ascending
     by (score, row), padded with (inf, -1), into out_d float32 (nq, k) / out_r int64 (nq, k).
-    A bounded max-heap per query; scores are computed a chunk at a time and the heap is
-    visited only when the chunk's best score beats the heap's worst.
+    A bounded max-heap per query; each score is compared with the heap's worst, and only the
+    rare score below it (rows arrive in increasing order) visits the heap.
     """
-    score = _make_item_score(num_levels, stride, packed)
+    score = item_score(num_levels, stride, packed)
 
-    @_jit()
+    @jit()
     def scan(codes, first, stop, codebook_size, norms, luts, k, out_d, out_r):
         has_norm = norms.shape[0] > 0
-        scores = np.empty(SCAN_CHUNK, np.float32)
         heap_d, heap_r = topk_new(k)
+        # views indexed from 0 let numba drop negative-index handling
+        if packed:
+            rows_codes = codes[first * stride : stop * stride]
+        else:
+            rows_codes = codes[first:stop]
+        rows_norms = norms[first:stop] if has_norm else norms
         for q in range(luts.shape[0]):
-            lut = luts[q]
-            threshold = topk_start(heap_d, heap_r)
-            for start in range(first, stop, SCAN_CHUNK):
-                count = min(SCAN_CHUNK, stop - start)
-                # chunk views indexed from 0 let numba drop negative-index handling
-                if packed:
-                    chunk_codes = codes[start * stride : (start + count) * stride]
-                else:
-                    chunk_codes = codes[start : start + count]
-                chunk_norms = norms[start : start + count] if has_norm else norms
-                best = np.float32(np.inf)
-                if has_norm:
-                    for j in range(count):
-                        d = score(chunk_codes, lut, codebook_size, j) + chunk_norms[j]
-                        scores[j] = d
-                        best = min(best, d)
-                else:
-                    for j in range(count):
-                        d = score(chunk_codes, lut, codebook_size, j)
-                        scores[j] = d
-                        best = min(best, d)
-                # rare once the list is full: most chunks end here (rows arrive in
-                # increasing order, so a score equal to the worst never displaces it)
-                if best < threshold:
-                    threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, True)
+            lut = level_tables(luts, q, num_levels, codebook_size)
+            worst = topk_start(heap_d, heap_r)
+            if has_norm:
+                for t in range(stop - first):
+                    d = score(rows_codes, lut, t) + rows_norms[t]
+                    if d < worst:
+                        _replace_worst(heap_d, heap_r, d, first + t)
+                        worst = heap_d[0]
+            else:
+                for t in range(stop - first):
+                    d = score(rows_codes, lut, t)
+                    if d < worst:
+                        _replace_worst(heap_d, heap_r, d, first + t)
+                        worst = heap_d[0]
             topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
 
 
 def _make_partial_score(num_levels: int, first_level: int, stride: int, packed: bool):
-    """Compiled ``score(codes, lut, codebook_size, row, total)``: ``total`` plus the row's
-    table entries of levels first_level..num_levels-1, added left to right (so a prefix sum
-    passed in as ``total`` gives bit for bit the sum :func:`_make_item_score` computes).
-    Layouts as in :func:`_make_item_score`; the level bounds are compile-time constants."""
+    """Compiled ``score(codes, lut, row, total)``: ``total`` plus the row's table entries
+    of levels first_level..num_levels-1, added left to right (so a prefix sum passed in as
+    ``total`` gives bit for bit the sum :func:`item_score` computes). Layouts and table as
+    in :func:`item_score`; the level bounds are compile-time constants."""
     if packed:
 
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row, total):
+        @jit(inline="always")
+        def score(codes, lut, row, total):
             base = row * stride
             for level in range(first_level, num_levels):
                 word = codes[base + (level >> 2)]
-                total += lut[level * codebook_size + ((word >> ((level & 3) * 8)) & 255)]
+                total += lut[level, (word >> ((level & 3) * 8)) & 255]
             return total
 
     else:
 
-        @_jit(inline="always")
-        def score(codes, lut, codebook_size, row, total):
+        @jit(inline="always")
+        def score(codes, lut, row, total):
             for level in range(first_level, num_levels):
-                total += lut[level * codebook_size + codes[row, level]]
+                total += lut[level, codes[row, level]]
             return total
 
     return score
@@ -304,15 +305,14 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
     prefix = _make_partial_score(cell_levels, 0, stride, packed)
     rest = _make_partial_score(num_levels, cell_levels, stride, packed)
 
-    @_jit()
+    @jit()
     def scan(codes, starts, stops, cells, codebook_size, norms, luts, k, out_d, out_r):
         has_norm = norms.shape[0] > 0
-        scores = np.empty(SCAN_CHUNK, np.float32)
         heap_d, heap_r = topk_new(k)
         zero = np.float32(0.0)
         for q in range(luts.shape[0]):
-            lut = luts[q]
-            threshold = topk_start(heap_d, heap_r)
+            lut = level_tables(luts, q, num_levels, codebook_size)
+            worst = topk_start(heap_d, heap_r)
             for j in range(cells.shape[1]):
                 cell = cells[q, j]
                 if cell < 0:
@@ -321,34 +321,32 @@ def cell_scan_kernel(num_levels: int, cell_levels: int, stride: int, packed: boo
                 stop = stops[cell]
                 if first >= stop:
                     continue
-                base = prefix(codes, lut, codebook_size, first, zero)
-                for start in range(first, stop, SCAN_CHUNK):
-                    count = min(SCAN_CHUNK, stop - start)
-                    if packed:
-                        chunk_codes = codes[start * stride : (start + count) * stride]
-                    else:
-                        chunk_codes = codes[start : start + count]
-                    best = np.float32(np.inf)
-                    if has_norm:
-                        chunk_norms = norms[start : start + count]
-                        for t in range(count):
-                            d = rest(chunk_codes, lut, codebook_size, t, base) + chunk_norms[t]
-                            scores[t] = d
-                            best = min(best, d)
-                    else:
-                        for t in range(count):
-                            d = rest(chunk_codes, lut, codebook_size, t, base)
-                            scores[t] = d
-                            best = min(best, d)
-                    # cells come in any order: a score equal to the worst may displace it
-                    if best <= threshold:
-                        threshold = topk_push_chunk(heap_d, heap_r, scores, count, start, False)
+                base = prefix(codes, lut, first, zero)
+                # views indexed from 0 let numba drop negative-index handling
+                if packed:
+                    cell_codes = codes[first * stride : stop * stride]
+                else:
+                    cell_codes = codes[first:stop]
+                # cells come in any order: a score equal to the worst may displace it
+                if has_norm:
+                    cell_norms = norms[first:stop]
+                    for t in range(stop - first):
+                        d = rest(cell_codes, lut, t, base) + cell_norms[t]
+                        if d <= worst:
+                            topk_push(heap_d, heap_r, d, first + t)
+                            worst = heap_d[0]
+                else:
+                    for t in range(stop - first):
+                        d = rest(cell_codes, lut, t, base)
+                        if d <= worst:
+                            topk_push(heap_d, heap_r, d, first + t)
+                            worst = heap_d[0]
             topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
     return scan
 
 
-@_jit()
+@jit()
 def rank_cells(luts, cell_codes, cell_norms, codebook_size, out_cells):
     """Per query the cells nearest in lookup-table distance, best first.
 
@@ -378,7 +376,7 @@ def rank_cells(luts, cell_codes, cell_norms, codebook_size, out_cells):
         topk_finish(heap_d, heap_r, sorted_d, out_cells[q])
 
 
-@_jit(fastmath={"reassoc", "contract", "nsz"})
+@jit(fastmath={"reassoc", "contract", "nsz"})
 def scaled_dots(queries, books, scale, out):
     """out float32 (nq, M) = scale * queries (nq, D) @ books (M, D).T, four queries per pass.
 
@@ -419,7 +417,7 @@ def scaled_dots(queries, books, scale, out):
             out[rest, m] = scale * acc
 
 
-@_jit()
+@jit()
 def merge_shards(shard_d, shard_r, k):
     """Merge per-shard sorted top-k lists (S, nq, k) into one (nq, k) by (score, row)."""
     n_shards, nq, width = shard_d.shape
@@ -437,7 +435,7 @@ def merge_shards(shard_d, shard_r, k):
     return out_d, out_r
 
 
-@_jit()
+@jit()
 def rerank_topk(codes, num_levels, codebook_size, norms, luts, candidate_rows, out_d, out_r):
     """Re-score candidate rows (nq, S) with ``num_levels`` levels; top-k by (score, row).
 
@@ -463,7 +461,7 @@ def rerank_topk(codes, num_levels, codebook_size, norms, luts, candidate_rows, o
         topk_finish(heap_d, heap_r, out_d[q], out_r[q])
 
 
-@_jit()
+@jit()
 def _prefix_norms(codes, codebooks, levels, out):
     """Squared norms of prefix reconstructions into out float32 (len(levels), N).
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from dpq.index import kernels
+from dpq.index import kernels, lanes
 from dpq.index.checks import check_k, check_num_levels
 from dpq.index.store import CodeStore
 
@@ -166,6 +166,7 @@ def split_top_k(
     parts: int,
     threads: int,
     reach: Callable[[int, int], int] | None = None,
+    queries_per_pass: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The one way a scan is spread over threads: top-k scores float32 (nq, k) and rows
     int64 (nq, k) of nq queries over ``parts`` parts of work (rows of a range, or positions
@@ -173,19 +174,21 @@ def split_top_k(
 
     ``scan(q0, q1, first, stop, out_d, out_r)`` writes the best ``out_d.shape[1]`` pairs of
     queries q0..q1-1 over parts first..stop-1 into out_d / out_r (q1 - q0, width), ascending.
-    With at least ``threads`` queries the queries are split (each job scans every part);
-    with fewer the parts are cut into 4 pieces per thread, each scanned for every query, and
-    the per-piece lists merged. ``reach(first, stop)``: most pairs a piece can hold (its
-    lists are then min(k, widest reach) wide); None: k.
+    With at least ``queries_per_pass`` queries per thread (the queries one pass of the scan
+    serves at once) the queries are split, in blocks of ``queries_per_pass`` (each job scans
+    every part); with fewer the parts are cut into 4 pieces per thread, each scanned for
+    every query, and the per-piece lists merged. ``reach(first, stop)``: most pairs a piece
+    can hold (its lists are then min(k, widest reach) wide); None: k.
     """
-    if nq >= threads:
+    if nq >= threads * queries_per_pass:
         out_d = np.empty((nq, k), np.float32)
         out_r = np.empty((nq, k), np.int64)
 
-        def by_queries(q0: int, q1: int) -> None:
+        def by_queries(b0: int, b1: int) -> None:
+            q0, q1 = b0 * queries_per_pass, min(b1 * queries_per_pass, nq)
             scan(q0, q1, 0, parts, out_d[q0:q1], out_r[q0:q1])
 
-        kernels.run_split(by_queries, nq, threads)
+        kernels.run_split(by_queries, -(-nq // queries_per_pass), threads)
         return out_d, out_r
     pieces = kernels.split_range(parts, 4 * threads)
     width = k if reach is None else min(k, max((reach(a, b) for a, b in pieces), default=0))
@@ -239,15 +242,19 @@ class FullScan:
         store, levels = self.store, self.num_levels
         norms = _item_norms(store, levels, self.mode)
         codes, stride = store.scan_layout()
-        scan = kernels.scan_kernel(levels, stride, store.packed)
         size = store.codebook_size
 
         def run(q0: int, q1: int, r0: int, r1: int, out_d: np.ndarray, out_r: np.ndarray):
-            width = out_d.shape[1]
-            scan(codes, first + r0, first + r1, size, norms, luts[q0:q1], width, out_d, out_r)
+            lanes.scan_rows(
+                levels, stride, store.packed, codes, first + r0, first + r1, size, norms,
+                luts[q0:q1], out_d.shape[1], out_d, out_r,
+            )  # fmt: skip
 
         threads = kernels.worker_count(len(luts) * (stop - first) * levels, self.threads)
-        return split_top_k(run, len(luts), k, stop - first, threads, reach=lambda a, b: b - a)
+        return split_top_k(
+            run, len(luts), k, stop - first, threads, reach=lambda a, b: b - a,
+            queries_per_pass=lanes.LANE_WIDTHS[-1],
+        )  # fmt: skip
 
 
 class ProbedCells:
