@@ -377,7 +377,16 @@ def test_a_closed_pipe_ends_quietly():
 
 def _start_training(out: Path, epochs: int = 10_000) -> subprocess.Popen:
     argv = [*DPQ, "train", "digits", *TINY_TRAIN, "--epochs", str(epochs), "--out", str(out)]
-    return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=_env())
+    return subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_as_in_a_terminal
+    )
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default disposition, as a terminal gives it. A
+    suite started with ``&`` from a non-interactive shell ignores SIGINT, and an ignored signal
+    stays ignored across exec, so the test's Ctrl-C would never reach the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_first_epoch(process: subprocess.Popen) -> tuple[StreamLines, list[str]]:
