@@ -333,7 +333,7 @@ def bench_map(model_dir, data, engines, db_count, query_count, threads, workdir)
     copy = Path(workdir) / "map-model"  # the engines' export cache goes beside the copy
     if not copy.exists():
         shutil.copytree(model_dir, copy)
-    model_dir = copy
+    source, model_dir = model_dir, copy
     network = load_network(model_dir)
     method = method_for(network.config)
     rows = {}
@@ -348,7 +348,7 @@ def bench_map(model_dir, data, engines, db_count, query_count, threads, workdir)
         index.add(method.encode(network, db_features), labels=np.asarray(db_source.labels))
         _, ids = search_features(index, query_features, index.ntotal, method=method)
         rows[name] = map_at_r(ids, query_labels, np.asarray(db_source.labels))
-    print(f"\n### mAP@{len(db_source.inputs)} of {model_dir} through each engine "
+    print(f"\n### mAP@{len(db_source.inputs)} of {source} through each engine "
           f"({len(queries)} queries, {len(db_source.inputs)} database images of CIFAR-10 train)")  # fmt: skip
     print("| engine | mAP | vs torch |")
     print("|---|---:|---:|")
