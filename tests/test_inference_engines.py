@@ -18,13 +18,13 @@ from conftest import ENCODER_MODELS, encoder_inputs, make_image_folder, needs_en
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.inference.engines import (
     CACHE_FOLDER,
-    ENGINES,
     FeatureEngine,
     TorchEngine,
     cached_export_path,
     open_engine,
 )
 from dpq.inference.export import read_export, record_path
+from dpq.inference.names import ENGINES
 from dpq.methods import load_network, method_for
 from dpq.model.network import DPQModel
 

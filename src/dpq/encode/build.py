@@ -6,12 +6,11 @@ network in an inference engine (:mod:`dpq.inference`: the model itself in eager 
 default, or its ONNX export in ONNX Runtime or OpenVINO; an on-demand image reader is
 decoded by DataLoader worker processes a few batches ahead, so neither the images nor their
 features ever have to fit in memory), timing each stage (:mod:`dpq.encode.stages`), and
-asks the network's
-method (:func:`dpq.methods.method_for`) for the rest: :data:`CHUNK_ITEMS` features at a time
-become codes (``method.encode``) that are added, with the item ids and labels, to the index
-the method makes (``method.new_index``: a :class:`~dpq.index.DPQIndex` with the model's
-codebooks, assignment rule and search mode for DPQ, a :class:`~dpq.index.binary.BinaryIndex`
-for a hashing method).
+asks the network's method (:func:`dpq.methods.method_for`) for the rest: :data:`CHUNK_ITEMS`
+features at a time become codes (``method.encode``) that are added, with the item ids and
+labels, to the index the method makes (``method.new_index``: a :class:`~dpq.index.DPQIndex`
+with the model's codebooks, assignment rule and search mode for DPQ, a
+:class:`~dpq.index.binary.BinaryIndex` for a hashing method).
 """
 
 from __future__ import annotations
