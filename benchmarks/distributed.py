@@ -9,7 +9,7 @@ Encoding: the CIFAR-10 recipe's network (half-width ResNet-9, flip-averaged, ran
 weights: the cost does not depend on them) encodes ``--items`` CIFAR-10 images (the shared
 zip; digits when it is absent). Baseline: `build_index` in this process with all cores as
 torch threads. Ray: `encode_collection` with a `RayRunner` of 2 actors of 1 CPU each, once starting its own local
-cluster (what `dpq encode --engine ray` does without --address) and once on a cluster that is
+cluster (what `dpq encode --runner ray` does without --address) and once on a cluster that is
 already up (what it does with --address); the table splits the wall time into cluster
 start, the Ray Data stage (actor start, model load in each actor, encoding) and merging,
 and states the overhead against the baseline. The codes are checked to be identical.

@@ -22,7 +22,10 @@ checkpoint in eager torch, its ONNX export in ONNX Runtime and in OpenVINO, floa
 same threads and batch size): images/s and the ratio against eager torch measured in the
 same run, the share of items whose codes equal eager torch's and the largest feature
 difference (``--no-paths`` leaves out the four rows above; the export's one-time cost is
-printed apart).
+printed apart). ``--end-to-end`` adds ``dpq encode`` itself through each engine
+(:func:`dpq.encode.job.encode_collection`: the JPEGs read on demand by the decoding workers,
+the network, the codes, the index file): items/s of the whole call and of each stage, and the
+codes' agreement with the torch run.
 
 Backbones: the CIFAR-10 recipe's ResNet-9 (half width) at 32 px on real CIFAR-10 JPEGs
 (``--model32``: a trained checkpoint, default a random one), ResNet-18 and AlexNet at 224 px
@@ -33,6 +36,9 @@ flipping is off in every row (it doubles every row alike). Channels-last memory 
         --model32 /work/scratch/after-repro2/model --workers 2
     flock /tmp/dpq-heavy.lock python benchmarks/encode_speed.py \
         --model32 /work/scratch/after-repro2/model --engine torch,onnxruntime,openvino --no-paths
+    nice -n 10 python benchmarks/encode_speed.py --model32 RUN/model \
+        --engine torch,onnxruntime,openvino --no-paths --end-to-end --count32 256 --count224 32 \
+        --batch224 32 --repeats 1 --threads 2 --workers 2
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import argparse
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -269,6 +276,93 @@ def bench_engines(
     return rows
 
 
+def bench_encode(label, model_dir, folder, side, engines, workers, batch_size, workdir):
+    """`dpq encode` end to end (:func:`dpq.encode.job.encode_collection`) through each engine:
+    the JPEG folder read on demand by ``workers`` decoding processes, the network, the codes,
+    the index file; items/s of the whole call and of each stage
+    (:class:`dpq.encode.stages.StageTimes`), test-time flip as the model is configured. The
+    engines' exports are made before the timed call (the cache beside the checkpoint)."""
+    from dpq.data import SourceSpec
+    from dpq.encode.job import EncodeSettings, encode_collection
+    from dpq.index.kinds import load_any
+
+    source = SourceSpec(images=str(folder), image_size=side, loading="stream")
+    rows, reference = {}, None
+    for name in ["torch", *[e for e in engines if e != "torch"]]:
+        out = Path(workdir) / f"encode-{name}.npz"
+        settings = EncodeSettings(
+            out, source, model=model_dir, engine=name, workers=workers, batch_size=batch_size
+        )
+        encode_collection(replace(settings, out=out.with_suffix(".warm.npz")))  # export, warm
+        began = time.perf_counter()
+        result = encode_collection(settings)
+        seconds = time.perf_counter() - began
+        codes = load_any(out).codes
+        reference = codes if reference is None else reference
+        agree = float((codes == reference).all(axis=1).mean())
+        rows[name] = (result.stages.items / seconds, result.stages, agree)
+    flip = "flip on" if load_network_config(model_dir).model.tta_flip else "no flip"
+    print(f"\n### {label}: `dpq encode` end to end ({len(reference)} JPEGs read on demand by "
+          f"{workers} workers, batch {batch_size}, {flip})")  # fmt: skip
+    print("| engine | items/s, whole call | decode | network | codes | file | codes = torch's |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (speed, stages, agree) in rows.items():
+        per_stage = " | ".join(
+            "-" if stages.rate(s) == float("inf") else f"{stages.rate(s):,.0f}"
+            for s in ("decode", "network", "codes", "file")
+        )
+        print(f"| {name} | {speed:,.0f} | {per_stage} | {agree * 100:.2f} % |")
+    return rows
+
+
+def bench_map(model_dir, data, engines, db_count, query_count, threads, workdir):
+    """mAP of the trained 32 px model on a CIFAR-10 slice through each engine: ``db_count``
+    evenly spaced training JPEGs as the database, ``query_count`` others as queries, full
+    ranking by the model's search (mAP@db_count, the DPQ convention), flip as configured."""
+    from dpq.evaluate.metrics import map_at_r
+    from dpq.index.kinds import search_features
+    from dpq.methods import load_network
+
+    db_source = load_source(extract_cifar(Path(data), Path(workdir) / "map-db", db_count, None))
+    query_folder = extract_cifar(Path(data), Path(workdir) / "map-q", db_count, None, 1)
+    query_source = load_source(query_folder)
+    queries = query_source.inputs[:query_count]
+    query_labels = np.asarray(query_source.labels)[:query_count]
+    import shutil
+
+    copy = Path(workdir) / "map-model"  # the engines' export cache goes beside the copy
+    if not copy.exists():
+        shutil.copytree(model_dir, copy)
+    source, model_dir = model_dir, copy
+    network = load_network(model_dir)
+    method = method_for(network.config)
+    rows = {}
+    for name in ["torch", *[e for e in engines if e != "torch"]]:
+        engine = open_engine(
+            model_dir, name, threads=threads, image_size=None if name == "torch" else 32
+        )
+        db_features = engine.features(db_source.inputs)
+        query_features = engine.features(queries)
+        engine.close()
+        index = method.new_index(network)
+        index.add(method.encode(network, db_features), labels=np.asarray(db_source.labels))
+        _, ids = search_features(index, query_features, index.ntotal, method=method)
+        rows[name] = map_at_r(ids, query_labels, np.asarray(db_source.labels))
+    print(f"\n### mAP@{len(db_source.inputs)} of {source} through each engine "
+          f"({len(queries)} queries, {len(db_source.inputs)} database images of CIFAR-10 train)")  # fmt: skip
+    print("| engine | mAP | vs torch |")
+    print("|---|---:|---:|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.4f} | {value - rows['torch']:+.4f} |")
+    return rows
+
+
+def load_network_config(model_dir):
+    from dpq.model.files import read_checkpoint_config
+
+    return read_checkpoint_config(model_dir)[0]
+
+
 def random_model(backbone: str, kwargs: dict | None = None) -> DPQModel:
     torch.manual_seed(0)
     config = DPQConfig(
@@ -307,9 +401,20 @@ def main() -> None:
         "--no-paths", action="store_true", help="only the engine tables, not the four path rows"
     )
     parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="with --engine: also `dpq encode` through each engine, items/s per stage",
+    )
+    parser.add_argument(
         "--int8",
         action="store_true",
         help="also ONNX Runtime in int8, calibrated on 512 training images not among the timed",
+    )
+    parser.add_argument(
+        "--map",
+        metavar="DB,QUERIES",
+        help="with --engine and --model32: mAP through each engine on this many CIFAR-10 "
+        "training JPEGs as database and queries (e.g. 2000,200)",
     )
     parser.add_argument("--items", type=int, help="images per backbone (sets both counts)")
     parser.add_argument("--threads", type=int, default=available_cores())
@@ -335,7 +440,7 @@ def main() -> None:
             )
             return load_source(folder, image_size=side).inputs
 
-        def run(label, model, images, reader, batch_size):
+        def run(label, model, images, reader, batch_size, folder=None):
             if not args.no_paths:
                 bench_backbone(
                     label,
@@ -359,7 +464,21 @@ def main() -> None:
                     work,
                     calibration(images.shape[1]) if args.int8 else None,
                 )
+            if engines and args.end_to_end:
+                bench_encode(
+                    label,
+                    Path(work) / label.split()[0] / "model",
+                    folder,
+                    images.shape[1],
+                    engines,
+                    args.workers,
+                    batch_size,
+                    Path(work) / label.split()[0],
+                )
 
+        if args.map and engines and args.model32:
+            db_count, query_count = (int(v) for v in args.map.split(","))
+            bench_map(args.model32, args.data, engines, db_count, query_count, args.threads, work)
         if "resnet9" in args.only:
             folder = extract_cifar(Path(args.data), work / "cifar32", args.count32, None)
             images = load_source(folder).inputs
@@ -369,7 +488,7 @@ def main() -> None:
             else:
                 torch.manual_seed(0)
                 model = DPQModel(cifar10_recipe())
-            run("resnet9 (half width) at 32 px", model, images, reader, args.batch32)
+            run("resnet9 (half width) at 32 px", model, images, reader, args.batch32, folder)
         big = [name for name in ("resnet18", "alexnet") if name in args.only]
         if big:
             folder = extract_cifar(Path(args.data), work / "cifar256", args.count224, 256)
@@ -382,6 +501,7 @@ def main() -> None:
                     images,
                     reader,
                     args.batch224,
+                    folder,
                 )
 
 

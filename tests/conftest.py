@@ -428,6 +428,18 @@ class TrainedMethod:
 
 # --------------------------------------------------------------------------- exported encoders
 
+
+def needs_engine(engine: str) -> None:
+    """Skip the test, saying why, when the package of the inference engine ``engine`` is not
+    installed (the inference extra)."""
+    import importlib.util
+
+    if engine != "torch" and importlib.util.find_spec(engine) is None:
+        pytest.skip(
+            f"the {engine} engine's package is not installed (pip install 'dpq[inference]')"
+        )
+
+
 ENCODER_MODELS = ("identity", "resnet9", "recipe")
 """The models :func:`exported_encoders` exports: features through the identity backbone, a
 quarter-width ResNet-9 on 32 px images (semantic features), and the CIFAR-10 recipe's

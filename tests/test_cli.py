@@ -580,3 +580,69 @@ def test_a_sign_model_trains_encodes_searches_and_evaluates_on_digits(tmp_path, 
     assert main(["index", "merge", str(index_path), str(index_path), "--out",
                  str(tmp_path / "m.npz")]) == 2  # fmt: skip
     assert "holds binary codes" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- engines
+
+
+def test_encode_and_search_through_onnxruntime_equal_torch(small_model_dir, tmp_path, capsys):
+    import shutil
+
+    from conftest import needs_engine
+
+    needs_engine("onnxruntime")
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    model = shutil.copytree(small_model_dir, tmp_path / "model")
+    make_image_folder(tmp_path / "set", {"a": 4, "b": 5})
+    common = ["--model", str(model), "--images", str(tmp_path / "set")]
+    assert main(["encode", *common, "--out", str(tmp_path / "torch.npz"), "--quiet"]) == 0
+    capsys.readouterr()
+    engine = ["--engine", "onnxruntime"]
+    assert main(["encode", *common, *engine, "--out", str(tmp_path / "ort.npz")]) == 0
+    captured = capsys.readouterr()
+    assert "wrote " in captured.out and "dpq encode: items/s by stage (9 items): decode " in (
+        captured.err
+    )
+    assert "network " in captured.err and "codes " in captured.err and "file " in captured.err
+    from dpq.index import DPQIndex
+
+    torch_codes = DPQIndex.load(tmp_path / "torch.npz").codes
+    assert (DPQIndex.load(tmp_path / "ort.npz").codes == torch_codes).all(axis=1).mean() >= 0.999
+    search = ["search", "--index", str(tmp_path / "ort.npz"), *common, "--k", "3", "--quiet"]
+    assert main([*search, "--out", str(tmp_path / "torch.json")]) == 0
+    assert main([*search, *engine, "--out", str(tmp_path / "ort.json")]) == 0
+    by_torch = json.loads((tmp_path / "torch.json").read_text())["results"]
+    by_engine = json.loads((tmp_path / "ort.json").read_text())["results"]
+    assert len(by_engine) == 9 and [q["ids"] for q in by_engine] == [q["ids"] for q in by_torch]
+    distances = [[q["distances"] for q in run] for run in (by_engine, by_torch)]
+    np.testing.assert_allclose(*distances, rtol=1e-4, atol=1e-5)
+    # an exported file instead of the cache; the runner's old flag still works, and says so
+    onnx = tmp_path / "encoder.onnx"
+    assert main(["export", "--onnx", str(model), str(onnx), "--image-size", "8"]) == 0
+    assert main([*search, *engine, "--onnx", str(onnx), "--out", str(tmp_path / "f.json")]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["results"] == by_engine
+    capsys.readouterr()
+    out = ["--out", str(tmp_path / "old.npz"), "--quiet"]
+    assert main(["encode", *common, "--engine", "local", *out]) == 0
+    assert "--engine local is deprecated, use --runner local" in capsys.readouterr().err
+    np.testing.assert_array_equal(DPQIndex.load(tmp_path / "old.npz").codes, torch_codes)
+    assert main(["encode", *common, "--engine", "ray", "--runner", "local", *out]) == 2
+    assert "contradicts --runner local" in capsys.readouterr().err
+
+
+def test_a_missing_engine_package_is_one_line_naming_the_extra(
+    small_model_dir, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    make_image_folder(tmp_path / "set", {"a": 2})
+    base = ["--model", str(small_model_dir), "--images", str(tmp_path / "set"), "--quiet"]
+    out = tmp_path / "db.npz"
+    assert main(["encode", *base, "--engine", "openvino", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpq: error: the openvino engine needs the openvino package: pip install")
+    assert "'dpq[inference]'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (small_model_dir / "engine-cache").exists()
+    assert main(["search", "--index", str(out), "--features", "x.npy", "--engine", "openvino"]) == 2
+    assert "--engine and --onnx run a model: add --model" in capsys.readouterr().err

@@ -150,11 +150,20 @@ def test_settings_that_do_not_go_together_are_refused(small_model_dir, tmp_path)
             {"source": features, "model": small_model_dir, "rows": np.arange(2)},
             "applies to --images",
         ),
-        ({"source": images, "model": small_model_dir, "shards": 2}, "apply to --engine ray"),
+        ({"source": images, "model": small_model_dir, "shards": 2}, "apply to --runner ray"),
         ({"source": features, "codebooks": "b.npy", "runner": RayRunner()}, "needs --model"),
         (
             {"source": images, "model": small_model_dir, "runner": RayRunner(), "append": True},
-            "--append applies to --engine local",
+            "--append applies to --runner local",
+        ),
+        (
+            {
+                "source": images,
+                "model": small_model_dir,
+                "runner": RayRunner(),
+                "engine": "openvino",
+            },
+            "--engine openvino applies to --runner local",
         ),
     ]
     for options, message in refused:
@@ -193,3 +202,54 @@ def test_a_hashing_model_writes_and_grows_a_binary_index(folder, tmp_path):
     dpq = EncodeSettings(out, features, codebooks=np.ones((2, 4, 16), np.float32), append=True)
     with pytest.raises(ValueError, match="holds binary codes"):
         encode_collection(dpq)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_engine_encodes_as_torch_does_and_each_stage_is_timed(
+    small_model_dir, folder, tmp_path, engine
+):
+    import shutil
+
+    from conftest import needs_engine
+    from dpq.encode.stages import STAGES
+
+    needs_engine(engine)
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    model_dir = shutil.copytree(small_model_dir, tmp_path / "model")  # the cache goes beside it
+    source = SourceSpec(images=folder)
+    torch_run = encode_collection(EncodeSettings(tmp_path / "torch.npz", source, model=model_dir))
+    result = encode_collection(
+        EncodeSettings(tmp_path / "engine.npz", source, model=model_dir, engine=engine)
+    )
+    agreement = (result.index.codes == torch_run.index.codes).all(axis=1).mean()
+    assert agreement >= 0.999
+    assert (model_dir / "engine-cache").is_dir()  # exported on the fly, once
+    stages = result.stages
+    assert stages is not None and stages.items == 7 and list(stages.seconds) == list(STAGES)
+    assert stages.seconds["network"] > 0 and stages.seconds["file"] > 0
+    assert stages.summary().startswith("items/s by stage (7 items): decode ")
+
+
+def test_engine_settings_that_do_not_go_together_are_refused(small_model_dir, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 12), np.float32))
+    out, images = tmp_path / "db.npz", SourceSpec(images="digits")
+    features = SourceSpec(features=tmp_path / "x.npy")
+    refused = [
+        ({"source": images, "model": small_model_dir, "engine": "tvm"}, "unknown engine 'tvm'"),
+        (
+            {"source": images, "model": small_model_dir, "onnx": tmp_path / "e.onnx"},
+            "an ONNX file .--onnx. is run by the onnxruntime or openvino engine",
+        ),
+        (
+            {"source": features, "codebooks": tmp_path / "x.npy", "engine": "onnxruntime"},
+            "--engine onnxruntime runs a model's network",
+        ),
+        (
+            {"source": images, "model": small_model_dir, "engine": "openvino", "device": "cuda"},
+            "--engine openvino runs on the CPU, not on --device cuda",
+        ),
+    ]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=message):
+            encode_collection(EncodeSettings(out, **options))
+    assert not out.exists()

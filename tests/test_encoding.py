@@ -155,3 +155,50 @@ def test_streamed_encoding_memory_does_not_grow_with_the_collection(tmp_path):
     decoded_extra = 600 * 224 * 224 * 3 / 2**20
     assert large["main"] - small["main"] < 0.3 * decoded_extra, (small, large)
     assert large["workers"] - small["workers"] < 0.3 * decoded_extra, (small, large)
+
+
+class CountingClock:
+    """A clock that moves one second each time it is read: each timed block adds 1 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_build_index_through_an_engine_has_torchs_codes_and_times_each_stage(
+    exported_encoders, engine
+):
+    from conftest import encoder_inputs, needs_engine
+    from dpq.encode.stages import StageTimes
+    from dpq.inference import open_engine
+    from dpq.methods import load_network
+
+    needs_engine(engine)
+    model_dir, onnx_path = exported_encoders["resnet9"]  # a ResNet-9 on 32 px images
+    network = load_network(model_dir)
+    inputs = encoder_inputs("resnet9", 400)
+    opened = open_engine(model_dir, engine, onnx_path, threads=2, batch_size=64)
+    stages = StageTimes(clock=CountingClock())
+    index = build_index(network, inputs, engine=opened, stages=stages)
+    reference = build_index(network, inputs)
+    agreement = (index.codes == reference.codes).all(axis=1).mean()
+    assert agreement >= 0.999, f"{engine} codes agree for {agreement:.4f} of the items"
+    # 7 batches of 64: 7 forward passes, 8 waits for a batch (the last finds none), 1 chunk
+    assert stages.seconds == {"decode": 8.0, "network": 7.0, "codes": 1.0, "file": 0.0}
+    assert stages.items == 400
+
+
+def test_build_index_refuses_an_engine_of_another_model(images, model):
+    from dpq.inference.engines import TorchEngine
+
+    config = DPQConfig(
+        model=ModelConfig(backbone="small_cnn", backbone_kwargs={"width": 0.25}, num_classes=3),
+        quantizer=QuantizerConfig(num_levels=3, codebook_size=16, dim=6),
+    )
+    other = TorchEngine(DPQModel(config).eval())  # 6-dim features, the model's are 10-dim
+    with pytest.raises(ValueError, match="open the engine for this model's checkpoint"):
+        build_index(model, images, engine=other)

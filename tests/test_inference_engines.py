@@ -7,7 +7,6 @@ sentence. Engines whose package is absent are skipped with the reason."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 
@@ -15,26 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ENCODER_MODELS, encoder_inputs, make_image_folder
+from conftest import ENCODER_MODELS, encoder_inputs, make_image_folder, needs_engine
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig
 from dpq.inference.engines import (
     CACHE_FOLDER,
-    ENGINES,
     FeatureEngine,
     TorchEngine,
     cached_export_path,
     open_engine,
 )
 from dpq.inference.export import read_export, record_path
+from dpq.inference.names import ENGINES
 from dpq.methods import load_network, method_for
 from dpq.model.network import DPQModel
-
-
-def _needs(engine: str) -> None:
-    if engine != "torch" and importlib.util.find_spec(engine) is None:
-        pytest.skip(
-            f"the {engine} engine's package is not installed (pip install 'dpq[inference]')"
-        )
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -42,7 +34,7 @@ def _needs(engine: str) -> None:
 def test_engine_features_and_codes_equal_torchs(
     exported_encoders, encoder_references, name, engine
 ):
-    _needs(engine)
+    needs_engine(engine)
     model_dir, onnx_path = exported_encoders[name]
     network = load_network(model_dir)
     inputs, expected = encoder_references[name]
@@ -67,7 +59,7 @@ def test_engine_features_and_codes_equal_torchs(
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_threads_and_batch_size_are_the_engines(exported_encoders, engine):
-    _needs(engine)
+    needs_engine(engine)
     model_dir, onnx_path = exported_encoders["resnet9"]
     opened = open_engine(model_dir, engine, onnx_path=onnx_path, threads=1, batch_size=32)
     assert (opened.threads, opened.batch_size) == (1, 32)
@@ -85,7 +77,7 @@ def test_threads_and_batch_size_are_the_engines(exported_encoders, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_on_demand_reader_streams_through_the_engine(exported_encoders, tmp_path, engine):
-    _needs(engine)
+    needs_engine(engine)
     from dpq.data import load_source
 
     made = make_image_folder(tmp_path / "images", {"a": 5, "b": 4}, size=32)
@@ -127,7 +119,7 @@ def _small_model(path, bias: float = 0.0):
 
 
 def test_the_export_cache_is_written_once_and_renewed_for_a_new_checkpoint(tmp_path):
-    _needs("onnxruntime")
+    needs_engine("onnxruntime")
     model_dir = _small_model(tmp_path / "model")
     inputs = encoder_inputs("identity", 30)
     first = open_engine(model_dir, "onnxruntime")
@@ -147,7 +139,7 @@ def test_the_export_cache_is_written_once_and_renewed_for_a_new_checkpoint(tmp_p
 
 
 def test_int8_is_calibrated_once_cached_and_recalibrated_on_other_inputs(tmp_path):
-    _needs("onnxruntime")
+    needs_engine("onnxruntime")
     model_dir = _small_model(tmp_path / "model")
     with pytest.raises(ValueError, match="int8 needs calibration inputs"):
         open_engine(model_dir, "onnxruntime", precision="int8")
@@ -171,7 +163,7 @@ def test_int8_is_calibrated_once_cached_and_recalibrated_on_other_inputs(tmp_pat
 
 
 def test_a_stale_onnx_file_is_refused(exported_encoders, tmp_path):
-    _needs("onnxruntime")
+    needs_engine("onnxruntime")
     model_dir, onnx_path = exported_encoders["identity"]
     other = _small_model(tmp_path / "other")
     with pytest.raises(ValueError, match="is stale"):
@@ -208,7 +200,7 @@ def test_bad_settings_are_one_sentence(exported_encoders):
 
 
 def test_inputs_of_another_shape_are_refused(exported_encoders):
-    _needs("onnxruntime")
+    needs_engine("onnxruntime")
     model_dir, onnx_path = exported_encoders["resnet9"]
     opened = open_engine(model_dir, "onnxruntime", onnx_path=onnx_path)
     with pytest.raises(ValueError, match="decode the images at 32x32"):
@@ -216,7 +208,7 @@ def test_inputs_of_another_shape_are_refused(exported_encoders):
 
 
 def test_openvino_refuses_an_antialiased_shrink(tmp_path):
-    _needs("openvino")
+    needs_engine("openvino")
     pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
     torch.manual_seed(0)
     config = DPQConfig(
@@ -235,7 +227,7 @@ def test_openvino_refuses_an_antialiased_shrink(tmp_path):
 
 
 def test_a_copied_checkpoint_keeps_its_cache_valid(exported_encoders, tmp_path):
-    _needs("onnxruntime")
+    needs_engine("onnxruntime")
     model_dir, _ = exported_encoders["identity"]
     first = open_engine(model_dir, "onnxruntime", image_size=32)
     copy = tmp_path / "copy"

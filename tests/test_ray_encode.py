@@ -34,12 +34,14 @@ def test_without_ray_the_command_says_how_to_install_it(
         RayRunner()
     out = tmp_path / "db.npz"
     argv = ["encode", "--engine", "ray", "--model", str(small_model_dir), "--images", "digits"]
-    assert main([*argv, "--out", str(out)]) == 2
-    assert "pip install 'dpq[distributed]'" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out)]) == 2  # the runner's old spelling still works
+    err = capsys.readouterr().err
+    assert "pip install 'dpq[distributed]'" in err
+    assert "--engine ray is deprecated, use --runner ray" in err
     assert not out.exists()
     local = ["encode", "--model", str(small_model_dir), "--images", "digits", "--out", str(out)]
     assert main([*local, "--shards", "2"]) == 2
-    assert "apply to --engine ray" in capsys.readouterr().err
+    assert "apply to --runner ray" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- on a Ray cluster
@@ -91,7 +93,7 @@ def test_ray_encode_gives_the_codes_of_one_process_dpq_encode(
         str(split),
     ]
     assert main([*common, "--batch-size", "64", "--out", str(tmp_path / "one.npz")]) == 0
-    ray_argv = [*common, "--engine", "ray", "--shards", "3", "--batch-size", "32", "--quiet"]
+    ray_argv = [*common, "--runner", "ray", "--shards", "3", "--batch-size", "32", "--quiet"]
     assert main([*ray_argv, "--out", str(tmp_path / "ray.npz")]) == 0
     assert "3 shard(s) encoded on Ray (2 actor(s)" in capsys.readouterr().out
     one, sharded = DPQIndex.load(tmp_path / "one.npz"), DPQIndex.load(tmp_path / "ray.npz")

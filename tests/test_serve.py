@@ -1087,3 +1087,28 @@ def test_an_image_query_says_what_the_model_predicts(service, built):
     assert answer["query"]["predicted_label"] == str(int(probabilities.argmax()))
     assert answer["query"]["predicted_probability"] == pytest.approx(probabilities.max(), abs=1e-4)
     assert "predicted_label" not in client.post("/search", json={"id": 3}).json()["query"]
+
+
+def test_a_service_whose_model_runs_in_onnxruntime_answers_an_image_query(built, tmp_path):
+    from conftest import needs_engine
+    from dpq.model.network import DPQModel
+    from dpq.serve.images import decode_upload, model_input
+
+    needs_engine("onnxruntime")
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    model_dir = shutil.copytree(built["model"], tmp_path / "model")  # the cache goes beside it
+    settings = ServeSettings(
+        _copy_index(built["index"], tmp_path), model_dir, "digits", engine="onnxruntime"
+    )
+    data = _png((20, 14), seed=5)
+    pixels = model_input(decode_upload(data, "q.png"), (8, 8))
+    features = DPQModel.from_checkpoint(model_dir).extract_features(pixels[None])[0]
+    ids, _ = _tie_ordered(DPQIndex.load(built["index"]), features, 12, num_levels=2)
+    with running(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        answer = client.post(
+            "/search", files={"file": ("q.png", data, "image/png")}, data={"k": "12", "bits": "16"}
+        )
+        stats = client.get("/stats").json()
+    assert answer.status_code == 200, answer.text
+    assert [r["id"] for r in answer.json()["results"]] == ids.tolist()
+    assert "onnxruntime" in json.dumps(stats)

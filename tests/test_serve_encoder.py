@@ -151,3 +151,28 @@ def test_the_encoder_gives_logits_when_the_model_has_them():
         assert features_only.features_and_logits(images)[1] is None  # no classifier: None
     finally:
         features_only.close()
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_engine_runs_the_served_model_at_the_served_size(checkpoints, tmp_path, engine):
+    import shutil
+
+    from conftest import needs_engine
+    from dpq.serve.encoder import EngineModel
+
+    needs_engine(engine)
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    plain = shutil.copytree(checkpoints / "plain", tmp_path / "plain")  # the cache goes beside it
+    settings = ServeSettings("x", plain, image_size=12, engine=engine, model_threads=1)
+    served = load_served_model(settings, _index_of(plain))
+    assert isinstance(served.model, EngineModel) and served.model.engine.name == engine
+    assert served.image_size == (12, 12) and served.info["engine"] == engine
+    images = np.random.default_rng(4).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    expected = DPQModel.from_checkpoint(plain).extract_features(images)
+    encoder = BatchingEncoder(served.model)
+    try:
+        features, predictions = encoder.predictions(images, False, None)
+    finally:
+        encoder.close()
+    np.testing.assert_allclose(features, expected, atol=1e-4, rtol=0)
+    assert predictions == [{}] * 5  # an exported encoder has no classifier output

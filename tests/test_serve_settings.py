@@ -84,6 +84,10 @@ def test_derived_threads_and_burst():
         ({"cors_origins": ("*",)}, ValueError, "a CORS origin is scheme://host"),
         ({"cors_origins": ("https://a.example/app",)}, ValueError, "with no path"),
         ({"cors_origins": ("a.example",)}, ValueError, "got 'a.example'"),
+        ({"model": "m", "engine": "tvm"}, ValueError, "unknown engine 'tvm'; choose one of"),
+        ({"engine": "openvino"}, ValueError, "engine 'openvino' runs a model; set model"),
+        ({"model": "m", "onnx": "e.onnx"}, ValueError, "is run by the onnxruntime or openvino"),
+        ({"model": "m", "engine": "onnxruntime", "onnx": 3}, ValueError, "onnx must be the path"),
     ],
 )
 def test_bad_fields_are_refused(fields, error, phrase):

@@ -12,6 +12,7 @@ import sys
 from dpq.cli.options import (
     add_command,
     add_device_options,
+    add_engine_options,
     add_quiet_option,
     add_source_options,
     image_flags_given,
@@ -83,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_source_options(parser)
     add_device_options(parser)
+    add_engine_options(parser, also=RUNNERS)
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument(
         "--partition-levels",
@@ -105,15 +107,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+RUNNERS = ("local", "ray")
+"""Where the items are encoded (``--runner``; before issue 25 spelt ``--engine``)."""
+
+
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
-    """`dpq encode --engine ray`: the flags of dpq.encode.ray (issue 16)."""
+    """`dpq encode --runner ray`: the flags of dpq.encode.ray (issue 16)."""
     group = parser.add_argument_group("encoding on a Ray cluster (pip install 'dpq[distributed]')")
     group.add_argument(
-        "--engine",
-        choices=["local", "ray"],
-        default="local",
-        help="local: this process; ray: shards encoded by Ray Data actors, one model "
-        "each, then merged into --out (re-running encodes only missing shards)",
+        "--runner",
+        choices=list(RUNNERS),
+        default=None,
+        help="local: this process (the default); ray: shards encoded by Ray Data actors, one "
+        "model each, then merged into --out (re-running encodes only missing shards)",
     )
     group.add_argument(
         "--address",
@@ -156,21 +162,41 @@ def items(args: argparse.Namespace, subset: str):  # -> (inputs, labels | None, 
     return inputs, labels, np.asarray(rows, np.int64), source
 
 
+def runner_and_engine(args: argparse.Namespace) -> tuple[str, str]:
+    """(runner, engine) from ``--runner`` and ``--engine``; ``--engine local|ray``, the
+    runner's old spelling, still works with a deprecation line on stderr."""
+    engine, runner = args.engine, args.runner
+    if engine in RUNNERS:
+        print(
+            f"dpq encode: --engine {engine} is deprecated, use --runner {engine} (--engine now "
+            "names the inference engine: torch, onnxruntime or openvino)",
+            file=sys.stderr,
+        )
+        if runner is not None and runner != engine:
+            raise ValueError(
+                f"--engine {engine} (the old spelling of --runner) contradicts --runner "
+                f"{runner}; give --runner only."
+            )
+        engine, runner = "torch", engine
+    return runner or "local", engine
+
+
 def run(args: argparse.Namespace) -> int:
     from dpq.data import Split
     from dpq.encode.job import EncodeSettings, encode_collection
     from dpq.index import DPQIndex
     from dpq.index.usage import code_usage
 
+    runner_name, engine = runner_and_engine(args)
     runner = None
-    if args.engine == "ray":
+    if runner_name == "ray":
         from dpq.encode.ray import RayRunner
 
         runner = RayRunner(
             address=args.address, actors=args.actors, gpus_per_actor=args.gpus_per_actor
         )
     elif args.address is not None or args.actors is not None or args.gpus_per_actor:
-        raise ValueError("--address, --actors and --gpus-per-actor apply to --engine ray.")
+        raise ValueError("--address, --actors and --gpus-per-actor apply to --runner ray.")
     settings = EncodeSettings(
         args.out,
         source_spec(args),
@@ -183,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         batch_size=args.batch_size,
         device=args.device,
+        engine=engine,
+        onnx=args.onnx,
         workers=args.workers,
         search_mode=args.search_mode,
         partition_levels=args.partition_levels,
@@ -193,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     )
     result = encode_collection(settings)
     print(result.summary())
+    if result.stages is not None and not args.quiet:
+        print(f"dpq encode: {result.stages.summary()}", file=sys.stderr)
     if isinstance(result.index, DPQIndex):  # binary codes have no codewords to count
         for line in code_usage(result.index.codes, result.index.codebook_size).report_lines():
             print(f"dpq encode: {line}", file=sys.stderr)

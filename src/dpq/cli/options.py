@@ -222,6 +222,29 @@ def add_device_options(parser: argparse.ArgumentParser, precision: bool = False)
         )
 
 
+def add_engine_options(parser: argparse.ArgumentParser, also: tuple[str, ...] = ()) -> None:
+    """Who runs the network (issue 25): ``--engine`` and ``--onnx``. ``also``: more values
+    ``--engine`` accepts without showing them (an older meaning of the flag)."""
+    from dpq.inference.names import ENGINES, INSTALL_HINT
+
+    group = parser.add_argument_group(f"inference engine (onnxruntime, openvino: {INSTALL_HINT})")
+    group.add_argument(
+        "--engine",
+        choices=[*ENGINES, *also],
+        default="torch",
+        metavar="{" + ",".join(ENGINES) + "}",
+        help="torch: the checkpoint in PyTorch; onnxruntime, openvino: its ONNX export on the "
+        "CPU (--onnx, else exported once into MODEL_DIR/engine-cache/ and renewed when the "
+        "checkpoint changes)",
+    )
+    group.add_argument(
+        "--onnx",
+        metavar="PATH",
+        help="with --engine onnxruntime or openvino: an export of --model from `dpq export "
+        "--onnx` (checked against the checkpoint) instead of the cached one",
+    )
+
+
 def load_model(args: argparse.Namespace, path: str):  # -> RetrievalNetwork on --device
     """The checkpoint at ``path``, of any method, on ``--device``."""
     from dpq.devices import resolve_device

@@ -10,6 +10,7 @@ from dpq.cli.encode import items
 from dpq.cli.options import (
     add_command,
     add_device_options,
+    add_engine_options,
     add_quiet_option,
     add_source_options,
     check_out,
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_source_options(parser)
     add_device_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     ranking = parser.add_argument_group("ranking")
     ranking.add_argument(
@@ -117,8 +119,12 @@ def run(args: argparse.Namespace) -> int:
     from dpq.evaluate.report import format_search_results
     from dpq.index import DPQIndex
     from dpq.index.kinds import check_compatible, load_any, search_features
+    from dpq.inference.names import check_engine
 
     check_out(args)
+    check_engine(args.engine, args.onnx)
+    if args.model is None and (args.engine != "torch" or args.onnx is not None):
+        raise ValueError("--engine and --onnx run a model: add --model (the index's checkpoint).")
     index = load_any(args.index)
     queries, _, query_ids, _ = items(args, args.subset)
     options = {
@@ -130,17 +136,20 @@ def run(args: argparse.Namespace) -> int:
     }
     method = None
     if args.model is not None:
+        from dpq.inference.engines import engine_for
         from dpq.methods import method_for
 
         model = load_model(args, args.model)
         method = method_for(model.config)
         check_compatible(index, method.new_index(model), source=f"model {args.model}")
         began = time.perf_counter()
-        queries = model.extract_features(
-            queries, batch_size=args.batch_size, progress=not args.quiet, workers=args.workers
+        engine = engine_for(
+            model, args.model, args.engine, args.onnx, queries, batch_size=args.batch_size
         )
+        queries = engine.features(queries, workers=args.workers, progress=not args.quiet)
+        engine.close()
         seconds = time.perf_counter() - began
-        say(args, f"features of {len(queries):,} queries in {seconds:.1f} s")
+        say(args, f"features of {len(queries):,} queries in {seconds:.1f} s ({engine.name})")
     if isinstance(index, DPQIndex) and args.nprobe is not None and index.partition_levels == 0:
         raise ValueError(
             f"--nprobe needs a partitioned index, but {args.index} scans every item (it was "

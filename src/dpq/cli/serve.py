@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpq.cli.options import add_command, add_device_options
+from dpq.cli.options import add_command, add_device_options, add_engine_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rate-burst", type=int, help="burst size of --rate-limit (default 2 R)")
     parser.add_argument("--threads", type=int, help="search threads (default: CPU count)")
     parser.add_argument(
-        "--model-threads", type=int, help="torch threads for the model (default: torch's)"
+        "--model-threads",
+        type=int,
+        help="threads of the model's forward pass (default: torch's, or the engine's)",
     )
     parser.add_argument(
         "--max-pending", type=int, default=256, help="requests waiting beyond this get 503"
@@ -86,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_device_options(parser)
+    add_engine_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -114,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         model_threads=args.model_threads,
         max_pending=args.max_pending,
         device=args.device,
+        engine=args.engine,
+        onnx=args.onnx,
         **batching,
     )
     serve(settings)

@@ -2,14 +2,15 @@
 
 :func:`build_index` is the one way items become an index: ``dpq encode``, the evaluation
 of a trained model and the search service all call it. It streams the inputs through the
-network (:meth:`~dpq.model.retrieval_network.RetrievalNetwork.iter_searched_features`: an
-on-demand image reader is decoded by DataLoader worker processes a few batches ahead, so
-neither the images nor their features ever have to fit in memory), and asks the network's
-method (:func:`dpq.methods.method_for`) for the rest: :data:`CHUNK_ITEMS` features at a time
-become codes (``method.encode``) that are added, with the item ids and labels, to the index
-the method makes (``method.new_index``: a :class:`~dpq.index.DPQIndex` with the model's
-codebooks, assignment rule and search mode for DPQ, a :class:`~dpq.index.binary.BinaryIndex`
-for a hashing method).
+network in an inference engine (:mod:`dpq.inference`: the model itself in eager torch by
+default, or its ONNX export in ONNX Runtime or OpenVINO; an on-demand image reader is
+decoded by DataLoader worker processes a few batches ahead, so neither the images nor their
+features ever have to fit in memory), timing each stage (:mod:`dpq.encode.stages`), and
+asks the network's method (:func:`dpq.methods.method_for`) for the rest: :data:`CHUNK_ITEMS`
+features at a time become codes (``method.encode``) that are added, with the item ids and
+labels, to the index the method makes (``method.new_index``: a :class:`~dpq.index.DPQIndex`
+with the model's codebooks, assignment rule and search mode for DPQ, a
+:class:`~dpq.index.binary.BinaryIndex` for a hashing method).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from dpq.data.loading import BatchReader
+from dpq.encode.stages import StageTimes
 from dpq.index import DPQIndex
 from dpq.index.kinds import AnyIndex, check_compatible
+from dpq.inference.engines import FeatureEngine, TorchEngine
 from dpq.methods import method_for
 from dpq.methods.base import RetrievalMethod
 from dpq.model.retrieval_network import RetrievalNetwork
@@ -97,6 +101,8 @@ def build_index(
     workers: int | None = None,
     precision: str = "fp32",
     partition_levels: int = 0,
+    engine: FeatureEngine | None = None,
+    stages: StageTimes | None = None,
 ) -> AnyIndex:
     """Encode ``inputs`` with ``model`` into an index (a new one, or ``index`` grown).
 
@@ -117,6 +123,11 @@ def build_index(
             :meth:`~dpq.model.retrieval_network.RetrievalNetwork.extract_features`).
         partition_levels: a new DPQ index's cells: items grouped by their first 0, 1 or 2 codes
             (searched with ``nprobe``; see :class:`dpq.index.DPQIndex`).
+        engine: who runs the network (:func:`dpq.inference.engine_for`: ONNX Runtime,
+            OpenVINO); default the model itself in torch at ``precision``. Its batch size
+            replaces ``batch_size``.
+        stages: where the seconds of the "decode", "network" and "codes" stages and the
+            item count are added (:class:`~dpq.encode.stages.StageTimes`).
 
     Returns:
         The index (``index`` itself when given).
@@ -129,6 +140,16 @@ def build_index(
         index = empty_index(model, metadata, search_mode, partition_levels)
     else:
         check_compatible(index, method.new_index(model), source="the model")
+    model.check_inputs(inputs)
+    if engine is None:
+        engine = TorchEngine(model, batch_size, precision=precision)
+    elif engine.feature_dim != model.feature_dim or engine.input_kind != model.input_kind:
+        raise ValueError(
+            f"the {engine.name} engine computes {engine.feature_dim}-dim features of "
+            f"{engine.input_kind}, but the model {model.feature_dim}-dim features of "
+            f"{model.input_kind}; open the engine for this model's checkpoint."
+        )
+    stages = stages if stages is not None else StageTimes()
     pending: list[np.ndarray] = []
     pending_start = 0
 
@@ -136,25 +157,35 @@ def build_index(
         nonlocal pending_start
         if not pending:
             return
-        add_features(
-            index,
-            model,
-            np.concatenate(pending),
-            ids=None if ids is None else ids[pending_start:stop],
-            labels=None if labels is None else labels[pending_start:stop],
-            method=method,
-        )
+        with stages.stage("codes"):
+            add_features(
+                index,
+                model,
+                np.concatenate(pending),
+                ids=None if ids is None else ids[pending_start:stop],
+                labels=None if labels is None else labels[pending_start:stop],
+                method=method,
+            )
         pending.clear()
         pending_start = stop
 
-    with progress_bar(n, "encode", "img", enabled=progress) as bar:
-        for start, features, _logits in model.iter_searched_features(
-            inputs, batch_size=batch_size, precision=precision, workers=workers
-        ):
+    with (
+        progress_bar(n, "encode", "img", enabled=progress) as bar,
+        BatchReader(inputs, workers=workers) as reader,
+    ):
+        batches = reader.sequential(engine.batch_size)
+        while True:
+            with stages.stage("decode"):
+                start, batch = next(batches, (n, None))
+            if batch is None:
+                break
+            with stages.stage("network"):
+                features = engine.features(batch.numpy())
             pending.append(features)
             stop = start + len(features)
             if stop - pending_start >= CHUNK_ITEMS:
                 flush(stop)
             bar.update(len(features))
         flush(n)
+    stages.items += n
     return index

@@ -4,8 +4,9 @@
 
 1. read: open the source (:class:`~dpq.data.SourceSpec`), choose the rows, their ids and
    labels (:func:`select_items`);
-2. encode: in this process, in one piece (:func:`dpq.encode.build.build_index`; with
-   codebooks, the index's own encoder), or in shards placed by a
+2. encode: in this process, in one piece (:func:`dpq.encode.build.build_index`, the network
+   run by the inference engine the settings name; with codebooks, the index's own encoder),
+   timing each stage (:class:`~dpq.encode.stages.StageTimes`), or in shards placed by a
    :class:`~dpq.encode.shards.ShardRunner`, each shard through the same ``build_index``,
    written as an index file and merged (:mod:`dpq.encode.shards`);
 3. write: a new index file, or the items appended to an existing one.
@@ -19,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,10 @@ from dpq.encode.shards import (
     shard_is_done,
     take_rows,
 )
+from dpq.encode.stages import StageTimes
 from dpq.index import DPQIndex, append_to_index_file
 from dpq.index.kinds import AnyIndex, check_compatible, load_any
+from dpq.inference.names import check_engine
 
 DEFAULT_SHARDS = 8
 ArrayOrPath = np.ndarray | str | os.PathLike[str]
@@ -72,6 +76,11 @@ class EncodeSettings:
             length, checked).
         batch_size: inputs per forward pass.
         device: where the model runs in this process ("auto", "cpu", "cuda", "cuda:N", "mps").
+        engine: who runs the network in this process: "torch" (the checkpoint in eager
+            PyTorch), "onnxruntime" or "openvino" (its ONNX export on the CPU: ``onnx``, or
+            exported once into ``MODEL_DIR/engine-cache/``; :func:`dpq.inference.engine_for`).
+        onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``), checked
+            against it; None: the cached export.
         workers: processes decoding images read on demand in this process (default: one
             per core, up to 8; 0: this process).
         search_mode: how a new DPQ index is searched (default: the model's; "aqd" with
@@ -96,6 +105,8 @@ class EncodeSettings:
     append: bool = False
     batch_size: int = 256
     device: str = "auto"
+    engine: str = "torch"
+    onnx: str | os.PathLike[str] | None = None
     workers: int | None = None
     search_mode: str | None = None
     partition_levels: int = 0
@@ -109,6 +120,17 @@ class EncodeSettings:
         """ValueError for settings that do not go together, naming the flags."""
         if (self.model is None) == (self.codebooks is None):
             raise ValueError("give one of --model (a checkpoint) and --codebooks.")
+        check_engine(self.engine, self.onnx)
+        if self.engine != "torch" and self.model is None:
+            raise ValueError(
+                f"--engine {self.engine} runs a model's network; --codebooks encode features "
+                "without one: leave --engine out."
+            )
+        if self.engine != "torch" and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"--engine {self.engine} runs on the CPU, not on --device {self.device}; leave "
+                "--device out, or use --engine torch."
+            )
         if self.source.images is not None and self.model is None:
             raise ValueError(
                 "--images needs --model: the checkpoint that turns images into features."
@@ -123,13 +145,18 @@ class EncodeSettings:
             )
         if self.runner is None:
             if self.shards is not None or self.shard_dir is not None:
-                raise ValueError("--shards and --shard-dir apply to --engine ray.")
+                raise ValueError("--shards and --shard-dir apply to --runner ray.")
             return
         if self.model is None:
-            raise ValueError("--engine ray needs --model (a checkpoint every node can read).")
+            raise ValueError("--runner ray needs --model (a checkpoint every node can read).")
+        if self.engine != "torch":
+            raise ValueError(
+                f"--engine {self.engine} applies to --runner local; the Ray actors run the "
+                "checkpoint in torch."
+            )
         if self.append:
             raise ValueError(
-                "--append applies to --engine local; with --engine ray, encode into a new file "
+                "--append applies to --runner local; with --runner ray, encode into a new file "
                 "and join the two with `dpq index merge OLD NEW --out MERGED`."
             )
 
@@ -148,6 +175,8 @@ class EncodeResult:
         seconds: wall time: in this process, loading the model and encoding (not reading
             the source up front, not writing the file); with a runner, the whole call.
         shards: what the runner did (None in this process).
+        stages: in this process: seconds and items/s of each stage (decode, network, codes,
+            file); None with a runner.
     """
 
     index: AnyIndex
@@ -157,6 +186,7 @@ class EncodeResult:
     appended: bool
     seconds: float
     shards: ShardReport | None = None
+    stages: StageTimes | None = None
 
     def summary(self) -> str:
         """One line for the terminal."""
@@ -282,25 +312,32 @@ def encode_collection(settings: EncodeSettings) -> EncodeResult:
     source = settings.source
     if settings.runner is not None and source.images is not None and source.loading == "auto":
         source = replace(source, loading="stream")  # each worker reads only its shards' images
-    items = select_items(settings, source)
+    stages = StageTimes() if settings.runner is None else None
+    with stages.stage("decode") if stages is not None else nullcontext():
+        items = select_items(settings, source)
     metadata = _metadata(settings, source, items)
     report = None
-    if settings.runner is None:
+    if stages is not None:
         began = time.perf_counter()
-        index = _encode_here(settings, items, metadata, existing)
+        index = _encode_here(settings, items, metadata, existing, stages)
     else:  # settings.check(): a runner has a model
         index, report = _encode_in_shards(
             settings, settings.runner, settings.model, source, items, metadata, out
         )
     seconds = time.perf_counter() - began
+    with stages.stage("file") if stages is not None else nullcontext():
+        if existing is not None:
+            before = existing.ntotal
+            added = _append(existing, out, index, items.ids)
+        else:
+            path = index.save(out)
     if existing is not None:
-        before = existing.ntotal
-        added = _append(existing, out, index, items.ids)
-        return EncodeResult(index, out, added, before + len(added), True, seconds)
-    path = index.save(out)
+        return EncodeResult(index, out, added, before + len(added), True, seconds, stages=stages)
     if report is not None:
         seconds = time.perf_counter() - began  # with a runner: the whole call
-    return EncodeResult(index, path, np.asarray(index.ids), index.ntotal, False, seconds, report)
+    return EncodeResult(
+        index, path, np.asarray(index.ids), index.ntotal, False, seconds, report, stages
+    )
 
 
 def _metadata(settings: EncodeSettings, source: SourceSpec, items: Items) -> dict[str, Any]:
@@ -329,29 +366,48 @@ def _append(existing: AnyIndex, out: Path, index: AnyIndex, ids: np.ndarray | No
 
 
 def _encode_here(
-    settings: EncodeSettings, items: Items, metadata: dict[str, Any], existing: AnyIndex | None
+    settings: EncodeSettings,
+    items: Items,
+    metadata: dict[str, Any],
+    existing: AnyIndex | None,
+    stages: StageTimes,
 ) -> AnyIndex:
     """The items encoded in this process, in one piece."""
     if settings.model is not None:
         from dpq.devices import resolve_device
+        from dpq.inference.engines import engine_for
         from dpq.methods import load_network, method_for
 
-        model = load_network(settings.model, device=resolve_device(settings.device))
+        device = "cpu" if settings.engine != "torch" else settings.device
+        model = load_network(settings.model, device=resolve_device(device))
         if existing is not None:
             fresh = method_for(model.config).new_index(model)
             check_compatible(existing, fresh, source=f"model {settings.model}")
-        return build_index(
+        inputs = items.selected()
+        engine = engine_for(
             model,
-            items.selected(),
-            ids=items.ids,
-            labels=items.labels,
+            settings.model,
+            settings.engine,
+            settings.onnx,
+            inputs=inputs,
             batch_size=settings.batch_size,
-            metadata=metadata,
-            progress=settings.progress,
-            search_mode=settings.search_mode,
-            workers=settings.workers,
-            partition_levels=settings.partition_levels,
         )
+        try:
+            return build_index(
+                model,
+                inputs,
+                ids=items.ids,
+                labels=items.labels,
+                metadata=metadata,
+                progress=settings.progress,
+                search_mode=settings.search_mode,
+                workers=settings.workers,
+                partition_levels=settings.partition_levels,
+                engine=engine,
+                stages=stages,
+            )
+        finally:
+            engine.close()
     codebooks = _array(settings.codebooks, read_array, "--codebooks")
     if not isinstance(existing, DPQIndex | None):
         raise ValueError(
@@ -369,7 +425,9 @@ def _encode_here(
         search_mode=settings.search_mode or "aqd",
         partition_levels=settings.partition_levels,
     )
-    index.add_features(np.asarray(items.selected()), ids=items.ids, labels=items.labels)
+    with stages.stage("codes"):
+        index.add_features(np.asarray(items.selected()), ids=items.ids, labels=items.labels)
+    stages.items += items.num_items
     return index
 
 

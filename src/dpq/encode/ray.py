@@ -43,8 +43,8 @@ def require_ray() -> Any:
         import ray.data  # noqa: F401 - the part we use
     except ImportError as exc:
         raise ValueError(
-            f"--engine ray needs Ray with Ray Data, which is not installed ({exc}); install "
-            f"it with {INSTALL_HINT}, or encode in this process (leave out --engine ray)."
+            f"--runner ray needs Ray with Ray Data, which is not installed ({exc}); install "
+            f"it with {INSTALL_HINT}, or encode in this process (leave out --runner ray)."
         ) from None
     return ray
 

@@ -28,16 +28,14 @@ import numpy as np
 
 from dpq.inference.export import (
     INPUT_NAME,
-    INSTALL_HINT,
     OUTPUT_NAME,
     ExportRecord,
     check_export,
     export_onnx,
 )
+from dpq.inference.names import INSTALL_HINT, check_engine
 from dpq.progress import progress_bar
 
-ENGINES = ("torch", "onnxruntime", "openvino")
-"""The engine names :func:`open_engine` accepts."""
 PRECISIONS = {
     "torch": ("fp32", "bf16", "fp16"),
     "onnxruntime": ("fp32", "int8"),
@@ -66,8 +64,9 @@ class FeatureEngine(Protocol):
     feature_dim: int
     batch_size: int
 
-    def features(self, inputs: Any) -> np.ndarray:
-        """float32 (N, D) features of N raw inputs (an array or an on-demand reader)."""
+    def features(self, inputs: Any, workers: int | None = 0, progress: bool = False) -> np.ndarray:
+        """float32 (N, D) features of N raw inputs (an array or an on-demand reader, decoded
+        by ``workers`` DataLoader processes; 0: this process)."""
         ...
 
     def iter_features(
@@ -150,13 +149,14 @@ class TorchEngine:
         ):
             yield start, features
 
-    def features(self, inputs: Any) -> np.ndarray:
+    def features(self, inputs: Any, workers: int | None = 0, progress: bool = False) -> np.ndarray:
         return self.network.extract_features(
             inputs,
             batch_size=self.batch_size,
             tta_flip=self.tta_flip,
             precision=self.precision,
-            workers=0,
+            progress=progress,
+            workers=workers,
         )
 
     def close(self) -> None:
@@ -217,10 +217,10 @@ class GraphEngine(ABC):
         finally:
             bar.close()
 
-    def features(self, inputs: Any) -> np.ndarray:
+    def features(self, inputs: Any, workers: int | None = 0, progress: bool = False) -> np.ndarray:
         self.record.check_inputs(inputs)
         out = np.empty((len(inputs), self.feature_dim), dtype=np.float32)
-        for start, features in self.iter_features(inputs, workers=0):
+        for start, features in self.iter_features(inputs, workers, progress):
             out[start : start + len(features)] = features
         return out
 
@@ -417,8 +417,7 @@ def open_engine(
         ValueError: an unknown engine or precision, an engine whose package is missing
             (naming the extra to install), or a stale or damaged ``onnx_path``.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    check_engine(engine)
     if precision not in PRECISIONS[engine]:
         raise ValueError(
             f"the {engine} engine runs precision {' or '.join(PRECISIONS[engine])}, not "
@@ -458,3 +457,29 @@ def open_engine(
 
         threads = available_cores()
     return _GRAPH_ENGINES[engine](path, record, batch_size, threads)
+
+
+def engine_for(
+    network: Any,
+    model_dir: str | Path,
+    engine: str = "torch",
+    onnx_path: str | Path | None = None,
+    inputs: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+) -> FeatureEngine:
+    """The engine ``engine`` for a network already loaded from ``model_dir``: that network
+    itself for "torch" (no second load; ``threads`` None leaves torch's count alone), else
+    :func:`open_engine` on the CPU with ``onnx_path`` or the cached export, read at the image
+    size of ``inputs`` (uint8 (N, H, W, 3) images, an array or a reader; None or features:
+    the model's size)."""
+    check_engine(engine, onnx_path)
+    if engine == "torch":
+        return TorchEngine(network, batch_size, threads)
+    shape = tuple(getattr(inputs, "shape", ()))
+    image_size = None
+    if network.input_kind == "images" and len(shape) == 4:
+        image_size = (int(shape[1]), int(shape[2]))
+    return open_engine(
+        model_dir, engine, onnx_path, threads, batch_size=batch_size, image_size=image_size
+    )

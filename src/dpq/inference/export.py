@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from dpq.atomic import check_writable_file, write_bytes_atomic, write_json_atomic
+from dpq.inference.names import INSTALL_HINT
 from dpq.model.files import architecture, file_sha256, read_checkpoint_config
 
 EXPORT_FORMAT = "dpq-onnx-encoder"
@@ -44,7 +45,6 @@ DEFAULT_OPSET = 18
 INPUT_NAME = "inputs"
 OUTPUT_NAME = "features"
 RECORD_SUFFIX = ".json"
-INSTALL_HINT = "pip install 'dpq[inference]'"
 
 
 def record_path(onnx_path: str | Path) -> Path:

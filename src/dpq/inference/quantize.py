@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from dpq.atomic import check_writable_file, write_bytes_atomic, write_json_atomic
-from dpq.inference.export import INPUT_NAME, INSTALL_HINT, ExportRecord, read_export, record_path
+from dpq.inference.export import INPUT_NAME, ExportRecord, read_export, record_path
+from dpq.inference.names import INSTALL_HINT
 
 CALIBRATION_ITEMS = 512
 """Calibration images read at most (evenly spaced over the ones given)."""

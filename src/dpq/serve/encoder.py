@@ -21,7 +21,23 @@ if TYPE_CHECKING:
     from dpq.index import DPQIndex
     from dpq.serve.settings import ServeSettings
 
-__all__ = ["BatchingEncoder", "ServedModel", "load_served_model"]
+__all__ = ["BatchingEncoder", "EngineModel", "ServedModel", "load_served_model"]
+
+
+class EngineModel:
+    """An inference engine (:mod:`dpq.inference`) in the place of the model: features only
+    (an exported encoder has no classifier output, so there are no predicted labels).
+
+    Args:
+        engine: a :class:`~dpq.inference.engines.FeatureEngine` that reads images.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def extract_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """float32 (n, D) features of uint8 (n, H, W, 3) images, in the engine's batches."""
+        return self.engine.features(images)
 
 
 class BatchingEncoder:
@@ -136,15 +152,18 @@ def load_served_model(
     ``settings.model_threads`` when given), checked to read images and to share the index's
     codebooks. Its image size: ``settings.image_size``, else the size it was trained on,
     else ``source_size`` (height, width of the served image source); ValueError when none
-    is known."""
+    is known. With ``settings.engine`` "onnxruntime" or "openvino" the network runs in that
+    engine (:func:`dpq.inference.engine_for`, on the CPU, ``model_threads`` threads) at that
+    image size, wrapped in an :class:`EngineModel`."""
     from dpq.devices import resolve_device
     from dpq.model.network import DPQModel
 
     model_path = settings.model
     if model_path is None:
         raise ValueError("the settings name no model to load; set model to a checkpoint.")
-    model = DPQModel.from_checkpoint(model_path, device=resolve_device(settings.device))
-    if settings.model_threads is not None:
+    device = "cpu" if settings.engine != "torch" else settings.device
+    model = DPQModel.from_checkpoint(model_path, device=resolve_device(device))
+    if settings.model_threads is not None and settings.engine == "torch":
         import torch
 
         torch.set_num_threads(settings.model_threads)
@@ -166,4 +185,18 @@ def load_served_model(
             "with --model and no --images, give --image-size: the size the model was "
             "trained on (e.g. 32 for CIFAR-10)."
         )
-    return ServedModel(model, _model_facts(model_path), size)
+    facts = {**_model_facts(model_path), "engine": settings.engine}
+    if settings.engine == "torch":
+        return ServedModel(model, facts, size)
+    from dpq.inference.engines import engine_for
+
+    engine = engine_for(
+        model,
+        model_path,
+        settings.engine,
+        settings.onnx,
+        inputs=np.zeros((0, *size, 3), np.uint8),
+        batch_size=64,
+        threads=settings.model_threads,
+    )
+    return ServedModel(EngineModel(engine), facts, size)

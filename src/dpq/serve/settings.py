@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpq.inference.names import check_engine
 from dpq.serve.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
@@ -74,7 +75,11 @@ class ServeSettings:
         image_size: the square size the model reads (default: the model's trained size, else
             the source's image size).
         device: where the model runs ("auto", "cpu", "cuda", "cuda:N", "mps").
-        model_threads: torch threads for the model (None: torch's default).
+        model_threads: threads of the model's forward pass (None: the engine's default).
+        engine: who runs the model's network: "torch" (the checkpoint), "onnxruntime" or
+            "openvino" (its ONNX export on the CPU; these give no predicted labels).
+        onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``) read at the
+            served image size; None: exported once into ``MODEL_DIR/engine-cache/``.
 
     Limits and safety:
         api_key: required (header ``X-API-Key`` or ``Authorization: Bearer``) for POST /items
@@ -119,6 +124,8 @@ class ServeSettings:
     image_size: int | None = None
     device: str = "cpu"
     model_threads: int | None = None
+    engine: str = "torch"
+    onnx: Path | None = None
     api_key: str | None = None
     allow_open_writes: bool = False
     cors_origins: tuple[str, ...] = ()
@@ -149,6 +156,15 @@ class ServeSettings:
                     f"model must be a checkpoint directory or None; got {self.model!r}."
                 )
             object.__setattr__(self, "model", Path(self.model))
+        check_engine(self.engine, self.onnx)
+        if self.engine != "torch" and self.model is None:
+            raise ValueError(f"engine {self.engine!r} runs a model; set model to its checkpoint.")
+        if self.onnx is not None:
+            if not isinstance(self.onnx, str | os.PathLike) or not str(self.onnx):
+                raise ValueError(
+                    f"onnx must be the path of an ONNX file or None; got {self.onnx!r}."
+                )
+            object.__setattr__(self, "onnx", Path(self.onnx))
         for name in ("images", "image_root", "api_key"):
             _check_optional_str(name, getattr(self, name))
         if not isinstance(self.device, str) or not self.device:

@@ -1,0 +1,25 @@
+"""The names of the inference engines and the extra that installs them, importable without
+torch (the CLI's flags and the service's settings check them before anything loads)."""
+
+from __future__ import annotations
+
+ENGINES = ("torch", "onnxruntime", "openvino")
+"""The engine names :func:`dpq.inference.open_engine` accepts: eager PyTorch, and the
+exported encoder (:mod:`dpq.inference.export`) in ONNX Runtime or OpenVINO."""
+GRAPH_ENGINES = ENGINES[1:]
+"""The engines that run an exported ONNX graph (on the CPU)."""
+INSTALL_HINT = "pip install 'dpq[inference]'"
+"""How to install the packages of the graph engines and of the exporter."""
+
+
+def check_engine(engine: object, onnx_path: object = None) -> str:
+    """``engine`` when it names an engine and ``onnx_path`` (an exported file, or None)
+    suits it; ValueError naming the choices otherwise."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    if onnx_path is not None and engine not in GRAPH_ENGINES:
+        raise ValueError(
+            "an ONNX file (--onnx) is run by the onnxruntime or openvino engine; add --engine "
+            "onnxruntime (or openvino), or leave --onnx out to run the checkpoint in torch."
+        )
+    return str(engine)
