@@ -31,6 +31,14 @@ def feature_data(n: int = 120, dim: int = 12, classes: int = 3, seed: int = 0):
     return ArrayDataset(features.astype(np.float32), labels.astype(np.int64))
 
 
+def shrinking_codebooks(num_levels: int, codebook_size: int, dim: int) -> np.ndarray:
+    """float32 (L, K, D) Gaussian codebooks (seed 0), level l scaled by 0.5 ** l, as the
+    levels of a trained residual quantizer shrink."""
+    rng = np.random.default_rng(0)
+    scales = 0.5 ** np.arange(num_levels)[:, None, None]
+    return (rng.standard_normal((num_levels, codebook_size, dim)) * scales).astype(np.float32)
+
+
 def feature_config(**train):
     """A DPQConfig for feature_data(): identity backbone, L=2, K=8, D=6, no semantic loss."""
     from dpq.config import DPQConfig, LossConfig, ModelConfig, QuantizerConfig, TrainConfig

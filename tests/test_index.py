@@ -883,6 +883,20 @@ def test_block_digest_is_independent_of_how_the_bytes_arrive(monkeypatch):
 # ------------------------------------------------------------------ appending and merging files
 
 
+def assert_same_index(
+    index: DPQIndex, expected: DPQIndex, queries: np.ndarray, nprobe: int | None
+) -> None:
+    """The same stored arrays and the same search results (top 10, ``nprobe`` cells)."""
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(index, name), getattr(expected, name))
+    for a, b in zip(
+        index.search(queries, 10, nprobe=nprobe),
+        expected.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("partition_levels", [0, 2])
 def test_appending_to_a_file_equals_adding_to_the_index(
     tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
@@ -899,15 +913,7 @@ def test_appending_to_a_file_equals_adding_to_the_index(
     )
     append_to_index_file(path, codes[250:], labels=labels[250:])
     grown = DPQIndex.load(path)
-    for name in ("codes", "ids", "labels", "cell_offsets"):
-        np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name))
-    nprobe = 3 if partition_levels else None
-    for a, b in zip(
-        grown.search(queries, 10, nprobe=nprobe),
-        whole.search(queries, 10, nprobe=nprobe),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
+    assert_same_index(grown, whole, queries, nprobe=3 if partition_levels else None)
     assert grown.next_id == N
     with pytest.raises(ValueError, match="already in"):
         append_to_index_file(path, codes[:2], ids=[5, 10_000], labels=[0, 0])
@@ -942,15 +948,7 @@ def test_merging_files_equals_one_index_built_from_all_items(
         piece.add(codes[part], labels=labels[part])  # each slice numbered from 0
         paths.append(piece.save(tmp_path / f"slice{i}.npz"))
     merged = DPQIndex.load(merge_index_files(paths, tmp_path / "all.npz", renumber_ids=True))
-    for name in ("codes", "ids", "labels", "cell_offsets"):
-        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
-    nprobe = 4 if partition_levels else None
-    for a, b in zip(
-        merged.search(queries, 10, nprobe=nprobe),
-        whole.search(queries, 10, nprobe=nprobe),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
+    assert_same_index(merged, whole, queries, nprobe=4 if partition_levels else None)
     assert merged.next_id == N and merged.metadata["merged_from"] == [str(p) for p in paths]
     with pytest.raises(ValueError, match="appear in more than one input"):
         merge_index_files(paths, tmp_path / "clash.npz")  # the same ids 0.. in each slice
