@@ -39,6 +39,15 @@ def shrinking_codebooks(num_levels: int, codebook_size: int, dim: int) -> np.nda
     return (rng.standard_normal((num_levels, codebook_size, dim)) * scales).astype(np.float32)
 
 
+def blob_batch():
+    """One batch for a step loss: feature_data(n=16, classes=4) as tensors, float32 (16, 12)
+    inputs and int64 (16,) labels."""
+    import torch
+
+    data = feature_data(n=16, classes=4)
+    return torch.from_numpy(data.images), torch.from_numpy(data.labels)
+
+
 def feature_config(**train):
     """A DPQConfig for feature_data(): identity backbone, L=2, K=8, D=6, no semantic loss."""
     from dpq.config import DPQConfig, LossConfig, ModelConfig, QuantizerConfig, TrainConfig
@@ -375,12 +384,19 @@ class TrainedMethod:
         self.score = map_at_r(self.ranked, queries, database)
         self.chance = float(relevant_share(queries, database).mean())
 
-    def search_after_reload(self, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """The same search on the index saved to ``tmp_path`` and loaded back."""
+    def search_after_reload(self, tmp_path: Path) -> np.ndarray:
+        """The same search on the index saved to ``tmp_path`` and loaded back: it must rank
+        as :attr:`ranked`; returns its distances (40, 360)."""
         path = self.index.save(tmp_path / "codes.npz")
         loaded = self.method.load_index(path)
         assert loaded.ntotal == 360
-        return self.method.search(loaded, self.features[:40], k=360)
+        distances, ranked = self.method.search(loaded, self.features[:40], k=360)
+        np.testing.assert_array_equal(ranked, self.ranked)
+        return distances
+
+    def check_sign_codes(self) -> None:
+        """The codes are the packed signs of the features (bit b set where output b > 0)."""
+        np.testing.assert_array_equal(np.unpackbits(self.codes, axis=1), self.features > 0)
 
 
 # --------------------------------------------------------------------------- exported encoders

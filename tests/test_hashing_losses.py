@@ -250,6 +250,14 @@ def sign_code_map(layer: torch.nn.Linear, x: torch.Tensor, labels: np.ndarray) -
     return map_at_r(rank_by_distance(hamming), labels[120:], labels[:120])
 
 
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimizer step down ``loss``; returns the loss's value."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_codes(method: str, steps: int = 200) -> dict[str, float]:
     """Train a linear hash layer (12 -> 16 bits, Adam) on :func:`hidden_blobs`.
 
@@ -278,10 +286,7 @@ def train_codes(method: str, steps: int = 200) -> dict[str, float]:
     losses = []
     for step in range(steps):
         loss = loss_at(step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(descend(optimizer, loss))
     return {
         "first": losses[0],
         "last": losses[-1],

@@ -22,6 +22,7 @@ from dpq.methods.quantization_losses import (
 from test_hashing_losses import (
     MULTI,
     SINGLE,
+    descend,
     hidden_blobs,
     one_thread,  # noqa: F401 (a fixture, used by name)
     similar,
@@ -299,10 +300,7 @@ def train_quantized(method: str, steps: int = 200) -> dict[str, float]:
                 term = inner_product_quantization_loss(z, books, codes, word_vectors)
             loss = loss + 0.1 * term
             quantization.append(float(term.detach()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(descend(optimizer, loss))
     return {
         "first": losses[0],
         "last": losses[-1],
