@@ -352,6 +352,14 @@ def method_config(name: str, bits: int = 16, options: dict | None = None, **trai
     )
 
 
+def seeded_network(method):
+    """The method's fresh network, built after seeding torch with 0 (the same every time)."""
+    import torch
+
+    torch.manual_seed(0)
+    return method.build_network()
+
+
 class TrainedMethod:
     """A method trained by the loop on 400 Gaussian-blob items of 4 classes, its saved model
     loaded back, its codes in an index of items 40.. searched with queries 0..39.

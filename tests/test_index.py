@@ -1096,26 +1096,26 @@ def cli_files(tmp_path, codebooks, rng):
     return tmp_path, features
 
 
+def encode_with_codebooks(folder: Path, out: Path, *options: str) -> int:
+    """``dpq encode`` of the cli_files' features.npy with their codebooks.npy into ``out``."""
+    features = ["--features", str(folder / "features.npy"), *options]
+    return main(
+        [
+            "encode",
+            "--codebooks",
+            str(folder / "codebooks.npy"),
+            *features,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+
+
 def test_cli_encode_features_with_codebooks_then_search_json_and_csv(cli_files, capsys):
     tmp_path, features = cli_files
     out = tmp_path / "index.npz"
-    assert (
-        main(
-            [
-                "encode",
-                "--codebooks",
-                str(tmp_path / "codebooks.npy"),
-                "--features",
-                str(tmp_path / "features.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert encode_with_codebooks(tmp_path, out, "--labels", str(tmp_path / "labels.npy")) == 0
     assert "120 items" in capsys.readouterr().out
     built = DPQIndex.load(out)
     expected = DPQIndex(built.codebooks)
@@ -1141,18 +1141,7 @@ def test_cli_errors_exit_with_code_2_and_a_message(cli_files, capsys, codebooks)
     tmp_path, _ = cli_files
     np.save(tmp_path / "wrong_dim.npy", np.zeros((2, D + 1), np.float32))
     out = tmp_path / "index.npz"
-    main(
-        [
-            "encode",
-            "--codebooks",
-            str(tmp_path / "codebooks.npy"),
-            "--features",
-            str(tmp_path / "features.npy"),
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    encode_with_codebooks(tmp_path, out)
     capsys.readouterr()
     code = main(["search", "--index", str(out), "--features", str(tmp_path / "wrong_dim.npy")])
     assert (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TrainedMethod, blob_batch, method_config
+from conftest import TrainedMethod, blob_batch, method_config, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.csq import CSQMethod, CSQNetwork
 from dpq.methods.hashing_losses import csq_centre_of, csq_loss, hadamard_centres
@@ -30,8 +30,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
 
 def test_the_step_loss_pulls_towards_the_networks_own_centres():
     method = CSQMethod(method_config("csq", bits=24, options={"quantization_weight": 0.5}))
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     assert "centres" in network.state_dict() and not network.centres.requires_grad
     torch.testing.assert_close(network.centres, hadamard_centres(4, 24, seed=0))
     with torch.no_grad():

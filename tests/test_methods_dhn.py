@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TrainedMethod, blob_batch, method_config
+from conftest import TrainedMethod, blob_batch, method_config, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.dhn import DHNMethod, DHNNetwork
 from dpq.methods.hashing_losses import dhn_loss
@@ -23,8 +23,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
 
 def test_the_step_loss_is_dhn_loss_on_tanh_outputs():
     method = DHNMethod(method_config("dhn", options={"quantization_weight": 2.0, "alpha": 0.25}))
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     x, labels = blob_batch()
     out = method.forward_loss(
         network, method.build_loss(None), x, labels, Step(method.phase(False)), "fp32"

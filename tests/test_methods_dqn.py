@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TrainedMethod, blob_batch, method_config
+from conftest import TrainedMethod, blob_batch, method_config, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.dqn import DQNMethod, DQNNetwork
 from dpq.methods.quantization_losses import (
@@ -35,8 +35,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
 
 def test_the_step_loss_is_the_cosine_loss_plus_the_product_quantization_loss():
     method = DQNMethod(method_config("dqn", options={"quantization_weight": 0.5}))
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     loss = method.build_loss(None)
     x, labels = blob_batch()
     features = network(x)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TrainedMethod, blob_batch, method_config
+from conftest import TrainedMethod, blob_batch, method_config, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.dsh import DSHMethod, DSHNetwork
 from dpq.methods.hashing_losses import dsh_loss
@@ -24,8 +24,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
 
 def test_the_step_loss_is_dsh_loss_on_real_valued_outputs():
     method = DSHMethod(method_config("dsh", options={"margin": 10.0, "alpha": 0.1}))
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     with torch.no_grad():
         network.hash_head.weight.mul_(10)  # outputs beyond +-1: nothing squashes them
     x, labels = blob_batch()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TrainedMethod, blob_batch, method_config, orthogonal
+from conftest import TrainedMethod, blob_batch, method_config, orthogonal, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.dvsq import DVSQLoss, DVSQMethod, DVSQNetwork
 from dpq.methods.losses import semantic_loss
@@ -42,8 +42,7 @@ def test_the_loop_trains_it_and_its_codes_retrieve_the_blobs(tmp_path):
 
 def test_the_step_loss_is_the_margin_loss_plus_the_inner_product_quantization_loss():
     method = DVSQMethod(method_config("dvsq", options={"quantization_weight": 0.5}))
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     loss = method.build_loss(WORD_VECTORS)
     x, labels = blob_batch()
     words = torch.from_numpy(WORD_VECTORS)

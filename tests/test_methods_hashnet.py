@@ -5,7 +5,7 @@ tanh(beta z) at the step's beta; its step loss is hashnet_loss; its settings."""
 import pytest
 import torch
 
-from conftest import TrainedMethod, blob_batch, method_config
+from conftest import TrainedMethod, blob_batch, method_config, seeded_network
 from dpq.methods.base import Step
 from dpq.methods.hashing_losses import hashnet_beta, hashnet_loss
 from dpq.methods.hashnet import HashNetMethod, HashNetNetwork
@@ -24,8 +24,7 @@ def test_training_reads_tanh_beta_z_at_the_steps_beta():
     method = HashNetMethod(method_config("hashnet", options={"step_size": 10, "gamma": 0.1}))
     assert [method.beta(s) for s in (0, 9, 10, 45)] == [1.0, 1.0, 2.0**0.5, 5.0**0.5]
     assert method.beta(45) == hashnet_beta(45, gamma=0.1, power=0.5, step_size=10)
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     x, labels = blob_batch()
     z = network.hash_layer(x)
     phase = method.phase(False)
