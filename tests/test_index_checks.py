@@ -49,14 +49,6 @@ def test_check_num_levels_fills_none_and_names_the_bounds():
         check_num_levels(True, 4, 256, "rerank_from")
 
 
-def test_checks_import_with_numpy_alone():
-    code = (
-        "import sys, dpq.index.checks; "
-        "assert not {'numba', 'faiss', 'torch'} & set(sys.modules), sorted(sys.modules)"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_ids_of_new_items_are_unique_non_negative_integers():
     np.testing.assert_array_equal(check_ids([3, 1, 2], 3), [3, 1, 2])
     with pytest.raises(ValueError, match="unique"):
@@ -65,3 +57,11 @@ def test_ids_of_new_items_are_unique_non_negative_integers():
         check_ids([0, -1], 2)
     with pytest.raises(ValueError, match="int \\(n,\\) with n = 3"):
         check_ids([0.5, 1.0, 2.0], 3)
+
+
+def test_checks_import_with_numpy_alone():
+    code = (
+        "import sys, dpq.index.checks; "
+        "assert not {'numba', 'faiss', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
