@@ -34,6 +34,23 @@ def feature_data(n: int = 120, dim: int = 12, classes: int = 3, seed: int = 0):
     return ArrayDataset(features.astype(np.float32), labels.astype(np.int64))
 
 
+def shrinking_codebooks(num_levels: int, codebook_size: int, dim: int) -> np.ndarray:
+    """float32 (L, K, D) Gaussian codebooks (seed 0), level l scaled by 0.5 ** l, as the
+    levels of a trained residual quantizer shrink."""
+    rng = np.random.default_rng(0)
+    scales = 0.5 ** np.arange(num_levels)[:, None, None]
+    return (rng.standard_normal((num_levels, codebook_size, dim)) * scales).astype(np.float32)
+
+
+def blob_batch():
+    """One batch for a step loss: feature_data(n=16, classes=4) as tensors, float32 (16, 12)
+    inputs and int64 (16,) labels."""
+    import torch
+
+    data = feature_data(n=16, classes=4)
+    return torch.from_numpy(data.images), torch.from_numpy(data.labels)
+
+
 def feature_config(**train):
     """A DPQConfig for feature_data(): identity backbone, L=2, K=8, D=6, no semantic loss."""
     from dpq.config import DPQConfig, LossConfig, ModelConfig, QuantizerConfig, TrainConfig
@@ -386,6 +403,14 @@ def method_config(name: str, bits: int = 16, options: dict | None = None, **trai
     )
 
 
+def seeded_network(method):
+    """The method's fresh network, built after seeding torch with 0 (the same every time)."""
+    import torch
+
+    torch.manual_seed(0)
+    return method.build_network()
+
+
 class TrainedMethod:
     """A method trained by the loop on 400 Gaussian-blob items of 4 classes, its saved model
     loaded back, its codes in an index of items 40.. searched with queries 0..39.
@@ -418,12 +443,19 @@ class TrainedMethod:
         self.score = map_at_r(self.ranked, queries, database)
         self.chance = float(relevant_share(queries, database).mean())
 
-    def search_after_reload(self, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """The same search on the index saved to ``tmp_path`` and loaded back."""
+    def search_after_reload(self, tmp_path: Path) -> np.ndarray:
+        """The same search on the index saved to ``tmp_path`` and loaded back: it must rank
+        as :attr:`ranked`; returns its distances (40, 360)."""
         path = self.index.save(tmp_path / "codes.npz")
         loaded = self.method.load_index(path)
         assert loaded.ntotal == 360
-        return self.method.search(loaded, self.features[:40], k=360)
+        distances, ranked = self.method.search(loaded, self.features[:40], k=360)
+        np.testing.assert_array_equal(ranked, self.ranked)
+        return distances
+
+    def check_sign_codes(self) -> None:
+        """The codes are the packed signs of the features (bit b set where output b > 0)."""
+        np.testing.assert_array_equal(np.unpackbits(self.codes, axis=1), self.features > 0)
 
 
 # --------------------------------------------------------------------------- exported encoders

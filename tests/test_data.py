@@ -412,19 +412,24 @@ def test_list_file_class_indices_shared_between_lists(tmp_path: Path) -> None:
         load_list_file(query_head, root, 8, class_indices=[100000])
 
 
-def test_list_file_label_width_mismatch_names_the_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "a.jpg 0 1 0\nb.jpg 1 0 0\n\nc.jpg 1 0\n",
+            "line 4 of .* has 2 label columns but line 1 has 3",
+        ),
+        ("a.jpg 0 1 0\nb.jpg 1 2 0\n", r"line 2 .* '1 2 0', expected 0/1 labels"),
+        ("a.jpg 3\nb.jpg x\n", "line 2 .* non-negative integer"),
+        ("a.jpg\n", "line 1 .* no labels"),
+    ],
+)
+def test_list_file_label_width_mismatch_names_the_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
     bad = tmp_path / "bad.txt"
-    bad.write_text("a.jpg 0 1 0\nb.jpg 1 0 0\n\nc.jpg 1 0\n")
-    with pytest.raises(ValueError, match="line 4 of .* has 2 label columns but line 1 has 3"):
-        read_list_file(bad)
-    bad.write_text("a.jpg 0 1 0\nb.jpg 1 2 0\n")
-    with pytest.raises(ValueError, match=r"line 2 .* '1 2 0', expected 0/1 labels"):
-        read_list_file(bad)
-    bad.write_text("a.jpg 3\nb.jpg x\n")
-    with pytest.raises(ValueError, match="line 2 .* non-negative integer"):
-        read_list_file(bad)
-    bad.write_text("a.jpg\n")
-    with pytest.raises(ValueError, match="line 1 .* no labels"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
         read_list_file(bad)
 
 

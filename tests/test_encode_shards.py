@@ -55,16 +55,6 @@ def test_shard_bounds_cover_the_items_in_near_equal_ranges():
         shard_bounds(3, 0)
 
 
-def test_ids_of_a_plan_are_unique_non_negative_integers():
-    np.testing.assert_array_equal(sharding.check_ids([3, 1, 2], 3), [3, 1, 2])
-    with pytest.raises(ValueError, match="unique"):
-        sharding.check_ids([1, 1], 2)
-    with pytest.raises(ValueError, match=">= 0"):
-        sharding.check_ids([0, -1], 2)
-    with pytest.raises(ValueError, match="int \\(n,\\) with n = 3"):
-        sharding.check_ids([0.5, 1.0, 2.0], 3)
-
-
 def test_shards_are_index_files_that_merge_into_the_one_process_index(small_model_dir, tmp_path):
     listing = make_list_source(tmp_path)
     spec = SourceSpec(images=str(listing), image_root=str(tmp_path / "images"), loading="stream")

@@ -250,6 +250,22 @@ def sign_code_map(layer: torch.nn.Linear, x: torch.Tensor, labels: np.ndarray) -
     return map_at_r(rank_by_distance(hamming), labels[120:], labels[:120])
 
 
+def seeded_layer(bits: int) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
+    """Linear(12, bits) on :func:`hidden_blobs` features (torch seed 0) and its Adam at lr
+    0.01."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, bits)
+    return layer, torch.optim.Adam(layer.parameters(), lr=0.01)
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimizer step down ``loss``; returns the loss's value."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_codes(method: str, steps: int = 200) -> dict[str, float]:
     """Train a linear hash layer (12 -> 16 bits, Adam) on :func:`hidden_blobs`.
 
@@ -259,9 +275,7 @@ def train_codes(method: str, steps: int = 200) -> dict[str, float]:
     features, all_labels = hidden_blobs()
     x, labels = torch.from_numpy(features), torch.from_numpy(all_labels)
     train_x, train_y = x[:120], labels[:120]
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(12, 16)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
+    layer, optimizer = seeded_layer(16)
     centres = csq_centre_of(train_y, hadamard_centres(4, 16))
 
     def loss_at(step: int) -> torch.Tensor:
@@ -278,10 +292,7 @@ def train_codes(method: str, steps: int = 200) -> dict[str, float]:
     losses = []
     for step in range(steps):
         loss = loss_at(step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(descend(optimizer, loss))
     return {
         "first": losses[0],
         "last": losses[-1],

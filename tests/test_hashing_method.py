@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import feature_config, feature_data
+from conftest import feature_config, feature_data, seeded_network
 from dpq.index.binary import BinaryIndex
 from dpq.methods.base import Phase, Step
 from dpq.methods.hashing_method import BatchLoss, BinaryHashMethod, HashingNetwork
@@ -63,8 +63,7 @@ def test_the_step_loss_reads_the_outputs_and_options_are_checked():
     method = _Plain(_config(weight=0.5, lr_scale=0.25))
     assert method.options == {"lr_scale": 0.25, "weight": 0.5}
     assert method.network_lr_scale() == 0.25 and method.code_lengths() == (16,)
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     x = torch.from_numpy(feature_data().images[:6])
     out = method.forward_loss(
         network, method.build_loss(None), x, torch.zeros(6, dtype=torch.int64),

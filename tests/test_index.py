@@ -886,6 +886,20 @@ def test_block_digest_is_independent_of_how_the_bytes_arrive(monkeypatch):
 # ------------------------------------------------------------------ appending and merging files
 
 
+def assert_same_index(
+    index: DPQIndex, expected: DPQIndex, queries: np.ndarray, nprobe: int | None
+) -> None:
+    """The same stored arrays and the same search results (top 10, ``nprobe`` cells)."""
+    for name in ("codes", "ids", "labels", "cell_offsets"):
+        np.testing.assert_array_equal(getattr(index, name), getattr(expected, name))
+    for a, b in zip(
+        index.search(queries, 10, nprobe=nprobe),
+        expected.search(queries, 10, nprobe=nprobe),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("partition_levels", [0, 2])
 def test_appending_to_a_file_equals_adding_to_the_index(
     tmp_path, codebooks, codes, queries, monkeypatch, partition_levels
@@ -902,15 +916,7 @@ def test_appending_to_a_file_equals_adding_to_the_index(
     )
     append_to_index_file(path, codes[250:], labels=labels[250:])
     grown = DPQIndex.load(path)
-    for name in ("codes", "ids", "labels", "cell_offsets"):
-        np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name))
-    nprobe = 3 if partition_levels else None
-    for a, b in zip(
-        grown.search(queries, 10, nprobe=nprobe),
-        whole.search(queries, 10, nprobe=nprobe),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
+    assert_same_index(grown, whole, queries, nprobe=3 if partition_levels else None)
     assert grown.next_id == N
     with pytest.raises(ValueError, match="already in"):
         append_to_index_file(path, codes[:2], ids=[5, 10_000], labels=[0, 0])
@@ -945,15 +951,7 @@ def test_merging_files_equals_one_index_built_from_all_items(
         piece.add(codes[part], labels=labels[part])  # each slice numbered from 0
         paths.append(piece.save(tmp_path / f"slice{i}.npz"))
     merged = DPQIndex.load(merge_index_files(paths, tmp_path / "all.npz", renumber_ids=True))
-    for name in ("codes", "ids", "labels", "cell_offsets"):
-        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
-    nprobe = 4 if partition_levels else None
-    for a, b in zip(
-        merged.search(queries, 10, nprobe=nprobe),
-        whole.search(queries, 10, nprobe=nprobe),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
+    assert_same_index(merged, whole, queries, nprobe=4 if partition_levels else None)
     assert merged.next_id == N and merged.metadata["merged_from"] == [str(p) for p in paths]
     with pytest.raises(ValueError, match="appear in more than one input"):
         merge_index_files(paths, tmp_path / "clash.npz")  # the same ids 0.. in each slice
@@ -1101,26 +1099,26 @@ def cli_files(tmp_path, codebooks, rng):
     return tmp_path, features
 
 
+def encode_with_codebooks(folder: Path, out: Path, *options: str) -> int:
+    """``dpq encode`` of the cli_files' features.npy with their codebooks.npy into ``out``."""
+    features = ["--features", str(folder / "features.npy"), *options]
+    return main(
+        [
+            "encode",
+            "--codebooks",
+            str(folder / "codebooks.npy"),
+            *features,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+
+
 def test_cli_encode_features_with_codebooks_then_search_json_and_csv(cli_files, capsys):
     tmp_path, features = cli_files
     out = tmp_path / "index.npz"
-    assert (
-        main(
-            [
-                "encode",
-                "--codebooks",
-                str(tmp_path / "codebooks.npy"),
-                "--features",
-                str(tmp_path / "features.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert encode_with_codebooks(tmp_path, out, "--labels", str(tmp_path / "labels.npy")) == 0
     assert "120 items" in capsys.readouterr().out
     built = DPQIndex.load(out)
     expected = DPQIndex(built.codebooks)
@@ -1146,18 +1144,7 @@ def test_cli_errors_exit_with_code_2_and_a_message(cli_files, capsys, codebooks)
     tmp_path, _ = cli_files
     np.save(tmp_path / "wrong_dim.npy", np.zeros((2, D + 1), np.float32))
     out = tmp_path / "index.npz"
-    main(
-        [
-            "encode",
-            "--codebooks",
-            str(tmp_path / "codebooks.npy"),
-            "--features",
-            str(tmp_path / "features.npy"),
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    encode_with_codebooks(tmp_path, out)
     capsys.readouterr()
     code = main(["search", "--index", str(out), "--features", str(tmp_path / "wrong_dim.npy")])
     assert (

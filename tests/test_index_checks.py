@@ -1,5 +1,5 @@
-"""dpq.index.checks alone: the one k check (bounds, types, names in messages) and the
-prefix-length check; importable with numpy alone."""
+"""dpq.index.checks alone: the one k check (bounds, types, names in messages), the
+prefix-length check and the ids check; importable with numpy alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dpq.index.checks import MAX_K, check_k, check_num_levels
+from dpq.index.checks import MAX_K, check_ids, check_k, check_num_levels
 
 
 @pytest.mark.parametrize("k", [1, 7, MAX_K, np.int64(3), np.uint8(200)])
@@ -47,6 +47,16 @@ def test_check_num_levels_fills_none_and_names_the_bounds():
         check_num_levels(5, 4, 256)
     with pytest.raises(ValueError, match=r"rerank_from must be an integer in 1\.\.4; got True"):
         check_num_levels(True, 4, 256, "rerank_from")
+
+
+def test_ids_of_new_items_are_unique_non_negative_integers():
+    np.testing.assert_array_equal(check_ids([3, 1, 2], 3), [3, 1, 2])
+    with pytest.raises(ValueError, match="unique"):
+        check_ids([1, 1], 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        check_ids([0, -1], 2)
+    with pytest.raises(ValueError, match="int \\(n,\\) with n = 3"):
+        check_ids([0.5, 1.0, 2.0], 3)
 
 
 def test_checks_import_with_numpy_alone():

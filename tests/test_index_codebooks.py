@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import shrinking_codebooks
 from dpq.index.codebooks import (
     check_codebooks,
     code_dtype,
@@ -17,8 +18,7 @@ from dpq.index.codebooks import (
 
 @pytest.fixture
 def books() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return (rng.standard_normal((3, 12, 5)) * 0.5 ** np.arange(3)[:, None, None]).astype(np.float32)
+    return shrinking_codebooks(3, 12, 5)
 
 
 def test_check_codebooks_returns_contiguous_float32_and_names_bad_input(books):

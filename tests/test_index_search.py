@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import shrinking_codebooks
 from dpq.index import kernels
 from dpq.index.codebooks import check_codebooks
 from dpq.index.search import (
@@ -27,8 +28,7 @@ L, K, D, N = 3, 8, 6, 400
 
 @pytest.fixture
 def books() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return check_codebooks(rng.standard_normal((L, K, D)) * 0.5 ** np.arange(L)[:, None, None])
+    return check_codebooks(shrinking_codebooks(L, K, D))
 
 
 @pytest.fixture

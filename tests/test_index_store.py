@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import shrinking_codebooks
 from dpq.index.codebooks import check_codebooks
 from dpq.index.store import TAIL_FRACTION, CodeStore, IdOrder
 
@@ -14,8 +15,7 @@ L, K, D = 3, 8, 4
 
 @pytest.fixture
 def books() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return check_codebooks(rng.standard_normal((L, K, D)) * 0.5 ** np.arange(L)[:, None, None])
+    return check_codebooks(shrinking_codebooks(L, K, D))
 
 
 @pytest.fixture

@@ -29,17 +29,21 @@ def test_bad_word_vector_files(tmp_path: Path) -> None:
         load_word_vectors(path, num_classes=3)
     with pytest.raises(ValueError, match="length 3 but 300"):
         load_word_vectors(path, dim=300)
-    path.write_text("1 2 3\n4 5\n")
-    with pytest.raises(ValueError, match="line 2 .* 2 values but the first row has 3"):
-        load_word_vectors(path)
-    path.write_text("1 2 x\n")
-    with pytest.raises(ValueError, match="line 1 .* holds 'x', which is not a number"):
-        load_word_vectors(path)
-    path.write_text("1 nan 3\n")
-    with pytest.raises(ValueError, match="NaN"):
-        load_word_vectors(path)
-    path.write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1 2 3\n4 5\n", "line 2 .* 2 values but the first row has 3"),
+        ("1 2 x\n", "line 1 .* holds 'x', which is not a number"),
+        ("1 nan 3\n", "NaN"),
+        ("\n", "empty"),
+    ],
+)
+def test_malformed_word_vector_files_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "vec.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
         load_word_vectors(path)
 
 

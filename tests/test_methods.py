@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import feature_config, feature_data, orthogonal
+from conftest import feature_config, feature_data, orthogonal, seeded_network
 from dpq.config import DPQConfig
 from dpq.methods import (
     DPQMethod,
@@ -54,8 +54,7 @@ def test_every_method_trains_encodes_indexes_and_searches(name, tmp_path):
     config = CONFIGS[name]
     method = method_for(config)
     assert isinstance(method, RetrievalMethod) and method.name == name
-    torch.manual_seed(0)
-    network = method.build_network()
+    network = seeded_network(method)
     loss = method.build_loss(WORD_VECTORS).to(network.device)
     data = feature_data()
     x = network.prepare_inputs(torch.from_numpy(data.images[:16]))

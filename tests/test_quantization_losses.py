@@ -22,8 +22,10 @@ from dpq.methods.quantization_losses import (
 from test_hashing_losses import (
     MULTI,
     SINGLE,
+    descend,
     hidden_blobs,
     one_thread,  # noqa: F401 (a fixture, used by name)
+    seeded_layer,
     similar,
 )
 
@@ -258,9 +260,7 @@ def train_quantized(method: str, steps: int = 200) -> dict[str, float]:
     features, all_labels = hidden_blobs()
     x, labels = torch.from_numpy(features), torch.from_numpy(all_labels)
     train_x, train_y = x[:120], labels[:120]
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(12, 8)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
+    layer, optimizer = seeded_layer(8)
     word_vectors = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
     def codebooks_now() -> torch.Tensor:
@@ -299,10 +299,7 @@ def train_quantized(method: str, steps: int = 200) -> dict[str, float]:
                 term = inner_product_quantization_loss(z, books, codes, word_vectors)
             loss = loss + 0.1 * term
             quantization.append(float(term.detach()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(descend(optimizer, loss))
     return {
         "first": losses[0],
         "last": losses[-1],

@@ -32,6 +32,7 @@ import numpy as np
 from dpq.atomic import atomic_writer, write_json_atomic
 from dpq.data.spec import SourceSpec
 from dpq.encode.build import build_index
+from dpq.index.checks import check_ids as check_ids  # dpq.encode.job imports it from here
 from dpq.index.kinds import AnyIndex, load_any, same_codes
 
 PLAN_FILE = "plan.json"
@@ -58,19 +59,6 @@ def shard_bounds(num_items: int, shards: int) -> list[tuple[int, int]]:
         )
     edges = [num_items * s // shards for s in range(shards + 1)]
     return [(edges[s], edges[s + 1]) for s in range(shards)]
-
-
-def check_ids(ids: Any, n: int) -> np.ndarray:
-    """int64 (n,) ids: integers, >= 0, unique (ValueError otherwise)."""
-    ids = np.asarray(ids)
-    if ids.shape != (n,) or (n and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"ids must be int (n,) with n = {n} items; got {ids.dtype} {ids.shape}.")
-    ids = ids.astype(np.int64)
-    if n and ids.min() < 0:
-        raise ValueError(f"ids must be >= 0 (-1 marks padding in results); got {ids.min()}.")
-    if len(np.unique(ids)) != n:
-        raise ValueError("ids must be unique; the given ids contain duplicates.")
-    return ids
 
 
 @dataclass(frozen=True)

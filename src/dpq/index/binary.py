@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dpq.index.checks import check_ids
 from dpq.index.rows import Rows
 from dpq.index.storage import IndexFileError, read_index_file, write_index_file
 
@@ -132,13 +133,8 @@ class BinaryIndex:
     def _check_ids(self, ids: Any, n: int) -> np.ndarray:
         if ids is None:
             return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        arr = np.asarray(ids)
-        if arr.shape != (n,) or (n and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"ids must be integers of shape ({n},); got {arr.dtype} {arr.shape}.")
-        arr = arr.astype(np.int64)
-        if n and arr.min() < 0:
-            raise ValueError(f"ids must be >= 0 (-1 marks missing results); got {arr.min()}.")
-        if len(np.unique(arr)) != n or np.isin(arr, self.ids).any():
+        arr = check_ids(ids, n)
+        if np.isin(arr, self.ids).any():
             raise ValueError("ids must be unique and not yet in the index; give other ids.")
         return arr
 

@@ -1,4 +1,5 @@
-"""Checks of the integer settings every searcher shares (k, a code prefix), in one place.
+"""Checks of the integer settings every searcher shares (k, a code prefix, item ids), in one
+place.
 
 numpy only: the index, the baselines and the service import these, so a bad ``k`` gets the
 same answer everywhere.
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_K", "check_k", "check_num_levels"]
+__all__ = ["MAX_K", "check_ids", "check_k", "check_num_levels"]
 
 # Largest k accepted by a search. k above ntotal is cut to ntotal (the result has
 # min(k, ntotal) columns), so this bound only turns typos and overflowing values into errors.
@@ -51,3 +52,17 @@ def check_num_levels(
             f"{bits} bits); got {num_levels}."
         )
     return int(num_levels)
+
+
+def check_ids(ids: Any, n: int) -> np.ndarray:
+    """int64 (n,) ids of n new items: integers, >= 0, unique among themselves, else a
+    ValueError saying which (whether they are already stored is the index's own check)."""
+    arr = np.asarray(ids)
+    if arr.shape != (n,) or (n and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"ids must be int (n,) with n = {n} items; got {arr.dtype} {arr.shape}.")
+    arr = arr.astype(np.int64)
+    if n and arr.min() < 0:
+        raise ValueError(f"ids must be >= 0 (-1 marks padding in results); got {arr.min()}.")
+    if np.unique(arr).shape[0] != n:
+        raise ValueError("ids must be unique; the given ids contain duplicates.")
+    return arr

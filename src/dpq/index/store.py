@@ -28,6 +28,7 @@ import numpy as np
 
 from dpq.index import cells as cell_math
 from dpq.index import kernels
+from dpq.index.checks import check_ids
 from dpq.index.codebooks import code_dtype
 from dpq.index.rows import Rows
 
@@ -307,16 +308,7 @@ class CodeStore:
         for None, the next n of the counter."""
         if ids is None:
             return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        arr = np.asarray(ids)
-        if arr.shape != (n,):
-            raise ValueError(f"ids must have shape ({n},) (one per item); got shape {arr.shape}.")
-        if n and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"ids must be integers; got dtype {arr.dtype}.")
-        arr = arr.astype(np.int64)
-        if n and arr.min() < 0:
-            raise ValueError(f"ids must be >= 0 (-1 marks padding in results); got {arr.min()}.")
-        if np.unique(arr).shape[0] != n:
-            raise ValueError("ids must be unique; the given ids contain duplicates.")
+        arr = check_ids(ids, n)
         found = self.rows_of(arr)[1] if self.ntotal else np.zeros(n, bool)
         if found.any():
             raise ValueError(

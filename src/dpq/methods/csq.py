@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from dpq.config import DPQConfig
-from dpq.methods.base import Step, StepOutput
 from dpq.methods.hashing_losses import csq_centre_of, csq_loss, hadamard_centres
 from dpq.methods.hashing_method import BatchLoss, BinaryHashMethod, HashingNetwork
 from dpq.methods.per_length import Option
@@ -75,15 +73,6 @@ class CSQMethod(BinaryHashMethod):
 
         return BatchLoss(central_loss)
 
-    def forward_loss(
-        self,
-        network: CSQNetwork,  # type: ignore[override]
-        loss: nn.Module,
-        x: torch.Tensor,
-        targets: torch.Tensor,
-        step: Step,
-        precision: str,
-    ) -> StepOutput:
-        """The batch's loss against the network's own centres."""
-        outputs = self.training_outputs(network, x, step, precision)
-        return StepOutput(loss(outputs, targets, network.centres), None)
+    def loss_extras(self, network: CSQNetwork) -> tuple[torch.Tensor]:  # type: ignore[override]
+        """The network's own centres: the batch's loss is against them."""
+        return (network.centres,)

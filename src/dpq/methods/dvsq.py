@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpq.config import DPQConfig
-from dpq.methods.base import Step, StepOutput
 from dpq.methods.losses import semantic_loss, word_vectors_tensor
 from dpq.methods.per_length import Option
 from dpq.methods.quantization_losses import icm_encode, inner_product_quantization_loss
@@ -151,20 +150,11 @@ class DVSQMethod(CodebookMethod):
             config.quantizer.dim,
         )
 
-    def forward_loss(
-        self,
-        network: DVSQNetwork,  # type: ignore[override]
-        loss: nn.Module,
-        x: torch.Tensor,
-        targets: torch.Tensor,
-        step: Step,
-        precision: str,
-    ) -> StepOutput:
-        """The batch's loss; the network keeps the loss's word vectors first."""
+    def prepare_step(self, network: DVSQNetwork, loss: nn.Module) -> None:  # type: ignore[override]
+        """The network keeps the loss's word vectors (the metric its codes are assigned in)."""
         if not isinstance(loss, DVSQLoss):
             raise TypeError(f"the DVSQ method needs its DVSQLoss; got {type(loss).__name__}.")
         network.set_word_vectors(loss.word_vectors)
-        return super().forward_loss(network, loss, x, targets, step, precision)
 
     def assign(
         self,

@@ -107,6 +107,11 @@ class BinaryHashMethod(PerLengthMethod):
         with autocast(network.device, precision):
             return network(x).float()
 
+    def loss_extras(self, network: HashingNetwork) -> tuple[torch.Tensor, ...]:
+        """What the loss reads from the network besides its outputs and the targets
+        (:class:`BatchLoss`'s ``*extra``): nothing by default."""
+        return ()
+
     def forward_loss(
         self,
         network: RetrievalNetwork,
@@ -117,7 +122,8 @@ class BinaryHashMethod(PerLengthMethod):
         precision: str,
     ) -> StepOutput:
         outputs = self.training_outputs(network, x, step, precision)  # type: ignore[arg-type]
-        return StepOutput(loss(outputs, targets), None)
+        extras = self.loss_extras(network)  # type: ignore[arg-type]
+        return StepOutput(loss(outputs, targets, *extras), None)
 
     # ------------------------------------------------------------------ codes and search
 

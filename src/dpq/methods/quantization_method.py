@@ -202,6 +202,10 @@ class CodebookMethod(PerLengthMethod):
     ) -> np.ndarray:
         """int64 (N, M) codes of float (N, D) features under the network's codebooks."""
 
+    def prepare_step(self, network: QuantizationNetwork, loss: nn.Module) -> None:
+        """Before each step's forward pass: what the network takes from the loss (nothing by
+        default)."""
+
     def forward_loss(
         self,
         network: QuantizationNetwork,  # type: ignore[override]
@@ -213,6 +217,7 @@ class CodebookMethod(PerLengthMethod):
     ) -> StepOutput:
         """The loss of a batch; in a phase that trains the codebooks also the quantization
         loss, with the batch's codes assigned by :meth:`assign` (no gradient)."""
+        self.prepare_step(network, loss)
         with autocast(network.device, precision):
             features = network(x).float()
         codebooks = codes = None
