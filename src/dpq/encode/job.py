@@ -37,7 +37,6 @@ from dpq.encode.shards import (
     ShardRun,
     ShardRunner,
     check_failures,
-    check_ids,
     merge_shards,
     prepare_folder,
     shard_bounds,
@@ -46,6 +45,7 @@ from dpq.encode.shards import (
 )
 from dpq.encode.stages import StageTimes
 from dpq.index import DPQIndex, append_to_index_file
+from dpq.index.checks import check_ids
 from dpq.index.kinds import AnyIndex, check_compatible, load_any
 from dpq.inference.names import check_engine
 

@@ -32,7 +32,6 @@ import numpy as np
 from dpq.atomic import atomic_writer, write_json_atomic
 from dpq.data.spec import SourceSpec
 from dpq.encode.build import build_index
-from dpq.index.checks import check_ids as check_ids  # dpq.encode.job imports it from here
 from dpq.index.kinds import AnyIndex, load_any, same_codes
 
 PLAN_FILE = "plan.json"
