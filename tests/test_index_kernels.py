@@ -128,3 +128,43 @@ def test_worker_count_is_one_for_small_jobs_and_the_limit_for_big_ones(monkeypat
     assert kernels.worker_count(kernels.PARALLEL_MIN_WORK) == 5
     assert kernels.worker_count(kernels.PARALLEL_MIN_WORK, threads=2) == 2
     assert kernels.worker_count(10, threads=2) == 1
+
+
+def test_a_second_process_loads_every_scan_kernel_from_the_disk_cache(tmp_path):
+    """The per-configuration scans (plain, cells, lanes) are compiled by the first process
+    and only loaded by the next: none is saved again, and the cache does not grow."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from dpq.index import kernels, lanes
+codes, luts = np.zeros(10, np.uint32), np.zeros((2, 4 * 256), np.float32)
+none = np.zeros(0, np.float32)
+out_d, out_r = np.zeros((2, 5), np.float32), np.zeros((2, 5), np.int64)
+kernels.scan_kernel(4, 1, True)(codes, 0, 10, 256, none, luts, 5, out_d, out_r)
+cells = np.zeros((2, 1), np.int64)
+kernels.cell_scan_kernel(4, 1, 1, True)(
+    codes, np.array([0]), np.array([10]), cells, 256, none, luts, 5, out_d, out_r
+)
+lanes.lane_scan_kernel(4, 1, True, 8, False)(codes, 0, 10, 256, none, luts, 5, out_d, out_r)
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    first = run()
+    entries = sorted(p.name for p in tmp_path.rglob("*.nbc"))
+    assert any("scan_kernel" in line and "data saved" in line for line in first.splitlines())
+    second = run()
+    saved = [line for line in second.splitlines() if "data saved" in line and "scan" in line]
+    assert not saved, saved
+    for kernel in ("kernels.scan_kernel", "kernels.cell_scan_kernel", "lanes.lane_scan_kernel"):
+        assert any(kernel in line and "data loaded" in line for line in second.splitlines())
+    assert sorted(p.name for p in tmp_path.rglob("*.nbc")) == entries

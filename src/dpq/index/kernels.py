@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,15 +22,29 @@ import numpy as np
 PARALLEL_MIN_WORK = 1 << 24
 
 
-def jit(inline: str = "never", **options: Any):
+def jit(inline: str = "never", stable_key: tuple | None = None, **options: Any):
     """numba.njit(nogil=True) with an on-disk cache when a writable cache directory exists
-    (a read-only install, e.g. site-packages of another user, compiles once per process)."""
+    (a read-only install, e.g. site-packages of another user, compiles once per process).
+
+    ``stable_key``: for a helper built per configuration inside a factory and called from a
+    kernel that closes over it. numba keys a closure's disk cache by pickling its cells, and
+    a compiled function pickles with a random uuid, new in every process: the kernel would
+    be compiled again by every process (seconds each) and its cache would grow by one entry
+    per process. The key (the factory's arguments) gives the helper a uuid derived from it.
+    """
 
     def wrap(func):
         try:
-            return numba.njit(cache=True, nogil=True, inline=inline, **options)(func)
+            compiled = numba.njit(cache=True, nogil=True, inline=inline, **options)(func)
         except RuntimeError:  # no writable cache location: compile once per process instead
-            return numba.njit(nogil=True, inline=inline, **options)(func)
+            compiled = numba.njit(nogil=True, inline=inline, **options)(func)
+        if stable_key is not None:
+            name = f"dpq:{func.__module__}.{func.__qualname__}:{stable_key!r}"
+            try:  # numba's own hook for the uuid a dispatcher pickles with
+                compiled._set_uuid(str(uuid.uuid5(uuid.NAMESPACE_URL, name)))
+            except (AttributeError, AssertionError):  # another numba: correct, just recompiled
+                pass
+        return compiled
 
     return wrap
 
@@ -177,7 +192,7 @@ def item_score(num_levels: int, stride: int, packed: bool):
     n_words = -(-num_levels // 4)
     if packed:
 
-        @jit(inline="always")
+        @jit(inline="always", stable_key=(num_levels, stride, packed))
         def score(codes, lut, row):
             base = row * stride
             c = codes[base]
@@ -202,7 +217,7 @@ def item_score(num_levels: int, stride: int, packed: bool):
 
     else:
 
-        @jit(inline="always")
+        @jit(inline="always", stable_key=(num_levels, stride, packed))
         def score(codes, lut, row):
             total = lut[0, codes[row, 0]]
             for level in range(1, num_levels):
@@ -269,7 +284,7 @@ def _make_partial_score(num_levels: int, first_level: int, stride: int, packed: 
     in :func:`item_score`; the level bounds are compile-time constants."""
     if packed:
 
-        @jit(inline="always")
+        @jit(inline="always", stable_key=(num_levels, first_level, stride, packed))
         def score(codes, lut, row, total):
             base = row * stride
             for level in range(first_level, num_levels):
@@ -279,7 +294,7 @@ def _make_partial_score(num_levels: int, first_level: int, stride: int, packed: 
 
     else:
 
-        @jit(inline="always")
+        @jit(inline="always", stable_key=(num_levels, first_level, stride, packed))
         def score(codes, lut, row, total):
             for level in range(first_level, num_levels):
                 total += lut[level, codes[row, level]]
