@@ -24,8 +24,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/dpq demo
 
+# Two workers (pytest-xdist), one test file each at a time: many tests wait on processes they
+# start (ranks, servers, Ray actors, a browser), so two files run side by side on two cores.
 test: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -15,6 +15,8 @@
 #                     of the installed one, which may be another checkout's editable install)
 #   PYTHON=...        the interpreter (default .venv/bin/python of this checkout, else of the
 #                     main checkout when this is a git worktree, else python3)
+#   WORKERS=n         pytest-xdist workers, one test file each at a time (default 2, as
+#                     `make test` runs the suite; 1 runs the tests one after another)
 #   RUN_TIMEOUT=s     a run still going after this many seconds is killed and counts as
 #                     failed (default 1800: a hang is a failure, not a stalled hunt)
 #
@@ -63,7 +65,10 @@ if [ "${LOAD:-0}" = 1 ]; then
     spinner=$!
 fi
 
-echo "flake hunt: $runs runs of ${selection[*]} (load: ${LOAD:-0}; logs in $logs)"
+workers=${WORKERS:-2}
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+echo "flake hunt: $runs runs of ${selection[*]} (workers: $workers; load: ${LOAD:-0}; logs in $logs)"
 failed=0
 failed_logs=()
 started=$(date +%s)
@@ -73,7 +78,7 @@ for run in $(seq 1 "$runs"); do
     # -rf lists the failures by id at the end of each log; -q comes from pyproject's addopts
     # (a second one would drop the "N passed" line).
     timeout -k 30 "${RUN_TIMEOUT:-1800}" \
-        "$python" -m pytest -rf -p no:cacheprovider "${selection[@]}" >"$log" 2>&1
+        "$python" -m pytest -rf -p no:cacheprovider "${parallel[@]}" "${selection[@]}" >"$log" 2>&1
     code=$?
     summary=$(grep -v "^[[:space:]]*$" "$log" | tail -n 1)
     [ "$code" -eq 124 ] && summary="killed after ${RUN_TIMEOUT:-1800} s (a hang)"

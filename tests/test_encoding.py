@@ -131,13 +131,18 @@ def test_streamed_encoding_memory_does_not_grow_with_the_collection(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for count in (200, 800):
-        for i in range(count):
-            folder = tmp_path / f"images-{count}" / f"class{i % 4}"
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = rng.integers(0, 256, size=(14, 14, 3), dtype=np.uint8)
-            image = Image.fromarray(coarse).resize((224, 224), Image.Resampling.BICUBIC)
-            image.save(folder / f"{i:05d}.jpg", quality=90)
+    for i in range(200):
+        folder = tmp_path / "images-200" / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, size=(14, 14, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((224, 224), Image.Resampling.BICUBIC)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    for i in range(800):  # the 200 files four times over, as links: each is decoded anyway
+        folder = tmp_path / "images-800" / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.jpg").hardlink_to(
+            tmp_path / "images-200" / f"class{i % 4}" / f"{i % 200:05d}.jpg"
+        )
     torch.manual_seed(0)
     config = DPQConfig(  # a small network reading the 224 px images shrunk to 32 px
         model=ModelConfig(

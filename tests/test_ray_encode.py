@@ -107,11 +107,13 @@ def test_ray_encode_gives_the_codes_of_one_process_dpq_encode(
     # nothing left to encode: the same command only merges again
     assert main([*ray_argv, "--out", str(tmp_path / "ray.npz")]) == 0
     assert "0 shard(s) encoded on Ray (0 actor(s), no host), 3 already" in capsys.readouterr().out
-    # a partitioned index from the same shards is the one-process partitioned index
+    # a partitioned index merged from the same shards (none encoded again) is the
+    # one-process partitioned index
     grouped = ["--partition-levels", "1"]
     assert main([*common, *grouped, "--out", str(tmp_path / "one-p1.npz")]) == 0
-    assert main([*ray_argv, *grouped, "--out", str(tmp_path / "ray-p1.npz")]) == 0
-    one, sharded = DPQIndex.load(tmp_path / "one-p1.npz"), DPQIndex.load(tmp_path / "ray-p1.npz")
+    assert main([*ray_argv, *grouped, "--out", str(tmp_path / "ray.npz")]) == 0
+    assert "0 shard(s) encoded on Ray (0 actor(s), no host), 3 already" in capsys.readouterr().out
+    one, sharded = DPQIndex.load(tmp_path / "one-p1.npz"), DPQIndex.load(tmp_path / "ray.npz")
     assert sharded.partition_levels == one.partition_levels == 1
     np.testing.assert_array_equal(sharded.codes, one.codes)
     np.testing.assert_array_equal(sharded.ids, one.ids)
