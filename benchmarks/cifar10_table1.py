@@ -239,6 +239,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _training_seconds(row: dict) -> float:
+    """Wall seconds of all of a run's training epochs, those of an interrupted call that
+    --resume continued included (its train_log.jsonl), else the row's last call."""
+    log = Path(row.get("run_dir", "")) / "train_log.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        epochs = {r["epoch"]: r.get("seconds") for r in records if "epoch" in r}
+        if len(epochs) == row.get("epochs") and None not in epochs.values():
+            return float(sum(epochs.values()))
+    return float(row["train_seconds"])
+
+
 def markdown(rows: list[dict]) -> str:
     """The table, the paired DPQ differences, training time, and the tuning record."""
     table = defaultdict(lambda: defaultdict(dict))  # method -> bits -> seed -> mAP
@@ -248,7 +260,7 @@ def markdown(rows: list[dict]) -> str:
             continue
         for bits, value in row["map"].items():
             table[row["method"]][int(bits)][row["split_seed"]] = value
-        seconds[row["method"]][row["split_seed"]][row["bits_trained"]] = row["train_seconds"]
+        seconds[row["method"]][row["split_seed"]][row["bits_trained"]] = _training_seconds(row)
     lines = [
         "| method | setting | "
         + " | ".join(f"{b} bits" for b in ALL_BITS)
