@@ -3,6 +3,9 @@ per-configuration scan kernel (plain, cells, 16-query lanes), which numba either
 loads from its disk cache. Run it twice: the second process should only load.
 
     python benchmarks/kernel_load.py            # prints one line per kernel
+
+tests/test_index_kernels.py runs it twice with NUMBA_DEBUG_CACHE=1 to check the second
+process only loads.
 """
 
 import time

@@ -136,25 +136,14 @@ def test_a_second_process_loads_every_scan_kernel_from_the_disk_cache(tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    script = """
-import numpy as np
-from dpq.index import kernels, lanes
-codes, luts = np.zeros(10, np.uint32), np.zeros((2, 4 * 256), np.float32)
-none = np.zeros(0, np.float32)
-out_d, out_r = np.zeros((2, 5), np.float32), np.zeros((2, 5), np.int64)
-kernels.scan_kernel(4, 1, True)(codes, 0, 10, 256, none, luts, 5, out_d, out_r)
-cells = np.zeros((2, 1), np.int64)
-kernels.cell_scan_kernel(4, 1, 1, True)(
-    codes, np.array([0]), np.array([10]), cells, 256, none, luts, 5, out_d, out_r
-)
-lanes.lane_scan_kernel(4, 1, True, 8, False)(codes, 0, 10, 256, none, luts, 5, out_d, out_r)
-"""
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_load.py"  # the three first calls
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
 
     def run() -> str:
         done = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stderr
         return done.stdout + done.stderr
