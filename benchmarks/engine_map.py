@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a checkpoint directory")
     parser.add_argument("--split", required=True, help="its split file (query/database rows)")
     parser.add_argument("--data", default="cifar10", help="the source (default cifar10)")
-    parser.add_argument("--engines", default="torch,onnxruntime,openvino")
+    parser.add_argument(
+        "--engines",
+        default="torch,onnxruntime,openvino",
+        help="comma list of ENGINE[:PRECISION] (e.g. openvino:bf16; default precision fp32); "
+        "the first is the reference the codes are compared with",
+    )
     parser.add_argument("--int8", action="store_true", help="also onnxruntime int8")
     parser.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     query_inputs, query_labels = source.rows(rows["query"])
     database_inputs, database_labels = source.rows(rows["database"])
-    runs = [(name, "fp32") for name in args.engines.split(",")]
+    runs = [(*item.split(":"), "fp32")[:2] for item in args.engines.split(",")]
     if args.int8:
         runs.append(("onnxruntime", "int8"))
     calibration = None

@@ -98,6 +98,18 @@ def _parse_args() -> argparse.Namespace:
         "--model-threads", type=int, default=None, help="images: the server's torch threads"
     )
     parser.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "onnxruntime", "openvino"],
+        help="images: the server's --engine",
+    )
+    parser.add_argument(
+        "--engine-precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="images: the server's --engine-precision",
+    )
+    parser.add_argument(
         "--batching",
         choices=["off", "on", "both"],
         default="both",
@@ -194,7 +206,8 @@ class Server:
 
     def __init__(self, index: str, *extra: str) -> None:
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "dpq.cli", "serve", "--index", index, "--port", "0"]
         self.process = subprocess.Popen(
             [*command, *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env
@@ -705,6 +718,7 @@ def scenario_images(args: argparse.Namespace) -> list[dict]:
     )
     flags = ["--model", args.model, "--images", args.images, "--threads", str(args.threads)]
     flags += ["--allow-open-writes", *model_threads]
+    flags += ["--engine", args.engine, "--engine-precision", args.engine_precision]
     rows = serve_modes(args, path, flags, searches, adds)
     for row in rows:
         row.update(
@@ -745,7 +759,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"{'own' if args.open_loop_of == 'own' else 'batching-off'} capacity, k={args.k}, "
         f"bits={args.bits or 'all'}, partition levels {args.partition_levels}, nprobe "
         f"{args.nprobe or 'all cells'}, server threads {args.threads}, model threads "
-        f"{args.model_threads or 'torch default'}, {os.cpu_count()} CPUs ({cpu_facts()})"
+        f"{args.model_threads or 'torch default'}, engine {args.engine} {args.engine_precision} "
+        f"(images), {os.cpu_count()} CPUs ({cpu_facts()})"
     )
     print(
         "| scenario | batching | phase | items | offered req/s | requests/s | searches/s "

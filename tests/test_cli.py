@@ -628,6 +628,42 @@ def test_encode_and_search_through_onnxruntime_equal_torch(small_model_dir, tmp_
     np.testing.assert_array_equal(DPQIndex.load(tmp_path / "old.npz").codes, torch_codes)
     assert main(["encode", *common, "--engine", "ray", "--runner", "local", *out]) == 2
     assert "contradicts --runner local" in capsys.readouterr().err
+    bf16 = ["--engine-precision", "bf16"]
+    assert main(["encode", *common, *engine, *bf16, *out]) == 2
+    assert "the onnxruntime engine runs precision fp32 or int8, not 'bf16'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_encode_and_search_through_openvino_in_bf16(small_model_dir, tmp_path, capsys):
+    """--engine-precision bf16: OpenVINO's bfloat16 inference of the same export; the
+    index and the search answers stay close to float32's (not equal: bf16 rounds)."""
+    import shutil
+
+    from conftest import needs_engine
+
+    needs_engine("openvino")
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    import openvino
+
+    from dpq.index import DPQIndex
+    from dpq.inference.engines import openvino_has_bf16
+
+    if not openvino_has_bf16(openvino.Core()):
+        pytest.skip("OpenVINO has no bf16 kernels on this CPU (needs AVX512-BF16 or AMX)")
+    model = shutil.copytree(small_model_dir, tmp_path / "model")
+    make_image_folder(tmp_path / "set", {"a": 4, "b": 5})
+    common = ["--model", str(model), "--images", str(tmp_path / "set"), "--quiet"]
+    bf16 = ["--engine", "openvino", "--engine-precision", "bf16"]
+    assert main(["encode", *common, "--out", str(tmp_path / "f32.npz")]) == 0
+    assert main(["encode", *common, *bf16, "--out", str(tmp_path / "bf16.npz")]) == 0
+    codes = [DPQIndex.load(tmp_path / f"{name}.npz").codes for name in ("f32", "bf16")]
+    assert codes[0].shape == codes[1].shape and (codes[0] == codes[1]).mean() >= 0.5
+    search = ["search", "--index", str(tmp_path / "f32.npz"), *common, "--k", "9"]
+    assert main([*search, "--out", str(tmp_path / "f32.json")]) == 0
+    assert main([*search, *bf16, "--out", str(tmp_path / "bf16.json")]) == 0
+    runs = [json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("f32", "bf16")]
+    assert [sorted(q["ids"]) for q in runs[0]] == [sorted(q["ids"]) for q in runs[1]]
 
 
 def test_a_missing_engine_package_is_one_line_naming_the_extra(

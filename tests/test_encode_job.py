@@ -165,6 +165,24 @@ def test_settings_that_do_not_go_together_are_refused(small_model_dir, tmp_path)
             },
             "--engine openvino applies to --runner local",
         ),
+        (
+            {
+                "source": images,
+                "model": small_model_dir,
+                "runner": RayRunner(),
+                "engine_precision": "bf16",
+            },
+            "--engine-precision bf16 applies to --runner local",
+        ),
+        (
+            {
+                "source": images,
+                "model": small_model_dir,
+                "engine": "onnxruntime",
+                "engine_precision": "bf16",
+            },
+            "the onnxruntime engine runs precision fp32 or int8, not 'bf16'",
+        ),
     ]
     for options, message in refused:
         with pytest.raises(ValueError, match=message):

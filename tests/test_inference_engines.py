@@ -21,7 +21,9 @@ from dpq.inference.engines import (
     FeatureEngine,
     TorchEngine,
     cached_export_path,
+    engine_for,
     open_engine,
+    openvino_has_bf16,
 )
 from dpq.inference.export import read_export, record_path
 from dpq.inference.names import ENGINES
@@ -94,6 +96,46 @@ def test_an_on_demand_reader_streams_through_the_engine(exported_encoders, tmp_p
         load_network(model_dir).extract_features(images),
         atol=1e-4,
     )
+
+
+def test_openvino_in_bf16_reads_the_float32_export_and_stays_near_torchs_features(
+    exported_encoders, encoder_references
+):
+    """bf16 is OpenVINO's inference precision on the same float32 file: features within
+    bfloat16's rounding (8 bits of mantissa) of torch's float32 ones, most codes equal."""
+    needs_engine("openvino")
+    import openvino
+
+    if not openvino_has_bf16(openvino.Core()):
+        pytest.skip("OpenVINO has no bf16 kernels on this CPU (needs AVX512-BF16 or AMX)")
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    inputs, expected = encoder_references["resnet9"]
+    network = load_network(model_dir)
+    for opened in (
+        open_engine(model_dir, "openvino", onnx_path=onnx_path, threads=2, precision="bf16"),
+        engine_for(network, model_dir, "openvino", onnx_path, inputs, threads=2, precision="bf16"),
+    ):
+        assert opened.precision == "bf16"
+        got = opened.features(inputs)
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 0.05 * scale  # bf16, not float32 (1e-4)
+        assert np.abs(got - expected).max() > 1e-6  # and it did run in bf16
+        method = method_for(network.config)
+        agreement = (method.encode(network, got) == method.encode(network, expected)).all(1).mean()
+        assert agreement >= 0.5, f"bf16 codes agree for {agreement:.3f} of the items"
+        opened.close()
+
+
+def test_openvino_bf16_on_a_cpu_without_it_is_refused(exported_encoders, monkeypatch):
+    needs_engine("openvino")
+    import dpq.inference.engines as engines
+
+    monkeypatch.setattr(engines, "openvino_has_bf16", lambda core: False)
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    with pytest.raises(
+        ValueError, match="OpenVINO has no bf16 kernels on this CPU.*run precision fp32"
+    ):
+        open_engine(model_dir, "openvino", onnx_path=onnx_path, precision="bf16")
 
 
 def test_the_torch_engine_is_the_models_own_path(exported_encoders):
@@ -185,8 +227,16 @@ def test_bad_settings_are_one_sentence(exported_encoders):
     model_dir, onnx_path = exported_encoders["identity"]
     with pytest.raises(ValueError, match="unknown engine 'tensorrt'; choose one of torch"):
         open_engine(model_dir, "tensorrt")
-    with pytest.raises(ValueError, match="openvino engine runs precision fp32, not 'int8'"):
+    with pytest.raises(ValueError, match="openvino engine runs precision fp32 or bf16, not 'int8'"):
         open_engine(model_dir, "openvino", precision="int8")
+    with pytest.raises(
+        ValueError, match="onnxruntime engine runs precision fp32 or int8, not 'bf16'"
+    ):
+        open_engine(model_dir, "onnxruntime", precision="bf16")
+    with pytest.raises(
+        ValueError, match="onnxruntime engine runs precision fp32 or int8, not 'bf16'"
+    ):
+        engine_for(load_network(model_dir), model_dir, "onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="torch engine runs precision fp32 or bf16 or fp16"):
         open_engine(model_dir, "torch", precision="int8")
     with pytest.raises(ValueError, match="threads must be a positive integer"):

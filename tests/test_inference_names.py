@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dpq.inference.names import ENGINES, GRAPH_ENGINES, check_engine
+from dpq.inference.names import ENGINES, GRAPH_ENGINES, PRECISIONS, check_engine, check_precision
 
 
 def test_every_engine_is_accepted_and_an_onnx_file_only_by_a_graph_engine():
@@ -17,6 +17,17 @@ def test_every_engine_is_accepted_and_an_onnx_file_only_by_a_graph_engine():
         check_engine("tensorrt")
     with pytest.raises(ValueError, match=r"an ONNX file \(--onnx\) is run by the onnxruntime"):
         check_engine("torch", "e.onnx")
+
+
+def test_each_engine_names_its_precisions():
+    for engine in ENGINES:
+        assert PRECISIONS[engine][0] == "fp32"  # the default runs everywhere
+        for precision in PRECISIONS[engine]:
+            check_precision(engine, precision)
+    with pytest.raises(ValueError, match="the onnxruntime engine runs precision fp32 or int8, not"):
+        check_precision("onnxruntime", "bf16")
+    with pytest.raises(ValueError, match="the openvino engine runs precision fp32 or bf16, not"):
+        check_precision("openvino", "fp16")
 
 
 def test_the_names_and_the_package_import_without_torch():

@@ -167,6 +167,7 @@ def test_an_engine_runs_the_served_model_at_the_served_size(checkpoints, tmp_pat
     served = load_served_model(settings, _index_of(plain))
     assert isinstance(served.model, EngineModel) and served.model.engine.name == engine
     assert served.image_size == (12, 12) and served.info["engine"] == engine
+    assert served.info["engine_precision"] == "fp32"
     images = np.random.default_rng(4).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
     expected = DPQModel.from_checkpoint(plain).extract_features(images)
     encoder = BatchingEncoder(served.model)

@@ -86,6 +86,11 @@ def test_derived_threads_and_burst():
         ({"cors_origins": ("a.example",)}, ValueError, "got 'a.example'"),
         ({"model": "m", "engine": "tvm"}, ValueError, "unknown engine 'tvm'; choose one of"),
         ({"engine": "openvino"}, ValueError, "engine 'openvino' runs a model; set model"),
+        (
+            {"model": "m", "engine": "onnxruntime", "engine_precision": "bf16"},
+            ValueError,
+            "the onnxruntime engine runs precision fp32 or int8, not 'bf16'",
+        ),
         ({"model": "m", "onnx": "e.onnx"}, ValueError, "is run by the onnxruntime or openvino"),
         ({"model": "m", "engine": "onnxruntime", "onnx": 3}, ValueError, "onnx must be the path"),
     ],

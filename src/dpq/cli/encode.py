@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         engine=engine,
         onnx=args.onnx,
+        engine_precision=args.engine_precision,
         workers=args.workers,
         search_mode=args.search_mode,
         partition_levels=args.partition_levels,

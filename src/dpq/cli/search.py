@@ -144,7 +144,13 @@ def run(args: argparse.Namespace) -> int:
         check_compatible(index, method.new_index(model), source=f"model {args.model}")
         began = time.perf_counter()
         engine = engine_for(
-            model, args.model, args.engine, args.onnx, queries, batch_size=args.batch_size
+            model,
+            args.model,
+            args.engine,
+            args.onnx,
+            queries,
+            batch_size=args.batch_size,
+            precision=args.engine_precision,
         )
         queries = engine.features(queries, workers=args.workers, progress=not args.quiet)
         engine.close()

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         engine=args.engine,
         onnx=args.onnx,
+        engine_precision=args.engine_precision,
         **batching,
     )
     serve(settings)

@@ -47,7 +47,7 @@ from dpq.encode.stages import StageTimes
 from dpq.index import DPQIndex, append_to_index_file
 from dpq.index.checks import check_ids
 from dpq.index.kinds import AnyIndex, check_compatible, load_any
-from dpq.inference.names import check_engine
+from dpq.inference.names import check_engine, check_precision
 
 DEFAULT_SHARDS = 8
 ArrayOrPath = np.ndarray | str | os.PathLike[str]
@@ -81,6 +81,8 @@ class EncodeSettings:
             exported once into ``MODEL_DIR/engine-cache/``; :func:`dpq.inference.engine_for`).
         onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``), checked
             against it; None: the cached export.
+        engine_precision: the engine's arithmetic, "fp32" or "bf16" (torch autocast,
+            OpenVINO's bfloat16 inference; :data:`dpq.inference.names.PRECISIONS`).
         workers: processes decoding images read on demand in this process (default: one
             per core, up to 8; 0: this process).
         search_mode: how a new DPQ index is searched (default: the model's; "aqd" with
@@ -107,6 +109,7 @@ class EncodeSettings:
     device: str = "auto"
     engine: str = "torch"
     onnx: str | os.PathLike[str] | None = None
+    engine_precision: str = "fp32"
     workers: int | None = None
     search_mode: str | None = None
     partition_levels: int = 0
@@ -121,6 +124,7 @@ class EncodeSettings:
         if (self.model is None) == (self.codebooks is None):
             raise ValueError("give one of --model (a checkpoint) and --codebooks.")
         check_engine(self.engine, self.onnx)
+        check_precision(self.engine, self.engine_precision)
         if self.engine != "torch" and self.model is None:
             raise ValueError(
                 f"--engine {self.engine} runs a model's network; --codebooks encode features "
@@ -153,6 +157,11 @@ class EncodeSettings:
             raise ValueError(
                 f"--engine {self.engine} applies to --runner local; the Ray actors run the "
                 "checkpoint in torch."
+            )
+        if self.engine_precision != "fp32":
+            raise ValueError(
+                f"--engine-precision {self.engine_precision} applies to --runner local; the Ray "
+                "actors run the checkpoint in fp32."
             )
         if self.append:
             raise ValueError(
@@ -391,6 +400,7 @@ def _encode_here(
             settings.onnx,
             inputs=inputs,
             batch_size=settings.batch_size,
+            precision=settings.engine_precision,
         )
         try:
             return build_index(

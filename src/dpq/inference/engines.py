@@ -33,16 +33,11 @@ from dpq.inference.export import (
     check_export,
     export_onnx,
 )
-from dpq.inference.names import INSTALL_HINT, check_engine
+from dpq.inference.names import INSTALL_HINT, check_engine, check_precision
 from dpq.progress import progress_bar
 
-PRECISIONS = {
-    "torch": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32", "int8"),
-    "openvino": ("fp32",),
-}
-"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32,
-and ONNX Runtime in int8 by its own static quantization (:mod:`dpq.inference.quantize`)."""
+EXPORT_PRECISION = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "int8": "int8"}
+"""The precision of the ONNX export an engine precision reads: only int8 has its own file."""
 CACHE_FOLDER = "engine-cache"
 """Folder inside a checkpoint directory where :func:`open_engine` keeps its exports."""
 DEFAULT_BATCH_SIZE = 256
@@ -173,17 +168,30 @@ class GraphEngine(ABC):
         record: its :class:`~dpq.inference.export.ExportRecord`.
         batch_size: items per forward pass.
         threads: the runtime's threads for one pass.
+        precision: one of the engine's :data:`PRECISIONS`, of which ``record`` is the export.
     """
 
     name = "graph"
 
     def __init__(
-        self, onnx_path: Path, record: ExportRecord, batch_size: int, threads: int
+        self,
+        onnx_path: Path,
+        record: ExportRecord,
+        batch_size: int,
+        threads: int,
+        precision: str = "fp32",
     ) -> None:
+        check_precision(self.name, precision)
+        if record.precision != EXPORT_PRECISION[precision]:
+            raise ValueError(
+                f"{onnx_path} holds the {record.precision} encoder, not the "
+                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads."
+            )
         self.onnx_path = Path(onnx_path)
         self.record = record
         self.batch_size = _check_positive("batch_size", batch_size)
         self.threads = _check_positive("threads", threads)
+        self.precision = precision
 
     @property
     def input_kind(self) -> str:
@@ -235,9 +243,14 @@ class OnnxRuntimeEngine(GraphEngine):
     name = "onnxruntime"
 
     def __init__(
-        self, onnx_path: Path, record: ExportRecord, batch_size: int, threads: int
+        self,
+        onnx_path: Path,
+        record: ExportRecord,
+        batch_size: int,
+        threads: int,
+        precision: str = "fp32",
     ) -> None:
-        super().__init__(onnx_path, record, batch_size, threads)
+        super().__init__(onnx_path, record, batch_size, threads, precision)
         ort = import_runtime("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -259,16 +272,29 @@ class OnnxRuntimeEngine(GraphEngine):
 
 class OpenVINOEngine(GraphEngine):
     """The exported encoder compiled by OpenVINO for the CPU: one stream (the latency hint)
-    on ``threads`` threads, float32 inference (no bf16 downcast on CPUs that have it)."""
+    on ``threads`` threads, in ``precision``: "fp32" (no bf16 downcast, also on CPUs that
+    have it: codes equal torch's) or "bf16" (OpenVINO's bfloat16 inference: 2-3.5x faster
+    on CPUs with native bf16, codes of some items differ; docs/RESULTS.md)."""
 
     name = "openvino"
 
     def __init__(
-        self, onnx_path: Path, record: ExportRecord, batch_size: int, threads: int
+        self,
+        onnx_path: Path,
+        record: ExportRecord,
+        batch_size: int,
+        threads: int,
+        precision: str = "fp32",
     ) -> None:
-        super().__init__(onnx_path, record, batch_size, threads)
+        super().__init__(onnx_path, record, batch_size, threads, precision)
         ov = import_runtime("openvino")
         core = ov.Core()
+        if self.precision == "bf16" and not openvino_has_bf16(core):
+            raise ValueError(
+                "OpenVINO has no bf16 kernels on this CPU (its CPU plugin lists "
+                f"{core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}; bf16 needs "
+                "AVX512-BF16 or AMX); run precision fp32."
+            )
         model = core.read_model(str(self.onnx_path))
         for op in model.get_ops():
             if op.get_type_name() == "Interpolate" and op.get_attributes().get("antialias"):
@@ -283,7 +309,7 @@ class OpenVINOEngine(GraphEngine):
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": self.threads,
-                "INFERENCE_PRECISION_HINT": "f32",
+                "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.precision],
                 "PERFORMANCE_HINT": "LATENCY",
             },
         )
@@ -296,6 +322,11 @@ class OpenVINOEngine(GraphEngine):
     def close(self) -> None:
         self.request = None
         self.compiled = None
+
+
+def openvino_has_bf16(core: Any) -> bool:
+    """Whether OpenVINO's CPU plugin (``core``: an ``openvino.Core``) runs bf16 natively."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 _GRAPH_ENGINES: dict[str, type[GraphEngine]] = {
@@ -401,8 +432,9 @@ def open_engine(
         threads: threads of one forward pass (default: the cores this process may use).
             For "torch" this sets torch's thread count for the whole process.
         precision: the arithmetic (:data:`PRECISIONS`): "fp32" everywhere, torch's
-            "bf16"/"fp16" autocast, or "int8" for onnxruntime (opt-in: the export quantized
-            by ONNX Runtime, calibrated on ``calibration``, cached beside the float32 one).
+            "bf16"/"fp16" autocast, OpenVINO's "bf16" inference (the float32 export), or
+            "int8" for onnxruntime (opt-in: the export quantized by ONNX Runtime,
+            calibrated on ``calibration``, cached beside the float32 one).
         batch_size: items per forward pass.
         image_size: side (or (height, width)) of the images the ONNX engines read (default
             the model's ``model.image_size``); the torch engine reads any size.
@@ -418,11 +450,7 @@ def open_engine(
             (naming the extra to install), or a stale or damaged ``onnx_path``.
     """
     check_engine(engine)
-    if precision not in PRECISIONS[engine]:
-        raise ValueError(
-            f"the {engine} engine runs precision {' or '.join(PRECISIONS[engine])}, not "
-            f"{precision!r}."
-        )
+    check_precision(engine, precision)
     _check_positive("batch_size", batch_size)
     if threads is not None:
         _check_positive("threads", threads)
@@ -447,16 +475,17 @@ def open_engine(
     else:
         path = Path(onnx_path)
         record = check_export(path, model_dir, image_size, tta_flip)
-        if record.precision != precision:
+        if record.precision != EXPORT_PRECISION[precision]:
             raise ValueError(
-                f"{path} holds the {record.precision} encoder, not the {precision} one; pass "
-                "an export of that precision, or none to use the engine's cache."
+                f"{path} holds the {record.precision} encoder, not the "
+                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads; pass an "
+                "export of that precision, or none to use the engine's cache."
             )
     if threads is None:
         from dpq.devices import available_cores
 
         threads = available_cores()
-    return _GRAPH_ENGINES[engine](path, record, batch_size, threads)
+    return _GRAPH_ENGINES[engine](path, record, batch_size, threads, precision)
 
 
 def engine_for(
@@ -467,19 +496,28 @@ def engine_for(
     inputs: Any = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> FeatureEngine:
     """The engine ``engine`` for a network already loaded from ``model_dir``: that network
     itself for "torch" (no second load; ``threads`` None leaves torch's count alone), else
     :func:`open_engine` on the CPU with ``onnx_path`` or the cached export, read at the image
     size of ``inputs`` (uint8 (N, H, W, 3) images, an array or a reader; None or features:
-    the model's size)."""
+    the model's size); ``precision`` as :func:`open_engine`'s (int8 needs its cached,
+    calibrated export: :func:`open_engine` with ``calibration`` first)."""
     check_engine(engine, onnx_path)
+    check_precision(engine, precision)
     if engine == "torch":
-        return TorchEngine(network, batch_size, threads)
+        return TorchEngine(network, batch_size, threads, precision)
     shape = tuple(getattr(inputs, "shape", ()))
     image_size = None
     if network.input_kind == "images" and len(shape) == 4:
         image_size = (int(shape[1]), int(shape[2]))
     return open_engine(
-        model_dir, engine, onnx_path, threads, batch_size=batch_size, image_size=image_size
+        model_dir,
+        engine,
+        onnx_path,
+        threads,
+        precision=precision,
+        batch_size=batch_size,
+        image_size=image_size,
     )

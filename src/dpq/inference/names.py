@@ -8,6 +8,17 @@ ENGINES = ("torch", "onnxruntime", "openvino")
 exported encoder (:mod:`dpq.inference.export`) in ONNX Runtime or OpenVINO."""
 GRAPH_ENGINES = ENGINES[1:]
 """The engines that run an exported ONNX graph (on the CPU)."""
+PRECISIONS = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16"),
+}
+"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32,
+ONNX Runtime in int8 by its own static quantization (:mod:`dpq.inference.quantize`), and
+OpenVINO in bfloat16 by its CPU plugin's inference precision (the same float32 export;
+on CPUs with AVX512-BF16 or AMX; refused on others)."""
+CLI_PRECISIONS = ("fp32", "bf16")
+"""The precisions ``--engine-precision`` offers (int8 needs calibration images: library only)."""
 INSTALL_HINT = "pip install 'dpq[inference]'"
 """How to install the packages of the graph engines and of the exporter."""
 
@@ -23,3 +34,12 @@ def check_engine(engine: object, onnx_path: object = None) -> str:
             "onnxruntime (or openvino), or leave --onnx out to run the checkpoint in torch."
         )
     return str(engine)
+
+
+def check_precision(engine: str, precision: str) -> None:
+    """ValueError unless ``engine`` runs ``precision`` (:data:`PRECISIONS`)."""
+    if precision not in PRECISIONS[engine]:
+        raise ValueError(
+            f"the {engine} engine runs precision {' or '.join(PRECISIONS[engine])}, not "
+            f"{precision!r}."
+        )

@@ -154,7 +154,8 @@ def load_served_model(
     else ``source_size`` (height, width of the served image source); ValueError when none
     is known. With ``settings.engine`` "onnxruntime" or "openvino" the network runs in that
     engine (:func:`dpq.inference.engine_for`, on the CPU, ``model_threads`` threads) at that
-    image size, wrapped in an :class:`EngineModel`."""
+    image size, wrapped in an :class:`EngineModel`; so does torch at an ``engine_precision``
+    other than fp32 (its autocast)."""
     from dpq.devices import resolve_device
     from dpq.model.network import DPQModel
 
@@ -185,8 +186,12 @@ def load_served_model(
             "with --model and no --images, give --image-size: the size the model was "
             "trained on (e.g. 32 for CIFAR-10)."
         )
-    facts = {**_model_facts(model_path), "engine": settings.engine}
-    if settings.engine == "torch":
+    facts = {
+        **_model_facts(model_path),
+        "engine": settings.engine,
+        "engine_precision": settings.engine_precision,
+    }
+    if settings.engine == "torch" and settings.engine_precision == "fp32":
         return ServedModel(model, facts, size)
     from dpq.inference.engines import engine_for
 
@@ -198,5 +203,6 @@ def load_served_model(
         inputs=np.zeros((0, *size, 3), np.uint8),
         batch_size=64,
         threads=settings.model_threads,
+        precision=settings.engine_precision,
     )
     return ServedModel(EngineModel(engine), facts, size)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpq.inference.names import check_engine
+from dpq.inference.names import check_engine, check_precision
 from dpq.serve.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
@@ -80,6 +80,8 @@ class ServeSettings:
             "openvino" (its ONNX export on the CPU; these give no predicted labels).
         onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``) read at the
             served image size; None: exported once into ``MODEL_DIR/engine-cache/``.
+        engine_precision: the engine's arithmetic, "fp32" or "bf16" (torch autocast,
+            OpenVINO's bfloat16 inference).
 
     Limits and safety:
         api_key: required (header ``X-API-Key`` or ``Authorization: Bearer``) for POST /items
@@ -126,6 +128,7 @@ class ServeSettings:
     model_threads: int | None = None
     engine: str = "torch"
     onnx: Path | None = None
+    engine_precision: str = "fp32"
     api_key: str | None = None
     allow_open_writes: bool = False
     cors_origins: tuple[str, ...] = ()
@@ -157,6 +160,7 @@ class ServeSettings:
                 )
             object.__setattr__(self, "model", Path(self.model))
         check_engine(self.engine, self.onnx)
+        check_precision(self.engine, self.engine_precision)
         if self.engine != "torch" and self.model is None:
             raise ValueError(f"engine {self.engine!r} runs a model; set model to its checkpoint.")
         if self.onnx is not None:
