@@ -210,9 +210,24 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if f" {flag}" in line) or "none of avx2/avx512"
 
 
-def engine_versions(engines: list[str]) -> str:
+def engine_run(item: str) -> tuple[str, str]:
+    """(engine, precision) of a ``--engine`` item ENGINE[:PRECISION] (default fp32)."""
+    name, _, precision = item.strip().partition(":")
+    return name, precision or "fp32"
+
+
+def compared_runs(engines: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Eager torch in float32 first (the reference), then each other (engine, precision)."""
+    return [("torch", "fp32"), *[run for run in engines if run != ("torch", "fp32")]]
+
+
+def run_label(name: str, precision: str) -> str:
+    return name if precision == "fp32" else f"{name} {precision}"
+
+
+def engine_versions(engines: list[tuple[str, str]]) -> str:
     versions = [f"torch {torch.__version__}"]
-    for name in engines:
+    for name in sorted({name for name, _ in engines}):
         if name != "torch":
             try:
                 versions.append(f"{name} {__import__(name).__version__}")
@@ -230,7 +245,7 @@ def bench_engines(
     model_dir = model.save_checkpoint(Path(workdir) / label.split()[0] / "model")
     method = method_for(model.config)
     side = images.shape[1]
-    runs = [("torch", "fp32"), *[(name, "fp32") for name in engines if name != "torch"]]
+    runs = compared_runs(engines)
     if calibration is not None:
         runs.append(("onnxruntime", "int8"))
     rows = {}
@@ -256,7 +271,7 @@ def bench_engines(
             network = engine.network
             reference = (features, method.encode(network, features), speed)
         codes = method.encode(network, features)
-        rows[name if precision == "fp32" else f"{name} {precision}"] = (
+        rows[run_label(name, precision)] = (
             speed,
             speed / reference[2],
             float((codes == reference[1]).all(axis=1).mean()),
@@ -288,10 +303,16 @@ def bench_encode(label, model_dir, folder, side, engines, workers, batch_size, w
 
     source = SourceSpec(images=str(folder), image_size=side, loading="stream")
     rows, reference = {}, None
-    for name in ["torch", *[e for e in engines if e != "torch"]]:
-        out = Path(workdir) / f"encode-{name}.npz"
+    for name, precision in compared_runs(engines):
+        out = Path(workdir) / f"encode-{name}-{precision}.npz"
         settings = EncodeSettings(
-            out, source, model=model_dir, engine=name, workers=workers, batch_size=batch_size
+            out,
+            source,
+            model=model_dir,
+            engine=name,
+            engine_precision=precision,
+            workers=workers,
+            batch_size=batch_size,
         )
         encode_collection(replace(settings, out=out.with_suffix(".warm.npz")))  # export, warm
         began = time.perf_counter()
@@ -300,7 +321,7 @@ def bench_encode(label, model_dir, folder, side, engines, workers, batch_size, w
         codes = load_any(out).codes
         reference = codes if reference is None else reference
         agree = float((codes == reference).all(axis=1).mean())
-        rows[name] = (result.stages.items / seconds, result.stages, agree)
+        rows[run_label(name, precision)] = (result.stages.items / seconds, result.stages, agree)
     flip = "flip on" if load_network_config(model_dir).model.tta_flip else "no flip"
     print(f"\n### {label}: `dpq encode` end to end ({len(reference)} JPEGs read on demand by "
           f"{workers} workers, batch {batch_size}, {flip})")  # fmt: skip
@@ -337,9 +358,13 @@ def bench_map(model_dir, data, engines, db_count, query_count, threads, workdir)
     network = load_network(model_dir)
     method = method_for(network.config)
     rows = {}
-    for name in ["torch", *[e for e in engines if e != "torch"]]:
+    for name, precision in compared_runs(engines):
         engine = open_engine(
-            model_dir, name, threads=threads, image_size=None if name == "torch" else 32
+            model_dir,
+            name,
+            threads=threads,
+            image_size=None if name == "torch" else 32,
+            precision=precision,
         )
         db_features = engine.features(db_source.inputs)
         query_features = engine.features(queries)
@@ -347,7 +372,7 @@ def bench_map(model_dir, data, engines, db_count, query_count, threads, workdir)
         index = method.new_index(network)
         index.add(method.encode(network, db_features), labels=np.asarray(db_source.labels))
         _, ids = search_features(index, query_features, index.ntotal, method=method)
-        rows[name] = map_at_r(ids, query_labels, np.asarray(db_source.labels))
+        rows[run_label(name, precision)] = map_at_r(ids, query_labels, np.asarray(db_source.labels))
     print(f"\n### mAP@{len(db_source.inputs)} of {source} through each engine "
           f"({len(queries)} queries, {len(db_source.inputs)} database images of CIFAR-10 train)")  # fmt: skip
     print("| engine | mAP | vs torch |")
@@ -395,7 +420,8 @@ def main() -> None:
     parser.add_argument(
         "--engine",
         default="",
-        help=f"comma list of inference engines to compare ({', '.join(ENGINES)})",
+        help=f"comma list of inference engines to compare ({', '.join(ENGINES)}), each "
+        "ENGINE[:PRECISION] (e.g. openvino:bf16; default fp32)",
     )
     parser.add_argument(
         "--no-paths", action="store_true", help="only the engine tables, not the four path rows"
@@ -419,8 +445,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, help="images per backbone (sets both counts)")
     parser.add_argument("--threads", type=int, default=available_cores())
     args = parser.parse_args()
-    engines = [name.strip() for name in args.engine.split(",") if name.strip()]
-    unknown = sorted(set(engines) - set(ENGINES))
+    engines = [engine_run(item) for item in args.engine.split(",") if item.strip()]
+    unknown = sorted({name for name, _ in engines} - set(ENGINES))
     if unknown:
         parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     if args.items:
