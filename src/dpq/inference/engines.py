@@ -192,6 +192,7 @@ class GraphEngine(ABC):
         self.batch_size = _check_positive("batch_size", batch_size)
         self.threads = _check_positive("threads", threads)
         self.precision = precision
+        self._open()
 
     @property
     def input_kind(self) -> str:
@@ -200,6 +201,11 @@ class GraphEngine(ABC):
     @property
     def feature_dim(self) -> int:
         return self.record.feature_dim
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Load :attr:`onnx_path` into the runtime (called by ``__init__`` once the settings
+        are checked and set)."""
 
     @abstractmethod
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
@@ -242,15 +248,7 @@ class OnnxRuntimeEngine(GraphEngine):
 
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        onnx_path: Path,
-        record: ExportRecord,
-        batch_size: int,
-        threads: int,
-        precision: str = "fp32",
-    ) -> None:
-        super().__init__(onnx_path, record, batch_size, threads, precision)
+    def _open(self) -> None:
         ort = import_runtime("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -278,15 +276,7 @@ class OpenVINOEngine(GraphEngine):
 
     name = "openvino"
 
-    def __init__(
-        self,
-        onnx_path: Path,
-        record: ExportRecord,
-        batch_size: int,
-        threads: int,
-        precision: str = "fp32",
-    ) -> None:
-        super().__init__(onnx_path, record, batch_size, threads, precision)
+    def _open(self) -> None:
         ov = import_runtime("openvino")
         core = ov.Core()
         if self.precision == "bf16" and not openvino_has_bf16(core):
