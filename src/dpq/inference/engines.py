@@ -185,7 +185,8 @@ class GraphEngine(ABC):
         if record.precision != EXPORT_PRECISION[precision]:
             raise ValueError(
                 f"{onnx_path} holds the {record.precision} encoder, not the "
-                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads."
+                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads; pass an "
+                "export of that precision, or none to use the engine's cache."
             )
         self.onnx_path = Path(onnx_path)
         self.record = record
@@ -465,12 +466,6 @@ def open_engine(
     else:
         path = Path(onnx_path)
         record = check_export(path, model_dir, image_size, tta_flip)
-        if record.precision != EXPORT_PRECISION[precision]:
-            raise ValueError(
-                f"{path} holds the {record.precision} encoder, not the "
-                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads; pass an "
-                "export of that precision, or none to use the engine's cache."
-            )
     if threads is None:
         from dpq.devices import available_cores
 
