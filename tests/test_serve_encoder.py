@@ -16,7 +16,7 @@ from conftest import join_threads, wait_until  # noqa: E402
 from dpq.config import DPQConfig, ModelConfig, QuantizerConfig  # noqa: E402
 from dpq.index import DPQIndex  # noqa: E402
 from dpq.model.network import DPQModel  # noqa: E402
-from dpq.serve.encoder import BatchingEncoder, load_served_model  # noqa: E402
+from dpq.serve.encoder import AutocastModel, BatchingEncoder, load_served_model  # noqa: E402
 from dpq.serve.settings import ServeSettings  # noqa: E402
 
 
@@ -151,6 +151,24 @@ def test_the_encoder_gives_logits_when_the_model_has_them():
         assert features_only.features_and_logits(images)[1] is None  # no classifier: None
     finally:
         features_only.close()
+
+
+def test_torch_in_bf16_keeps_the_classifier_and_runs_in_autocast(checkpoints):
+    plain = checkpoints / "plain"
+    settings = ServeSettings("x", plain, image_size=12, engine_precision="bf16")
+    served = load_served_model(settings, _index_of(plain))
+    assert isinstance(served.model, AutocastModel) and served.model.precision == "bf16"
+    assert served.info["engine"] == "torch" and served.info["engine_precision"] == "bf16"
+    images = np.random.default_rng(5).integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    network = DPQModel.from_checkpoint(plain)
+    expected = network.extract_features_and_logits(images, precision="bf16")
+    encoder = BatchingEncoder(served.model)
+    try:
+        features, logits = encoder.features_and_logits(images)
+    finally:
+        encoder.close()
+    np.testing.assert_allclose(features, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, expected[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dpq.index import DPQIndex
     from dpq.serve.settings import ServeSettings
 
-__all__ = ["BatchingEncoder", "EngineModel", "ServedModel", "load_served_model"]
+__all__ = ["AutocastModel", "BatchingEncoder", "EngineModel", "ServedModel", "load_served_model"]
 
 
 class EngineModel:
@@ -38,6 +38,34 @@ class EngineModel:
     def extract_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """float32 (n, D) features of uint8 (n, H, W, 3) images, in the engine's batches."""
         return self.engine.features(images)
+
+
+class AutocastModel:
+    """The model in torch at ``precision`` ("bf16", "fp16": autocast), features and logits
+    both (so image queries keep their predicted labels).
+
+    Args:
+        network: a loaded :class:`~dpq.model.retrieval_network.RetrievalNetwork`.
+        precision: passed to its ``extract_features`` / ``extract_features_and_logits``.
+    """
+
+    def __init__(self, network: Any, precision: str) -> None:
+        self.network = network
+        self.precision = precision
+
+    def extract_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """float32 (n, D) features of uint8 (n, H, W, 3) images."""
+        return self.network.extract_features(
+            images, batch_size=batch_size, precision=self.precision
+        )
+
+    def extract_features_and_logits(
+        self, images: np.ndarray, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (n, D) features and (n, C) classifier logits of uint8 (n, H, W, 3) images."""
+        return self.network.extract_features_and_logits(
+            images, batch_size=batch_size, precision=self.precision
+        )
 
 
 class BatchingEncoder:
@@ -154,8 +182,8 @@ def load_served_model(
     else ``source_size`` (height, width of the served image source); ValueError when none
     is known. With ``settings.engine`` "onnxruntime" or "openvino" the network runs in that
     engine (:func:`dpq.inference.engine_for`, on the CPU, ``model_threads`` threads) at that
-    image size, wrapped in an :class:`EngineModel`; so does torch at an ``engine_precision``
-    other than fp32 (its autocast)."""
+    image size, wrapped in an :class:`EngineModel`; torch at an ``engine_precision`` other
+    than fp32 runs in an :class:`AutocastModel`."""
     from dpq.devices import resolve_device
     from dpq.model.network import DPQModel
 
@@ -191,7 +219,9 @@ def load_served_model(
         "engine": settings.engine,
         "engine_precision": settings.engine_precision,
     }
-    if settings.engine == "torch" and settings.engine_precision == "fp32":
+    if settings.engine == "torch":
+        if settings.engine_precision != "fp32":
+            model = AutocastModel(model, settings.engine_precision)
         return ServedModel(model, facts, size)
     from dpq.inference.engines import engine_for
 
