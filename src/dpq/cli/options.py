@@ -248,9 +248,9 @@ def add_engine_options(parser: argparse.ArgumentParser, also: tuple[str, ...] = 
         choices=CLI_PRECISIONS,
         default="fp32",
         help="the network's arithmetic: fp32 (default; the engines' codes equal torch's) or "
-        "bf16 (torch's autocast, or OpenVINO's bfloat16 inference: 2-3.5x faster than fp32 "
-        "on CPUs with AVX512-BF16 or AMX; the codes of some items change, mAP barely: "
-        "docs/RESULTS.md); onnxruntime runs fp32 only",
+        "bf16 (torch's autocast, or OpenVINO's bfloat16 inference: 2.3-2.9x faster than "
+        "torch fp32 on a 2-core Zen 4 with AVX512-BF16; the codes of some items change, mAP "
+        "barely: docs/RESULTS.md); onnxruntime runs fp32 only",
     )
 
 
