@@ -8,7 +8,7 @@ split's training images), encodes the database with the model's method, searches
 mAP@R at every code length, and compares each engine's features and codes with torch's:
 
     python benchmarks/engine_map.py --model RUN/model --split RUN/split.json \\
-        [--data cifar10] [--engines torch,onnxruntime,openvino] [--int8] \\
+        [--data SOURCE] [--engines torch,onnxruntime,openvino] [--int8] \\
         [--out results/engine_map.json]
 
 Prints one table (engine x code length, with code agreement and the largest feature
@@ -35,14 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a checkpoint directory")
     parser.add_argument("--split", required=True, help="its split file (query/database rows)")
-    parser.add_argument("--data", default="cifar10", help="the source (default cifar10)")
+    parser.add_argument(
+        "--data",
+        default="../shared/data/cifar10/cifar10-jpeg.zip",
+        help="the image source the split indexes (default: the workplace's CIFAR-10 zip)",
+    )
     parser.add_argument(
         "--engines",
         default="torch,onnxruntime,openvino",
         help="comma list of ENGINE[:PRECISION] (e.g. openvino:bf16; default precision fp32); "
         "the first is the reference the codes are compared with",
     )
-    parser.add_argument("--int8", action="store_true", help="also onnxruntime int8")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also onnxruntime int8 (same as adding onnxruntime:int8)",
+    )
     parser.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8:
         runs.append(("onnxruntime", "int8"))
     calibration = None
-    if args.int8:
+    if any(precision == "int8" for _, precision in runs):  # openvino:int8 too
         train_rows = split.rows("train", len(source), source.name)
         picked = np.random.default_rng(0).choice(train_rows, args.calibration, replace=False)
         calibration, _ = source.rows(np.sort(picked))

@@ -106,8 +106,13 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--engine-precision",
         default="fp32",
-        choices=["fp32", "bf16"],
-        help="images: the server's --engine-precision",
+        choices=["fp32", "bf16", "int8"],
+        help="images: the server's --engine-precision (int8 needs --onnx)",
+    )
+    parser.add_argument(
+        "--onnx",
+        default=None,
+        help="images: the server's --onnx (an export of --model, e.g. `dpq export --int8`)",
     )
     parser.add_argument(
         "--batching",
@@ -719,6 +724,7 @@ def scenario_images(args: argparse.Namespace) -> list[dict]:
     flags = ["--model", args.model, "--images", args.images, "--threads", str(args.threads)]
     flags += ["--allow-open-writes", *model_threads]
     flags += ["--engine", args.engine, "--engine-precision", args.engine_precision]
+    flags += [] if args.onnx is None else ["--onnx", args.onnx]
     rows = serve_modes(args, path, flags, searches, adds)
     for row in rows:
         row.update(

@@ -158,6 +158,46 @@ def test_openvino_bf16_on_a_cpu_without_it_is_refused(exported_encoders, monkeyp
         open_engine(model_dir, "openvino", onnx_path=onnx_path, precision="bf16")
 
 
+def _openvino_int8_features(model_dir, int8_path, inputs) -> tuple[str, np.ndarray]:
+    """(precision, features) of ``inputs`` through OpenVINO running the int8 export; run in a
+    child process (as bf16, see that test)."""
+    opened = open_engine(model_dir, "openvino", onnx_path=int8_path, threads=2, precision="int8")
+    return opened.precision, opened.features(inputs)
+
+
+def test_openvino_runs_onnxruntimes_int8_export(exported_encoders, encoder_references, tmp_path):
+    """int8 in OpenVINO is the int8 export (ONNX Runtime's QDQ quantization) run by OpenVINO:
+    features near onnxruntime's int8 ones and near float32's, not float32's; a float32 file
+    is refused at int8 and the int8 file at fp32, naming the precision to run."""
+    needs_engine("openvino")
+    needs_engine("onnxruntime")
+    from dpq.inference.quantize import quantize_onnx
+
+    model_dir, onnx_path = exported_encoders["resnet9"]
+    inputs, expected = encoder_references["resnet9"]
+    int8_path = tmp_path / "int8.onnx"
+    quantize_onnx(onnx_path, int8_path, encoder_inputs("resnet9", 300, seed=1))
+    with pytest.raises(ValueError, match="holds the fp32 encoder, not the int8 one"):
+        open_engine(model_dir, "openvino", onnx_path=onnx_path, precision="int8")
+    with pytest.raises(ValueError, match="holds the int8 encoder.*run it at precision int8"):
+        open_engine(model_dir, "openvino", onnx_path=int8_path)
+    onnxruntime_int8 = open_engine(
+        model_dir, "onnxruntime", onnx_path=int8_path, precision="int8"
+    ).features(inputs)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as child:
+        precision, got = child.submit(_openvino_int8_features, model_dir, int8_path, inputs).result(
+            300
+        )
+    assert precision == "int8" and got.shape == expected.shape
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    assert cosine(got, expected).min() > 0.98 and cosine(got, onnxruntime_int8).min() > 0.98
+    assert np.abs(got - expected).max() > 1e-4  # int8 arithmetic, not the float32 graph
+
+
 def test_the_torch_engine_is_the_models_own_path(exported_encoders):
     model_dir, _ = exported_encoders["recipe"]
     opened = open_engine(model_dir, "torch", batch_size=50, tta_flip=False)
@@ -247,8 +287,10 @@ def test_bad_settings_are_one_sentence(exported_encoders):
     model_dir, onnx_path = exported_encoders["identity"]
     with pytest.raises(ValueError, match="unknown engine 'tensorrt'; choose one of torch"):
         open_engine(model_dir, "tensorrt")
-    with pytest.raises(ValueError, match="openvino engine runs precision fp32 or bf16, not 'int8'"):
-        open_engine(model_dir, "openvino", precision="int8")
+    with pytest.raises(
+        ValueError, match="openvino engine runs precision fp32 or bf16 or int8, not"
+    ):
+        open_engine(model_dir, "openvino", precision="fp16")
     with pytest.raises(
         ValueError, match="onnxruntime engine runs precision fp32 or int8, not 'bf16'"
     ):

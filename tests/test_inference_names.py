@@ -26,7 +26,9 @@ def test_each_engine_names_its_precisions():
             check_precision(engine, precision)
     with pytest.raises(ValueError, match="the onnxruntime engine runs precision fp32 or int8, not"):
         check_precision("onnxruntime", "bf16")
-    with pytest.raises(ValueError, match="the openvino engine runs precision fp32 or bf16, not"):
+    with pytest.raises(
+        ValueError, match="the openvino engine runs precision fp32 or bf16 or int8, not"
+    ):
         check_precision("openvino", "fp16")
 
 

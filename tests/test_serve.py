@@ -1089,6 +1089,61 @@ def test_an_image_query_says_what_the_model_predicts(service, built):
     assert "predicted_label" not in client.post("/search", json={"id": 3}).json()["query"]
 
 
+class _GatedForward:
+    """A served model's forward pass held at a gate on its first call, recording each
+    pass's batch size."""
+
+    def __init__(self, model) -> None:
+        self.model, self.sizes = model, []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def extract_features_and_logits(self, images: np.ndarray, batch_size: int):
+        self.sizes.append(len(images))
+        if len(self.sizes) == 1:
+            self.entered.set()
+            assert self.release.wait(20), "the test never opened the gate"
+        return self.model.extract_features_and_logits(images, batch_size=batch_size)
+
+
+def test_image_queries_wait_for_the_model_without_holding_a_search_thread(built, tmp_path):
+    """One search thread, six concurrent image queries: while the model's first pass is
+    held, the five others are still decoded and queued for the model (no search thread
+    waits for it), then go through it as one pass of five; each answer equals the one the
+    same image gets alone (up to the rounding of another batch size)."""
+    settings = ServeSettings(_copy_index(built["index"], tmp_path), built["model"], "digits",
+                             threads=1)  # fmt: skip
+    app = create_app(settings)
+    uploads = [_png((12, 10), seed=20 + i) for i in range(6)]
+    answers: dict[int, dict] = {}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        encoder = app.state.service.collection.model()
+        gated = _GatedForward(encoder._model)
+        encoder._model = gated
+
+        def ask(i: int) -> None:
+            files = {"file": ("q.png", uploads[i], "image/png")}
+            answers[i] = client.post("/search", files=files, data={"k": "5"}).json()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        try:
+            threads[0].start()
+            assert gated.entered.wait(20), "the first query never reached the model"
+            for thread in threads[1:]:
+                thread.start()
+            wait_until(lambda: encoder._queue.qsize() >= 5, 20, "five queries at the model")
+        finally:
+            gated.release.set()
+        join_threads(threads, 30, "the six image queries")
+        together = [answers[i]["results"] for i in range(6)]
+        for i in range(6):  # one at a time now
+            ask(i)
+    assert gated.sizes == [1, 5] + [1] * 6
+    for i, results in enumerate(together):  # equal up to the rounding of a batch of 5 vs 1
+        assert len(results) == 5
+        alone = [r["distance"] for r in answers[i]["results"]]
+        assert [r["distance"] for r in results] == pytest.approx(alone, rel=1e-3, abs=1e-6)
+
+
 def test_a_service_whose_model_runs_in_onnxruntime_answers_an_image_query(built, tmp_path):
     from conftest import needs_engine
     from dpq.model.network import DPQModel

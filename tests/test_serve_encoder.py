@@ -195,3 +195,36 @@ def test_an_engine_runs_the_served_model_at_the_served_size(checkpoints, tmp_pat
         encoder.close()
     np.testing.assert_allclose(features, expected, atol=1e-4, rtol=0)
     assert predictions == [{}] * 5  # an exported encoder has no classifier output
+
+
+def test_onnxruntime_serves_an_int8_export_given_as_onnx(checkpoints, tmp_path):
+    """engine_precision int8 runs the int8 export of ``onnx`` (from `dpq export --int8`):
+    features near float32's, not float32's."""
+    import shutil
+
+    from conftest import needs_engine
+    from dpq.inference.export import export_onnx
+    from dpq.inference.quantize import quantize_onnx
+
+    needs_engine("onnxruntime")
+    pytest.importorskip("onnxscript", reason="exporting needs the inference extra (onnxscript)")
+    plain = shutil.copytree(checkpoints / "plain", tmp_path / "plain")
+    export_onnx(plain, tmp_path / "f32.onnx", image_size=12)
+    calibration = np.random.default_rng(6).integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    quantize_onnx(tmp_path / "f32.onnx", tmp_path / "int8.onnx", calibration)
+    settings = ServeSettings(
+        "x", plain, image_size=12, engine="onnxruntime", onnx=tmp_path / "int8.onnx",
+        engine_precision="int8", model_threads=1,
+    )  # fmt: skip
+    served = load_served_model(settings, _index_of(plain))
+    assert served.info["engine_precision"] == "int8"
+    assert served.model.engine.precision == "int8"
+    images = np.random.default_rng(4).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    expected = DPQModel.from_checkpoint(plain).extract_features(images)
+    encoder = BatchingEncoder(served.model)
+    try:
+        features = encoder.features(images)
+    finally:
+        encoder.close()
+    scale = np.abs(expected).max()
+    assert 1e-6 < np.abs(features - expected).max() < 0.2 * scale

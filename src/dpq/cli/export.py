@@ -1,5 +1,6 @@
 """``dpq export --onnx MODEL_DIR OUT``: a trained model's encoder as an ONNX file for an
-inference engine (:func:`dpq.inference.export_onnx`)."""
+inference engine (:func:`dpq.inference.export_onnx`); with ``--int8 --calibration IMAGES``
+its int8 version (:func:`dpq.inference.quantize.quantize_onnx`)."""
 
 from __future__ import annotations
 
@@ -37,20 +38,100 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="average with the mirrored image (default: as the model was configured)",
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later)")
+    int8 = parser.add_argument_group(
+        "int8 (ONNX Runtime's static quantization; run with --engine onnxruntime or openvino "
+        "--engine-precision int8 --onnx OUT)"
+    )
+    int8.add_argument(
+        "--int8",
+        action="store_true",
+        help="write the encoder with its convolutions and matrix products in int8 (per-channel "
+        "int8 weights, activation ranges calibrated on --calibration); its codes differ from "
+        "float32's for some items: compare mAP before serving it (docs/RESULTS.md)",
+    )
+    int8.add_argument(
+        "--calibration",
+        metavar="IMAGES",
+        help="with --int8: training images whose activations set the int8 ranges (a source as "
+        "for `dpq train`; at most 512, evenly spaced, are read, at the encoder's image size)",
+    )
+    int8.add_argument(
+        "--split",
+        metavar="SPLIT",
+        help="with --calibration: read only the split's training images (`dpq data split`)",
+    )
+    int8.add_argument(
+        "--image-root", help="with --calibration: the folder or zip of a list file's images"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dpq.inference.export import export_onnx, record_path
 
-    record = export_onnx(
-        args.model, args.out, image_size=args.image_size, tta_flip=args.tta_flip, opset=args.opset
-    )
+    _check_int8_flags(args)
+    if args.int8:
+        record = _export_int8(args)
+    else:
+        record = export_onnx(
+            args.model,
+            args.out,
+            image_size=args.image_size,
+            tta_flip=args.tta_flip,
+            opset=args.opset,
+        )
     shape = ", ".join(str(v) for v in record.input_shape)
     flip = ", flip-averaged" if record.tta_flip else ""
+    int8 = ", int8" if record.precision == "int8" else ""
     print(
-        f"wrote {args.out} (ONNX opset {record.opset}: {record.input_dtype} (N, {shape}) "
+        f"wrote {args.out} (ONNX opset {record.opset}{int8}: {record.input_dtype} (N, {shape}) "
         f"{record.input_kind} -> float32 (N, {record.feature_dim}) features{flip}) and "
         f"{record_path(args.out).name}"
     )
     return 0
+
+
+def _check_int8_flags(args: argparse.Namespace) -> None:
+    if args.int8 and args.calibration is None:
+        raise ValueError(
+            "--int8 needs --calibration IMAGES: a few hundred training images whose "
+            "activations set the int8 ranges."
+        )
+    given = [f"--{name.replace('_', '-')}" for name in ("calibration", "split", "image_root")
+             if getattr(args, name) is not None]  # fmt: skip
+    if given and not args.int8:
+        raise ValueError(
+            f"{', '.join(given)} apply to --int8 exports; add --int8 or leave them out."
+        )
+
+
+def _export_int8(args: argparse.Namespace):  # -> ExportRecord
+    """The float32 export in a scratch folder, then its int8 version at OUT, calibrated on
+    --calibration's (training) images read at the encoder's input size."""
+    import tempfile
+    from pathlib import Path
+
+    from dpq.data import Split, load_source
+    from dpq.data.sources import loading_mode
+    from dpq.inference.export import export_onnx
+    from dpq.inference.quantize import quantize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="dpq-export-") as scratch:
+        float_path = Path(scratch) / "encoder.onnx"
+        record = export_onnx(
+            args.model, float_path, image_size=args.image_size, tta_flip=args.tta_flip,
+            opset=args.opset,
+        )  # fmt: skip
+        size = tuple(record.input_shape[:2]) if record.input_kind == "images" else None
+        source = load_source(
+            args.calibration,
+            image_root=args.image_root,
+            image_size=size,
+            in_memory=loading_mode("stream"),
+            progress=False,
+        )
+        calibration = source.inputs
+        if args.split is not None:
+            rows = Split.load(args.split).rows("train", len(source), args.calibration)
+            calibration, _ = source.rows(rows)
+        return quantize_onnx(float_path, args.out, calibration)

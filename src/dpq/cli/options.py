@@ -247,10 +247,11 @@ def add_engine_options(parser: argparse.ArgumentParser, also: tuple[str, ...] = 
         "--engine-precision",
         choices=CLI_PRECISIONS,
         default="fp32",
-        help="the network's arithmetic: fp32 (default; the engines' codes equal torch's) or "
+        help="the network's arithmetic: fp32 (default; the engines' codes equal torch's), "
         "bf16 (torch's autocast, or OpenVINO's bfloat16 inference: 2.3-2.9x faster than "
         "torch fp32 on a 2-core Zen 4 with AVX512-BF16; the codes of some items change, mAP "
-        "barely: docs/RESULTS.md); onnxruntime runs fp32 only",
+        "barely: docs/RESULTS.md) or int8 (onnxruntime, openvino: an int8 export from `dpq "
+        "export --onnx MODEL_DIR OUT --int8 --calibration IMAGES`, given with --onnx OUT)",
     )
 
 

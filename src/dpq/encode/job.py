@@ -81,8 +81,9 @@ class EncodeSettings:
             exported once into ``MODEL_DIR/engine-cache/``; :func:`dpq.inference.engine_for`).
         onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``), checked
             against it; None: the cached export.
-        engine_precision: the engine's arithmetic, "fp32" or "bf16" (torch autocast,
-            OpenVINO's bfloat16 inference; :data:`dpq.inference.names.PRECISIONS`).
+        engine_precision: the engine's arithmetic, "fp32", "bf16" (torch autocast,
+            OpenVINO's bfloat16 inference) or "int8" (an ONNX engine running the int8
+            export given as ``onnx``); :data:`dpq.inference.names.PRECISIONS`.
         workers: processes decoding images read on demand in this process (default: one
             per core, up to 8; 0: this process).
         search_mode: how a new DPQ index is searched (default: the model's; "aqd" with

@@ -185,8 +185,9 @@ class GraphEngine(ABC):
         if record.precision != EXPORT_PRECISION[precision]:
             raise ValueError(
                 f"{onnx_path} holds the {record.precision} encoder, not the "
-                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads; pass an "
-                "export of that precision, or none to use the engine's cache."
+                f"{EXPORT_PRECISION[precision]} one that precision {precision} reads; run it "
+                f"at precision {record.precision} (--engine-precision), or pass an export of "
+                "that precision, or none to use the engine's cache."
             )
         self.onnx_path = Path(onnx_path)
         self.record = record
@@ -272,8 +273,11 @@ class OnnxRuntimeEngine(GraphEngine):
 class OpenVINOEngine(GraphEngine):
     """The exported encoder compiled by OpenVINO for the CPU: one stream (the latency hint)
     on ``threads`` threads, in ``precision``: "fp32" (no bf16 downcast, also on CPUs that
-    have it: codes equal torch's) or "bf16" (OpenVINO's bfloat16 inference: 2.3-2.9x faster
-    than torch fp32 on a CPU with native bf16, codes of some items differ; docs/RESULTS.md)."""
+    have it: codes equal torch's), "bf16" (OpenVINO's bfloat16 inference of the float32
+    export: 2.3-2.9x faster than torch fp32 on a CPU with native bf16, codes of some items
+    differ) or "int8" (the int8 export, :mod:`dpq.inference.quantize`: its quantized
+    convolutions and matrix products in int8, the rest in float32; ~1.4x bf16's speed on
+    the same CPU, codes of more items differ; docs/RESULTS.md)."""
 
     name = "openvino"
 
@@ -300,7 +304,9 @@ class OpenVINOEngine(GraphEngine):
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": self.threads,
-                "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.precision],
+                "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[
+                    self.precision
+                ],
                 "PERFORMANCE_HINT": "LATENCY",
             },
         )
@@ -424,8 +430,8 @@ def open_engine(
             For "torch" this sets torch's thread count for the whole process.
         precision: the arithmetic (:data:`PRECISIONS`): "fp32" everywhere, torch's
             "bf16"/"fp16" autocast, OpenVINO's "bf16" inference (the float32 export), or
-            "int8" for onnxruntime (opt-in: the export quantized by ONNX Runtime,
-            calibrated on ``calibration``, cached beside the float32 one).
+            "int8" for onnxruntime and openvino (opt-in: the export quantized by ONNX
+            Runtime, calibrated on ``calibration``, cached beside the float32 one).
         batch_size: items per forward pass.
         image_size: side (or (height, width)) of the images the ONNX engines read (default
             the model's ``model.image_size``); the torch engine reads any size.

@@ -11,14 +11,20 @@ GRAPH_ENGINES = ENGINES[1:]
 PRECISIONS = {
     "torch": ("fp32", "bf16", "fp16"),
     "onnxruntime": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16"),
+    "openvino": ("fp32", "bf16", "int8"),
 }
-"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32,
-ONNX Runtime in int8 by its own static quantization (:mod:`dpq.inference.quantize`), and
-OpenVINO in bfloat16 by its CPU plugin's inference precision (the same float32 export;
-on CPUs with AVX512-BF16 or AMX; refused on others)."""
-CLI_PRECISIONS = ("fp32", "bf16")
-"""The precisions ``--engine-precision`` offers (int8 needs calibration images: library only)."""
+"""The arithmetic each engine runs: torch's autocast choices; the ONNX engines in float32 or
+int8 (the export quantized by ONNX Runtime's static quantization, :mod:`dpq.inference.quantize`,
+which OpenVINO also runs), and OpenVINO in bfloat16 by its CPU plugin's inference precision
+(the same float32 export; on CPUs with AVX512-BF16 or AMX; refused on others)."""
+CLI_PRECISIONS = ("fp32", "bf16", "int8")
+"""The precisions ``--engine-precision`` offers (int8 reads an int8 export: ``dpq export
+--onnx MODEL_DIR OUT --int8 --calibration IMAGES``, passed with ``--onnx OUT``)."""
+INT8_EXPORT_HINT = (
+    "write one with `dpq export --onnx MODEL_DIR OUT --int8 --calibration TRAINING_IMAGES` "
+    "and pass it with --onnx OUT"
+)
+"""How a command-line user gets the int8 export an int8 engine reads."""
 INSTALL_HINT = "pip install 'dpq[inference]'"
 """How to install the packages of the graph engines and of the exporter."""
 

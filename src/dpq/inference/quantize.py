@@ -22,7 +22,7 @@ import numpy as np
 
 from dpq.atomic import check_writable_file, write_bytes_atomic, write_json_atomic
 from dpq.inference.export import INPUT_NAME, ExportRecord, read_export, record_path
-from dpq.inference.names import INSTALL_HINT
+from dpq.inference.names import INSTALL_HINT, INT8_EXPORT_HINT
 
 CALIBRATION_ITEMS = 512
 """Calibration images read at most (evenly spaced over the ones given)."""
@@ -37,7 +37,7 @@ def calibration_sample(record: ExportRecord, calibration: Any) -> np.ndarray:
     if calibration is None or len(calibration) == 0:
         raise ValueError(
             "int8 needs calibration inputs: a few hundred training images of the model's "
-            "image size (calibration=...)."
+            f"image size (calibration=...); on the command line, {INT8_EXPORT_HINT}."
         )
     record.check_inputs(calibration)
     count = min(len(calibration), CALIBRATION_ITEMS)

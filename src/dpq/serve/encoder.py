@@ -1,6 +1,7 @@
 """The model behind image queries and adds: loaded for an index (checked against its
 codebooks) with the image size it reads, and run on one thread that batches the images of
-every waiting request (:class:`BatchingEncoder`)."""
+every waiting request (:class:`BatchingEncoder`; image queries wait for it on the event
+loop, not on a worker thread, so that every waiting query is in the next pass)."""
 
 from __future__ import annotations
 
@@ -96,9 +97,16 @@ class BatchingEncoder:
     def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 (n, D) features and float32 (n, C) classifier logits of uint8 (n, H, W, 3)
         images (logits None for a model without ``extract_features_and_logits``)."""
+        return self.submit(images).result()
+
+    def submit(self, images: np.ndarray) -> Future:
+        """Queue uint8 (n, H, W, 3) images for the next forward pass without waiting: a
+        Future of what :meth:`features_and_logits` returns. The service awaits it on its
+        event loop (``asyncio.wrap_future``), so that no worker thread is held while the
+        images wait, and the pass batches every request that is waiting."""
         done: Future = Future()
         self._queue.put((images, done))
-        return done.result()
+        return done
 
     def predictions(
         self, images: np.ndarray, multi_label: bool, classes: Sequence[str] | None
@@ -106,9 +114,7 @@ class BatchingEncoder:
         """float32 (n, D) features of images, and per image what the model's classifier
         predicts (:func:`dpq.serve.labels.predicted_labels`; {} without a classifier)."""
         features, logits = self.features_and_logits(images)
-        if logits is None:
-            return features, [{} for _ in range(len(images))]
-        return features, predicted_labels(logits, multi_label, classes)
+        return features, predictions_of(logits, len(images), multi_label, classes)
 
     def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         size = max(len(batch), 1)
@@ -149,6 +155,16 @@ class BatchingEncoder:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+def predictions_of(
+    logits: np.ndarray | None, count: int, multi_label: bool, classes: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Per image what the classifier predicts from float32 (count, C) ``logits``
+    (:func:`dpq.serve.labels.predicted_labels`); ``count`` empty dicts without a classifier."""
+    if logits is None:
+        return [{} for _ in range(count)]
+    return predicted_labels(logits, multi_label, classes)
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ async def search(request: Request, service: Service) -> Response:
     check_one_query(params, upload)
     query = SearchQuery(params, started)
     if upload is not None or params.image is not None:  # the model batches the images
-        vector, shown = await service.workers.search(lambda: image_query(service, params, upload))
+        vector, shown = await image_query(service, params, upload)
         query = SearchQuery(params, started, vector, shown)
     with service.workers.admitted():  # searched with the queries that wait with it
         body = await service.searches.submit(batch_key(params), query)

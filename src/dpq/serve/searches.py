@@ -10,6 +10,7 @@ gets when searched alone (tie order and tie groups included). ``POST /search/bat
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 
 from dpq.serve.collection import SearchHits
 from dpq.serve.context import ServiceContext
+from dpq.serve.encoder import predictions_of
 from dpq.serve.images import decode_base64, decode_upload, model_input
 from dpq.serve.labels import label_filter
 from dpq.serve.schemas import BatchSearchRequest, SearchOptions, SearchRequest
@@ -88,22 +90,26 @@ def image_input(service: ServiceContext, upload: Upload) -> tuple[np.ndarray, An
         return model_input(picture, collection.image_size), picture
 
 
-def image_query(
+async def image_query(
     service: ServiceContext, params: SearchRequest, upload: Upload | None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """float32 (D,) features of the uploaded or base64 image of a request, and what the
-    model predicts for it (the answer's ``query`` field); the model batches the images of
-    concurrent requests (:class:`~dpq.serve.encoder.BatchingEncoder`)."""
-    if upload is None:
-        upload = (decode_base64(params.image or "", "image"), "image")
-    pixels, _ = image_input(service, upload)
+    model predicts for it (the answer's ``query`` field). The image is decoded on the search
+    pool; the model's pass is awaited here, on the event loop, so that no pool thread waits
+    for it and the pass batches the images of every waiting request
+    (:class:`~dpq.serve.encoder.BatchingEncoder`)."""
+
+    def decoded() -> np.ndarray:
+        data = upload or (decode_base64(params.image or "", "image"), "image")
+        return image_input(service, data)[0]
+
+    pixels = await service.workers.search(decoded)
     collection = service.collection
-    with service.metrics.stage("encode"):
-        multi_label = collection.index.label_shape not in (None, ())
-        features, predictions = collection.model().predictions(
-            pixels[None], multi_label, collection.classes
-        )
-    return features[0], predictions[0]
+    encoder = collection.model()
+    with service.workers.admitted(), service.metrics.stage("encode"):
+        features, logits = await asyncio.wrap_future(encoder.submit(pixels[None]))
+    multi_label = collection.index.label_shape not in (None, ())
+    return features[0], predictions_of(logits, 1, multi_label, collection.classes)[0]
 
 
 def query_vector(service: ServiceContext, values: list[float]) -> np.ndarray:

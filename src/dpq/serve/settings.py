@@ -80,8 +80,9 @@ class ServeSettings:
             "openvino" (its ONNX export on the CPU; these give no predicted labels).
         onnx: with an ONNX engine: an export of ``model`` (``dpq export --onnx``) read at the
             served image size; None: exported once into ``MODEL_DIR/engine-cache/``.
-        engine_precision: the engine's arithmetic, "fp32" or "bf16" (torch autocast,
-            OpenVINO's bfloat16 inference).
+        engine_precision: the engine's arithmetic, "fp32", "bf16" (torch autocast,
+            OpenVINO's bfloat16 inference) or "int8" (an ONNX engine running the int8
+            export given as ``onnx``, from ``dpq export --onnx --int8``).
 
     Limits and safety:
         api_key: required (header ``X-API-Key`` or ``Authorization: Bearer``) for POST /items
