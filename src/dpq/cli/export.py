@@ -113,7 +113,6 @@ def _export_int8(args: argparse.Namespace):  # -> ExportRecord
     from pathlib import Path
 
     from dpq.data import Split, load_source
-    from dpq.data.sources import loading_mode
     from dpq.inference.export import export_onnx
     from dpq.inference.quantize import quantize_onnx
 
@@ -128,7 +127,7 @@ def _export_int8(args: argparse.Namespace):  # -> ExportRecord
             args.calibration,
             image_root=args.image_root,
             image_size=size,
-            in_memory=loading_mode("stream"),
+            in_memory=False,  # on demand: only the calibration sample is decoded
             progress=False,
         )
         calibration = source.inputs

@@ -100,7 +100,9 @@ async def image_query(
     (:class:`~dpq.serve.encoder.BatchingEncoder`)."""
 
     def decoded() -> np.ndarray:
-        data = upload or (decode_base64(params.image or "", "image"), "image")
+        if upload is not None:
+            return image_input(service, upload)[0]
+        data = (decode_base64(params.image or "", "image"), "image")
         return image_input(service, data)[0]
 
     pixels = await service.workers.search(decoded)
