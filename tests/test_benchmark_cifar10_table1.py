@@ -1,0 +1,98 @@
+"""benchmarks/cifar10_table1.py: how a tuning record picks each method's setting (collapse
+guard, ties, defaults) and how a setting names its run. The training itself is the library's
+(tested in the training and methods tests); the table is never run by CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_table1.py"
+
+
+@pytest.fixture(scope="module")
+def table1():
+    spec = importlib.util.spec_from_file_location("cifar10_table1", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cifar10_table1"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("cifar10_table1", None)
+
+
+def _tune_row(method, setting, score, ties=0.1889):
+    return {
+        "phase": "tune",
+        "method": method,
+        "setting": json.dumps(setting, sort_keys=True),
+        "validation_map": score,
+        "all_ties_map": ties,
+    }
+
+
+def test_every_grid_starts_at_the_methods_defaults(table1):
+    for method in table1.METHODS:
+        grid = table1.tuning_settings(method)
+        assert 1 < len(grid) <= 6
+        assert table1.canonical_setting(method, grid[0]) is None, method
+
+
+def test_canonical_setting_drops_defaults_and_keeps_the_rest(table1):
+    assert table1.canonical_setting("dqn", {"lr_factor": 1.0, "quantization_weight": 1e-4}) is None
+    assert table1.canonical_setting("dqn", {"lr_factor": 3.0, "quantization_weight": 1e-4}) == {
+        "lr_factor": 3.0
+    }
+    assert table1.canonical_setting("dpq", {"lr_factor": 1.0, "loss.tau": 0.01}) == {
+        "loss.tau": 0.01
+    }
+    assert table1.canonical_setting("dsh", None) is None
+
+
+def test_collapsed_runs_are_never_chosen(table1):
+    rows = [
+        _tune_row("dhn", {"lr_factor": 3.0, "quantization_weight": 0.1}, 0.1889),  # one code
+        _tune_row("dhn", {"lr_factor": 1.0, "quantization_weight": 1.0}, 0.1703),
+        _tune_row("dhn", {"lr_factor": 1.0, "quantization_weight": 0.1}, 0.1659),
+    ]
+    assert table1.is_collapsed(rows[0]) and not table1.is_collapsed(rows[1])
+    assert table1.chosen_settings(rows) == {"dhn": {"quantization_weight": 1.0}}
+
+
+def test_ties_go_to_the_earlier_grid_setting_and_old_grids_do_not_compete(table1):
+    rows = [
+        _tune_row("hashnet", {"lr_factor": 1.0, "gamma": 0.5}, 0.16380),
+        _tune_row("hashnet", {"lr_factor": 1.0, "gamma": 0.005}, 0.16375),  # tie: default wins
+        _tune_row("hashnet", {"lr_factor": 1.0, "gamma": 1.0}, 0.9),  # not in the grid
+        _tune_row("csq", {"lr_factor": 0.3, "quantization_weight": 1e-4}, 0.2573),
+        _tune_row("csq", {"lr_factor": 0.3, "quantization_weight": 1e-2}, 0.2585),
+    ]
+    chosen = table1.chosen_settings(rows)
+    assert chosen["hashnet"] is None
+    assert chosen["csq"] == {"lr_factor": 0.3, "quantization_weight": 0.01}
+    assert "dpq" not in chosen  # never tuned: the table runs it at its defaults
+
+
+def test_a_setting_names_its_own_run_directory(table1):
+    assert table1.setting_tag(None) == ""
+    assert table1.setting_tag({"quantization_weight": 0.01, "lr_factor": 0.3}) == (
+        "-lr_factor=0.3-quantization_weight=0.01"
+    )
+
+
+def test_all_ties_map_is_the_map_of_one_code_for_every_item(table1):
+    labels = np.repeat(np.arange(10), 600)
+    source = SimpleNamespace(labels=labels, classes=[str(c) for c in range(10)])
+    split = table1._validation_split(source, 0)
+    query, database = labels[split.query], labels[split.database]
+    relevant = database[None, :] == query[:, None]  # database order is the all-ties ranking
+    hits = np.cumsum(relevant, axis=1)
+    precision = hits / np.arange(1, len(database) + 1)
+    expected = float(np.mean((precision * relevant).sum(1) / relevant.sum(1)))
+    assert len(split.query) == 1000 and len(split.database) == 4000
+    assert table1.all_ties_map(source) == pytest.approx(expected, abs=1e-12)
