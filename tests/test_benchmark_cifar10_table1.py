@@ -96,3 +96,13 @@ def test_all_ties_map_is_the_map_of_one_code_for_every_item(table1):
     expected = float(np.mean((precision * relevant).sum(1) / relevant.sum(1)))
     assert len(split.query) == 1000 and len(split.database) == 4000
     assert table1.all_ties_map(source) == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_time_ignores_epochs_slowed_by_other_jobs(table1, tmp_path):
+    seconds = [12.0] * 18 + [300.0, 500.0]  # two epochs stopped while something else ran
+    log = "\n".join(json.dumps({"epoch": e + 1, "seconds": s}) for e, s in enumerate(seconds))
+    (tmp_path / "train_log.jsonl").write_text(log + "\n")
+    row = {"run_dir": str(tmp_path), "epochs": 20, "train_seconds": sum(seconds)}
+    assert table1._training_seconds(row) == pytest.approx(240.0)
+    row["epochs"] = 21  # an incomplete log: the recorded wall time
+    assert table1._training_seconds(row) == sum(seconds)
