@@ -48,7 +48,7 @@ import numpy as np
 
 from dpq.atomic import write_json_atomic, write_text_atomic
 from dpq.data import Split, load_source, split_per_class
-from dpq.evaluate.metrics import PRCurve
+from dpq.evaluate.metrics import PRCurve, map_at_r
 from dpq.evaluate.report import format_mean_std, plot_pr_curves, plot_precision_at_r
 from dpq.evaluate.workflows import evaluate_split
 from dpq.methods import method_for
@@ -125,6 +125,16 @@ def _machine() -> dict[str, Any]:
     import torch
 
     return {"cpu": model, "native_bf16": native_bf16(), "threads": torch.get_num_threads()}
+
+
+def setting_key(setting: dict[str, Any] | None) -> str:
+    """How a setting is written in a results row ("null" for the defaults)."""
+    return json.dumps(setting, sort_keys=True)
+
+
+def _grid_keys(method: str) -> list[str]:
+    """The method's tuning grid, as results rows write it, in grid order."""
+    return [setting_key(s) for s in tuning_settings(method)]
 
 
 def _key(row: dict) -> tuple:
@@ -255,8 +265,6 @@ def canonical_setting(method: str, setting: dict[str, Any] | None) -> dict[str, 
 def all_ties_map(source) -> float:
     """Validation mAP of an index that ties every item for every query (one code for all),
     under the tie rule (database order): what a collapsed network scores."""
-    from dpq.evaluate.metrics import map_at_r
-
     split = _validation_split(source, 0)
     labels = np.asarray(source.labels)
     ranked = np.broadcast_to(
@@ -279,7 +287,7 @@ def chosen_settings(rows: list[dict]) -> dict[str, dict | None]:
     first entries are the defaults). A method without eligible tuning rows is absent."""
     chosen: dict[str, dict | None] = {}
     for method in MAIN_WEIGHT:
-        grid = [json.dumps(s, sort_keys=True) for s in tuning_settings(method)]
+        grid = _grid_keys(method)
         scores = {
             row["setting"]: row["validation_map"]
             for row in rows
@@ -322,7 +330,7 @@ def _training_seconds(row: dict) -> float:
 
 def _at_chosen(row: dict, chosen: dict[str, dict | None]) -> bool:
     """A table row trained at its method's chosen setting (defaults when never tuned)."""
-    return row["setting"] == json.dumps(chosen.get(row["method"]), sort_keys=True)
+    return row["setting"] == setting_key(chosen.get(row["method"]))
 
 
 def markdown(rows: list[dict], chosen: dict[str, dict | None]) -> str:
@@ -423,8 +431,7 @@ def tuning_markdown(tuning: list[dict]) -> str:
     ]
     for row in sorted(tuning, key=lambda r: (r["method"], r["setting"])):
         method = row["method"]
-        grid = [json.dumps(s, sort_keys=True) for s in tuning_settings(method)]
-        if row["setting"] not in grid:
+        if row["setting"] not in _grid_keys(method):
             status = "earlier grid (not eligible)"
         elif is_collapsed(row):
             status = "collapsed"
@@ -511,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="skip finished runs, continue interrupted ones"
     )
-    parser.add_argument("--summarize", action="store_true", help="only rewrite table + figure")
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only rewrite the markdown (table, tuning record) and figures",
+    )
     args = parser.parse_args(argv)
 
     results, tuning_results = Path(args.results), Path(args.tuning_results)
@@ -529,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             row.setdefault("all_ties_map", ties)
         write_tuning_outputs(tuning, tuning_results)
     if args.summarize:
+        write_tuning_outputs(tuning, tuning_results)
         write_outputs(rows, results, tuning)
         print(results.with_suffix(".md").read_text())
         return 0
@@ -546,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             for setting in tuning_settings(method):
                 bits = "all" if method == "dpq" else args.tune_bits
-                key = ("tune", method, bits, 0, json.dumps(setting, sort_keys=True))
+                key = ("tune", method, bits, 0, setting_key(setting))
                 if key in done:
                     continue
                 print(f"tune {method} {setting}", flush=True)
@@ -574,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # DPQ trains once, for every length (with the first given)
                 trained = "all" if method == "dpq" else bits
                 setting = chosen.get(method)
-                key = ("table", method, trained, seed, json.dumps(setting, sort_keys=True))
+                key = ("table", method, trained, seed, setting_key(setting))
                 if key in done:
                     continue
                 print(f"train {method} bits={trained} seed={seed} setting={setting}", flush=True)
