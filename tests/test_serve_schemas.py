@@ -183,6 +183,15 @@ def test_search_request_is_strict_and_says_one_thing(fields, phrase):
     assert len(refused.value.errors()) == 1  # one sentence, not one per element
 
 
+def test_vectors_of_numpy_floats_are_numbers_too():
+    # parsed JSON holds exactly int and float; a Python caller may hold numpy's float64
+    vector = list(np.arange(4, dtype=np.float64))
+    assert SearchRequest.model_validate({"vector": vector}).vector == [0.0, 1.0, 2.0, 3.0]
+    assert AddRequest.model_validate({"vectors": [vector, [1, 2.5, 3, 4]]}).vectors[1][1] == 2.5
+    with pytest.raises(ValidationError, match="not a number"):
+        SearchRequest.model_validate({"vector": [np.float64(1.0), np.bool_(True)]})
+
+
 def test_batch_and_add_requests_are_strict_too():
     BatchSearchRequest.model_validate({"queries": [{"id": 1}, {"vector": [0.5, 1]}], "k": 3})
     with pytest.raises(ValidationError, match="at least 1 item"):

@@ -40,10 +40,11 @@ def test_derived_threads_and_burst():
     assert ServeSettings("x", rate_limit=2.5).burst == 5
     assert ServeSettings("x", rate_limit=0.2).burst == 1
     assert ServeSettings("x", rate_limit=2.5, rate_burst=9).burst == 9
-    assert ServeSettings("x", threads=3).batch_slots == 3  # batches gather while 3 run
+    assert ServeSettings("x", threads=3).batch_slots == 1  # one batch at a time by default
+    assert ServeSettings("x", batch_concurrency=3).batch_slots == 3  # batches gather while 3 run
     assert ServeSettings("x", threads=3, batch_max=1).batch_slots is None  # no batching
     batching = ServeSettings("x")
-    assert (batching.batch_max, batching.batch_wait_ms) == (64, 2.0)
+    assert (batching.batch_max, batching.batch_wait_ms, batching.batch_concurrency) == (64, 2.0, 1)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +67,7 @@ def test_derived_threads_and_burst():
         ({"thumbnail_size": 0}, ValueError, "thumbnail_size must be at least 1"),
         ({"batch_max": 0}, ValueError, "batch_max must be in 1..4096; got 0"),
         ({"batch_max": 2.0}, TypeError, "batch_max must be an integer"),
+        ({"batch_concurrency": 0}, ValueError, "batch_concurrency must be in 1..256; got 0"),
         ({"batch_wait_ms": -1}, ValueError, "batch_wait_ms must be a number of milliseconds"),
         ({"batch_wait_ms": float("nan")}, ValueError, "batch_wait_ms must be a number"),
         ({"batch_wait_ms": "2"}, ValueError, "batch_wait_ms must be a number"),

@@ -83,8 +83,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-wait-ms",
         type=float,
         metavar="MS",
-        help="how long a search may wait for others while one is running (an idle service "
-        "searches at once; default 2)",
+        help="with --batch-concurrency above 1: how long a search may wait for others while "
+        "one is running (an idle service searches at once; default 2)",
+    )
+    parser.add_argument(
+        "--batch-concurrency",
+        type=int,
+        metavar="N",
+        help="batched index searches running at once (default 1: one scan uses every core, "
+        "and what arrives meanwhile is searched together next)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     add_device_options(parser)
@@ -95,7 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpq.serve import ServeSettings, serve
 
-    given = {"batch_max": args.batch_max, "batch_wait_ms": args.batch_wait_ms}
+    given = {
+        "batch_max": args.batch_max,
+        "batch_wait_ms": args.batch_wait_ms,
+        "batch_concurrency": args.batch_concurrency,
+    }
     batching = {name: value for name, value in given.items() if value is not None}
     settings = ServeSettings(
         index=args.index,

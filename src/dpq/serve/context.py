@@ -107,8 +107,11 @@ class ServiceContext:
         self.collection.close()
 
 
-def service_context(request: Request) -> ServiceContext:
-    """The FastAPI dependency giving a route its app's :class:`ServiceContext`."""
+async def service_context(request: Request) -> ServiceContext:
+    """The FastAPI dependency giving a route its app's :class:`ServiceContext`.
+
+    A coroutine on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, a
+    thread hand-off per request that cost ~9 % of the event loop's time under load."""
     return request.app.state.service
 
 

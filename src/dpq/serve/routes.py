@@ -22,13 +22,14 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from dpq.serve.bounds import MAX_ID, MAX_IMAGES_PER_REQUEST, MAX_RESULTS
 from dpq.serve.context import ServiceContext, check_write, service_context
 from dpq.serve.images import decode_base64
+from dpq.serve.json_codec import FastJSONResponse, parse_json
 from dpq.serve.schemas import (
     ADD_REQUEST_BODY,
     BATCH_REQUEST_BODY,
@@ -83,10 +84,7 @@ async def _json_body(request: Request) -> Any:
     raw = await request.body()
     if not raw:
         raise ValueError("the request has no body; send JSON (or a multipart image upload).")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"the request body is not valid JSON: {exc}") from None
+    return parse_json(raw)
 
 
 def _validated(model: type[BaseModel], data: Any) -> Any:
@@ -223,7 +221,7 @@ async def search(request: Request, service: Service) -> Response:
         query = SearchQuery(params, started, vector, shown)
     with service.workers.admitted():  # searched with the queries that wait with it
         body = await service.searches.submit(batch_key(params), query)
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 @router.post(
@@ -239,7 +237,7 @@ async def search_batch(request: Request, service: Service) -> Response:
     started = time.perf_counter()
     params = _validated(BatchSearchRequest, await _json_body(request))
     body = await service.workers.search(lambda: answer_batch(service, params, started))
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 # ---------------------------------------------------------------- items
@@ -351,7 +349,9 @@ async def add_items(request: Request, service: Service) -> Response:
             )
 
     ids = await service.workers.write(write)
-    return JSONResponse({"ids": ids.tolist(), "items": len(service.collection)}, status_code=201)
+    return FastJSONResponse(
+        {"ids": ids.tolist(), "items": len(service.collection)}, status_code=201
+    )
 
 
 @router.delete(

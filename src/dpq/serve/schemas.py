@@ -60,13 +60,22 @@ ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _all_numbers(values: list) -> bool:
+    """Whether every element is an int or a float (bool is not a number here). Parsed
+    JSON holds exactly int and float, checked by the set of element types, built in C
+    (~10x faster than a Python loop over 300 elements); subclasses (numpy's float64)
+    take the loop."""
+    if set(map(type, values)) <= _NUMBER_TYPES:
+        return True
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
 
 
 def check_vector(value: Any) -> Any:
     """A flat list of numbers, else one ValueError sentence (not one error per element)."""
-    if value is None or (isinstance(value, list) and all(_is_number(x) for x in value)):
+    if value is None or (isinstance(value, list) and _all_numbers(value)):
         return value
     if not isinstance(value, list):
         got = f"a {type(value).__name__}"
@@ -82,7 +91,7 @@ def check_vectors(value: Any) -> Any:
     if value is None:
         return value
     if not isinstance(value, list) or not all(
-        isinstance(row, list) and all(_is_number(x) for x in row) for row in value
+        isinstance(row, list) and _all_numbers(row) for row in value
     ):
         raise ValueError(
             "vectors must be a list of vectors, each a flat list of numbers (n x D floats)."
