@@ -27,6 +27,7 @@ from dpq import __version__
 from dpq.serve.batching import MicroBatcher
 from dpq.serve.collection import UnknownItemError, open_collection
 from dpq.serve.context import ServiceContext, Workers
+from dpq.serve.fast_search import SEARCH_PATH, JSONSearchFastPath
 from dpq.serve.images import NotAnImageError
 from dpq.serve.journal import WriteFailedError
 from dpq.serve.limits import BodyLimit, RateLimit, TokenBuckets
@@ -139,7 +140,19 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _describe_request_bodies(app)
 
-    # outermost first: metrics see every answer, including the limits' 413 and 429
+    # innermost first: JSON searches skip FastAPI's routing, yet pass every limit below
+    search_route = next(
+        route
+        for route in router.routes
+        if getattr(route, "path", None) == SEARCH_PATH and "POST" in getattr(route, "methods", ())
+    )
+    app.add_middleware(
+        JSONSearchFastPath,
+        service=service,
+        route=search_route,
+        handlers=app.exception_handlers,
+    )
+    # then outward: metrics see every answer, including the limits' 413 and 429
     if settings.cors_origins:  # pages of these origins may call the API (preflights too)
         app.add_middleware(
             CORSMiddleware,

@@ -44,15 +44,7 @@ from dpq.serve.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from dpq.serve.searches import (
-    SearchQuery,
-    Upload,
-    answer_batch,
-    batch_key,
-    check_one_query,
-    image_input,
-    image_query,
-)
+from dpq.serve.searches import Upload, answer_batch, answer_search, image_input
 
 __all__ = ["STATIC_DIR", "router"]
 
@@ -214,14 +206,7 @@ async def search(request: Request, service: Service) -> Response:
     fields (`filter` as JSON text)."""
     started = time.perf_counter()
     params, upload = await _search_request(request)
-    check_one_query(params, upload)
-    query = SearchQuery(params, started)
-    if upload is not None or params.image is not None:  # the model batches the images
-        vector, shown = await image_query(service, params, upload)
-        query = SearchQuery(params, started, vector, shown)
-    with service.workers.admitted():  # searched with the queries that wait with it
-        body = await service.searches.submit(batch_key(params), query)
-    return FastJSONResponse(body)
+    return FastJSONResponse(await answer_search(service, params, upload, started))
 
 
 @router.post(

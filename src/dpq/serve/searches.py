@@ -29,6 +29,7 @@ __all__ = [
     "Upload",
     "answer_batch",
     "answer_queries",
+    "answer_search",
     "batch_key",
     "check_one_query",
     "image_input",
@@ -112,6 +113,22 @@ async def image_query(
         features, logits = await asyncio.wrap_future(encoder.submit(pixels[None]))
     multi_label = collection.index.label_shape not in (None, ())
     return features[0], predictions_of(logits, 1, multi_label, collection.classes)[0]
+
+
+async def answer_search(
+    service: ServiceContext, params: SearchRequest, upload: Upload | None, started: float
+) -> dict[str, Any]:
+    """The answer (a JSON-able dict) to one single search (``POST /search``, whichever way
+    its request came in): exactly one query, its image encoded when it has one, then
+    searched with the queries of equal settings that wait with it (the micro-batcher).
+    ``started``: when the request arrived (perf_counter seconds, for ``took_ms``)."""
+    check_one_query(params, upload)
+    query = SearchQuery(params, started)
+    if upload is not None or params.image is not None:  # the model batches the images
+        vector, shown = await image_query(service, params, upload)
+        query = SearchQuery(params, started, vector, shown)
+    with service.workers.admitted():  # searched with the queries that wait with it
+        return await service.searches.submit(batch_key(params), query)
 
 
 def query_vector(service: ServiceContext, values: list[float]) -> np.ndarray:
