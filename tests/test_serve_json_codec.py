@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from starlette.responses import JSONResponse
 
-from dpq.serve.json_codec import FastJSONResponse, parse_json
+from dpq.serve.json_codec import JSON_MEDIA_TYPE, FastJSONResponse, media_type, parse_json
 
 
 def test_parse_json_reads_what_the_standard_library_reads():
@@ -41,3 +41,9 @@ def test_fast_response_writes_the_same_json():
     assert json.loads(fast) == json.loads(JSONResponse(body).body) == body
     assert fast.decode("utf-8").count("\u00e9") == 1  # UTF-8, not \\u escapes
     assert json.loads(FastJSONResponse({"d": float("inf")}).body) == {"d": None}
+
+
+def test_media_type_drops_parameters_and_case():
+    assert media_type("Application/JSON; charset=utf-8") == JSON_MEDIA_TYPE
+    assert media_type("multipart/form-data; boundary=x") == "multipart/form-data"
+    assert media_type("") == ""

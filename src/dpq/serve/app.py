@@ -27,12 +27,12 @@ from dpq import __version__
 from dpq.serve.batching import MicroBatcher
 from dpq.serve.collection import UnknownItemError, open_collection
 from dpq.serve.context import ServiceContext, Workers
-from dpq.serve.fast_search import SEARCH_PATH, JSONSearchFastPath
+from dpq.serve.fast_search import JSONSearchFastPath
 from dpq.serve.images import NotAnImageError
 from dpq.serve.journal import WriteFailedError
 from dpq.serve.limits import BodyLimit, RateLimit, TokenBuckets
 from dpq.serve.metrics import RequestMetrics, ServiceMetrics
-from dpq.serve.routes import STATIC_DIR, router
+from dpq.serve.routes import STATIC_DIR, router, search
 from dpq.serve.schemas import request_schemas
 from dpq.serve.searches import answer_queries
 from dpq.serve.settings import ServeSettings
@@ -141,11 +141,7 @@ def create_app(
     _describe_request_bodies(app)
 
     # innermost first: JSON searches skip FastAPI's routing, yet pass every limit below
-    search_route = next(
-        route
-        for route in router.routes
-        if getattr(route, "path", None) == SEARCH_PATH and "POST" in getattr(route, "methods", ())
-    )
+    search_route = next(r for r in router.routes if getattr(r, "endpoint", None) is search)
     app.add_middleware(
         JSONSearchFastPath,
         service=service,

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 
 from dpq.serve.context import ServiceContext
-from dpq.serve.json_codec import FastJSONResponse, parse_json
+from dpq.serve.json_codec import JSON_MEDIA_TYPE, FastJSONResponse, media_type, parse_json
 from dpq.serve.schemas import SearchRequest
 from dpq.serve.searches import answer_search
 
@@ -33,16 +33,14 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-SEARCH_PATH = "/search"
 
-
-def _is_json_search(scope: dict[str, Any]) -> bool:
-    """A POST to /search whose Content-Type is application/json (parameters allowed)."""
-    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != SEARCH_PATH:
+def _is_json_post(scope: dict[str, Any], path: str) -> bool:
+    """A POST to ``path`` whose Content-Type is application/json (parameters allowed)."""
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path:
         return False
     for name, value in scope["headers"]:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+            return media_type(value.decode("latin-1")) == JSON_MEDIA_TYPE
     return False
 
 
@@ -76,8 +74,8 @@ class JSONSearchFastPath:
     Args:
         app: the FastAPI app (its exception middleware and router).
         service: the app's :class:`~dpq.serve.context.ServiceContext`.
-        route: the app's ``POST /search`` route, put in the scope as the router would, so
-            the request metrics name it.
+        route: the app's ``POST /search`` route: the path answered here is its path, and it
+            is put in the scope as the router would, so the request metrics name it.
         handlers: the app's exception handlers (``FastAPI.exception_handlers``: exception
             class -> handler), for errors of the search itself.
     """
@@ -98,7 +96,7 @@ class JSONSearchFastPath:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if not _is_json_search(scope):
+        if not _is_json_post(scope, self.route.path):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

@@ -15,7 +15,15 @@ from typing import Any
 import pydantic_core
 from starlette.responses import JSONResponse
 
-__all__ = ["FastJSONResponse", "parse_json"]
+__all__ = ["JSON_MEDIA_TYPE", "FastJSONResponse", "media_type", "parse_json"]
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type header value, lower case, without its parameters
+    ("application/json; charset=utf-8" -> "application/json"; "" when there is none)."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def parse_json(raw: bytes) -> Any:

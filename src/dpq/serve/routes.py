@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from dpq.serve.bounds import MAX_ID, MAX_IMAGES_PER_REQUEST, MAX_RESULTS
 from dpq.serve.context import ServiceContext, check_write, service_context
 from dpq.serve.images import decode_base64
-from dpq.serve.json_codec import FastJSONResponse, parse_json
+from dpq.serve.json_codec import JSON_MEDIA_TYPE, FastJSONResponse, media_type, parse_json
 from dpq.serve.schemas import (
     ADD_REQUEST_BODY,
     BATCH_REQUEST_BODY,
@@ -46,7 +46,7 @@ from dpq.serve.schemas import (
 )
 from dpq.serve.searches import Upload, answer_batch, answer_search, image_input
 
-__all__ = ["STATIC_DIR", "router"]
+__all__ = ["STATIC_DIR", "router", "search"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -61,13 +61,13 @@ _NOT_FOUND = {404: {"description": "no item with that id"}}
 
 
 def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type(request.headers.get("content-type", ""))
 
 
 async def _json_body(request: Request) -> Any:
     """The JSON of a request whose Content-Type is application/json (415 otherwise: a JSON
     body sent as text/plain or form-encoded is what another site's page can send)."""
-    if _media_type(request) != "application/json":
+    if _media_type(request) != JSON_MEDIA_TYPE:
         raise HTTPException(
             415,
             f"send JSON with Content-Type: application/json (got "
