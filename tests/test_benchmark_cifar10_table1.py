@@ -106,3 +106,40 @@ def test_training_time_ignores_epochs_slowed_by_other_jobs(table1, tmp_path):
     assert table1._training_seconds(row) == pytest.approx(240.0)
     row["epochs"] = 21  # an incomplete log: the recorded wall time
     assert table1._training_seconds(row) == sum(seconds)
+
+
+def _table_row(method, seed, bits_trained, maps, seconds):
+    return {
+        "phase": "table",
+        "method": method,
+        "setting": "null",
+        "split_seed": seed,
+        "bits_trained": bits_trained,
+        "map": {str(b): v for b, v in maps.items()},
+        "train_seconds": seconds,
+    }
+
+
+def _table_line(text, method):
+    return next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+
+
+def test_table_time_sums_each_lengths_mean_and_pairs_only_shared_seeds(table1):
+    dpq = {b: 0.60 for b in table1.ALL_BITS}
+    rows = [
+        _table_row("dpq", 0, "all", dpq, 200.0),
+        _table_row("dpq", 1, "all", {b: 0.62 for b in table1.ALL_BITS}, 220.0),
+        *(_table_row("dsh", 0, b, {b: 0.30}, 100.0 * b) for b in table1.ALL_BITS),
+        _table_row("dsh", 1, 16, {16: 0.32}, 1700.0),  # seed 1 has run 16 bits only so far
+    ]
+    text = table1.markdown(rows, chosen={})
+    main_dpq, main_dsh = _table_line(text, "dpq"), _table_line(text, "dsh")
+    assert "| 210 |" in main_dpq  # one training for all lengths: the mean over seeds
+    # 8 + 24 + 32 bits from seed 0, 16 bits the mean of both seeds: 800+2400+3200+1650
+    assert "| 8050 |" in main_dsh and "bits only" not in main_dsh
+    paired = text.split("Paired differences")[1]
+    cells = _table_line(paired, "dsh").split("|")[2:-1]
+    assert "n=1" in cells[0] and "one seed" in cells[0]  # 8 bits: seed 0 only
+    assert "ahead, n=2" in cells[1]  # 16 bits: 0.30 and 0.30 ahead, no spread
+    rows.pop(2)  # no 8-bit run at all: the total says which lengths it covers
+    assert "(16+24+32 bits only)" in _table_line(table1.markdown(rows, chosen={}), "dsh")
