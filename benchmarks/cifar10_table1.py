@@ -49,7 +49,7 @@ import numpy as np
 from dpq.atomic import write_json_atomic, write_text_atomic
 from dpq.data import Split, load_source, split_per_class
 from dpq.evaluate.metrics import PRCurve, map_at_r
-from dpq.evaluate.report import format_mean_std, plot_pr_curves, plot_precision_at_r
+from dpq.evaluate.report import format_mean_std, plot_retrieval_curves
 from dpq.evaluate.workflows import evaluate_split
 from dpq.methods import method_for
 from dpq.recipes import cifar10_recipe
@@ -452,7 +452,8 @@ def tuning_markdown(tuning: list[dict]) -> str:
 
 
 def figure(rows: list[dict], folder: Path) -> list[Path]:
-    """P-R and precision@R at 32 bits, one line per method (seed 0, else the lowest seed)."""
+    """The paper's Figure 3 at 32 bits, one line per method in each panel (P-R left,
+    precision@R right; seed 0, else the lowest seed): ``table1_curves_32bits.png``."""
     pr, at_r = {}, {}
     for row in sorted(rows, key=lambda r: r.get("split_seed", 0), reverse=True):
         curves = row.get("curves_32") if row["phase"] == "table" else None
@@ -469,12 +470,9 @@ def figure(rows: list[dict], folder: Path) -> list[Path]:
             )
     if not pr:
         return []
-    return [
-        plot_pr_curves(pr, folder / "table1_pr_32bits.png", "P-R, 32 bits (CIFAR-10)"),
-        plot_precision_at_r(
-            at_r, folder / "table1_precision_at_r_32bits.png", "Precision@R, 32 bits (CIFAR-10)"
-        ),
-    ]
+    seeds = sorted({row["split_seed"] for row in rows if row.get("curves_32")})
+    title = f"CIFAR-10, 32 bits, split seed {seeds[0]}"
+    return [plot_retrieval_curves(pr, at_r, folder / "table1_curves_32bits.png", title)]
 
 
 def write_outputs(rows: list[dict], results: Path, tuning: list[dict]) -> None:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_table1.py"
 
@@ -143,3 +144,25 @@ def test_table_time_sums_each_lengths_mean_and_pairs_only_shared_seeds(table1):
     assert "ahead, n=2" in cells[1]  # 16 bits: 0.30 and 0.30 ahead, no spread
     rows.pop(2)  # no 8-bit run at all: the total says which lengths it covers
     assert "(16+24+32 bits only)" in _table_line(table1.markdown(rows, chosen={}), "dsh")
+
+
+def test_outputs_are_the_table_and_one_two_panel_figure(table1, tmp_path):
+    curves = {
+        "pr": {"cutoffs": [1, 2, 3], "precision": [1.0, 0.6, 0.5], "recall": [0.2, 0.6, 1.0]},
+        "precision_at": {"ranks": [10, 20], "precision": [0.7, 0.6]},
+    }
+    rows = [
+        _table_row("dpq", 0, "all", {b: 0.6 for b in table1.ALL_BITS}, 200.0),
+        _table_row("dsh", 0, 32, {32: 0.3}, 100.0),
+    ]
+    for row in rows:
+        row["curves_32"] = curves
+    results = tmp_path / "table1.json"
+    table1.write_outputs(rows, results, tuning=[])
+    assert json.loads(results.read_text()) == rows
+    assert _table_line(results.with_suffix(".md").read_text(), "dsh")
+    figures = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert figures == ["table1_curves_32bits.png"]  # P-R and precision@R in one figure
+    with Image.open(tmp_path / figures[0]) as image:
+        assert image.size == (1200, 480)
+    assert table1.figure([_table_row("dsh", 0, 16, {16: 0.3}, 1.0)], tmp_path) == []

@@ -16,6 +16,7 @@ from dpq.evaluate.report import (
     margin_summary,
     plot_pr_curves,
     plot_precision_at_r,
+    plot_retrieval_curves,
     plot_tsne,
     results_row_markdown,
     timing_table,
@@ -77,6 +78,20 @@ def test_plot_curves_write_pngs(tmp_path):
     assert _png_size(plot_precision_at_r(at_r, tmp_path / "sub" / "p_at_r.png"))[0] == 600
     with pytest.raises(ValueError, match="at least one"):
         plot_pr_curves({}, tmp_path / "empty.png")
+
+
+def test_plot_retrieval_curves_is_one_figure_of_two_panels(tmp_path):
+    rng = np.random.default_rng(1)
+    db_labels, query_labels = rng.integers(0, 3, 60), rng.integers(0, 3, 5)
+    ranking = np.argsort(rng.random((5, 60)), axis=1)
+    pr = {"a": pr_curve(ranking, query_labels, db_labels)}
+    ranks = np.array([10, 20, 40])
+    at_r = {"a": (ranks, precision_at(ranking, query_labels, db_labels, ranks))}
+    path = plot_retrieval_curves(pr, at_r, tmp_path / "fig3.png", title="32 bits")
+    assert _png_size(path) == (1200, 480)  # two 5 x 4 inch panels side by side, 120 dpi
+    with pytest.raises(ValueError, match="precision@R"):
+        plot_retrieval_curves(pr, {}, tmp_path / "half.png")
+    assert not (tmp_path / "half.png").exists()
 
 
 def test_plot_tsne_grid(tmp_path):

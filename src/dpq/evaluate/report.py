@@ -206,19 +206,34 @@ def _save_figure(figure: Any, path: str | Path) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def plot_pr_curves(
-    curves: Mapping[str, PRCurve], path: str | Path, title: str = "Precision-recall"
-) -> Path:
-    """One precision-recall line per method ({method: PRCurve}); returns the PNG path."""
+def _draw_pr(axes: Any, curves: Mapping[str, PRCurve], title: str) -> None:
     if not curves:
         raise ValueError("no PR curve to plot: give at least one method's curve.")
-    figure = _new_figure(5.0, 4.0)
-    axes = figure.add_subplot()
     for method, curve in curves.items():
         axes.plot(curve.recall, curve.precision, marker=".", markersize=3, label=method)
     axes.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+
+
+def _draw_precision_at_r(
+    axes: Any, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str
+) -> None:
+    if not curves:
+        raise ValueError("no precision@R curve to plot: give at least one method's curve.")
+    for method, (ranks, precision) in curves.items():
+        axes.plot(ranks, precision, marker="o", markersize=3, label=method)
+    axes.set(xlabel="number of returned items R", ylabel="precision", title=title, ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def plot_pr_curves(
+    curves: Mapping[str, PRCurve], path: str | Path, title: str = "Precision-recall"
+) -> Path:
+    """One precision-recall line per method ({method: PRCurve}); returns the PNG path."""
+    figure = _new_figure(5.0, 4.0)
+    _draw_pr(figure.add_subplot(), curves, title)
     return _save_figure(figure, path)
 
 
@@ -229,15 +244,26 @@ def plot_precision_at_r(
 ) -> Path:
     """One precision@R line per method ({method: (ranks int (m,), precision float (m,))}),
     the paper's Fig. 3 right panel; returns the PNG path."""
-    if not curves:
-        raise ValueError("no precision@R curve to plot: give at least one method's curve.")
     figure = _new_figure(5.0, 4.0)
-    axes = figure.add_subplot()
-    for method, (ranks, precision) in curves.items():
-        axes.plot(ranks, precision, marker="o", markersize=3, label=method)
-    axes.set(xlabel="number of returned items R", ylabel="precision", title=title, ylim=(0, 1.02))
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    _draw_precision_at_r(figure.add_subplot(), curves, title)
+    return _save_figure(figure, path)
+
+
+def plot_retrieval_curves(
+    pr: Mapping[str, PRCurve],
+    at_r: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """The paper's Fig. 3 as one figure: precision-recall (left) and precision@R (right), one
+    line per method in each (the arguments of :func:`plot_pr_curves` and
+    :func:`plot_precision_at_r`); ``title`` heads both panels. Returns the PNG path."""
+    figure = _new_figure(10.0, 4.0)
+    left, right = figure.subplots(1, 2)
+    _draw_pr(left, pr, "Precision-recall")
+    _draw_precision_at_r(right, at_r, "Precision@R")
+    if title:
+        figure.suptitle(title)
     return _save_figure(figure, path)
 
 
