@@ -7,6 +7,7 @@ sentence. Engines whose package is absent are skipped with the reason."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import sys
@@ -29,6 +30,7 @@ from dpq.inference.engines import (
 )
 from dpq.inference.export import read_export, record_path
 from dpq.inference.names import ENGINES
+from dpq.inference.quantize import INT8_SCHEME
 from dpq.methods import load_network, method_for
 from dpq.model.network import DPQModel
 
@@ -253,6 +255,12 @@ def test_int8_is_calibrated_once_cached_and_recalibrated_on_other_inputs(tmp_pat
     for again in (None, calibration):  # the cached file is reused
         opened = open_engine(model_dir, "onnxruntime", precision="int8", calibration=again)
         assert read_export(opened.onnx_path) == record
+    assert INT8_SCHEME in record.exporter  # 7-bit weights: right on CPUs without VNNI too
+    saved = json.loads(record_path(first.onnx_path).read_text())
+    saved["exporter"] = saved["exporter"].replace(INT8_SCHEME, "static QDQ int8")
+    record_path(first.onnx_path).write_text(json.dumps(saved))  # a file of the older scheme
+    again = open_engine(model_dir, "onnxruntime", precision="int8", calibration=calibration)
+    assert read_export(again.onnx_path) == record  # quantized again, the scheme named
     other = open_engine(
         model_dir, "onnxruntime", precision="int8", calibration=calibration[:100] * 2
     )

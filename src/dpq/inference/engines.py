@@ -383,15 +383,22 @@ def cached_int8_export(
     calibration: Any = None,
 ) -> tuple[Path, ExportRecord]:
     """The int8 export of ``model_dir`` from the cache, quantized (again) from the float32
-    one when it is missing, stale, or calibrated on other inputs than ``calibration`` (None:
-    whatever calibration the cached file had); returns (ONNX path, record)."""
-    from dpq.inference.quantize import calibration_sample, quantize_onnx, sample_sha256
+    one when it is missing, stale (another model, or another quantization scheme than
+    :data:`~dpq.inference.quantize.INT8_SCHEME`), or calibrated on other inputs than
+    ``calibration`` (None: whatever calibration the cached file had); returns (ONNX path,
+    record)."""
+    from dpq.inference.quantize import (
+        INT8_SCHEME,
+        calibration_sample,
+        quantize_onnx,
+        sample_sha256,
+    )
 
     path = cached_export_path(model_dir, image_size, tta_flip, "int8")
     float_path, float_record = cached_export(model_dir, image_size, tta_flip)
     try:
         record = check_export(path, model_dir, image_size, tta_flip)
-        fresh = record.precision == "int8" and (
+        fresh = (record.precision == "int8" and INT8_SCHEME in record.exporter) and (
             calibration is None
             or sample_sha256(calibration_sample(float_record, calibration))
             == record.calibration_sha256
